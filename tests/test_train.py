@@ -1,0 +1,98 @@
+"""Training on a small real PBC subset: end to end, resume after interruption, bad training data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from wbcid.data import CLASSES, read_cells
+from wbcid.errors import WbcidError
+from wbcid.evaluate import evaluate
+from wbcid.models import load_model
+from wbcid.predict import predict
+from wbcid.train import TrainConfig, fit, split_train_val
+
+FAST = dict(model="efficientnet_lite0", input_size=96, epochs=3, batch_size=16, lr=3e-3)
+
+
+def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
+    run = fit(read_cells(pbc_small), tmp_path / "run", TrainConfig(**FAST))
+    for name in ("model.pt", "last.pt", "config.json", "history.csv", "history.png", "report.md",
+                 "val/metrics.json", "val/confusion_matrix.png"):
+        assert (run / name).is_file(), name
+    history = pd.read_csv(run / "history.csv")
+    assert list(history.epoch) == [1, 2, 3]
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["input_size"] == 96 and config["model"]["classes"] == list(CLASSES)
+    assert config["train"]["data"]["train"] == {c: 24 for c in CLASSES}  # the manifest's own split
+
+    metrics = evaluate(run, pbc_small, tmp_path / "eval", splits=["test"])
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"n", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix", "labels"} <= set(saved)
+    assert saved["n"] == 40 and sum(map(sum, saved["confusion_matrix"])) == 40
+    assert metrics["accuracy"] > 0.5  # chance is 0.2; 120 training images suffice for ImageNet features
+    assert (tmp_path / "eval" / "report.md").read_text().startswith("# Evaluation")
+
+    test_images = [c.path for c in read_cells(pbc_small, splits=["test"]).cells]
+    table = predict(run, test_images[:10], tmp_path / "pred.csv")
+    written = pd.read_csv(tmp_path / "pred.csv")
+    assert list(written.columns) == ["path", "label", "probability"] + [f"p_{c}" for c in CLASSES]
+    assert len(written) == 10 and set(written.label) <= set(CLASSES)
+    probs = written[[f"p_{c}" for c in CLASSES]].to_numpy()
+    assert probs.sum(1) == pytest.approx(1, abs=1e-3)
+    assert written.probability.to_numpy() == pytest.approx(probs.max(1), abs=1e-4)
+    assert table.label.tolist() == written.label.tolist()
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(pbc_small, tmp_path):
+    cells = read_cells(pbc_small)
+    config = dict(model="seed-cnn", epochs=3, batch_size=16, patience=10)
+    fit(cells, tmp_path / "straight", TrainConfig(**config))
+
+    def interrupt(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cells, tmp_path / "resumed", TrainConfig(**config), on_epoch_end=interrupt)
+    assert (tmp_path / "resumed" / "last.pt").is_file() and not (tmp_path / "resumed" / "history.csv").exists()
+    with pytest.raises(WbcidError, match="--resume"):
+        fit(cells, tmp_path / "resumed", TrainConfig(**config))
+    fit(cells, tmp_path / "resumed", resume=True)
+
+    straight, resumed = load_model(tmp_path / "straight" / "last.pt"), load_model(tmp_path / "resumed" / "last.pt")
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
+    assert pd.read_csv(tmp_path / "resumed" / "history.csv").epoch.tolist() == [1, 2, 3]
+
+
+def test_training_stops_before_starting_when_a_class_is_missing(pbc_small, tmp_path):
+    table = pd.read_csv(pbc_small)
+    no_basophils = tmp_path / "m.csv"
+    table[table.label != "basophil"].to_csv(no_basophils, index=False)
+    with pytest.raises(WbcidError, match="no training images of basophil"):
+        fit(read_cells(no_basophils), tmp_path / "run", TrainConfig(**FAST))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_split_without_split_column_is_stratified(data_root):
+    cells = read_cells(data_root / "cells" / "lisc")
+    train, val = split_train_val(cells, 0.15, seed=0)
+    assert len(train) + len(val) == len(cells)
+    assert not {c.path for c in train.cells} & {c.path for c in val.cells}
+    for name in CLASSES:
+        share = val.class_counts()[name] / cells.class_counts()[name]
+        assert 0.08 < share < 0.25
+
+
+def test_cli_reports_user_errors_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "wbcid", "evaluate", "--model", str(tmp_path),
+                             "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "error: no model at" in result.stderr and "Traceback" not in result.stderr

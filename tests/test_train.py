@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -96,3 +97,24 @@ def test_cli_reports_user_errors_without_a_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "error: no model at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_torchrun_trains_data_parallel_on_cpu(pbc_small, tmp_path):
+    """Two gloo processes give the same kind of run as one process (files, config, model)."""
+    common = ["--data", str(pbc_small), "--model", "seed-cnn", "--epochs", "2", "--batch-size", "8"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", "-m", "wbcid", "train", *common, "--out", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    fit(read_cells(pbc_small), tmp_path / "single", TrainConfig(model="seed-cnn", epochs=2, batch_size=8))
+    ddp_config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    single_config = json.loads((tmp_path / "single" / "config.json").read_text())
+    assert ddp_config["train"]["data"]["processes"] == 2 and single_config["train"]["data"]["processes"] == 1
+    assert ddp_config["model"] == single_config["model"]
+    assert pd.read_csv(tmp_path / "ddp" / "history.csv").epoch.tolist() == [1, 2]
+    ddp_model, single_model = load_model(tmp_path / "ddp"), load_model(tmp_path / "single")
+    assert {k: v.shape for k, v in ddp_model.state_dict().items()} == {
+        k: v.shape for k, v in single_model.state_dict().items()}
+    assert not torch.equal(ddp_model.head[-1].weight, single_model.head[-1].weight)  # really trained apart
+    assert ddp.stderr.count("INFO: epoch 2:") == 1  # one process reports and writes

@@ -1,14 +1,27 @@
-"""wbcid: white-blood-cell identification that says how well it travels to a new lab."""
+"""wbcid: white-blood-cell identification that says how well it travels to a new lab.
 
-from .data import CLASSES, Cell, CellSet, read_cells
-from .errors import WbcidError
-from .evaluate import compute_metrics, evaluate
-from .models import create_model, list_models, load_model, save_model
-from .predict import predict
-from .train import TrainConfig, fit
+The public API is imported on first use (PEP 562), so ``wbcid predict`` does not load the
+training stack (kornia, scikit-learn, matplotlib) it never needs.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = [
-    "CLASSES", "Cell", "CellSet", "TrainConfig", "WbcidError", "compute_metrics", "create_model", "evaluate",
-    "fit", "list_models", "load_model", "predict", "read_cells", "save_model",
-]
+
+_API = {
+    "CLASSES": "data", "Cell": "data", "CellSet": "data", "read_cells": "data",
+    "WbcidError": "errors",
+    "compute_metrics": "evaluate", "evaluate": "evaluate",
+    "create_model": "models", "list_models": "models", "load_model": "models", "save_model": "models",
+    "predict": "predict",
+    "TrainConfig": "train", "fit": "train",
+    "run_benchmark": "benchmark",
+    "export_onnx": "export",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'wbcid' has no attribute {name!r}")

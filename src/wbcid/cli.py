@@ -17,7 +17,13 @@ log = logging.getLogger("wbcid")
 Data = Annotated[Path, typer.Option("--data", help="Manifest CSV, ImageFolder root, or labels JSON.")]
 Sources = Annotated[Optional[list[str]], typer.Option("--source", help="Keep only this source (repeatable).")]
 Splits = Annotated[Optional[list[str]], typer.Option("--split", help="Keep only this split (repeatable).")]
-ModelPath = Annotated[Path, typer.Option("--model", help="Run directory or model .pt file.")]
+ModelPath = Annotated[Optional[Path], typer.Option(
+    "--model", help="Run directory or model .pt file; default: the bundled pretrained model.")]
+Augment = Annotated[str, typer.Option(help="Training augmentation: none, basic, domain (stain, colour, blur, scale).")]
+Crop = Annotated[bool, typer.Option(help="Cell-centred canonical crop at training and inference.")]
+Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")]
+Adapt = Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics on these images (one lab at a time).")]
+Tta = Annotated[bool, typer.Option(help="Average predictions over rotations and flips (8x slower).")]
 
 
 @app.command()
@@ -26,13 +32,14 @@ def train(
     out: Annotated[Path, typer.Option(help="Run directory to create (or continue with --resume).")],
     source: Sources = None,
     model: Annotated[str, typer.Option(help="Registered model (see `wbcid models`) or timm:<name>.")] = "efficientnet_lite0",
-    epochs: int = 6,
+    epochs: Epochs = 6,
     batch_size: int = 32,
     lr: float = 2e-3,
     freeze: Annotated[Optional[str], typer.Option(help="none, backbone, or N leading layer groups; default: the model's.")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="Input size in pixels; default: the model's.")] = None,
     balanced: Annotated[bool, typer.Option(help="Class-weighted loss for skewed class counts.")] = False,
-    augment: bool = True,
+    augment: Augment = "domain",
+    crop: Crop = True,
     pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights.")] = True,
     weights: Annotated[Optional[Path], typer.Option(help="Local ImageNet weights file for the backbone.")] = None,
     download_weights: Annotated[bool, typer.Option(help="Allow downloading ImageNet weights.")] = False,
@@ -48,7 +55,7 @@ def train(
                          freeze=int(freeze) if freeze and freeze.isdigit() else freeze,
                          input_size=input_size, pretrained=pretrained, weights=str(weights) if weights else None,
                          download_weights=download_weights, balanced=balanced, patience=patience,
-                         augment=augment, seed=seed)
+                         augment=augment, crop=crop, seed=seed)
     try:
         fit(read_cells(data, source), out, config, resume=resume)
     except KeyboardInterrupt:
@@ -59,16 +66,18 @@ def train(
 
 @app.command()
 def evaluate(
-    model: ModelPath,
     data: Data,
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, report.md and figures.")],
+    model: ModelPath = None,
     source: Sources = None,
     split: Splits = None,
+    adapt: Adapt = False,
+    tta: Tta = False,
 ) -> None:
     """Score a model on labelled images (any layout); writes metrics.json and report.md."""
     from .evaluate import evaluate as run_evaluation
 
-    metrics = run_evaluation(model, data, out, source, split)
+    metrics = run_evaluation(model, data, out, source, split, adapt=adapt, tta=tta)
     typer.echo(f"n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
                f"balanced_accuracy={metrics['balanced_accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f}")
     typer.echo(f"report: {out / 'report.md'}")
@@ -77,16 +86,67 @@ def evaluate(
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")],
-    model: ModelPath,
     out: Annotated[Path, typer.Option(help="CSV to write.")],
+    model: ModelPath = None,
+    adapt: Adapt = False,
+    tta: Tta = False,
 ) -> None:
     """Classify images; writes one CSV row per image with all five class probabilities."""
     from .predict import predict as run_prediction
 
-    table = run_prediction(model, paths, out)
+    table = run_prediction(model, paths, out, adapt=adapt, tta=tta)
     counts = table["label"].replace("", "(unreadable)").value_counts()
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
     typer.echo(f"predictions: {out}")
+
+
+@app.command()
+def benchmark(
+    data: Data,
+    out: Annotated[Path, typer.Option(help="Folder for benchmark.json, report.md and the model.")],
+    model: Annotated[Optional[Path], typer.Option(help="Evaluate this trained model instead of training one.")] = None,
+    arch: Annotated[str, typer.Option(help="Architecture to train (see `wbcid models`).")] = "efficientnet_lite0",
+    epochs: Epochs = 6,
+    augment: Augment = "domain",
+    crop: Crop = True,
+    adapt: Adapt = False,
+    tta: Tta = False,
+    leave_one_out: Annotated[bool, typer.Option(help="Train on all sources but one, for each source.")] = False,
+) -> None:
+    """Cross-domain protocol: train on PBC, test on PBC and every other lab (with 95 % intervals)."""
+    from .benchmark import benchmark_table, leave_one_source_out, run_benchmark
+    from .train import TrainConfig
+
+    config = TrainConfig(model=arch, epochs=epochs, augment=augment, crop=crop)
+    if leave_one_out:
+        summary = leave_one_source_out(data, out, config, adapt=adapt, tta=tta)
+    else:
+        summary = run_benchmark(data, out, config, model=model, adapt=adapt, tta=tta)
+    typer.echo(benchmark_table(summary["sources"]))
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="ONNX file to write.")],
+    model: ModelPath = None,
+    check: Annotated[Optional[Path], typer.Option(
+        help="Labelled data to compare ONNX Runtime with PyTorch on (label agreement, probability error).")] = None,
+) -> None:
+    """Export a model to ONNX (preprocessing contract in its metadata); optionally check it."""
+    from .export import OnnxModel, export_onnx
+    from .models import load_model
+    from .predict import agreement
+
+    torch_model = load_model(model)
+    export_onnx(torch_model, out)
+    typer.echo(f"wrote {out}")
+    if check is not None:
+        from .data import read_cells
+
+        result = agreement(torch_model, OnnxModel(out), read_cells(check).paths)
+        typer.echo(f"ONNX Runtime vs PyTorch on {result['images']} images: label agreement "
+                   f"{result['label_agreement']:.4f}, max probability difference {result['max_probability_difference']:.2e}")
 
 
 @app.command()

@@ -52,22 +52,50 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     }
 
 
+def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, resamples: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals for accuracy, balanced accuracy and macro-F1.
+
+    Cells are resampled with replacement; averages run over the classes present in the full
+    test set (a resample that misses a rare class scores it 0, as a model would be scored on it).
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    k = len(CLASSES)
+    present = np.bincount(y_true, minlength=k) > 0
+    idx = np.random.default_rng(seed).integers(0, len(y_true), (resamples, len(y_true)))
+    cells = y_true[idx] * k + y_pred[idx]
+    cm = np.stack([np.bincount(row, minlength=k * k) for row in cells]).reshape(resamples, k, k)
+    tp, support, predicted = cm.diagonal(axis1=1, axis2=2), cm.sum(2), cm.sum(1)
+    recall = np.divide(tp, support, out=np.zeros(tp.shape), where=support > 0)
+    f1 = np.divide(2 * tp, support + predicted, out=np.zeros(tp.shape), where=(support + predicted) > 0)
+    scores = {"accuracy": tp.sum(1) / len(y_true), "balanced_accuracy": recall[:, present].mean(1),
+              "macro_f1": f1[:, present].mean(1)}
+    tail = 100 * (1 - level) / 2
+    return {name: np.percentile(v, [tail, 100 - tail]).tolist() for name, v in scores.items()}
+
+
 def evaluate(
-    model: WBCNet | str | os.PathLike,
+    model: WBCNet | str | os.PathLike | None,
     data: CellSet | str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
     sources: list[str] | None = None,
     splits: list[str] | None = None,
     title: str | None = None,
+    adapt: bool = False,
+    tta: bool = False,
 ) -> dict:
-    """Score a model on labelled cells; with ``out_dir``, write metrics.json, figures and report.md."""
-    if not isinstance(model, WBCNet):
-        model = load_model(model)
+    """Score a model on labelled cells; with ``out_dir``, write metrics.json, figures and report.md.
+
+    ``adapt``/``tta``: test-time adaptation on these (unlabelled) images, see :mod:`wbcid.adapt`.
+    """
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model = load_model(model, onnx=not adapt)
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
-    probs, ok = predict_proba(model, cells.paths)
+    probs, ok = predict_proba(model, cells.paths, adapt=adapt, tta=tta)
     if not ok.any():
         raise WbcidError(f"{cells.origin}: none of the {len(cells)} images could be read")
     metrics = compute_metrics(cells.labels[ok], probs[ok].argmax(1))
+    metrics["ci95"] = bootstrap_intervals(cells.labels[ok], probs[ok].argmax(1))
     metrics["unreadable"] = int((~ok).sum())
     metrics["skipped"] = dict(cells.skipped)
     if out_dir is not None:

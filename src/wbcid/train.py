@@ -8,6 +8,11 @@ the run directory receives everything needed to use or continue the run:
 
 Every epoch seeds its own shuffling, augmentation and dropout from ``seed + epoch``, so a run
 resumed after an interruption ends with the same weights as one that never stopped.
+
+Launched by ``torchrun --nproc_per_node N -m wbcid train ...`` the same loop runs data-parallel
+(PyTorch DDP; gloo on CPU, NCCL on GPUs): each process trains on its share of every epoch's
+shuffled order, gradients are averaged, and all processes hold identical weights, so they
+validate identically and stop together; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapt import batchnorm_statistics
 from .augment import train_augmentation
 from .data import CLASSES, CellSet, load_images
 from .errors import WbcidError
 from .evaluate import compute_metrics
-from .models import Freeze, create_model, load_model, save_model
+from .models import Freeze, WBCNet, create_model, load_model, save_model
 from .predict import predict_logits
 from .reports import metrics_table, plot_history, write_evaluation_report
 
@@ -56,7 +62,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     patience: int = 3  # epochs without a better validation macro-F1 before stopping
     val_fraction: float = 0.15  # used when the data has no 'val' split
-    augment: bool = True
+    augment: str = "domain"  # none, basic, domain: see wbcid.augment
+    crop: bool = True  # cell-centred canonical crop (wbcid.crop), at training and inference
     seed: int = 0
     data: dict = field(default_factory=dict)  # provenance, filled in by fit()
 
@@ -109,35 +116,42 @@ def fit(
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
     """
     out = Path(out_dir)
+    rank, world, device = _distributed()
     checkpoint = _load_checkpoint(out) if resume else None
     if checkpoint is not None:
         config = TrainConfig(**checkpoint["train_config"])
     config = config or TrainConfig()
     if not resume and (out / "last.pt").exists():
         raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    writer = rank == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)  # the new head's (or a scratch model's) initial weights
     model = create_model(config.model, config.pretrained, config.weights, config.download_weights,
                          config.freeze, config.input_size)
     size = model.config["input_size"]
+    model.config["crop"] = config.crop
     train_set, val_set = split_train_val(cells, config.val_fraction, config.seed)
     check_classes(train_set)
-    train_images, train_set = load_images(train_set, size, "decoding train images")
-    val_images, val_set = load_images(val_set, size, "decoding validation images")
+    train_images, train_set = load_images(train_set, size, config.crop, "decoding train images")
+    val_images, val_set = load_images(val_set, size, config.crop, "decoding validation images")
     config.data = {"origin": cells.origin, "train": train_set.class_counts(), "val": val_set.class_counts(),
-                   "skipped": dict(train_set.skipped)}
-    log.info("training %s on %d images, validating on %d", config.model, len(train_set), len(val_set))
+                   "skipped": dict(train_set.skipped), "processes": world}
+    log.info("training %s on %d images, validating on %d (%d process(es), %s)", config.model, len(train_set),
+             len(val_set), world, device)
 
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps = math.ceil(len(train_set) / config.batch_size)
+    share = len(train_set) // world  # every process takes the same number of steps
+    steps = math.ceil(share / config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps,
                                                     pct_start=0.15)
-    weights = _class_weights(train_set.labels) if config.balanced else None
+    weights = _class_weights(train_set.labels).to(device) if config.balanced else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
-    augment = train_augmentation() if config.augment else nn.Identity()
+    augment = train_augmentation(config.augment).to(device)
     state = {"epoch": 0, "history": [], "best": -1.0, "stale": 0}
     if checkpoint is not None:
         model.load_state_dict(checkpoint["state_dict"])
@@ -145,44 +159,52 @@ def fit(
         scheduler.load_state_dict(checkpoint["scheduler"])
         state = checkpoint["state"]
         log.info("resuming %s after epoch %d", out, state["epoch"])
-    _write_json(out / "config.json", {"train": asdict(config), "model": model.config})
+    if writer:
+        _write_json(out / "config.json", {"train": asdict(config), "model": model.config})
 
-    labels = torch.from_numpy(train_set.labels)
+    labels = torch.from_numpy(train_set.labels).to(device)
     while state["epoch"] < config.epochs and state["stale"] < config.patience:
         epoch = state["epoch"] + 1
         torch.manual_seed(config.seed + epoch)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed + epoch))
         model.train()
-        total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(order.split(config.batch_size), desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
+        bar = tqdm(order[rank * share:(rank + 1) * share].split(config.batch_size),
+                   desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if writer else True)
         for idx in bar:
             with torch.no_grad():
-                x = augment(train_images[idx].float() / 255).contiguous(memory_format=torch.channels_last)
-            logits = model(x)
+                x = train_images[idx].to(device).float() / 255
+                x = augment(x).contiguous(memory_format=torch.channels_last)
+            logits = net(x)
             loss = loss_fn(logits, labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == labels[idx]).sum().item()
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+            totals += torch.tensor([loss.item() * len(idx), (logits.argmax(1) == labels[idx]).sum().item(), len(idx)])
+            bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
+        if world > 1:
+            torch.distributed.all_reduce(totals)
 
         val_logits = predict_logits(model, val_images.split(128))
         val_labels = torch.from_numpy(val_set.labels)
         val = compute_metrics(val_set.labels, val_logits.argmax(1).numpy())
-        record = {"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
+        record = {"epoch": epoch, "train_loss": (totals[0] / totals[2]).item(),
+                  "train_accuracy": (totals[1] / totals[2]).item(),
                   "val_loss": nn.functional.cross_entropy(val_logits, val_labels).item(),
                   "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                   "lr": scheduler.get_last_lr()[0]}
         state["history"].append(record)
         state["epoch"] = epoch
-        if val["macro_f1"] > state["best"]:
+        improved = val["macro_f1"] > state["best"]
+        if improved:
             state["best"], state["stale"] = val["macro_f1"], 0
-            save_model(model, out / "model.pt", epoch=epoch, val_macro_f1=val["macro_f1"])
         else:
             state["stale"] += 1
+        if not writer:
+            continue
+        if improved:
+            save_model(model, out / "model.pt", epoch=epoch, val_macro_f1=val["macro_f1"])
         save_model(model, out / "last.pt", train_config=asdict(config), optimizer=optimizer.state_dict(),
                    scheduler=scheduler.state_dict(), state=state)
         log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f", epoch,
@@ -191,15 +213,35 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 
-    _finish_run(out, state["history"], val_images, val_set)
+    if writer:
+        _finish_run(out, state["history"], train_images, val_images, val_set)
+    if world > 1:
+        torch.distributed.barrier()  # nobody returns before rank 0 has written the run
+        torch.distributed.destroy_process_group()
     return out
 
 
-def _finish_run(out: Path, history: list[dict], val_images: torch.Tensor, val_set: CellSet) -> None:
-    """History table and plot, validation metrics of the best model, and the run's report."""
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if world == 1:
+        return 0, 1, device
+    if not torch.distributed.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def _finish_run(out: Path, history: list[dict], train_images: torch.Tensor, val_images: torch.Tensor,
+                val_set: CellSet) -> None:
+    """Source statistics for adaptation, history, validation metrics of the best model, report."""
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "history.png")
-    best = load_model(out)
+    best = record_source_statistics(out / "model.pt", train_images)
     val = compute_metrics(val_set.labels, predict_logits(best, val_images.split(128)).argmax(1).numpy())
     (out / "val").mkdir(exist_ok=True)
     _write_json(out / "val" / "metrics.json", val)
@@ -217,6 +259,15 @@ def _finish_run(out: Path, history: list[dict], val_images: torch.Tensor, val_se
     lines += ["## Validation (best epoch)", metrics_table({"validation": val}),
               "## History", "![history](history.png)", "Validation confusion matrix: [val/report.md](val/report.md)"]
     (out / "report.md").write_text("\n\n".join(lines) + "\n")
+
+
+def record_source_statistics(model_path: Path, train_images: torch.Tensor) -> WBCNet:
+    """Store the training images' batch-norm statistics in a saved model, for :mod:`wbcid.adapt`."""
+    model = load_model(model_path)
+    model.source_statistics = batchnorm_statistics(model, train_images.split(128))
+    saved = torch.load(model_path, map_location="cpu", weights_only=True)
+    save_model(model, model_path, **{k: v for k, v in saved.items() if k not in ("format", "config", "state_dict")})
+    return model
 
 
 def _class_weights(labels: np.ndarray) -> torch.Tensor:

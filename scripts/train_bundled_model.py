@@ -1,0 +1,71 @@
+"""Train the bundled model: the default recipe on every labelled source, shipped in fp16 and ONNX.
+
+All five-class cells of every source in the data folder train it (PBC's train/val splits kept,
+PBC's test split and each other source split 85/15 into train/val). The fp16 copy goes to
+``src/wbcid/weights/wbcid-default.pt`` and its ONNX export (what prediction runs) beside it;
+their agreement with the fp32 model and the training data's composition go to
+``docs/bundled_model.json`` (quoted by the model card). ``--skip-training`` redoes only the
+export and the checks from an existing run.
+
+    python scripts/train_bundled_model.py [--data ../shared/data] [--run runs/bundled]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+
+from wbcid.benchmark import training_pool
+from wbcid.data import default_data_root, read_cells
+from wbcid.export import export_onnx
+from wbcid.models import BUNDLED, BUNDLED_ONNX, load_model, save_model
+from wbcid.predict import agreement
+from wbcid.train import TrainConfig, fit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=default_data_root())
+    parser.add_argument("--run", type=Path, default=Path("runs/bundled"))
+    parser.add_argument("--report", type=Path, default=Path("docs/bundled_model.json"))
+    parser.add_argument("--skip-training", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+
+    cells = read_cells(args.data)
+    pool = training_pool(cells)
+    config = TrainConfig()
+    report = json.loads(args.report.read_text()) if args.skip_training else {}
+    if not args.skip_training:
+        start = time.perf_counter()
+        fit(pool, args.run, config)
+        report["train_minutes"] = (time.perf_counter() - start) / 60
+    full = load_model(args.run)
+    save_model(full, BUNDLED, half=True, trained_on={s: _counts(pool, s) for s in sorted({c.source for c in pool.cells})})
+    bundled = load_model()
+    export_onnx(bundled, BUNDLED_ONNX)
+
+    report.update({
+        "command": "python scripts/train_bundled_model.py",
+        "recipe": asdict(config) | {"data": None},
+        "training_cells": {s: _counts(pool, s) for s in sorted({c.source for c in pool.cells})},
+        "file_mb": BUNDLED.stat().st_size / 2**20,
+        "onnx_file_mb": BUNDLED_ONNX.stat().st_size / 2**20,
+        "fp16_vs_fp32": report.get("fp16_vs_fp32") or agreement(full, bundled, cells.paths),
+        "onnx_vs_pytorch_pbc_test": agreement(bundled, load_model(BUNDLED_ONNX), cells.select(["pbc"], ["test"]).paths),
+    })
+    args.report.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+def _counts(pool, source: str) -> dict[str, int]:
+    return {split: sum(c.source == source and c.split == split for c in pool.cells) for split in ("train", "val")}
+
+
+if __name__ == "__main__":
+    main()

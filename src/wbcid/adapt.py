@@ -1,0 +1,75 @@
+"""Test-time adaptation: use the unlabelled images of a new lab, never its labels.
+
+* AdaBN (Li et al., 2016): batch-norm layers re-estimate their feature statistics on the new
+  lab's images, so features are normalised as they were for the training lab. Plain AdaBN
+  assumes each layer's running statistics are those of the training data; that is false for
+  layers frozen at their ImageNet statistics. So training also records every BN layer's input
+  statistics on the training images (``source_statistics``), and adaptation maps the new lab's
+  statistics onto those: ``x -> (x - mu_T) / s_T * s_S + mu_S`` folded into the layer. On the
+  training lab itself this is the identity; where the statistics are missing it is plain AdaBN.
+  It needs a batch of images from one lab (a folder, a slide, a test set), not one cell.
+* Test-time augmentation: average the logits over the eight rotations and flips of each cell,
+  which has no preferred orientation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+
+Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _norm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+@torch.no_grad()
+def batchnorm_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> Statistics:
+    """Mean and variance of every BN layer's input over ``batches`` (uint8 NCHW), as AdaBN sees them.
+
+    Each BN layer normalises with its batch statistics while they are averaged over all batches
+    (``momentum=None``); the model passed in is not changed.
+    """
+    probe = copy.deepcopy(model).eval()
+    norms = _norm_layers(probe)
+    for bn in norms.values():
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    for batch in batches:
+        if len(batch):
+            probe((batch.float() / 255).contiguous(memory_format=torch.channels_last))
+    return {name: (bn.running_mean.clone(), bn.running_var.clone()) for name, bn in norms.items()}
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose BN layers normalise ``batches``' lab as they did the training lab.
+
+    Uses ``model.source_statistics`` when training recorded them (see module docstring), else
+    plain AdaBN. Only running means and variances change; learned weights stay as they are.
+    """
+    target = batchnorm_statistics(model, batches)
+    source: Statistics | None = getattr(model, "source_statistics", None)
+    adapted = copy.deepcopy(model).eval()
+    for name, bn in _norm_layers(adapted).items():
+        mean_t, var_t = target[name]
+        if source is None:
+            bn.running_mean.copy_(mean_t)
+            bn.running_var.copy_(var_t)
+            continue
+        mean_s, var_s = source[name]
+        ratio = (var_t + bn.eps) / (var_s + bn.eps)  # exact with the eps BN adds to the variance
+        bn.running_mean.copy_(mean_t - ratio.sqrt() * (mean_s - bn.running_mean))
+        bn.running_var.copy_(ratio * (bn.running_var + bn.eps) - bn.eps)
+    return adapted
+
+
+def dihedral_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean logits over the 8 rotations/reflections of each image."""
+    views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
+    return torch.stack([model(v.contiguous(memory_format=torch.channels_last)) for v in views]).mean(0)

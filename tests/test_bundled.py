@@ -1,0 +1,33 @@
+"""The bundled model: ships in the package, loads without a path, and is the trained one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+
+from wbcid.data import CLASSES, read_cells
+from wbcid.export import OnnxModel
+from wbcid.models import BUNDLED, load_model
+
+
+def test_bundled_model_is_small_and_carries_its_contract():
+    assert BUNDLED.is_file() and BUNDLED.stat().st_size < 10 * 2**20
+    assert (BUNDLED.parent / "MODEL_CARD.md").is_file()
+    model = load_model()
+    assert model.config["classes"] == list(CLASSES) and model.config["crop"] is True
+    assert model.source_statistics  # recorded for test-time adaptation
+    served = load_model(onnx=True)  # what predict and evaluate run: the same model in ONNX Runtime
+    assert isinstance(served, OnnxModel) and served.config == model.config
+
+
+def test_predict_without_a_model_uses_the_bundled_one(data_root, tmp_path):
+    cells = read_cells(data_root / "cells.csv", sources=["cellavision"])
+    picked = [c for c in cells.cells if c.label in (0, 1, 3)][:24]  # neutrophils, lymphocytes, eosinophils
+    result = subprocess.run([sys.executable, "-m", "wbcid", "predict", "--out", str(tmp_path / "p.csv"),
+                             *[str(c.path) for c in picked]], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "p.csv")
+    correct = (table.label == [CLASSES[c.label] for c in picked]).mean()
+    assert correct > 0.8  # these images were in its training data: a check that the weights are the trained ones

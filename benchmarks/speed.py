@@ -86,8 +86,8 @@ def main() -> None:
         f"ONNX Runtime, batch 64), timed as a whole command including Python start-up: {cli_rate:.1f} images/s.",
         f"Bundled model (ONNX Runtime, batch 64) vs the original VGG16 transfer model: {ratio:.1f}x faster.",
         f"ONNX export of the bundled model: {export_seconds:.0f} s. One epoch of the default training recipe "
-        f"on PBC ({sum(cells.select(splits=['train']).class_counts().values())} images, decoding and "
-        f"validation included): {epoch_minutes:.1f} min (run: `{run}`).",
+        f"on PBC ({sum(cells.select(splits=['train']).class_counts().values())} images; decoding, "
+        f"validation and the end-of-run steps included): {epoch_minutes:.1f} min (run: `{run}`).",
         "Produced by:\n\n```\npython benchmarks/speed.py\n```",
     ]
     args.doc.write_text("\n\n".join(lines) + "\n")

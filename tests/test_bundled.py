@@ -10,6 +10,7 @@ import pandas as pd
 from wbcid.data import CLASSES, read_cells
 from wbcid.export import OnnxModel
 from wbcid.models import BUNDLED, load_model
+from wbcid.predict import predict
 
 
 def test_bundled_model_is_small_and_carries_its_contract():
@@ -31,3 +32,13 @@ def test_predict_without_a_model_uses_the_bundled_one(data_root, tmp_path):
     table = pd.read_csv(tmp_path / "p.csv")
     correct = (table.label == [CLASSES[c.label] for c in picked]).mean()
     assert correct > 0.8  # these images were in its training data: a check that the weights are the trained ones
+
+
+def test_unreadable_files_keep_their_row_without_a_label(data_root, tmp_path):
+    good = next((data_root / "cells" / "lisc" / "monocyte").iterdir())
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    table = predict(None, [good, bad])
+    assert table.path.tolist() == [str(good), str(bad)]
+    assert table.label[0] in CLASSES and table.label[1] == ""
+    assert table.loc[1, [f"p_{c}" for c in CLASSES]].isna().all()

@@ -13,6 +13,7 @@ from wbcid.augment import RandomStainJitter, train_augmentation
 from wbcid.benchmark import training_pool
 from wbcid.crop import MARGIN, canonical_crop, find_nucleus
 from wbcid.data import read_cells
+from wbcid.errors import WbcidError
 from wbcid.evaluate import bootstrap_intervals, compute_metrics
 from wbcid.models import create_model
 
@@ -73,7 +74,7 @@ def test_augmentation_policies():
     assert torch.equal(train_augmentation("none")(x), x)
     for policy in ("basic", "domain"):
         assert train_augmentation(policy)(x).shape == x.shape
-    with pytest.raises(ValueError, match="policy"):
+    with pytest.raises(WbcidError, match="policy"):
         train_augmentation("heavy")
 
 

@@ -17,6 +17,8 @@ import torch
 from skimage.color import hed_from_rgb, rgb_from_hed
 from torch import nn
 
+from .errors import WbcidError
+
 POLICIES = ("none", "basic", "domain")
 
 
@@ -42,7 +44,7 @@ class RandomStainJitter(nn.Module):
 def train_augmentation(policy: str = "domain") -> nn.Module:
     """The augmentation for a policy (``none``, ``basic``, ``domain``) on [0, 1] NCHW batches."""
     if policy not in POLICIES:
-        raise ValueError(f"augmentation policy must be one of {POLICIES}, not {policy!r}")
+        raise WbcidError(f"augmentation policy must be one of {', '.join(POLICIES)}, not {policy!r}")
     if policy == "none":
         return nn.Identity()
     geometry = [K.RandomHorizontalFlip(), K.RandomVerticalFlip()]

@@ -132,6 +132,7 @@ def fit(
                          config.freeze, config.input_size)
     size = model.config["input_size"]
     model.config["crop"] = config.crop
+    augment = train_augmentation(config.augment).to(device)  # a bad policy fails before decoding
     train_set, val_set = split_train_val(cells, config.val_fraction, config.seed)
     check_classes(train_set)
     train_images, train_set = load_images(train_set, size, config.crop, "decoding train images")
@@ -151,7 +152,6 @@ def fit(
                                                     pct_start=0.15)
     weights = _class_weights(train_set.labels).to(device) if config.balanced else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
-    augment = train_augmentation(config.augment).to(device)
     state = {"epoch": 0, "history": [], "best": -1.0, "stale": 0}
     if checkpoint is not None:
         model.load_state_dict(checkpoint["state_dict"])

@@ -112,6 +112,7 @@ def benchmark(
     adapt: Adapt = False,
     tta: Tta = False,
     leave_one_out: Annotated[bool, typer.Option(help="Train on all sources but one, for each source.")] = False,
+    holdout: Annotated[Optional[str], typer.Option(help="Train on all sources but this one; test on it.")] = None,
 ) -> None:
     """Cross-domain protocol: train on PBC, test on PBC and every other lab (with 95 % intervals)."""
     from .benchmark import benchmark_table, leave_one_source_out, run_benchmark
@@ -121,7 +122,7 @@ def benchmark(
     if leave_one_out:
         summary = leave_one_source_out(data, out, config, adapt=adapt, tta=tta)
     else:
-        summary = run_benchmark(data, out, config, model=model, adapt=adapt, tta=tta)
+        summary = run_benchmark(data, out, config, model=model, holdout=holdout, adapt=adapt, tta=tta)
     typer.echo(benchmark_table(summary["sources"]))
     typer.echo(f"report: {out / 'report.md'}")
 

@@ -59,7 +59,7 @@ def train(
     try:
         fit(read_cells(data, source), out, config, resume=resume)
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted; finished epochs are saved. Continue with the same command plus --resume.", err=True)
+        typer.echo("\ninterrupted; finished epochs are saved. Continue with the same command plus --resume.", err=True)
         raise typer.Exit(130)
     typer.echo(f"run written to {out} (report: {out / 'report.md'})")
 

@@ -15,8 +15,8 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 
 from .data import CLASSES, CellSet, read_cells
 from .errors import WbcidError
-from .models import WBCNet, load_model
-from .predict import predict_proba
+from .models import WBCNet
+from .predict import predict_proba, resolve_model
 from .reports import write_evaluation_report
 
 
@@ -88,8 +88,7 @@ def evaluate(
 
     ``adapt``/``tta``: test-time adaptation on these (unlabelled) images, see :mod:`wbcid.adapt`.
     """
-    if model is None or isinstance(model, (str, os.PathLike)):
-        model = load_model(model, onnx=not adapt)
+    model = resolve_model(model, adapt)
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
     probs, ok = predict_proba(model, cells.paths, adapt=adapt, tta=tta)
     if not ok.any():

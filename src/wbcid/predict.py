@@ -60,6 +60,13 @@ def predict_proba(
     return probs_all, ok_all
 
 
+def resolve_model(model: WBCNet | str | os.PathLike | None, adapt: bool = False) -> WBCNet:
+    """A model object from a model, a path or ``None`` (bundled); ONNX Runtime unless adapting."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return load_model(model, onnx=not adapt)
+    return model
+
+
 def agreement(reference: WBCNet, other: WBCNet, paths: Sequence[Path]) -> dict:
     """How closely two models agree (e.g. fp32 vs fp16, PyTorch vs ONNX Runtime) on real images."""
     p_ref, ok = predict_proba(reference, paths)
@@ -82,8 +89,7 @@ def predict(
     Columns: ``path``, ``label``, ``probability`` and ``p_<class>`` for each class. Unreadable
     images keep their row with an empty label, so no input silently disappears.
     """
-    if model is None or isinstance(model, (str, os.PathLike)):
-        model = load_model(model, onnx=not adapt)
+    model = resolve_model(model, adapt)
     files = list_images(paths)
     probs, ok = predict_proba(model, files, batch_size, adapt=adapt, tta=tta)
     best = np.nan_to_num(probs, nan=-1).argmax(1)

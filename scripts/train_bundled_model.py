@@ -5,7 +5,7 @@ PBC's test split and each other source split 85/15 into train/val). The fp16 cop
 ``src/wbcid/weights/wbcid-default.pt`` and its ONNX export (what prediction runs) beside it;
 their agreement with the fp32 model and the training data's composition go to
 ``docs/bundled_model.json`` (quoted by the model card). ``--skip-training`` redoes only the
-export and the checks from an existing run.
+training statistics (batch-norm, OOD scorer), the export and the checks from an existing run.
 
     python scripts/train_bundled_model.py [--data ../shared/data] [--run runs/bundled]
 """
@@ -25,7 +25,7 @@ from wbcid.data import default_data_root, read_cells
 from wbcid.export import export_onnx
 from wbcid.models import BUNDLED, BUNDLED_ONNX, load_model, save_model
 from wbcid.predict import agreement
-from wbcid.train import TrainConfig, fit
+from wbcid.train import TrainConfig, fit, refit_training_statistics
 
 
 def main() -> None:
@@ -45,6 +45,8 @@ def main() -> None:
         start = time.perf_counter()
         fit(pool, args.run, config)
         report["train_minutes"] = (time.perf_counter() - start) / 60
+    elif load_model(args.run).ood is None:  # the run predates the OOD scorer that training now fits
+        refit_training_statistics(args.run, pool.select(splits=["train"]), pool.select(splits=["val"]))
     full = load_model(args.run)
     save_model(full, BUNDLED, half=True, trained_on={s: _counts(pool, s) for s in sorted({c.source for c in pool.cells})})
     bundled = load_model()

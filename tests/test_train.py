@@ -42,8 +42,11 @@ def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
     test_images = [c.path for c in read_cells(pbc_small, splits=["test"]).cells]
     table = predict(run, test_images[:10], tmp_path / "pred.csv")
     written = pd.read_csv(tmp_path / "pred.csv")
-    assert list(written.columns) == ["path", "label", "probability"] + [f"p_{c}" for c in CLASSES]
+    assert list(written.columns) == ["path", "label", "probability", "ood_score", "flagged"] + [f"p_{c}" for c in CLASSES]
     assert len(written) == 10 and set(written.label) <= set(CLASSES)
+    assert written.ood_score.notna().all()  # training fitted the OOD scorer
+    assert (written.flagged == (written.ood_score > 1)).all()
+    assert "flagged" in saved and 0 <= saved["flagged"]["flagged_share"] <= 1
     probs = written[[f"p_{c}" for c in CLASSES]].to_numpy()
     assert probs.sum(1) == pytest.approx(1, abs=1e-3)
     assert written.probability.to_numpy() == pytest.approx(probs.max(1), abs=1e-4)

@@ -6,7 +6,7 @@ training stack (kornia, scikit-learn, matplotlib) it never needs.
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _API = {
     "CLASSES": "data", "Cell": "data", "CellSet": "data", "read_cells": "data",
@@ -14,6 +14,8 @@ _API = {
     "compute_metrics": "evaluate", "evaluate": "evaluate",
     "create_model": "models", "list_models": "models", "load_model": "models", "save_model": "models",
     "predict": "predict",
+    "count": "count", "differential": "count", "detect_cells": "detect",
+    "explain": "explain",
     "TrainConfig": "train", "fit": "train",
     "run_benchmark": "benchmark",
     "export_onnx": "export",

@@ -74,7 +74,7 @@ def run_benchmark(
     for name, target in targets.items():
         metrics = evaluate(model, target, out / "sources" / _slug(name), title=name, adapt=adapt, tta=tta)
         results[name] = {k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "ci95",
-                                                 "classes_present", "confusion_matrix")}
+                                                 "classes_present", "confusion_matrix", "flagged") if k in metrics}
     out_of_domain = [r["macro_f1"] for name, r in results.items() if name != IN_DOMAIN]
     summary = {
         "protocol": "single-source" if holdout is None else f"leave-one-source-out: {holdout}",
@@ -110,10 +110,15 @@ def leave_one_source_out(data: str | os.PathLike, out: str | os.PathLike, config
 
 def benchmark_table(results: dict[str, dict]) -> str:
     """Markdown table of per-source scores with their 95 % bootstrap intervals."""
-    lines = ["| test source | n | accuracy | balanced accuracy | macro-F1 |", "|---|---:|---:|---:|---:|"]
+    flags = all("flagged" in r for r in results.values())
+    lines = ["| test source | n | accuracy | balanced accuracy | macro-F1 |" + (" flagged | accuracy (unflagged) |" if flags else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|---:|" if flags else "")]
     for name, r in results.items():
         cells = [f"{r[k]:.3f} [{r['ci95'][k][0]:.3f}, {r['ci95'][k][1]:.3f}]"
                  for k in ("accuracy", "balanced_accuracy", "macro_f1")]
+        if flags:
+            unflagged = r["flagged"]["accuracy_unflagged"]
+            cells += [f"{r['flagged']['flagged_share']:.1%}", "-" if unflagged is None else f"{unflagged:.3f}"]
         lines.append(f"| {name} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

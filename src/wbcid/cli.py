@@ -1,4 +1,4 @@
-"""The ``wbcid`` command: a thin layer over the Python API (train, evaluate, predict, models)."""
+"""The ``wbcid`` command: a thin layer over the Python API (train, evaluate, predict, count, explain, ...)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ Augment = Annotated[str, typer.Option(help="Training augmentation: none, basic, 
 Crop = Annotated[bool, typer.Option(help="Cell-centred canonical crop at training and inference.")]
 Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")]
 Adapt = Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics on these images (one lab at a time).")]
+Inputs = Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")]
 Tta = Annotated[bool, typer.Option(help="Average predictions over rotations and flips (8x slower).")]
 
 
@@ -85,7 +86,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")],
+    paths: Inputs,
     out: Annotated[Path, typer.Option(help="CSV to write.")],
     model: ModelPath = None,
     adapt: Adapt = False,
@@ -97,7 +98,47 @@ def predict(
     table = run_prediction(model, paths, out, adapt=adapt, tta=tta)
     counts = table["label"].replace("", "(unreadable)").value_counts()
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    if table["flagged"].any():
+        typer.echo(f"{int(table['flagged'].sum())} flagged as unlike the cells the model knows "
+                   "(column 'flagged'): check them by eye")
     typer.echo(f"predictions: {out}")
+
+
+@app.command()
+def count(
+    paths: Inputs,
+    out: Annotated[Path, typer.Option(help="Folder for counts.json, report.html and annotated images.")],
+    model: ModelPath = None,
+    cell_diameter: Annotated[float, typer.Option(
+        help="Typical WBC diameter in pixels in these images (about 200 in 640x480 fields at 100x).")] = 200,
+    reference: Annotated[Optional[Path], typer.Option(
+        help='Reference ranges JSON, {"neutrophil": [40, 75], ...}; default: adult ranges (see report).')] = None,
+) -> None:
+    """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
+    from .count import count as run_count, read_reference
+
+    result = run_count(model, paths, out, cell_diameter, read_reference(reference) if reference else None)
+    totals = result["totals"]
+    typer.echo(f"{totals['detected']} WBCs found, {totals['counted']} counted, {totals['flagged']} flagged for review")
+    for name, c in totals["classes"].items():
+        if c["percent"] is not None:
+            flag = f"  {c['flag'].upper()} (reference {c['reference'][0]:g}-{c['reference'][1]:g} %)" if c["flag"] else ""
+            typer.echo(f"  {name:11s} {c['count']:4d}  {c['percent']:5.1f} %  "
+                       f"[{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]{flag}")
+    typer.echo(f"report: {out / 'report.html'}")
+
+
+@app.command()
+def explain(
+    paths: Inputs,
+    out: Annotated[Path, typer.Option(help="Folder for the Grad-CAM images.")],
+    model: ModelPath = None,
+) -> None:
+    """Grad-CAM: show which part of each cell image decided the model's answer."""
+    from .explain import explain as run_explain
+
+    written = run_explain(model, paths, out)
+    typer.echo(f"wrote {len(written)} Grad-CAM image(s) to {out}")
 
 
 @app.command()

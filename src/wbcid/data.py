@@ -155,8 +155,12 @@ def read_cells(
     path: str | os.PathLike,
     sources: Sequence[str] | None = None,
     splits: Sequence[str] | None = None,
+    known_only: bool = True,
 ) -> CellSet:
     """Read any supported layout, keep only our five classes, and filter by source/split.
+
+    ``known_only=False`` keeps cells of other types too (label -1, ``raw_label`` says which),
+    e.g. to measure how they are flagged.
 
     Raises :class:`WbcidError` for a missing path, an unrecognised layout or an empty result.
     """
@@ -175,7 +179,9 @@ def read_cells(
         cellset = _read_json_layout(jsons[0]) if jsons and not has_class_dirs else _read_image_folder(path)
     else:
         raise WbcidError(f"{path}: expected a manifest .csv, a labels .json, or a folder of class folders")
-    cellset = cellset.select(sources, splits).known()
+    cellset = cellset.select(sources, splits)
+    if known_only:
+        cellset = cellset.known()
     if not cellset.cells:
         raise WbcidError(f"{path}: no labelled images of the five classes ({', '.join(CLASSES)}) found")
     cellset.report_skipped()

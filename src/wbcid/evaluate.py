@@ -16,6 +16,7 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from .data import CLASSES, CellSet, read_cells
 from .errors import WbcidError
 from .models import WBCNet
+from .ood import flagged
 from .predict import predict_proba, resolve_model
 from .reports import write_evaluation_report
 
@@ -50,6 +51,13 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
             y_true, y_pred, labels=present, target_names=[CLASSES[i] for i in present], digits=4, zero_division=0
         ),
     }
+
+
+def flagged_metrics(y_true: np.ndarray, y_pred: np.ndarray, flags: np.ndarray) -> dict:
+    """How many cells were flagged as unusual, and how good the answers given for the rest are."""
+    kept = compute_metrics(y_true[~flags], y_pred[~flags]) if (~flags).any() else {}
+    return {"flagged": int(flags.sum()), "flagged_share": float(flags.mean()),
+            "accuracy_unflagged": kept.get("accuracy"), "macro_f1_unflagged": kept.get("macro_f1")}
 
 
 def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, resamples: int = 1000, seed: int = 0,
@@ -90,11 +98,13 @@ def evaluate(
     """
     model = resolve_model(model, adapt)
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
-    probs, ok = predict_proba(model, cells.paths, adapt=adapt, tta=tta)
+    probs, ood, ok = predict_proba(model, cells.paths, adapt=adapt, tta=tta)
     if not ok.any():
         raise WbcidError(f"{cells.origin}: none of the {len(cells)} images could be read")
     metrics = compute_metrics(cells.labels[ok], probs[ok].argmax(1))
     metrics["ci95"] = bootstrap_intervals(cells.labels[ok], probs[ok].argmax(1))
+    if not np.isnan(ood[ok]).all():
+        metrics["flagged"] = flagged_metrics(cells.labels[ok], probs[ok].argmax(1), flagged(ood[ok]))
     metrics["unreadable"] = int((~ok).sum())
     metrics["skipped"] = dict(cells.skipped)
     if out_dir is not None:

@@ -1,7 +1,8 @@
 """ONNX export and ONNX Runtime inference, with the preprocessing contract inside the file.
 
 The exported graph takes what :class:`~wbcid.models.WBCNet` takes, an RGB float batch in
-[0, 1] at the model's input size, and returns logits; normalisation is part of the graph. The
+[0, 1] at the model's input size, and returns ``logits`` and ``ood_score`` (what
+:meth:`WBCNet.scores` returns); normalisation is part of the graph. The
 rest of the contract (input size, whether the canonical crop is applied, class order) is stored
 as ONNX metadata under ``wbcid_config``, so an ONNX file alone is a usable model.
 """
@@ -19,6 +20,18 @@ from .errors import WbcidError
 from .models import WBCNet
 
 METADATA_KEY = "wbcid_config"
+OUTPUTS = ["logits", "ood_score"]
+
+
+class _Scores(torch.nn.Module):
+    """What is exported: both of :meth:`WBCNet.scores`' outputs."""
+
+    def __init__(self, model: WBCNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.scores(x)
 
 
 def export_onnx(model: WBCNet, path: str | os.PathLike, opset: int = 18) -> Path:
@@ -30,7 +43,7 @@ def export_onnx(model: WBCNet, path: str | os.PathLike, opset: int = 18) -> Path
     model = model.eval().float().to(memory_format=torch.contiguous_format)
     size = model.config["input_size"]
     example = torch.rand(2, 3, size, size)
-    program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"],
+    program = torch.onnx.export(_Scores(model).eval(), (example,), input_names=["image"], output_names=OUTPUTS,
                                 dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
                                 external_data=False, dynamo=True)
     proto = program.model_proto
@@ -56,9 +69,13 @@ class OnnxModel:
             raise WbcidError(f"{path} was not exported by wbcid (no {METADATA_KEY} metadata)")
         self.config = json.loads(meta[METADATA_KEY])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(["logits"], {"image": x})[0])
+        logits, ood = self.session.run(OUTPUTS, {"image": x})
+        return torch.from_numpy(logits), torch.from_numpy(ood)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scores(x)[0]
 
     def eval(self) -> "OnnxModel":
         return self

@@ -27,6 +27,7 @@ from torch import nn
 
 from .data import CLASSES
 from .errors import WbcidError
+from .ood import MahalanobisScore
 
 log = logging.getLogger("wbcid")
 
@@ -88,6 +89,7 @@ class WBCNet(nn.Module):
         self.backbone, self.head, self.config = backbone, head, dict(config)
         self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
+        self.ood: MahalanobisScore | None = None  # fitted after training, see wbcid.ood
         self._frozen: list[nn.Module] = []
         self.set_freeze(config.get("freeze", "none"))
 
@@ -96,6 +98,13 @@ class WBCNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and out-of-distribution score in one pass (NaN scores if none was fitted)."""
+        features = self.features(x)
+        # NaN computed from the features, not a constant, so an ONNX export keeps a dynamic batch size
+        ood = self.ood(features) if self.ood is not None else features.flatten(1)[:, 0] * float("nan")
+        return self.head(features), ood
 
     def layer_groups(self) -> list[list[nn.Module]]:
         """Backbone layers in input-to-output order: timm's own grouping, else top-level children."""
@@ -209,7 +218,10 @@ def load_model(path: str | os.PathLike | None = None, onnx: bool = False) -> WBC
     config = saved["config"]
     model = create_model(config["model"], pretrained=False, freeze=config["freeze"], input_size=config["input_size"])
     model.config.update(config)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in saved["state_dict"].items()})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in saved["state_dict"].items()}
+    if "ood.means" in state:
+        model.ood = MahalanobisScore(state["ood.means"], state["ood.whitener"])
+    model.load_state_dict(state)
     if "source_statistics" in saved:  # for test-time adaptation, see wbcid.adapt
         model.source_statistics = {k: (m.float(), v.float()) for k, (m, v) in saved["source_statistics"].items()}
     return model.eval()

@@ -16,30 +16,40 @@ from .adapt import adapt_batchnorm, dihedral_logits
 from .data import CLASSES, image_batches, list_images
 from .errors import WbcidError
 from .models import WBCNet, load_model
+from .ood import flagged
 
 log = logging.getLogger("wbcid")
 
 
 @torch.inference_mode()
-def predict_logits(model: WBCNet, batches: Iterable[torch.Tensor], tta: bool = False) -> torch.Tensor:
-    """Logits for uint8 NCHW batches, in order (eval mode; channels-last is faster on CPU)."""
+def predict_scores(model: WBCNet, batches: Iterable[torch.Tensor], tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(n, 5)`` and out-of-distribution scores ``(n,)`` for uint8 NCHW batches, in order.
+
+    With ``tta`` the logits are averaged over rotations and flips; the OOD score is always that
+    of the image as given (the scorer's threshold was calibrated on plain images).
+    """
     model.eval()
     device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
-    outputs = []
+    logits, ood = [], []
     for batch in batches:
         x = (batch.to(device).float() / 255).contiguous(memory_format=torch.channels_last)
-        outputs.append((dihedral_logits(model, x) if tta else model(x)).cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0, len(CLASSES))
+        batch_logits, batch_ood = model.scores(x)
+        logits.append((dihedral_logits(model, x) if tta else batch_logits).cpu())
+        ood.append(batch_ood.cpu())
+    if not logits:
+        return torch.empty(0, len(CLASSES)), torch.empty(0)
+    return torch.cat(logits), torch.cat(ood)
 
 
 def predict_proba(
     model: WBCNet, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None, progress: bool = True,
     adapt: bool = False, tta: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities ``(n, 5)`` and a mask of which files could be read (others are NaN).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class probabilities ``(n, 5)``, OOD scores ``(n,)`` and a mask of which files could be read.
 
-    ``adapt`` re-estimates batch-norm statistics on these images first (they should come from
-    one lab); ``tta`` averages over rotations and flips. See :mod:`wbcid.adapt`.
+    Unreadable files get NaN. ``adapt`` re-estimates batch-norm statistics on these images first
+    (they should come from one lab); ``tta`` averages over rotations and flips. See
+    :mod:`wbcid.adapt` and :mod:`wbcid.ood`.
     """
     batches = image_batches(paths, model.config["input_size"], model.config.get("crop", False), batch_size, workers)
     if adapt:
@@ -47,17 +57,33 @@ def predict_proba(
             raise WbcidError("test-time adaptation (--adapt) needs the PyTorch model, not an ONNX export")
         batches = list(batches)
         model = adapt_batchnorm(model, [images[readable] for images, readable in batches])
-    probs, ok = [], []
+    probs, ood, ok = [], [], []
     for images, readable in tqdm(batches, total=-(-len(paths) // batch_size), desc="predicting",
                                  disable=None if progress else True, leave=False):
-        probs.append(predict_logits(model, [images], tta).softmax(1).numpy())
+        logits, scores = predict_scores(model, [images], tta)
+        probs.append(logits.softmax(1).numpy())
+        ood.append(scores.numpy())
         ok.append(readable.numpy())
-    probs_all, ok_all = np.concatenate(probs), np.concatenate(ok)
-    probs_all[~ok_all] = np.nan
+    probs_all, ood_all, ok_all = np.concatenate(probs), np.concatenate(ood).astype(np.float64), np.concatenate(ok)
+    probs_all[~ok_all], ood_all[~ok_all] = np.nan, np.nan
     if not ok_all.all():
         log.warning("%d of %d images could not be read and have no prediction, e.g. %s",
                     (~ok_all).sum(), len(paths), paths[int(np.argmin(ok_all))])
-    return probs_all, ok_all
+    return probs_all, ood_all, ok_all
+
+
+def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray) -> pd.DataFrame:
+    """Label, its probability, OOD score, flag and all class probabilities, one row per input."""
+    best = np.nan_to_num(probs, nan=-1).argmax(1)
+    if ok.any() and np.isnan(ood[ok]).all():
+        log.warning("this model has no out-of-distribution scorer (trained before wbcid 0.2?); nothing is flagged")
+    return pd.DataFrame({
+        "label": [CLASSES[i] if k else "" for i, k in zip(best, ok)],
+        "probability": np.where(ok, np.nan_to_num(probs).max(1), np.nan),
+        "ood_score": ood,
+        "flagged": flagged(ood),
+        **{f"p_{name}": probs[:, i] for i, name in enumerate(CLASSES)},
+    })
 
 
 def resolve_model(model: WBCNet | str | os.PathLike | None, adapt: bool = False) -> WBCNet:
@@ -69,8 +95,8 @@ def resolve_model(model: WBCNet | str | os.PathLike | None, adapt: bool = False)
 
 def agreement(reference: WBCNet, other: WBCNet, paths: Sequence[Path]) -> dict:
     """How closely two models agree (e.g. fp32 vs fp16, PyTorch vs ONNX Runtime) on real images."""
-    p_ref, ok = predict_proba(reference, paths)
-    p_other, _ = predict_proba(other, paths)
+    p_ref, _, ok = predict_proba(reference, paths)
+    p_other, _, _ = predict_proba(other, paths)
     return {"images": int(ok.sum()),
             "label_agreement": float(np.mean(p_ref[ok].argmax(1) == p_other[ok].argmax(1))),
             "max_probability_difference": float(np.abs(p_ref[ok] - p_other[ok]).max())}
@@ -86,19 +112,15 @@ def predict(
 ) -> pd.DataFrame:
     """Classify image files (folders are searched recursively); one row per image.
 
-    Columns: ``path``, ``label``, ``probability`` and ``p_<class>`` for each class. Unreadable
-    images keep their row with an empty label, so no input silently disappears.
+    Columns: ``path``, ``label``, ``probability``, ``ood_score``, ``flagged`` (not like the cells
+    the model knows: check by eye, see :mod:`wbcid.ood`) and ``p_<class>`` for each class.
+    Unreadable images keep their row with an empty label, so no input silently disappears.
     """
     model = resolve_model(model, adapt)
     files = list_images(paths)
-    probs, ok = predict_proba(model, files, batch_size, adapt=adapt, tta=tta)
-    best = np.nan_to_num(probs, nan=-1).argmax(1)
-    table = pd.DataFrame({
-        "path": [str(f) for f in files],
-        "label": [CLASSES[i] if k else "" for i, k in zip(best, ok)],
-        "probability": np.where(ok, np.nan_to_num(probs).max(1), np.nan),
-        **{f"p_{name}": probs[:, i] for i, name in enumerate(CLASSES)},
-    })
+    probs, ood, ok = predict_proba(model, files, batch_size, adapt=adapt, tta=tta)
+    table = prediction_table(probs, ood, ok)
+    table.insert(0, "path", [str(f) for f in files])
     if out_csv is not None:
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out_csv, index=False, float_format="%.5f")

@@ -71,6 +71,11 @@ def write_evaluation_report(metrics: dict, out_dir: Path, title: str) -> Path:
     notes = []
     if absent:
         notes.append(f"Classes absent from this test set (not averaged): {', '.join(absent)}.")
+    if metrics.get("flagged"):
+        f = metrics["flagged"]
+        rest = "" if f["accuracy_unflagged"] is None else f"; accuracy on the other cells: {f['accuracy_unflagged']:.4f}"
+        notes.append(f"{f['flagged']} cell(s) ({f['flagged_share']:.1%}) were flagged as unlike the training "
+                     f"cells (ood_score > 1){rest}.")
     if metrics.get("unreadable"):
         notes.append(f"{metrics['unreadable']} unreadable image(s) were left out.")
     for reason, count in metrics.get("skipped", {}).items():
@@ -87,4 +92,26 @@ def write_evaluation_report(metrics: dict, out_dir: Path, title: str) -> Path:
     ])
     path = out_dir / "report.md"
     path.write_text(text + "\n")
+    return path
+
+
+def write_count_report(result: dict, flagged_cells: list[tuple[dict, object, object]], out_dir: Path) -> Path:
+    """``report.html`` for a differential count: table, annotated fields, flagged cells (saved to flagged/)."""
+    import jinja2
+
+    (out_dir / "flagged").mkdir(exist_ok=True)
+    flagged = []
+    for i, (entry, call, patch) in enumerate(flagged_cells):
+        src = f"flagged/{i:04d}.jpg"
+        patch.save(out_dir / src, quality=90)
+        flagged.append({"src": src, "field": Path(entry["path"]).name, "label": call.label,
+                        "confidence": call.confidence, "ood_score": call.ood_score})
+    problems = [{"path": e["path"], "message": "; ".join(([e["error"]] if "error" in e else []) + e["warnings"])}
+                for e in result["images"] if "error" in e or e["warnings"]]
+    env = jinja2.Environment(loader=jinja2.PackageLoader("wbcid"), autoescape=True)
+    html = env.get_template("count_report.html").render(
+        n_images=len(result["images"]), totals=result["totals"], model=result["model"], images=result["images"],
+        reference=result["reference"], flagged=flagged, problems=problems)
+    path = out_dir / "report.html"
+    path.write_text(html)
     return path

@@ -38,7 +38,8 @@ from .data import CLASSES, CellSet, load_images
 from .errors import WbcidError
 from .evaluate import compute_metrics
 from .models import Freeze, WBCNet, create_model, load_model, save_model
-from .predict import predict_logits
+from .ood import MahalanobisScore
+from .predict import predict_scores
 from .reports import metrics_table, plot_history, write_evaluation_report
 
 log = logging.getLogger("wbcid")
@@ -186,7 +187,7 @@ def fit(
         if world > 1:
             torch.distributed.all_reduce(totals)
 
-        val_logits = predict_logits(model, val_images.split(128))
+        val_logits = predict_scores(model, val_images.split(128))[0]
         val_labels = torch.from_numpy(val_set.labels)
         val = compute_metrics(val_set.labels, val_logits.argmax(1).numpy())
         record = {"epoch": epoch, "train_loss": (totals[0] / totals[2]).item(),
@@ -214,7 +215,7 @@ def fit(
             on_epoch_end(epoch, record)
 
     if writer:
-        _finish_run(out, state["history"], train_images, val_images, val_set)
+        _finish_run(out, state["history"], train_images, train_set, val_images, val_set)
     if world > 1:
         torch.distributed.barrier()  # nobody returns before rank 0 has written the run
         torch.distributed.destroy_process_group()
@@ -236,13 +237,13 @@ def _distributed() -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), world, device
 
 
-def _finish_run(out: Path, history: list[dict], train_images: torch.Tensor, val_images: torch.Tensor,
-                val_set: CellSet) -> None:
-    """Source statistics for adaptation, history, validation metrics of the best model, report."""
+def _finish_run(out: Path, history: list[dict], train_images: torch.Tensor, train_set: CellSet,
+                val_images: torch.Tensor, val_set: CellSet) -> None:
+    """Training statistics (adaptation, OOD), history, validation metrics of the best model, report."""
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "history.png")
-    best = record_source_statistics(out / "model.pt", train_images)
-    val = compute_metrics(val_set.labels, predict_logits(best, val_images.split(128)).argmax(1).numpy())
+    best = record_training_statistics(out / "model.pt", train_images, train_set.labels, val_images)
+    val = compute_metrics(val_set.labels, predict_scores(best, val_images.split(128))[0].argmax(1).numpy())
     (out / "val").mkdir(exist_ok=True)
     _write_json(out / "val" / "metrics.json", val)
     write_evaluation_report(val, out / "val", "Validation (best epoch)")
@@ -261,13 +262,37 @@ def _finish_run(out: Path, history: list[dict], train_images: torch.Tensor, val_
     (out / "report.md").write_text("\n\n".join(lines) + "\n")
 
 
-def record_source_statistics(model_path: Path, train_images: torch.Tensor) -> WBCNet:
-    """Store the training images' batch-norm statistics in a saved model, for :mod:`wbcid.adapt`."""
+def record_training_statistics(model_path: Path, train_images: torch.Tensor, train_labels: np.ndarray,
+                               val_images: torch.Tensor) -> WBCNet:
+    """Store in a saved model what later needs the training data: the batch-norm statistics of the
+    training images (for :mod:`wbcid.adapt`) and the OOD scorer, fitted on the training cells'
+    features and calibrated on the validation cells (:mod:`wbcid.ood`)."""
     model = load_model(model_path)
     model.source_statistics = batchnorm_statistics(model, train_images.split(128))
+    model.ood = MahalanobisScore.fit(image_features(model, train_images), train_labels,
+                                     image_features(model, val_images))
     saved = torch.load(model_path, map_location="cpu", weights_only=True)
     save_model(model, model_path, **{k: v for k, v in saved.items() if k not in ("format", "config", "state_dict")})
     return model
+
+
+def refit_training_statistics(model_path: str | os.PathLike, train_set: CellSet, val_set: CellSet) -> WBCNet:
+    """:func:`record_training_statistics` for a model trained earlier, from its training cells."""
+    model = load_model(model_path)
+    size, crop = model.config["input_size"], model.config.get("crop", False)
+    train_images, train_set = load_images(train_set.known(), size, crop, "decoding training cells")
+    val_images, _ = load_images(val_set.known(), size, crop, "decoding validation cells")
+    path = Path(model_path)
+    return record_training_statistics(path / "model.pt" if path.is_dir() else path, train_images,
+                                      train_set.labels, val_images)
+
+
+@torch.inference_mode()
+def image_features(model: WBCNet, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Penultimate features of uint8 NCHW images (what the OOD scorer works on)."""
+    model.eval()
+    return torch.cat([model.features((b.float() / 255).contiguous(memory_format=torch.channels_last))
+                      for b in images.split(batch_size)])
 
 
 def _class_weights(labels: np.ndarray) -> torch.Tensor:

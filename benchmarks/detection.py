@@ -1,0 +1,75 @@
+"""WBC detection on whole smear fields, scored against Pascal VOC boxes (recall, precision at IoU 0.5).
+
+    python benchmarks/detection.py [--smears ../shared/data/smears/bccd] [--out docs/detection]
+
+Writes ``OUT.json`` (totals and every miss and false positive) and ``OUT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from wbcid.data import default_data_root
+from wbcid.detect import detect_cells, match_boxes, read_voc_boxes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smears", type=Path, default=default_data_root() / "smears" / "bccd")
+    parser.add_argument("--out", type=Path, default=Path("docs/detection"))
+    parser.add_argument("--cell-diameter", type=float, default=200)
+    parser.add_argument("--iou", type=float, default=0.5)
+    args = parser.parse_args()
+
+    totals = {"tp": 0, "fp": 0, "fn": 0}
+    errors, seconds = [], 0.0
+    images = sorted((args.smears / "images").glob("*.jpg"))
+    for path in images:
+        truth = read_voc_boxes(args.smears / "annotations" / f"{path.stem}.xml")
+        start = time.perf_counter()
+        with Image.open(path) as image:
+            found = [d.box for d in detect_cells(image, args.cell_diameter)]
+        seconds += time.perf_counter() - start
+        tp, fp, fn = match_boxes(found, truth, args.iou)
+        totals = {"tp": totals["tp"] + tp, "fp": totals["fp"] + fp, "fn": totals["fn"] + fn}
+        if fp or fn:
+            errors.append({"image": path.name, "false_positives": fp, "missed": fn, "found": found, "truth": truth})
+    result = {
+        "command": "python benchmarks/detection.py",
+        "images": len(images), "annotated_wbcs": totals["tp"] + totals["fn"], **totals,
+        "recall": totals["tp"] / max(1, totals["tp"] + totals["fn"]),
+        "precision": totals["tp"] / max(1, totals["tp"] + totals["fp"]),
+        "iou": args.iou, "cell_diameter": args.cell_diameter,
+        "ms_per_image": 1000 * seconds / max(1, len(images)),
+        "errors": errors,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    rows = "\n".join(f"| {e['image']} | {e['missed']} | {e['false_positives']} |" for e in errors)
+    args.out.with_suffix(".md").write_text(f"""# WBC detection on smear fields
+
+Command: `{result['command']}` (data: `{args.smears}`, {result['images']} fields, VOC boxes).
+
+| annotated WBCs | found correctly | missed | false positives | recall | precision | time per field |
+|---|---|---|---|---|---|---|
+| {result['annotated_wbcs']} | {totals['tp']} | {totals['fn']} | {totals['fp']} | {result['recall']:.3f} | {result['precision']:.3f} | {result['ms_per_image']:.0f} ms |
+
+A detection is correct when its box overlaps an annotated WBC box with IoU >= {args.iou}
+(one-to-one matching). Expected WBC diameter: {args.cell_diameter:.0f} px.
+
+## Fields with an error
+
+| field | missed | false positives |
+|---|---|---|
+{rows}
+""")
+    print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

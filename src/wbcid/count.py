@@ -1,0 +1,190 @@
+"""From smear fields to a differential count: detect every WBC, classify it, count, and report.
+
+A differential is a proportion estimated from a small sample (often 100 cells), so every
+percentage comes with its exact (Clopper-Pearson) 95 % binomial interval, the interval behind
+Rümke's tables that hematologists use for manual differentials. Cells the model flags as unlike
+anything it knows (:mod:`wbcid.ood`) are listed apart and left out of the percentages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from scipy.stats import binomtest
+from tqdm.auto import tqdm
+
+from .crop import canonical_crop
+from .data import CLASSES, list_images
+from .detect import Box, detect_cells
+from .errors import WbcidError
+from .models import WBCNet
+from .ood import flagged
+from .predict import predict_scores, resolve_model
+
+log = logging.getLogger("wbcid")
+
+# Adult reference ranges of the differential, in percent. Laboratories differ (method, population):
+# pass your own with ``reference=`` / ``--reference ranges.json``.
+REFERENCE_RANGES: dict[str, tuple[float, float]] = {
+    "neutrophil": (40.0, 75.0), "lymphocyte": (12.0, 44.0), "monocyte": (4.0, 9.0),
+    "eosinophil": (0.0, 5.5), "basophil": (0.0, 1.0),
+}
+REFERENCE_SOURCE = ("adult ranges as specified for wbcid (project issue 3); not a laboratory's validated "
+                    "reference intervals: replace them with your laboratory's own (--reference)")
+CONTEXT = 1.5  # side of the patch cut around a detection, as a multiple of the box's longer side
+COLOURS = {"neutrophil": "#1f77b4", "lymphocyte": "#2ca02c", "monocyte": "#ff7f0e", "eosinophil": "#d62728",
+           "basophil": "#9467bd", "flagged": "#7f7f7f"}
+
+
+@dataclass
+class CellCall:
+    """One detected WBC and what the model says about it."""
+
+    box: Box
+    label: str
+    confidence: float
+    ood_score: float
+    flagged: bool
+
+
+def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval for a proportion ``k / n``, as fractions."""
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def differential(labels: Sequence[str], reference: dict[str, tuple[float, float]] | None = None) -> dict:
+    """Count and percentage of each class with its 95 % interval and reference-range flag.
+
+    ``flag`` is ``"low"``/``"high"`` when the percentage lies outside the range; ``conclusive``
+    says whether the whole interval does, i.e. whether the count is large enough to tell.
+    """
+    reference = REFERENCE_RANGES if reference is None else reference
+    unknown = set(labels) - set(CLASSES)
+    if unknown:
+        raise WbcidError(f"not one of the five classes: {sorted(unknown)}")
+    n = len(labels)
+    classes = {}
+    for name in CLASSES:
+        k = sum(label == name for label in labels)
+        lo_ref, hi_ref = reference[name]
+        if n == 0:  # nothing counted: no percentage, no flag (JSON has no NaN)
+            classes[name] = {"count": 0, "percent": None, "ci95": None, "reference": [lo_ref, hi_ref],
+                             "flag": None, "conclusive": False}
+            continue
+        low, high = proportion_interval(k, n)
+        percent = 100 * k / n
+        flag = "low" if percent < lo_ref else "high" if percent > hi_ref else None
+        conclusive = bool(flag) and (100 * high < lo_ref if flag == "low" else 100 * low > hi_ref)
+        classes[name] = {"count": k, "percent": percent, "ci95": [100 * low, 100 * high],
+                         "reference": [lo_ref, hi_ref], "flag": flag, "conclusive": conclusive}
+    return {"counted": n, "classes": classes}
+
+
+def read_reference(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
+    """Reference ranges from JSON ``{"neutrophil": [40, 75], ...}``, every class required."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        ranges = {name: (float(raw[name][0]), float(raw[name][1])) for name in CLASSES}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise WbcidError(f"{path}: reference ranges must be JSON like "
+                         f'{{"neutrophil": [40, 75], ...}} for all of {", ".join(CLASSES)} ({exc!r})') from exc
+    return ranges
+
+
+def cell_patch(image: Image.Image, box: Box, size: int, crop: bool) -> np.ndarray:
+    """The model's input for one detection: a square patch around it, framed as in training."""
+    x0, y0, x1, y1 = box
+    half = CONTEXT * max(x1 - x0, y1 - y0) / 2
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    patch = image.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
+    patch = canonical_crop(patch, size) if crop else patch.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(patch)
+
+
+def classify_field(model: WBCNet, image: Image.Image, cell_diameter: float = 200) -> list[CellCall]:
+    """Detect and classify every WBC in one RGB smear field."""
+    boxes = [d.box for d in detect_cells(image, cell_diameter)]
+    if not boxes:
+        return []
+    size, crop = model.config["input_size"], model.config.get("crop", False)
+    patches = torch.from_numpy(np.stack([cell_patch(image, b, size, crop) for b in boxes])).permute(0, 3, 1, 2)
+    logits, ood = predict_scores(model, patches.split(64))
+    probs = logits.softmax(1).numpy()
+    flags = flagged(ood.numpy())
+    return [CellCall(box, CLASSES[int(p.argmax())], float(p.max()), float(o), bool(f))
+            for box, p, o, f in zip(boxes, probs, ood.numpy(), flags)]
+
+
+def count(
+    model: WBCNet | str | os.PathLike | None,
+    paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    cell_diameter: float = 200,
+    reference: dict[str, tuple[float, float]] | None = None,
+) -> dict:
+    """Count WBCs in smear fields; writes counts.json, annotated fields, flagged cells and report.html.
+
+    An image that cannot be read, or holds no WBC, is reported as such; the others are counted.
+    """
+    from .reports import write_count_report
+
+    model = resolve_model(model)
+    out_dir = Path(out_dir)
+    (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
+    images, counted, flagged_cells = [], [], []
+    for path in tqdm(list_images(paths), desc="counting", disable=None, leave=False):
+        entry: dict = {"path": str(path), "detections": [], "warnings": []}
+        images.append(entry)
+        try:
+            with Image.open(path) as raw:
+                image = ImageOps.exif_transpose(raw).convert("RGB")
+                entry["warnings"] += [] if raw.mode not in ("L", "LA", "1", "I", "I;16", "F") else [
+                    "grey-scale image: WBCs are found by their stain, which needs colour"]
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            entry["error"] = f"could not read the image ({exc.__class__.__name__}: {exc})"
+            log.warning("%s: %s", path, entry["error"])
+            continue
+        entry["size"] = list(image.size)
+        calls = classify_field(model, image, cell_diameter)
+        entry["detections"] = [asdict(c) for c in calls]
+        if not calls:
+            entry["warnings"].append("no WBC found in this field")
+        counted += [c.label for c in calls if not c.flagged]
+        flagged_cells += [(entry, c, image.crop(c.box)) for c in calls if c.flagged]
+        entry["annotated"] = str(Path("annotated") / f"{len(images):04d}_{path.stem}.jpg")
+        annotate(image, calls).save(out_dir / entry["annotated"], quality=90)
+    if not any("size" in e for e in images):
+        raise WbcidError(f"none of the {len(images)} images could be read")
+    totals = differential(counted, reference) | {
+        "detected": sum(len(e["detections"]) for e in images), "flagged": len(flagged_cells)}
+    result = {"model": str(model.config.get("model")), "cell_diameter": cell_diameter, "images": images,
+              "totals": totals, "reference": {"source": REFERENCE_SOURCE if reference is None else "user-supplied",
+                                              "ranges": reference or REFERENCE_RANGES}}
+    (out_dir / "counts.json").write_text(json.dumps(result, indent=2))
+    write_count_report(result, flagged_cells, out_dir)
+    return result
+
+
+def annotate(image: Image.Image, calls: Sequence[CellCall]) -> Image.Image:
+    """A copy of the field with a box and label per cell (flagged cells grey, marked '?')."""
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    width = max(2, round(max(image.size) / 300))
+    font = ImageFont.load_default(size=max(12, round(max(image.size) / 40)))
+    for call in calls:
+        colour = COLOURS["flagged" if call.flagged else call.label]
+        text = f"? {call.label}" if call.flagged else f"{call.label} {call.confidence:.2f}"
+        draw.rectangle(call.box, outline=colour, width=width)
+        x0, y0 = call.box[0], max(0, call.box[1] - font.size - 2 * width)
+        draw.rectangle(draw.textbbox((x0, y0), text, font=font), fill=colour)
+        draw.text((x0, y0), text, fill="white", font=font)
+    return image

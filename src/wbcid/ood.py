@@ -1,0 +1,69 @@
+"""Knowing when not to answer: an out-of-distribution score for every prediction.
+
+A softmax always sums to one, so a platelet or a photo of a cat still gets a confident class.
+The network's penultimate features know better: cells of the five types the model was trained
+on form five clusters, and something else lands far from all of them. The score is the
+Mahalanobis distance to the nearest class mean, with one covariance shared by the classes
+(Lee et al., NeurIPS 2018, "A simple unified framework for detecting out-of-distribution
+samples"), fitted on the training cells' features; Ledoit-Wolf shrinkage keeps the 1280 x 1280
+covariance well conditioned. No out-of-distribution data is used anywhere.
+
+The score is divided by a threshold: the ``quantile`` of the distances of held-out validation
+cells (by default 0.95). ``ood_score > 1`` means "more unusual than 95 % of the in-distribution
+cells the model was validated on", and that is what ``flagged`` means. The false-flag rate on
+the training lab is therefore about 5 % by construction, and everything else is measured.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+QUANTILE = 0.95
+
+
+def flagged(ood_score: np.ndarray) -> np.ndarray:
+    """Which predictions to check by eye: score above the threshold (NaN, i.e. no scorer: never)."""
+    return np.asarray(ood_score, dtype=np.float64) > 1.0
+
+
+class MahalanobisScore(nn.Module):
+    """Features ``(n, d)`` -> distance to the nearest class mean / threshold, ``(n,)``.
+
+    Stored as the class means and a whitening matrix ``W`` with ``W.T @ W`` = the shared
+    precision matrix, so the distance is a Euclidean one after one matrix product (and exports
+    to ONNX as such).
+    """
+
+    def __init__(self, means: torch.Tensor, whitener: torch.Tensor, threshold: float | torch.Tensor = 1.0):
+        super().__init__()
+        self.register_buffer("means", means.float())
+        self.register_buffer("whitener", whitener.float())
+        self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).reshape(()))
+
+    def distance(self, features: torch.Tensor) -> torch.Tensor:
+        z = features.flatten(1) @ self.whitener.T
+        centres = self.means @ self.whitener.T
+        squared = (z * z).sum(1, keepdim=True) - 2 * z @ centres.T + (centres * centres).sum(1)  # cdist has no ONNX op
+        return squared.min(1).values.clamp_min(0).sqrt()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.distance(features) / self.threshold
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, labels: np.ndarray, calibration: torch.Tensor,
+            quantile: float = QUANTILE) -> "MahalanobisScore":
+        """Class means and shared covariance from ``features``; threshold from ``calibration``'s distances."""
+        from sklearn.covariance import LedoitWolf
+
+        x = features.flatten(1).double().numpy()
+        classes = np.unique(labels)
+        means = np.stack([x[labels == c].mean(0) for c in classes])
+        centred = x - means[np.searchsorted(classes, labels)]
+        precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+        whitener = np.linalg.cholesky(precision).T  # precision = L L^T, so W = L^T gives W^T W = precision
+        scorer = cls(torch.from_numpy(means), torch.from_numpy(whitener))
+        with torch.no_grad():
+            scorer.threshold.fill_(torch.quantile(scorer.distance(calibration), quantile).item())
+        return scorer

@@ -1,0 +1,66 @@
+"""Out-of-distribution flags on real cells: non-WBC cells flagged, WBCs mostly not, in every serving path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from wbcid.data import load_images, read_cells
+from wbcid.models import create_model, load_model
+from wbcid.ood import MahalanobisScore, flagged
+from wbcid.predict import predict
+from wbcid.train import image_features
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def platelets_and_wbcs(data_root):
+    csv = data_root / "cells.csv"
+    other = read_cells(csv, ["pbc_other"], ["test"], known_only=False)
+    platelets = [c.path for c in other.cells if c.raw_label == "platelet"][:24]
+    wbcs = read_cells(csv, ["pbc"], ["test"]).cells[::80][:24]
+    return platelets, [c.path for c in wbcs]
+
+
+def test_threshold_flags_the_calibration_quantile(bundled, pbc_small):
+    cells = read_cells(pbc_small)
+    size = bundled.config["input_size"]
+    train_images, train = load_images(cells.select(splits=["train"]), size, crop=True)
+    val_images, _ = load_images(cells.select(splits=["val"]), size, crop=True)
+    calibration = image_features(bundled, val_images)
+    scorer = MahalanobisScore.fit(image_features(bundled, train_images), train.labels, calibration, quantile=0.8)
+    share = flagged(scorer(calibration).numpy()).mean()
+    assert 0.1 < share <= 0.2 + 1 / len(calibration)  # about 1 - quantile, by construction
+
+
+def test_platelets_are_flagged_and_wbcs_mostly_not(bundled, platelets_and_wbcs):
+    platelets, wbcs = platelets_and_wbcs
+    table = predict(bundled, platelets + wbcs)
+    is_platelet = np.r_[np.ones(len(platelets)), np.zeros(len(wbcs))].astype(bool)
+    assert {"ood_score", "flagged"} <= set(table.columns)
+    assert table.flagged[is_platelet].mean() > 0.7
+    assert table.flagged[~is_platelet].mean() < 0.2
+    assert table.ood_score[is_platelet].median() > 2 * table.ood_score[~is_platelet].median()
+
+
+def test_onnx_serves_the_same_scores(bundled, platelets_and_wbcs):
+    paths = sum(platelets_and_wbcs, [])[::4]
+    torch_table = predict(bundled, paths)
+    onnx_table = predict(None, paths)  # the bundled model's ONNX export
+    assert np.allclose(torch_table.ood_score, onnx_table.ood_score, rtol=1e-3)
+    assert (torch_table.flagged == onnx_table.flagged).all()
+
+
+def test_a_model_without_scorer_flags_nothing(platelets_and_wbcs):
+    model = create_model("efficientnet_lite0", input_size=64).eval()
+    logits, ood = model.scores(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, 5) and torch.isnan(ood).all()
+    table = predict(model, platelets_and_wbcs[0][:2])
+    assert not table.flagged.any() and table.ood_score.isna().all()
+    assert isinstance(table, pd.DataFrame)

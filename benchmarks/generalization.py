@@ -30,6 +30,8 @@ RECIPES = {
     "domain": ("domain augmentation (stain, colour, blur, noise, scale), whole image", TrainConfig(augment="domain", crop=False)),
     "basic+crop": ("basic augmentation, canonical cell-centred crop", TrainConfig(augment="basic", crop=True)),
     "domain+crop": ("domain augmentation, canonical cell-centred crop", TrainConfig(augment="domain", crop=True)),
+    "domain+crop+frozen-bn": ("domain augmentation, canonical crop, batch-norm statistics frozen at ImageNet's",
+                              TrainConfig(augment="domain", crop=True, frozen_bn=True)),
 }
 SOURCES = (IN_DOMAIN, "lisc", "tecom", "cellavision", "bccd")
 

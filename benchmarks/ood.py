@@ -31,7 +31,7 @@ SOURCES = ["pbc", "lisc", "tecom", "cellavision", "bccd"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path, help="run directory or model file; default: the bundled model")
     parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--out", type=Path, default=Path("docs/ood"))
     args = parser.parse_args()
@@ -39,7 +39,7 @@ def main() -> None:
 
     cells = read_cells(args.data / "cells.csv")
     model = load_model(args.model)
-    if model.ood is None:
+    if model.ood is None and args.model is not None:
         model = refit_training_statistics(args.model, cells.select(["pbc"], ["train"]), cells.select(["pbc"], ["val"]))
 
     def score(cellset):
@@ -55,8 +55,9 @@ def main() -> None:
         return float(roc_auc_score(np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))], np.r_[in_scores, out_scores]))
 
     result = {
-        "command": f"python benchmarks/ood.py --model {args.model}",
-        "model": str(args.model), "threshold_quantile": 0.95,
+        "command": "python benchmarks/ood.py" + (f" --model {args.model}" if args.model else "") + (
+            f" --out {args.out}" if args.out != Path("docs/ood") else ""),
+        "model": str(args.model or "bundled"), "threshold_quantile": 0.95,
         "auroc": {"pbc_other": auroc(ood_out, ood_in),
                   **{kind: auroc(ood_out[raw == kind], ood_in) for kind in sorted(set(raw))}},
         "auroc_max_softmax_baseline": {"pbc_other": auroc(-p_out.max(1), -p_in.max(1))},
@@ -83,17 +84,17 @@ def report(r: dict) -> str:
         f"{m['accuracy_unflagged']:.3f} | {m['macro_f1_unflagged']:.3f} |" for s, m in r["sources"].items())
     return f"""# Out-of-distribution flags
 
-Command: `{r['command']}`. Model: `{r['model']}` (trained on PBC only; the scorer is fitted on
-PBC train features, its threshold is the {r['threshold_quantile']:.0%} quantile of PBC val scores).
+Command: `{r['command']}`. Model: `{r['model']}`. The scorer is fitted on the features of the
+model's training cells; its threshold is the {r['threshold_quantile']:.0%} quantile of its validation cells' scores.
 
 ## Non-WBC cells (PBC's other classes) against PBC's five-class test split
 
 | | all | {' | '.join(kinds)} |
 |---|---|{'---|' * len(kinds)}
-| AUROC of `ood_score` | {r['auroc']['pbc_other']:.3f} | {' | '.join(f"{r['auroc'][k]:.3f}" for k in kinds)} |
+| AUROC of `ood_score` | {r['auroc']['pbc_other']:.4f} | {' | '.join(f"{r['auroc'][k]:.4f}" for k in kinds)} |
 | share flagged | | {' | '.join(f"{r['pbc_other_flagged_share'][k]:.1%}" for k in kinds)} |
 
-Baseline, the maximum softmax probability as the score: AUROC {r['auroc_max_softmax_baseline']['pbc_other']:.3f}.
+Baseline, the maximum softmax probability as the score: AUROC {r['auroc_max_softmax_baseline']['pbc_other']:.4f}.
 
 ## Every source: the answers that are not flagged
 

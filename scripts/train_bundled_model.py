@@ -45,7 +45,7 @@ def main() -> None:
         start = time.perf_counter()
         fit(pool, args.run, config)
         report["train_minutes"] = (time.perf_counter() - start) / 60
-    elif load_model(args.run).ood is None:  # the run predates the OOD scorer that training now fits
+    else:  # what training records after the epochs (batch-norm statistics, OOD scorer) may have changed
         refit_training_statistics(args.run, pool.select(splits=["train"]), pool.select(splits=["val"]))
     full = load_model(args.run)
     save_model(full, BUNDLED, half=True, trained_on={s: _counts(pool, s) for s in sorted({c.source for c in pool.cells})})

@@ -14,13 +14,14 @@ from wbcid.predict import predict
 
 
 def test_bundled_model_is_small_and_carries_its_contract():
-    assert BUNDLED.is_file() and BUNDLED.stat().st_size < 10 * 2**20
+    assert BUNDLED.is_file() and BUNDLED.stat().st_size < 12 * 2**20  # 6.6 MB network + 3.3 MB OOD scorer (fp16)
     assert (BUNDLED.parent / "MODEL_CARD.md").is_file()
     model = load_model()
     assert model.config["classes"] == list(CLASSES) and model.config["crop"] is True
     assert model.source_statistics  # recorded for test-time adaptation
     served = load_model(onnx=True)  # what predict and evaluate run: the same model in ONNX Runtime
     assert isinstance(served, OnnxModel) and served.config == model.config
+    assert model.ood is not None and [o.name for o in served.session.get_outputs()] == ["logits", "ood_score"]
 
 
 def test_predict_without_a_model_uses_the_bundled_one(data_root, tmp_path):

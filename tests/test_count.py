@@ -22,7 +22,11 @@ def test_exact_binomial_intervals_match_closed_forms():
     assert high == 1 and low == pytest.approx(0.025 ** (1 / 100), rel=1e-9)
     low, high = proportion_interval(50, 100)
     assert (round(low, 4), round(high, 4)) == (0.3983, 0.6017)  # Rümke's table: 40-60 for 50 of 100
-    assert proportion_interval(5, 20)[1] - proportion_interval(5, 20)[0] > proportion_interval(25, 100)[1] - proportion_interval(25, 100)[0]
+    widths = []
+    for n in (20, 100, 400):  # the same 25 %, counted on more cells, is known better
+        low, high = proportion_interval(n // 4, n)
+        widths.append(high - low)
+    assert widths[0] > widths[1] > widths[2]
 
 
 def test_differential_counts_percentages_and_reference_flags():
@@ -80,6 +84,7 @@ def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
     assert totals["detected"] == 6 == len(detections)
     assert totals["counted"] + totals["flagged"] == 6 == totals["counted"] + sum(d["flagged"] for d in detections)
     assert sum(c["count"] for c in totals["classes"].values()) == totals["counted"]
+    assert sum(c["flagged_closest"] for c in totals["classes"].values()) == totals["flagged"]
     for d in detections:
         assert d["label"] in CLASSES and 0 < d["confidence"] <= 1 and d["flagged"] == (d["ood_score"] > 1)
     for f in fields:

@@ -11,7 +11,7 @@ from wbcid.data import load_images, read_cells
 from wbcid.models import create_model, load_model
 from wbcid.ood import MahalanobisScore, flagged
 from wbcid.predict import predict
-from wbcid.train import image_features
+from wbcid.train import image_features, ood_groups
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +64,14 @@ def test_a_model_without_scorer_flags_nothing(platelets_and_wbcs):
     table = predict(model, platelets_and_wbcs[0][:2])
     assert not table.flagged.any() and table.ood_score.isna().all()
     assert isinstance(table, pd.DataFrame)
+
+
+def test_each_lab_gets_its_own_clusters_unless_it_is_too_small(data_root):
+    cells = read_cells(data_root / "cells.csv", ["pbc", "lisc", "cellavision"], ["test"])
+    groups = ood_groups(cells, min_cells=20)
+    keys = {(c.label, c.source): g for c, g in zip(cells.cells, groups)}
+    assert keys[(0, "pbc")] != keys[(0, "lisc")]  # 70 lisc neutrophils: a cluster of their own
+    assert keys[(4, "cellavision")] not in (keys[(4, "pbc")], keys[(4, "lisc")])  # 3 basophils: pooled
+    sizes = pd.Series([(c.label, c.source) for c in cells.cells]).value_counts()
+    small_labels = {label for (label, _), n in sizes.items() if n < 20}
+    assert len(set(groups)) == (sizes >= 20).sum() + len(small_labels)

@@ -111,8 +111,9 @@ def leave_one_source_out(data: str | os.PathLike, out: str | os.PathLike, config
 def benchmark_table(results: dict[str, dict]) -> str:
     """Markdown table of per-source scores with their 95 % bootstrap intervals."""
     flags = all("flagged" in r for r in results.values())
-    lines = ["| test source | n | accuracy | balanced accuracy | macro-F1 |" + (" flagged | accuracy (unflagged) |" if flags else ""),
-             "|---|---:|---:|---:|---:|" + ("---:|---:|" if flags else "")]
+    lines = ["| test source | n | accuracy | balanced accuracy | macro-F1 |", "|---|---:|---:|---:|---:|"]
+    if flags:
+        lines = [lines[0] + " flagged | accuracy (unflagged) |", lines[1] + "---:|---:|"]
     for name, r in results.items():
         cells = [f"{r[k]:.3f} [{r['ci95'][k][0]:.3f}, {r['ci95'][k][1]:.3f}]"
                  for k in ("accuracy", "balanced_accuracy", "macro_f1")]

@@ -41,6 +41,7 @@ def train(
     balanced: Annotated[bool, typer.Option(help="Class-weighted loss for skewed class counts.")] = False,
     augment: Augment = "domain",
     crop: Crop = True,
+    frozen_bn: Annotated[bool, typer.Option(help="Keep ImageNet batch-norm statistics in every layer.")] = False,
     pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights.")] = True,
     weights: Annotated[Optional[Path], typer.Option(help="Local ImageNet weights file for the backbone.")] = None,
     download_weights: Annotated[bool, typer.Option(help="Allow downloading ImageNet weights.")] = False,
@@ -56,7 +57,7 @@ def train(
                          freeze=int(freeze) if freeze and freeze.isdigit() else freeze,
                          input_size=input_size, pretrained=pretrained, weights=str(weights) if weights else None,
                          download_weights=download_weights, balanced=balanced, patience=patience,
-                         augment=augment, crop=crop, seed=seed)
+                         augment=augment, crop=crop, frozen_bn=frozen_bn, seed=seed)
     try:
         fit(read_cells(data, source), out, config, resume=resume)
     except KeyboardInterrupt:

@@ -101,11 +101,17 @@ def read_reference(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
 
 
 def cell_patch(image: Image.Image, box: Box, size: int, crop: bool) -> np.ndarray:
-    """The model's input for one detection: a square patch around it, framed as in training."""
+    """The model's input for one detection: a square patch around it, framed as in training.
+
+    The patch stops at the field's edge (PIL would fill the rest with black, which no training
+    image has); the canonical crop then centres the nucleus and pads with the background colour.
+    """
     x0, y0, x1, y1 = box
     half = CONTEXT * max(x1 - x0, y1 - y0) / 2
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    patch = image.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
+    window = (max(0, round(cx - half)), max(0, round(cy - half)),
+              min(image.width, round(cx + half)), min(image.height, round(cy + half)))
+    patch = image.crop(window)
     patch = canonical_crop(patch, size) if crop else patch.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(patch)
 
@@ -137,6 +143,8 @@ def count(
     """
     from .reports import write_count_report
 
+    source = ("bundled model (wbcid-default)" if model is None
+              else str(model) if isinstance(model, (str, os.PathLike)) else model.config["model"])
     model = resolve_model(model)
     out_dir = Path(out_dir)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
@@ -166,7 +174,9 @@ def count(
         raise WbcidError(f"none of the {len(images)} images could be read")
     totals = differential(counted, reference) | {
         "detected": sum(len(e["detections"]) for e in images), "flagged": len(flagged_cells)}
-    result = {"model": str(model.config.get("model")), "cell_diameter": cell_diameter, "images": images,
+    for name, entry in totals["classes"].items():  # flags are not random: show which counts they may bias
+        entry["flagged_closest"] = sum(call.label == name for _, call, _ in flagged_cells)
+    result = {"model": source, "cell_diameter": cell_diameter, "images": images,
               "totals": totals, "reference": {"source": REFERENCE_SOURCE if reference is None else "user-supplied",
                                               "ranges": reference or REFERENCE_RANGES}}
     (out_dir / "counts.json").write_text(json.dumps(result, indent=2))

@@ -135,9 +135,13 @@ class WBCNet(nn.Module):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "WBCNet":
-        """Frozen layers stay in eval mode, so their batch-norm statistics never drift."""
+        """Frozen layers stay in eval mode, so their batch-norm statistics never drift; with
+        ``config["frozen_bn"]`` no batch-norm layer updates its statistics (Tsutsui et al. 2023
+        found that networks whose normalisation does not adapt to the training lab travel better)."""
         super().train(mode)
-        for module in self._frozen:
+        frozen = self._frozen + ([m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                                 if self.config.get("frozen_bn") else [])
+        for module in frozen:
             module.eval()
         return self
 

@@ -6,7 +6,8 @@ on form five clusters, and something else lands far from all of them. The score 
 Mahalanobis distance to the nearest class mean, with one covariance shared by the classes
 (Lee et al., NeurIPS 2018, "A simple unified framework for detecting out-of-distribution
 samples"), fitted on the training cells' features; Ledoit-Wolf shrinkage keeps the 1280 x 1280
-covariance well conditioned. No out-of-distribution data is used anywhere.
+covariance well conditioned. When training pooled several labs, each lab's cells of a type get
+their own mean. No out-of-distribution data is used anywhere.
 
 The score is divided by a threshold: the ``quantile`` of the distances of held-out validation
 cells (by default 0.95). ``ood_score > 1`` means "more unusual than 95 % of the in-distribution
@@ -52,15 +53,19 @@ class MahalanobisScore(nn.Module):
         return self.distance(features) / self.threshold
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: np.ndarray, calibration: torch.Tensor,
+    def fit(cls, features: torch.Tensor, groups: np.ndarray, calibration: torch.Tensor,
             quantile: float = QUANTILE) -> "MahalanobisScore":
-        """Class means and shared covariance from ``features``; threshold from ``calibration``'s distances."""
+        """Group means and shared covariance from ``features``; threshold from ``calibration``'s distances.
+
+        ``groups`` are the clusters of the training data: the class labels, or one id per class
+        and lab when training pooled several labs (:func:`wbcid.train.ood_groups`).
+        """
         from sklearn.covariance import LedoitWolf
 
         x = features.flatten(1).double().numpy()
-        classes = np.unique(labels)
-        means = np.stack([x[labels == c].mean(0) for c in classes])
-        centred = x - means[np.searchsorted(classes, labels)]
+        ids, index = np.unique(groups, return_inverse=True)
+        means = np.stack([x[index == i].mean(0) for i in range(len(ids))])
+        centred = x - means[index]
         precision = LedoitWolf(assume_centered=True).fit(centred).precision_
         whitener = np.linalg.cholesky(precision).T  # precision = L L^T, so W = L^T gives W^T W = precision
         scorer = cls(torch.from_numpy(means), torch.from_numpy(whitener))

@@ -43,6 +43,7 @@ from .predict import predict_scores
 from .reports import metrics_table, plot_history, write_evaluation_report
 
 log = logging.getLogger("wbcid")
+MIN_GROUP = 20  # fewest cells of one type from one lab that get their own OOD cluster
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TrainConfig:
     val_fraction: float = 0.15  # used when the data has no 'val' split
     augment: str = "domain"  # none, basic, domain: see wbcid.augment
     crop: bool = True  # cell-centred canonical crop (wbcid.crop), at training and inference
+    frozen_bn: bool = False  # keep every batch-norm layer's ImageNet statistics while fine-tuning
     seed: int = 0
     data: dict = field(default_factory=dict)  # provenance, filled in by fit()
 
@@ -133,6 +135,7 @@ def fit(
                          config.freeze, config.input_size)
     size = model.config["input_size"]
     model.config["crop"] = config.crop
+    model.config["frozen_bn"] = config.frozen_bn
     augment = train_augmentation(config.augment).to(device)  # a bad policy fails before decoding
     train_set, val_set = split_train_val(cells, config.val_fraction, config.seed)
     check_classes(train_set)
@@ -242,7 +245,7 @@ def _finish_run(out: Path, history: list[dict], train_images: torch.Tensor, trai
     """Training statistics (adaptation, OOD), history, validation metrics of the best model, report."""
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "history.png")
-    best = record_training_statistics(out / "model.pt", train_images, train_set.labels, val_images)
+    best = record_training_statistics(out / "model.pt", train_images, train_set, val_images)
     val = compute_metrics(val_set.labels, predict_scores(best, val_images.split(128))[0].argmax(1).numpy())
     (out / "val").mkdir(exist_ok=True)
     _write_json(out / "val" / "metrics.json", val)
@@ -262,14 +265,14 @@ def _finish_run(out: Path, history: list[dict], train_images: torch.Tensor, trai
     (out / "report.md").write_text("\n\n".join(lines) + "\n")
 
 
-def record_training_statistics(model_path: Path, train_images: torch.Tensor, train_labels: np.ndarray,
+def record_training_statistics(model_path: Path, train_images: torch.Tensor, train_set: CellSet,
                                val_images: torch.Tensor) -> WBCNet:
     """Store in a saved model what later needs the training data: the batch-norm statistics of the
     training images (for :mod:`wbcid.adapt`) and the OOD scorer, fitted on the training cells'
     features and calibrated on the validation cells (:mod:`wbcid.ood`)."""
     model = load_model(model_path)
     model.source_statistics = batchnorm_statistics(model, train_images.split(128))
-    model.ood = MahalanobisScore.fit(image_features(model, train_images), train_labels,
+    model.ood = MahalanobisScore.fit(image_features(model, train_images), ood_groups(train_set),
                                      image_features(model, val_images))
     saved = torch.load(model_path, map_location="cpu", weights_only=True)
     save_model(model, model_path, **{k: v for k, v in saved.items() if k not in ("format", "config", "state_dict")})
@@ -284,7 +287,21 @@ def refit_training_statistics(model_path: str | os.PathLike, train_set: CellSet,
     val_images, _ = load_images(val_set.known(), size, crop, "decoding validation cells")
     path = Path(model_path)
     return record_training_statistics(path / "model.pt" if path.is_dir() else path, train_images,
-                                      train_set.labels, val_images)
+                                      train_set, val_images)
+
+
+def ood_groups(cells: CellSet, min_cells: int = MIN_GROUP) -> np.ndarray:
+    """One cluster per class and source lab, for the OOD scorer's class means.
+
+    Cells of one type from two labs form two clusters; a single mean between them would sit
+    where neither lab's cells are and flag the smaller lab's. A lab with fewer than
+    ``min_cells`` cells of a type joins that type's pooled cluster (its own mean would be noise).
+    """
+    keys = np.array([f"{c.label}/{c.source}" for c in cells.cells])
+    names, sizes = np.unique(keys, return_counts=True)
+    small = set(names[sizes < min_cells])
+    keys = np.array([str(c.label) if key in small else key for c, key in zip(cells.cells, keys)])
+    return np.unique(keys, return_inverse=True)[1]
 
 
 @torch.inference_mode()

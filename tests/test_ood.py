@@ -75,3 +75,15 @@ def test_each_lab_gets_its_own_clusters_unless_it_is_too_small(data_root):
     sizes = pd.Series([(c.label, c.source) for c in cells.cells]).value_counts()
     small_labels = {label for (label, _), n in sizes.items() if n < 20}
     assert len(set(groups)) == (sizes >= 20).sum() + len(small_labels)
+
+
+def test_pictures_that_are_not_blood_cells_are_flagged(tmp_path):
+    from PIL import Image
+    from skimage import data  # sample images that ship with scikit-image
+
+    paths = []
+    for name in ("chelsea", "astronaut", "coffee"):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(getattr(data, name)()).save(paths[-1])
+    table = predict(None, paths)
+    assert table.flagged.all(), table[["path", "label", "ood_score"]]

@@ -82,6 +82,9 @@ def evaluate(
     metrics = run_evaluation(model, data, out, source, split, adapt=adapt, tta=tta)
     typer.echo(f"n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
                f"balanced_accuracy={metrics['balanced_accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f}")
+    if "flagged" in metrics and metrics["flagged"]["accuracy_unflagged"] is not None:
+        f = metrics["flagged"]
+        typer.echo(f"flagged={f['flagged']} ({f['flagged_share']:.1%}) accuracy_unflagged={f['accuracy_unflagged']:.4f}")
     typer.echo(f"report: {out / 'report.md'}")
 
 

@@ -39,6 +39,7 @@ REFERENCE_RANGES: dict[str, tuple[float, float]] = {
 }
 REFERENCE_SOURCE = ("adult ranges as specified for wbcid (project issue 3); not a laboratory's validated "
                     "reference intervals: replace them with your laboratory's own (--reference)")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 CONTEXT = 1.5  # side of the patch cut around a detection, as a multiple of the box's longer side
 COLOURS = {"neutrophil": "#1f77b4", "lymphocyte": "#2ca02c", "monocyte": "#ff7f0e", "eosinophil": "#d62728",
            "basophil": "#9467bd", "flagged": "#7f7f7f"}
@@ -155,8 +156,8 @@ def count(
         try:
             with Image.open(path) as raw:
                 image = ImageOps.exif_transpose(raw).convert("RGB")
-                entry["warnings"] += [] if raw.mode not in ("L", "LA", "1", "I", "I;16", "F") else [
-                    "grey-scale image: WBCs are found by their stain, which needs colour"]
+                if raw.mode in GREY_MODES:
+                    entry["warnings"].append("grey-scale image: WBCs are found by their stain, which needs colour")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             entry["error"] = f"could not read the image ({exc.__class__.__name__}: {exc})"
             log.warning("%s: %s", path, entry["error"])
@@ -174,8 +175,8 @@ def count(
         raise WbcidError(f"none of the {len(images)} images could be read")
     totals = differential(counted, reference) | {
         "detected": sum(len(e["detections"]) for e in images), "flagged": len(flagged_cells)}
-    for name, entry in totals["classes"].items():  # flags are not random: show which counts they may bias
-        entry["flagged_closest"] = sum(call.label == name for _, call, _ in flagged_cells)
+    for name, row in totals["classes"].items():  # flags are not random: show which counts they may bias
+        row["flagged_closest"] = sum(call.label == name for _, call, _ in flagged_cells)
     result = {"model": source, "cell_diameter": cell_diameter, "images": images,
               "totals": totals, "reference": {"source": REFERENCE_SOURCE if reference is None else "user-supplied",
                                               "ranges": reference or REFERENCE_RANGES}}

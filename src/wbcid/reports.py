@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")  # reports are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .count import CellCall
 
 
 def plot_history(history: list[dict], path: Path) -> Path:
@@ -95,7 +101,7 @@ def write_evaluation_report(metrics: dict, out_dir: Path, title: str) -> Path:
     return path
 
 
-def write_count_report(result: dict, flagged_cells: list[tuple[dict, object, object]], out_dir: Path) -> Path:
+def write_count_report(result: dict, flagged_cells: list[tuple[dict, "CellCall", "Image.Image"]], out_dir: Path) -> Path:
     """``report.html`` for a differential count: table, annotated fields, flagged cells (saved to flagged/)."""
     import jinja2
 

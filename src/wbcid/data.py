@@ -183,7 +183,8 @@ def read_cells(
     if known_only:
         cellset = cellset.known()
     if not cellset.cells:
-        raise WbcidError(f"{path}: no labelled images of the five classes ({', '.join(CLASSES)}) found")
+        wanted = f"labelled images of the five classes ({', '.join(CLASSES)})" if known_only else "images"
+        raise WbcidError(f"{path}: no {wanted} found")
     cellset.report_skipped()
     return cellset
 

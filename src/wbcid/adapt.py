@@ -69,7 +69,9 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Mod
     return adapted
 
 
-def dihedral_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Mean logits over the 8 rotations/reflections of each image."""
+def dihedral_scores(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean logits over the 8 rotations/reflections of each image, and the OOD score of the
+    image as given (the first view; the scorer's threshold was calibrated on plain images)."""
     views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
-    return torch.stack([model(v.contiguous(memory_format=torch.channels_last)) for v in views]).mean(0)
+    scores = [model.scores(v.contiguous(memory_format=torch.channels_last)) for v in views]
+    return torch.stack([logits for logits, _ in scores]).mean(0), scores[0][1]

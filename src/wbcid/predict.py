@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .adapt import adapt_batchnorm, dihedral_logits
+from .adapt import adapt_batchnorm, dihedral_scores
 from .data import CLASSES, image_batches, list_images
 from .errors import WbcidError
 from .models import WBCNet, load_model
@@ -26,15 +26,15 @@ def predict_scores(model: WBCNet, batches: Iterable[torch.Tensor], tta: bool = F
     """Logits ``(n, 5)`` and out-of-distribution scores ``(n,)`` for uint8 NCHW batches, in order.
 
     With ``tta`` the logits are averaged over rotations and flips; the OOD score is always that
-    of the image as given (the scorer's threshold was calibrated on plain images).
+    of the image as given (see :func:`wbcid.adapt.dihedral_scores`).
     """
     model.eval()
     device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
     logits, ood = [], []
     for batch in batches:
         x = (batch.to(device).float() / 255).contiguous(memory_format=torch.channels_last)
-        batch_logits, batch_ood = model.scores(x)
-        logits.append((dihedral_logits(model, x) if tta else batch_logits).cpu())
+        batch_logits, batch_ood = dihedral_scores(model, x) if tta else model.scores(x)
+        logits.append(batch_logits.cpu())
         ood.append(batch_ood.cpu())
     if not logits:
         return torch.empty(0, len(CLASSES)), torch.empty(0)

@@ -22,7 +22,7 @@ from scipy.stats import binomtest
 from tqdm.auto import tqdm
 
 from .crop import canonical_crop
-from .data import CLASSES, list_images
+from .data import CLASSES, UNREADABLE, list_images
 from .detect import Box, detect_cells
 from .errors import WbcidError
 from .models import WBCNet
@@ -158,7 +158,7 @@ def count(
                 image = ImageOps.exif_transpose(raw).convert("RGB")
                 if raw.mode in GREY_MODES:
                     entry["warnings"].append("grey-scale image: WBCs are found by their stain, which needs colour")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except UNREADABLE as exc:
             entry["error"] = f"could not read the image ({exc.__class__.__name__}: {exc})"
             log.warning("%s: %s", path, entry["error"])
             continue

@@ -34,6 +34,7 @@ from .errors import WbcidError
 log = logging.getLogger("wbcid")
 
 CLASSES: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a bad file
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DATA_ENV = "WBCID_DATA"
 
@@ -285,7 +286,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        array = _try_decode(self.paths[i], self.size, self.crop)
+        array = try_decode(self.paths[i], self.size, self.crop)
         if array is None:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
         return torch.from_numpy(array.copy()).permute(2, 0, 1), True
@@ -310,7 +311,7 @@ def load_images(cellset: CellSet, size: int, crop: bool = False, desc: str = "de
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = list(
-            tqdm(pool.map(lambda p: _try_decode(p, size, crop), cellset.paths), total=len(cellset), desc=desc,
+            tqdm(pool.map(lambda p: try_decode(p, size, crop), cellset.paths), total=len(cellset), desc=desc,
                  leave=False, disable=None)
         )
     ok = [r is not None for r in results]
@@ -326,8 +327,9 @@ def load_images(cellset: CellSet, size: int, crop: bool = False, desc: str = "de
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(), kept
 
 
-def _try_decode(path: Path, size: int, crop: bool = False) -> np.ndarray | None:
+def try_decode(path: Path, size: int, crop: bool = False) -> np.ndarray | None:
+    """:func:`decode_image`, or ``None`` for a file that is not a readable image."""
     try:
         return decode_image(path, size, crop)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except UNREADABLE:
         return None

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import CLASSES, decode_image, list_images
+from .data import CLASSES, list_images, try_decode
 from .errors import WbcidError
 from .models import WBCNet, load_model
 
@@ -67,10 +67,9 @@ def explain(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in list_images(paths):
-        try:
-            seen = decode_image(path, model.config["input_size"], model.config.get("crop", False))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            log.warning("%s: could not read the image, skipped (%s)", path, exc)
+        seen = try_decode(path, model.config["input_size"], model.config.get("crop", False))
+        if seen is None:
+            log.warning("%s: could not read the image, skipped", path)
             continue
         heat, predicted = grad_cam(model, torch.from_numpy(seen.copy()).permute(2, 0, 1)[None])
         big = np.asarray(Image.fromarray(seen).resize((size, size), Image.Resampling.BILINEAR))

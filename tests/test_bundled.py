@@ -11,6 +11,7 @@ from wbcid.data import CLASSES, read_cells
 from wbcid.export import OnnxModel
 from wbcid.models import BUNDLED, load_model
 from wbcid.predict import predict
+from wbcid.preprocess import Preprocess
 
 
 def test_bundled_model_is_small_and_carries_its_contract():
@@ -20,7 +21,8 @@ def test_bundled_model_is_small_and_carries_its_contract():
     assert model.config["classes"] == list(CLASSES) and model.config["crop"] is True
     assert model.source_statistics  # recorded for test-time adaptation
     served = load_model(onnx=True)  # what predict and evaluate run: the same model in ONNX Runtime
-    assert isinstance(served, OnnxModel) and served.config == model.config
+    assert isinstance(served, OnnxModel) and served.config["classes"] == model.config["classes"]
+    assert Preprocess.of(served.config) == Preprocess.of(model.config)
     assert model.ood is not None and [o.name for o in served.session.get_outputs()] == ["logits", "ood_score"]
 
 

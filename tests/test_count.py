@@ -101,3 +101,31 @@ def test_count_fails_clearly_when_nothing_is_readable(tmp_path):
     bad.write_bytes(b"nope")
     with pytest.raises(WbcidError, match="could be read"):
         count(None, [bad], tmp_path / "out")
+
+
+def test_an_interrupted_count_resumes_without_redoing_finished_fields(data_root, tmp_path, monkeypatch):
+    import wbcid.count as counting
+
+    fields = [data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg" for i in (0, 10, 34, 100)]
+    straight = counting.count(None, fields, tmp_path / "straight")
+    classify, calls = counting.classify_field, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return classify(*args, **kwargs)
+
+    monkeypatch.setattr(counting, "classify_field", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        counting.count(None, fields, tmp_path / "out")
+    assert len((tmp_path / "out" / "fields.jsonl").read_text().splitlines()) == 1 + 2  # settings + 2 fields
+    with pytest.raises(WbcidError, match="--resume"):
+        counting.count(None, fields, tmp_path / "out")
+    with pytest.raises(WbcidError, match="counted with"):
+        counting.count(None, fields, tmp_path / "out", cell_diameter=150, resume=True)
+    resumed = counting.count(None, fields, tmp_path / "out", resume=True)
+    assert len(calls) == 3 + 2  # only the two unfinished fields were classified again
+    assert resumed["totals"] == straight["totals"]
+    written = [json.loads((tmp_path / run / "counts.json").read_text())["images"] for run in ("out", "straight")]
+    assert [e["detections"] for e in written[0]] == [e["detections"] for e in written[1]]

@@ -13,6 +13,7 @@ import pytest
 from wbcid.data import CLASSES, list_images, load_images, parse_label, read_cells
 from wbcid.errors import WbcidError
 from wbcid.evaluate import compute_metrics
+from wbcid.preprocess import Preprocess
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -128,7 +129,7 @@ def test_corrupt_and_odd_images_are_counted_not_fatal(data_root, tmp_path):
     Image.open(real[1]).convert("L").save(tmp_path / "neutrophil" / "grey.png")
     Image.open(real[2]).convert("RGBA").resize((301, 177)).save(tmp_path / "neutrophil" / "rgba.png")
     cells = read_cells(tmp_path)
-    images, kept = load_images(cells, 64)
+    images, kept = load_images(cells, Preprocess(64))
     assert images.shape == (5, 3, 64, 64) and len(kept) == 5
     assert kept.skipped["unreadable or not an image"] == 2
     assert {p.name for p in kept.paths} >= {"grey.png", "rgba.png"}

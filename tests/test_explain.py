@@ -8,13 +8,14 @@ from PIL import Image
 from wbcid.data import CLASSES, decode_image, read_cells
 from wbcid.explain import explain, grad_cam
 from wbcid.models import load_model
+from wbcid.preprocess import Preprocess
 
 
 def test_heat_lies_on_the_centred_cell_not_the_border(data_root):
     model = load_model()
     cells = read_cells(data_root / "cells.csv", ["pbc"], ["test"]).cells[::200][:8]
     size = model.config["input_size"]
-    images = torch.stack([torch.from_numpy(decode_image(c.path, size, crop=True).copy()).permute(2, 0, 1) for c in cells])
+    images = torch.stack([torch.from_numpy(decode_image(c.path, Preprocess.of(model.config)).copy()).permute(2, 0, 1) for c in cells])
     heat, predicted = grad_cam(model, images)
     assert heat.shape == (len(cells), size, size) and heat.min() >= 0 and heat.max() <= 1
     quarter = size // 4

@@ -1,4 +1,4 @@
-"""Mechanics of the cross-domain methods on real cells: crop, stain jitter, AdaBN, TTA, protocol."""
+"""Mechanics of the cross-domain methods on real cells: crop, colour normalisation, stain jitter, AdaBN, TTA, protocol."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import torch
 from PIL import Image
 
 from wbcid.adapt import adapt_batchnorm, batchnorm_statistics, dihedral_scores
-from wbcid.augment import RandomStainJitter, train_augmentation
+from wbcid.augment import RandomLowResolution, RandomStainJitter, train_augmentation
 from wbcid.benchmark import training_pool
 from wbcid.crop import MARGIN, canonical_crop, find_nucleus
 from wbcid.data import read_cells
 from wbcid.errors import WbcidError
 from wbcid.evaluate import bootstrap_intervals, compute_metrics
 from wbcid.models import create_model
+from wbcid.preprocess import Preprocess, fit_stain_reference, white_balance
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +70,53 @@ def test_stain_jitter_changes_colour_not_geometry(pbc_cells):
         assert np.corrcoef(ma, mb)[0, 1] > 0.9
 
 
+def test_low_resolution_removes_detail_not_colour_or_geometry(pbc_cells):
+    torch.manual_seed(0)
+    x = torch.stack([torch.from_numpy(np.asarray(c.resize((96, 96))).copy()).permute(2, 0, 1) for c in pbc_cells])
+    x = x.float() / 255
+    y = RandomLowResolution(max_factor=4.0, p=1.0)(x)
+    assert y.shape == x.shape
+    assert (y.mean(dim=(2, 3)) - x.mean(dim=(2, 3))).abs().max() < 0.02  # same colours
+    detail_x, detail_y = ((t[..., 1:, :] - t[..., :-1, :]).abs().mean(dim=(1, 2, 3)) for t in (x, y))
+    assert (detail_y < 0.8 * detail_x).all()  # every image lost fine detail
+    pooled_x, pooled_y = (torch.nn.functional.avg_pool2d(t, 8) for t in (x, y))
+    assert (pooled_y - pooled_x).abs().mean() < 0.02  # ...but nothing moved
+    assert torch.equal(RandomLowResolution(p=0.0)(x), x)
+
+
+def test_white_balance_removes_the_lamp_colour_not_the_structure(pbc_cells):
+    """A yellow lamp (Tecom-like) is undone; the cell stays where it was; the background turns white."""
+    for cell in pbc_cells:
+        rgb = np.asarray(cell)
+        lamp = (rgb * np.array([1.0, 0.88, 0.62])).astype(np.uint8)
+        balanced, relit = white_balance(rgb).astype(float), white_balance(lamp).astype(float)
+        assert np.abs(rgb - lamp.astype(float)).mean() > 20
+        assert np.abs(balanced - relit).mean() < 2  # grey levels out of 255
+        assert (np.percentile(relit.reshape(-1, 3), 99.5, axis=0) >= 250).all()
+        assert np.corrcoef(rgb.mean(2).ravel(), relit.mean(2).ravel())[0, 1] > 0.95
+
+
+def test_macenko_maps_stain_strength_onto_the_reference(pbc_cells):
+    """The same cell stained 1.4x more strongly normalises to nearly the same picture."""
+    images = [np.asarray(c) for c in pbc_cells]
+    prep = Preprocess(224, colour="macenko", stain_reference=fit_stain_reference(images))
+    before, after = [], []
+    for rgb in images:
+        density = -np.log((rgb + 1.0) / 256)
+        strong = (256 * np.exp(-1.4 * density) - 1).clip(0, 255).astype(np.uint8)
+        before.append(np.abs(rgb - strong.astype(float)).mean())
+        after.append(np.abs(prep.normalise(rgb).astype(float) - prep.normalise(strong)).mean())
+    assert np.median(after) < 0.3 * np.median(before)
+    with pytest.raises(WbcidError, match="stain reference"):
+        Preprocess(224, colour="macenko")
+    with pytest.raises(WbcidError, match="colour normalisation"):
+        Preprocess(224, colour="reinhard")
+
+
 def test_augmentation_policies():
     x = torch.rand(4, 3, 32, 32)
     assert torch.equal(train_augmentation("none")(x), x)
-    for policy in ("basic", "domain"):
+    for policy in ("basic", "domain", "domain+lowres"):
         assert train_augmentation(policy)(x).shape == x.shape
     with pytest.raises(WbcidError, match="policy"):
         train_augmentation("heavy")

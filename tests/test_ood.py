@@ -11,6 +11,7 @@ from wbcid.data import load_images, read_cells
 from wbcid.models import create_model, load_model
 from wbcid.ood import MahalanobisScore, flagged
 from wbcid.predict import predict
+from wbcid.preprocess import Preprocess
 from wbcid.train import image_features, ood_groups
 
 
@@ -30,9 +31,8 @@ def platelets_and_wbcs(data_root):
 
 def test_threshold_flags_the_calibration_quantile(bundled, pbc_small):
     cells = read_cells(pbc_small)
-    size = bundled.config["input_size"]
-    train_images, train = load_images(cells.select(splits=["train"]), size, crop=True)
-    val_images, _ = load_images(cells.select(splits=["val"]), size, crop=True)
+    train_images, train = load_images(cells.select(splits=["train"]), Preprocess.of(bundled.config))
+    val_images, _ = load_images(cells.select(splits=["val"]), Preprocess.of(bundled.config))
     calibration = image_features(bundled, val_images)
     scorer = MahalanobisScore.fit(image_features(bundled, train_images), train.labels, calibration, quantile=0.8)
     share = flagged(scorer(calibration).numpy()).mean()

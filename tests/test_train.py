@@ -16,13 +16,15 @@ from wbcid.errors import WbcidError
 from wbcid.evaluate import evaluate
 from wbcid.models import load_model
 from wbcid.predict import predict
+from wbcid.preprocess import Preprocess
 from wbcid.train import TrainConfig, fit, split_train_val
 
 FAST = dict(model="efficientnet_lite0", input_size=96, epochs=3, batch_size=16, lr=3e-3)
 
 
 def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
-    run = fit(read_cells(pbc_small), tmp_path / "run", TrainConfig(**FAST))
+    """Macenko normalisation here: its reference is fitted at training and must reach every later step."""
+    run = fit(read_cells(pbc_small), tmp_path / "run", TrainConfig(**FAST, colour="macenko"))
     for name in ("model.pt", "last.pt", "config.json", "history.csv", "history.png", "report.md",
                  "val/metrics.json", "val/confusion_matrix.png"):
         assert (run / name).is_file(), name
@@ -31,6 +33,8 @@ def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["input_size"] == 96 and config["model"]["classes"] == list(CLASSES)
     assert config["train"]["data"]["train"] == {c: 24 for c in CLASSES}  # the manifest's own split
+    assert Preprocess.of(load_model(run).config) == Preprocess.of(config["model"])
+    assert Preprocess.of(config["model"]).colour == "macenko" and config["model"]["stain_reference"]
 
     metrics = evaluate(run, pbc_small, tmp_path / "eval", splits=["test"])
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -4,10 +4,11 @@ Runs on the in-memory uint8 batch after it is scaled to [0, 1] (kornia draws par
 sample, so a batch costs one vectorised call instead of a PIL pipeline per image). Cells have
 no preferred orientation, hence full rotations and flips.
 
-Two policies: ``basic`` (geometry and mild colour) and ``domain``, which also imitates what
+Policies: ``basic`` (geometry and mild colour) and ``domain``, which also imitates what
 changes between labs: stain concentrations (jitter in haematoxylin-eosin-DAB optical-density
 space, Tellez et al. 2018), camera colour and white balance (strong hue/saturation/brightness),
-focus (blur), sensor noise and magnification (scale jitter).
+focus (blur), sensor noise and magnification (scale jitter). ``domain+lowres`` adds camera
+resolution (down- and up-sampling by up to 4x).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import kornia.augmentation as K
 import torch
 from skimage.color import hed_from_rgb, rgb_from_hed
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import WbcidError
 
-POLICIES = ("none", "basic", "domain")
+POLICIES = ("none", "basic", "domain", "domain+lowres")
 
 
 class RandomStainJitter(nn.Module):
@@ -41,8 +43,30 @@ class RandomStainJitter(nn.Module):
         return torch.exp(-density).clamp(0, 1).permute(0, 3, 1, 2)
 
 
+class RandomLowResolution(nn.Module):
+    """Down-sample by a random factor up to ``max_factor`` and back: a coarser camera or lower magnification.
+
+    Blur alone keeps the pixel grid; a lab that images cells at a quarter of PBC's resolution
+    (BCCD's 640x480 fields) loses the detail for good, and upsampling cannot bring it back.
+    """
+
+    def __init__(self, max_factor: float = 4.0, p: float = 0.3):
+        super().__init__()
+        self.max_factor, self.p = max_factor, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        out = x.clone()
+        for i in (torch.rand(len(x)) < self.p).nonzero().flatten().tolist():
+            factor = 1 + (self.max_factor - 1) * torch.rand(()).item()
+            small = F.interpolate(x[i:i + 1], size=(max(8, round(height / factor)), max(8, round(width / factor))),
+                                  mode="bilinear", antialias=True, align_corners=False)
+            out[i] = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0]
+        return out
+
+
 def train_augmentation(policy: str = "domain") -> nn.Module:
-    """The augmentation for a policy (``none``, ``basic``, ``domain``) on [0, 1] NCHW batches."""
+    """The augmentation for a policy (see :data:`POLICIES`) on [0, 1] NCHW batches."""
     if policy not in POLICIES:
         raise WbcidError(f"augmentation policy must be one of {', '.join(POLICIES)}, not {policy!r}")
     if policy == "none":
@@ -59,6 +83,7 @@ def train_augmentation(policy: str = "domain") -> nn.Module:
         K.RandomAffine(degrees=180, translate=(0.05, 0.05), scale=(0.8, 1.25), padding_mode="reflection", p=1.0),
         RandomStainJitter(sigma=0.1, bias=0.05),
         K.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.4, hue=0.1, p=0.9),
+        *([RandomLowResolution(max_factor=4.0, p=0.3)] if policy == "domain+lowres" else []),
         K.RandomGaussianBlur((5, 5), sigma=(0.1, 2.0), p=0.3),
         K.RandomGaussianNoise(std=0.02, p=0.2),
     )

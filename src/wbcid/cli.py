@@ -19,8 +19,13 @@ Sources = Annotated[Optional[list[str]], typer.Option("--source", help="Keep onl
 Splits = Annotated[Optional[list[str]], typer.Option("--split", help="Keep only this split (repeatable).")]
 ModelPath = Annotated[Optional[Path], typer.Option(
     "--model", help="Run directory or model .pt file; default: the bundled pretrained model.")]
-Augment = Annotated[str, typer.Option(help="Training augmentation: none, basic, domain (stain, colour, blur, scale).")]
+Augment = Annotated[str, typer.Option(help="Training augmentation: none, basic, domain (stain, colour, blur, scale), domain+lowres (plus camera resolution).")]
 Crop = Annotated[bool, typer.Option(help="Cell-centred canonical crop at training and inference.")]
+Colour = Annotated[str, typer.Option(
+    help="Colour normalisation at training and inference: none, white-balance, macenko (see wbcid.preprocess).")]
+FrozenBn = Annotated[bool, typer.Option(help="Keep ImageNet batch-norm statistics in every layer.")]
+Weights = Annotated[Optional[Path], typer.Option(help="Local ImageNet weights file for the backbone.")]
+DownloadWeights = Annotated[bool, typer.Option(help="Allow downloading ImageNet weights (timm:<name> backbones).")]
 Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")]
 Adapt = Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics on these images (one lab at a time).")]
 Inputs = Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")]
@@ -41,10 +46,11 @@ def train(
     balanced: Annotated[bool, typer.Option(help="Class-weighted loss for skewed class counts.")] = False,
     augment: Augment = "domain",
     crop: Crop = True,
-    frozen_bn: Annotated[bool, typer.Option(help="Keep ImageNet batch-norm statistics in every layer.")] = False,
+    colour: Colour = "none",
+    frozen_bn: FrozenBn = False,
     pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights.")] = True,
-    weights: Annotated[Optional[Path], typer.Option(help="Local ImageNet weights file for the backbone.")] = None,
-    download_weights: Annotated[bool, typer.Option(help="Allow downloading ImageNet weights.")] = False,
+    weights: Weights = None,
+    download_weights: DownloadWeights = False,
     patience: int = 3,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
@@ -57,7 +63,7 @@ def train(
                          freeze=int(freeze) if freeze and freeze.isdigit() else freeze,
                          input_size=input_size, pretrained=pretrained, weights=str(weights) if weights else None,
                          download_weights=download_weights, balanced=balanced, patience=patience,
-                         augment=augment, crop=crop, frozen_bn=frozen_bn, seed=seed)
+                         augment=augment, crop=crop, colour=colour, frozen_bn=frozen_bn, seed=seed)
     try:
         fit(read_cells(data, source), out, config, resume=resume)
     except KeyboardInterrupt:
@@ -117,11 +123,17 @@ def count(
         help="Typical WBC diameter in pixels in these images (about 200 in 640x480 fields at 100x).")] = 200,
     reference: Annotated[Optional[Path], typer.Option(
         help='Reference ranges JSON, {"neutrophil": [40, 75], ...}; default: adult ranges (see report).')] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted count in --out.")] = False,
 ) -> None:
     """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
     from .count import count as run_count, read_reference
 
-    result = run_count(model, paths, out, cell_diameter, read_reference(reference) if reference else None)
+    try:
+        result = run_count(model, paths, out, cell_diameter, read_reference(reference) if reference else None, resume)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; finished fields are in {out / 'fields.jsonl'}. Continue with the same command "
+                   "plus --resume.", err=True)
+        raise typer.Exit(130)
     totals = result["totals"]
     typer.echo(f"{totals['detected']} WBCs found, {totals['counted']} counted, {totals['flagged']} flagged for review")
     for name, c in totals["classes"].items():
@@ -154,6 +166,10 @@ def benchmark(
     epochs: Epochs = 6,
     augment: Augment = "domain",
     crop: Crop = True,
+    colour: Colour = "none",
+    frozen_bn: FrozenBn = False,
+    weights: Weights = None,
+    download_weights: DownloadWeights = False,
     adapt: Adapt = False,
     tta: Tta = False,
     leave_one_out: Annotated[bool, typer.Option(help="Train on all sources but one, for each source.")] = False,
@@ -163,7 +179,8 @@ def benchmark(
     from .benchmark import benchmark_table, leave_one_source_out, run_benchmark
     from .train import TrainConfig
 
-    config = TrainConfig(model=arch, epochs=epochs, augment=augment, crop=crop)
+    config = TrainConfig(model=arch, epochs=epochs, augment=augment, crop=crop, colour=colour, frozen_bn=frozen_bn,
+                         weights=str(weights) if weights else None, download_weights=download_weights)
     if leave_one_out:
         summary = leave_one_source_out(data, out, config, adapt=adapt, tta=tta)
     else:

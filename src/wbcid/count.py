@@ -21,13 +21,13 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from scipy.stats import binomtest
 from tqdm.auto import tqdm
 
-from .crop import canonical_crop
 from .data import CLASSES, UNREADABLE, list_images
 from .detect import Box, detect_cells
 from .errors import WbcidError
 from .models import WBCNet
 from .ood import flagged
 from .predict import predict_scores, resolve_model
+from .preprocess import Preprocess
 
 log = logging.getLogger("wbcid")
 
@@ -40,6 +40,7 @@ REFERENCE_RANGES: dict[str, tuple[float, float]] = {
 REFERENCE_SOURCE = ("adult ranges as specified for wbcid (project issue 3); not a laboratory's validated "
                     "reference intervals: replace them with your laboratory's own (--reference)")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+FIELDS = "fields.jsonl"  # one line per finished field, written as it is done (for --resume)
 CONTEXT = 1.5  # side of the patch cut around a detection, as a multiple of the box's longer side
 COLOURS = {"neutrophil": "#1f77b4", "lymphocyte": "#2ca02c", "monocyte": "#ff7f0e", "eosinophil": "#d62728",
            "basophil": "#9467bd", "flagged": "#7f7f7f"}
@@ -101,7 +102,7 @@ def read_reference(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-def cell_patch(image: Image.Image, box: Box, size: int, crop: bool) -> np.ndarray:
+def cell_patch(image: Image.Image, box: Box, prep: Preprocess) -> np.ndarray:
     """The model's input for one detection: a square patch around it, framed as in training.
 
     The patch stops at the field's edge (PIL would fill the rest with black, which no training
@@ -112,9 +113,7 @@ def cell_patch(image: Image.Image, box: Box, size: int, crop: bool) -> np.ndarra
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     window = (max(0, round(cx - half)), max(0, round(cy - half)),
               min(image.width, round(cx + half)), min(image.height, round(cy + half)))
-    patch = image.crop(window)
-    patch = canonical_crop(patch, size) if crop else patch.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(patch)
+    return prep(image.crop(window))
 
 
 def classify_field(model: WBCNet, image: Image.Image, cell_diameter: float = 200) -> list[CellCall]:
@@ -122,8 +121,8 @@ def classify_field(model: WBCNet, image: Image.Image, cell_diameter: float = 200
     boxes = [d.box for d in detect_cells(image, cell_diameter)]
     if not boxes:
         return []
-    size, crop = model.config["input_size"], model.config.get("crop", False)
-    patches = torch.from_numpy(np.stack([cell_patch(image, b, size, crop) for b in boxes])).permute(0, 3, 1, 2)
+    prep = Preprocess.of(model.config)
+    patches = torch.from_numpy(np.stack([cell_patch(image, b, prep) for b in boxes])).permute(0, 3, 1, 2)
     logits, ood = predict_scores(model, patches.split(64))
     probs = logits.softmax(1).numpy()
     flags = flagged(ood.numpy())
@@ -137,10 +136,13 @@ def count(
     out_dir: str | os.PathLike,
     cell_diameter: float = 200,
     reference: dict[str, tuple[float, float]] | None = None,
+    resume: bool = False,
 ) -> dict:
     """Count WBCs in smear fields; writes counts.json, annotated fields, flagged cells and report.html.
 
     An image that cannot be read, or holds no WBC, is reported as such; the others are counted.
+    Each finished field is appended to ``fields.jsonl`` at once, so ``resume=True`` continues an
+    interrupted count (same model and cell diameter) without redoing the fields already done.
     """
     from .reports import write_count_report
 
@@ -149,40 +151,77 @@ def count(
     model = resolve_model(model)
     out_dir = Path(out_dir)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
-    images, counted, flagged_cells = [], [], []
-    for path in tqdm(list_images(paths), desc="counting", disable=None, leave=False):
-        entry: dict = {"path": str(path), "detections": [], "warnings": []}
-        images.append(entry)
-        try:
-            with Image.open(path) as raw:
-                image = ImageOps.exif_transpose(raw).convert("RGB")
-                if raw.mode in GREY_MODES:
-                    entry["warnings"].append("grey-scale image: WBCs are found by their stain, which needs colour")
-        except UNREADABLE as exc:
-            entry["error"] = f"could not read the image ({exc.__class__.__name__}: {exc})"
-            log.warning("%s: %s", path, entry["error"])
-            continue
-        entry["size"] = list(image.size)
-        calls = classify_field(model, image, cell_diameter)
-        entry["detections"] = [asdict(c) for c in calls]
-        if not calls:
-            entry["warnings"].append("no WBC found in this field")
-        counted += [c.label for c in calls if not c.flagged]
-        flagged_cells += [(entry, c, image.crop(c.box)) for c in calls if c.flagged]
-        entry["annotated"] = str(Path("annotated") / f"{len(images):04d}_{path.stem}.jpg")
-        annotate(image, calls).save(out_dir / entry["annotated"], quality=90)
+    settings = {"model": source, "cell_diameter": cell_diameter}
+    done = _finished_fields(out_dir / FIELDS, settings, resume)
+    images = []
+    with (out_dir / FIELDS).open("a") as field_log:
+        if not done:
+            field_log.write(json.dumps(settings) + "\n")
+        for path in tqdm(list_images(paths), desc="counting", disable=None, leave=False):
+            entry = done.get(str(path))
+            if entry is None:
+                entry = count_field(model, path, cell_diameter, out_dir, len(images) + 1)
+                field_log.write(json.dumps(entry) + "\n")
+                field_log.flush()
+            images.append(entry)
     if not any("size" in e for e in images):
         raise WbcidError(f"none of the {len(images)} images could be read")
+    flagged_cells = [(e, CellCall(**{**d, "box": tuple(d["box"])})) for e in images for d in e["detections"]
+                     if d["flagged"]]
+    counted = [d["label"] for e in images for d in e["detections"] if not d["flagged"]]
     totals = differential(counted, reference) | {
         "detected": sum(len(e["detections"]) for e in images), "flagged": len(flagged_cells)}
     for name, row in totals["classes"].items():  # flags are not random: show which counts they may bias
-        row["flagged_closest"] = sum(call.label == name for _, call, _ in flagged_cells)
-    result = {"model": source, "cell_diameter": cell_diameter, "images": images,
+        row["flagged_closest"] = sum(call.label == name for _, call in flagged_cells)
+    result = {**settings, "images": images,
               "totals": totals, "reference": {"source": REFERENCE_SOURCE if reference is None else "user-supplied",
                                               "ranges": reference or REFERENCE_RANGES}}
     (out_dir / "counts.json").write_text(json.dumps(result, indent=2))
-    write_count_report(result, flagged_cells, out_dir)
+    write_count_report(result, _with_patches(flagged_cells), out_dir)
     return result
+
+
+def count_field(model: WBCNet, path: Path, cell_diameter: float, out_dir: Path, index: int) -> dict:
+    """Detect and classify one field; its entry in counts.json (an ``error`` if it cannot be read)."""
+    entry: dict = {"path": str(path), "detections": [], "warnings": []}
+    try:
+        with Image.open(path) as raw:
+            image = ImageOps.exif_transpose(raw).convert("RGB")
+            if raw.mode in GREY_MODES:
+                entry["warnings"].append("grey-scale image: WBCs are found by their stain, which needs colour")
+    except UNREADABLE as exc:
+        entry["error"] = f"could not read the image ({exc.__class__.__name__}: {exc})"
+        log.warning("%s: %s", path, entry["error"])
+        return entry
+    entry["size"] = list(image.size)
+    calls = classify_field(model, image, cell_diameter)
+    entry["detections"] = [asdict(c) for c in calls]
+    if not calls:
+        entry["warnings"].append("no WBC found in this field")
+    entry["annotated"] = str(Path("annotated") / f"{index:04d}_{path.stem}.jpg")
+    annotate(image, calls).save(out_dir / entry["annotated"], quality=90)
+    return entry
+
+
+def _finished_fields(log_path: Path, settings: dict, resume: bool) -> dict[str, dict]:
+    """Fields already counted in ``log_path`` (by path); refuses to mix counts of two settings."""
+    if not log_path.exists():
+        return {}
+    if not resume:
+        raise WbcidError(f"{log_path.parent} already holds a count; pass --resume to continue it or choose another --out")
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if lines and lines[0] != settings:
+        raise WbcidError(f"{log_path} was counted with {lines[0]}, not {settings}; use another --out")
+    return {entry["path"]: entry for entry in lines[1:]}
+
+
+def _with_patches(flagged_cells: list[tuple[dict, CellCall]]) -> list[tuple[dict, CellCall, Image.Image]]:
+    """Cut each flagged cell out of its field again for the report (fields are not kept in memory)."""
+    patches = []
+    for entry, call in flagged_cells:
+        with Image.open(entry["path"]) as raw:
+            patches.append((entry, call, ImageOps.exif_transpose(raw).convert("RGB").crop(call.box)))
+    return patches
 
 
 def annotate(image: Image.Image, calls: Sequence[CellCall]) -> Image.Image:

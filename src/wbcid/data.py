@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .crop import canonical_crop
 from .errors import WbcidError
+from .preprocess import Preprocess
 
 log = logging.getLogger("wbcid")
 
@@ -262,47 +262,43 @@ def _read_json_layout(json_path: Path) -> CellSet:
     return CellSet(cells, skipped, str(json_path))
 
 
-def decode_image(path: str | os.PathLike, size: int, crop: bool = False) -> np.ndarray:
-    """Decode any PIL-readable image to an RGB ``size x size`` uint8 array (HWC).
+def decode_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
+    """Decode any PIL-readable image into the model's input (see :class:`wbcid.preprocess.Preprocess`).
 
-    Grey, palette, 16-bit and RGBA images become RGB. With ``crop`` the cell-centred canonical
-    crop (:mod:`wbcid.crop`) frames the cell; without it the whole image is resized, as the
-    original project did.
+    Grey, palette, 16-bit and RGBA images become RGB.
     """
     with Image.open(path) as img:
-        if crop:
-            return np.asarray(canonical_crop(img, size))
-        img.draft("RGB", (size, size))
-        return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        if not prep.crop:
+            img.draft("RGB", (prep.size, prep.size))  # JPEG: decode at a reduced scale, several times faster
+        return prep(img)
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes images for a DataLoader; unreadable files come back flagged instead of raising."""
 
-    def __init__(self, paths: Sequence[Path], size: int, crop: bool = False):
-        self.paths, self.size, self.crop = list(paths), size, crop
+    def __init__(self, paths: Sequence[Path], prep: Preprocess):
+        self.paths, self.prep = list(paths), prep
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        array = try_decode(self.paths[i], self.size, self.crop)
+        array = try_decode(self.paths[i], self.prep)
         if array is None:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
+            return torch.zeros(3, self.prep.size, self.prep.size, dtype=torch.uint8), False
         return torch.from_numpy(array.copy()).permute(2, 0, 1), True
 
 
-def image_batches(paths: Sequence[Path], size: int, crop: bool = False, batch_size: int = 64,
-                  workers: int | None = None):
+def image_batches(paths: Sequence[Path], prep: Preprocess, batch_size: int = 64, workers: int | None = None):
     """Yield ``(uint8 NCHW batch, ok mask)`` in order; decoding runs in worker processes."""
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(
-        ImageDataset(paths, size, crop), batch_size=batch_size, num_workers=workers, shuffle=False
+        ImageDataset(paths, prep), batch_size=batch_size, num_workers=workers, shuffle=False
     )
     yield from loader
 
 
-def load_images(cellset: CellSet, size: int, crop: bool = False, desc: str = "decoding") -> tuple[torch.Tensor, CellSet]:
+def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> tuple[torch.Tensor, CellSet]:
     """Decode a whole cell set into memory once (training reads every image every epoch).
 
     Unreadable images are dropped from the returned set and counted in its ``skipped``.
@@ -311,7 +307,7 @@ def load_images(cellset: CellSet, size: int, crop: bool = False, desc: str = "de
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = list(
-            tqdm(pool.map(lambda p: try_decode(p, size, crop), cellset.paths), total=len(cellset), desc=desc,
+            tqdm(pool.map(lambda p: try_decode(p, prep), cellset.paths), total=len(cellset), desc=desc,
                  leave=False, disable=None)
         )
     ok = [r is not None for r in results]
@@ -327,9 +323,9 @@ def load_images(cellset: CellSet, size: int, crop: bool = False, desc: str = "de
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(), kept
 
 
-def try_decode(path: Path, size: int, crop: bool = False) -> np.ndarray | None:
+def try_decode(path: Path, prep: Preprocess) -> np.ndarray | None:
     """:func:`decode_image`, or ``None`` for a file that is not a readable image."""
     try:
-        return decode_image(path, size, crop)
+        return decode_image(path, prep)
     except UNREADABLE:
         return None

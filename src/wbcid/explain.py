@@ -20,6 +20,7 @@ from torch import nn
 from .data import CLASSES, list_images, try_decode
 from .errors import WbcidError
 from .models import WBCNet, load_model
+from .preprocess import Preprocess
 
 log = logging.getLogger("wbcid")
 
@@ -67,7 +68,7 @@ def explain(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in list_images(paths):
-        seen = try_decode(path, model.config["input_size"], model.config.get("crop", False))
+        seen = try_decode(path, Preprocess.of(model.config))
         if seen is None:
             log.warning("%s: could not read the image, skipped", path)
             continue

@@ -170,6 +170,7 @@ def create_model(
         "classes": list(CLASSES),
         "freeze": spec.freeze if freeze is None else freeze,
         "crop": False,  # canonical cell-centred crop before resizing (set by training)
+        "colour": "none",  # colour normalisation (set by training; see wbcid.preprocess)
     }
     return WBCNet(backbone, head, config)
 

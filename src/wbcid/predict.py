@@ -17,6 +17,7 @@ from .data import CLASSES, image_batches, list_images
 from .errors import WbcidError
 from .models import WBCNet, load_model
 from .ood import flagged
+from .preprocess import Preprocess
 
 log = logging.getLogger("wbcid")
 
@@ -51,7 +52,7 @@ def predict_proba(
     (they should come from one lab); ``tta`` averages over rotations and flips. See
     :mod:`wbcid.adapt` and :mod:`wbcid.ood`.
     """
-    batches = image_batches(paths, model.config["input_size"], model.config.get("crop", False), batch_size, workers)
+    batches = image_batches(paths, Preprocess.of(model.config), batch_size, workers)
     if adapt:
         if not isinstance(model, torch.nn.Module):
             raise WbcidError("test-time adaptation (--adapt) needs the PyTorch model, not an ONNX export")

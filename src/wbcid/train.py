@@ -34,12 +34,13 @@ from tqdm.auto import tqdm
 
 from .adapt import batchnorm_statistics
 from .augment import train_augmentation
-from .data import CLASSES, CellSet, load_images
+from .data import CLASSES, CellSet, load_images, try_decode
 from .errors import WbcidError
 from .evaluate import compute_metrics
 from .models import Freeze, WBCNet, create_model, load_model, save_model
 from .ood import MahalanobisScore
 from .predict import predict_scores
+from .preprocess import REFERENCE_SAMPLE, Preprocess, fit_stain_reference
 from .reports import metrics_table, plot_history, write_evaluation_report
 
 log = logging.getLogger("wbcid")
@@ -66,6 +67,7 @@ class TrainConfig:
     val_fraction: float = 0.15  # used when the data has no 'val' split
     augment: str = "domain"  # none, basic, domain: see wbcid.augment
     crop: bool = True  # cell-centred canonical crop (wbcid.crop), at training and inference
+    colour: str = "none"  # colour normalisation at training and inference: see wbcid.preprocess
     frozen_bn: bool = False  # keep every batch-norm layer's ImageNet statistics while fine-tuning
     seed: int = 0
     data: dict = field(default_factory=dict)  # provenance, filled in by fit()
@@ -134,13 +136,15 @@ def fit(
     model = create_model(config.model, config.pretrained, config.weights, config.download_weights,
                          config.freeze, config.input_size)
     size = model.config["input_size"]
-    model.config["crop"] = config.crop
-    model.config["frozen_bn"] = config.frozen_bn
+    model.config.update(crop=config.crop, colour=config.colour, frozen_bn=config.frozen_bn)
     augment = train_augmentation(config.augment).to(device)  # a bad policy fails before decoding
     train_set, val_set = split_train_val(cells, config.val_fraction, config.seed)
     check_classes(train_set)
-    train_images, train_set = load_images(train_set, size, config.crop, "decoding train images")
-    val_images, val_set = load_images(val_set, size, config.crop, "decoding validation images")
+    if config.colour == "macenko":
+        model.config["stain_reference"] = _stain_reference(train_set, Preprocess(size, config.crop), config.seed)
+    prep = Preprocess.of(model.config)  # also checks the colour option before decoding
+    train_images, train_set = load_images(train_set, prep, "decoding train images")
+    val_images, val_set = load_images(val_set, prep, "decoding validation images")
     config.data = {"origin": cells.origin, "train": train_set.class_counts(), "val": val_set.class_counts(),
                    "skipped": dict(train_set.skipped), "processes": world}
     log.info("training %s on %d images, validating on %d (%d process(es), %s)", config.model, len(train_set),
@@ -282,12 +286,20 @@ def record_training_statistics(model_path: Path, train_images: torch.Tensor, tra
 def refit_training_statistics(model_path: str | os.PathLike, train_set: CellSet, val_set: CellSet) -> WBCNet:
     """:func:`record_training_statistics` for a model trained earlier, from its training cells."""
     model = load_model(model_path)
-    size, crop = model.config["input_size"], model.config.get("crop", False)
-    train_images, train_set = load_images(train_set.known(), size, crop, "decoding training cells")
-    val_images, _ = load_images(val_set.known(), size, crop, "decoding validation cells")
+    prep = Preprocess.of(model.config)
+    train_images, train_set = load_images(train_set.known(), prep, "decoding training cells")
+    val_images, _ = load_images(val_set.known(), prep, "decoding validation cells")
     path = Path(model_path)
     return record_training_statistics(path / "model.pt" if path.is_dir() else path, train_images,
                                       train_set, val_images)
+
+
+def _stain_reference(train_set: CellSet, framing: Preprocess, seed: int) -> dict:
+    """Macenko's target stains, fitted on a fixed random sample of the framed training images."""
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(train_set), min(REFERENCE_SAMPLE, len(train_set)), replace=False)
+    images = [try_decode(train_set.paths[i], framing) for i in sample]
+    return fit_stain_reference([image for image in images if image is not None])
 
 
 def ood_groups(cells: CellSet, min_cells: int = MIN_GROUP) -> np.ndarray:

@@ -1,0 +1,110 @@
+"""How an image becomes the network's input: framing, colour, size. The same at training and inference.
+
+A :class:`Preprocess` is built from a model's config (:meth:`Preprocess.of`), so every path
+that feeds a model (training, evaluation, prediction, counting, Grad-CAM, ONNX serving) repeats
+exactly what training did.
+
+Colour normalisation (``colour``):
+
+* ``none``: pixels as the camera wrote them.
+* ``white-balance``: white-patch colour constancy. In bright-field microscopy the brightest
+  pixels are unstained background or plasma, i.e. the lamp seen through the camera, so
+  dividing each channel by its 99th percentile removes the lab's illuminant and camera white
+  balance (Tecom's yellow background becomes white) while every stain keeps its own colour,
+  including the eosinophils' red. Per-image Reinhard or grey-world normalisation would instead
+  map each image's mean colour to one target and erase that red.
+* ``macenko``: white balance, then Macenko et al. (ISBI 2009) stain separation via torchstain:
+  each image's two stain vectors and 99th-percentile concentrations are mapped onto a reference
+  fitted on the training images (:func:`fit_stain_reference`, stored in the model config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .crop import canonical_crop
+from .errors import WbcidError
+
+COLOURS = ("none", "white-balance", "macenko")
+WHITE_PERCENTILE = 99.0  # robust "brightest pixels": ignores a few saturated or dust pixels
+REFERENCE_SAMPLE = 200  # training images a Macenko reference is fitted on
+
+
+def white_balance(rgb: np.ndarray) -> np.ndarray:
+    """Scale each channel so that its ``WHITE_PERCENTILE`` brightness becomes 255 (uint8 HWC in and out)."""
+    pixels = rgb.reshape(-1, 3).astype(np.float32)
+    white = np.maximum(np.percentile(pixels, WHITE_PERCENTILE, axis=0), 1.0)
+    return np.clip(rgb * (255.0 / white), 0, 255).astype(np.uint8)
+
+
+def _macenko():
+    from torchstain.numpy.normalizers.macenko import NumpyMacenkoNormalizer
+
+    return NumpyMacenkoNormalizer()
+
+
+def fit_stain_reference(images: Sequence[np.ndarray]) -> dict:
+    """Median stain vectors and concentrations of white-balanced training images (Macenko's target)."""
+    stains, maxima = [], []
+    for rgb in images:
+        normalizer = _macenko()
+        try:
+            normalizer.fit(white_balance(rgb), Io=255)
+        except (np.linalg.LinAlgError, ValueError, IndexError):
+            continue  # too few stained pixels to estimate two stains
+        stains.append(normalizer.HERef)
+        maxima.append(normalizer.maxCRef)
+    if not stains:
+        raise WbcidError("no training image had enough stained pixels to fit a Macenko stain reference")
+    vectors = np.median(np.stack(stains), axis=0)
+    return {"stains": (vectors / np.linalg.norm(vectors, axis=0)).tolist(),
+            "max_concentration": np.median(np.stack(maxima), axis=0).tolist()}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Framing (canonical crop or whole image), colour normalisation and size for one model."""
+
+    size: int
+    crop: bool = False
+    colour: str = "none"
+    stain_reference: dict | None = None  # for ``macenko``: from :func:`fit_stain_reference`
+
+    def __post_init__(self) -> None:
+        if self.colour not in COLOURS:
+            raise WbcidError(f"colour normalisation must be one of {', '.join(COLOURS)}, not {self.colour!r}")
+        if self.colour == "macenko" and self.stain_reference is None:
+            raise WbcidError("macenko colour normalisation needs a stain reference (fit_stain_reference)")
+
+    @classmethod
+    def of(cls, config: dict) -> "Preprocess":
+        """The preprocessing a model was trained with (older model files: no colour normalisation)."""
+        return cls(int(config["input_size"]), bool(config.get("crop", False)), config.get("colour", "none"),
+                   config.get("stain_reference"))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """RGB ``size x size`` uint8 array (HWC) from any PIL image."""
+        image = image.convert("RGB")
+        framed = canonical_crop(image, self.size) if self.crop else image.resize(
+            (self.size, self.size), Image.Resampling.BILINEAR)
+        return self.normalise(np.asarray(framed))
+
+    def normalise(self, rgb: np.ndarray) -> np.ndarray:
+        if self.colour == "none":
+            return rgb
+        balanced = white_balance(rgb)
+        if self.colour == "white-balance":
+            return balanced
+        normalizer = _macenko()
+        normalizer.HERef = np.asarray(self.stain_reference["stains"])
+        normalizer.maxCRef = np.asarray(self.stain_reference["max_concentration"])
+        try:
+            with np.errstate(all="ignore"):
+                out, _, _ = normalizer.normalize(balanced, Io=255, stains=False)
+        except (np.linalg.LinAlgError, ValueError, IndexError):
+            return balanced  # a nearly unstained image: nothing to separate
+        return out

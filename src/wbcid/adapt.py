@@ -20,6 +20,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .preprocess import as_input
+
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -42,7 +44,7 @@ def batchnorm_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> S
         bn.train()
     for batch in batches:
         if len(batch):
-            probe((batch.float() / 255).contiguous(memory_format=torch.channels_last))
+            probe(as_input(batch))
     return {name: (bn.running_mean.clone(), bn.running_var.clone()) for name, bn in norms.items()}
 
 

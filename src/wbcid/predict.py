@@ -17,7 +17,7 @@ from .data import CLASSES, image_batches, list_images
 from .errors import WbcidError
 from .models import WBCNet, load_model
 from .ood import flagged
-from .preprocess import Preprocess
+from .preprocess import Preprocess, as_input
 
 log = logging.getLogger("wbcid")
 
@@ -33,7 +33,7 @@ def predict_scores(model: WBCNet, batches: Iterable[torch.Tensor], tta: bool = F
     device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
     logits, ood = [], []
     for batch in batches:
-        x = (batch.to(device).float() / 255).contiguous(memory_format=torch.channels_last)
+        x = as_input(batch, device)
         batch_logits, batch_ood = dihedral_scores(model, x) if tta else model.scores(x)
         logits.append(batch_logits.cpu())
         ood.append(batch_ood.cpu())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .crop import canonical_crop
@@ -32,6 +33,11 @@ from .errors import WbcidError
 COLOURS = ("none", "white-balance", "macenko")
 WHITE_PERCENTILE = 99.0  # robust "brightest pixels": ignores a few saturated or dust pixels
 REFERENCE_SAMPLE = 200  # training images a Macenko reference is fitted on
+
+
+def as_input(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 NCHW images -> the network's float input in [0, 1], channels-last (the fast layout for CPU convolutions)."""
+    return (images.to(device).float() / 255).contiguous(memory_format=torch.channels_last)
 
 
 def white_balance(rgb: np.ndarray) -> np.ndarray:

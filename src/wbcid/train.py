@@ -40,7 +40,7 @@ from .evaluate import compute_metrics
 from .models import Freeze, WBCNet, create_model, load_model, save_model
 from .ood import MahalanobisScore
 from .predict import predict_scores
-from .preprocess import REFERENCE_SAMPLE, Preprocess, fit_stain_reference
+from .preprocess import REFERENCE_SAMPLE, Preprocess, as_input, fit_stain_reference
 from .reports import metrics_table, plot_history, write_evaluation_report
 
 log = logging.getLogger("wbcid")
@@ -320,8 +320,7 @@ def ood_groups(cells: CellSet, min_cells: int = MIN_GROUP) -> np.ndarray:
 def image_features(model: WBCNet, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """Penultimate features of uint8 NCHW images (what the OOD scorer works on)."""
     model.eval()
-    return torch.cat([model.features((b.float() / 255).contiguous(memory_format=torch.channels_last))
-                      for b in images.split(batch_size)])
+    return torch.cat([model.features(as_input(b)) for b in images.split(batch_size)])
 
 
 def _class_weights(labels: np.ndarray) -> torch.Tensor:

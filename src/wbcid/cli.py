@@ -23,6 +23,7 @@ Augment = Annotated[str, typer.Option(help="Training augmentation: none, basic, 
 Crop = Annotated[bool, typer.Option(help="Cell-centred canonical crop at training and inference.")]
 Colour = Annotated[str, typer.Option(
     help="Colour normalisation at training and inference: none, white-balance, macenko (see wbcid.preprocess).")]
+Pretrained = Annotated[bool, typer.Option(help="Start from ImageNet weights.")]
 FrozenBn = Annotated[bool, typer.Option(help="Keep ImageNet batch-norm statistics in every layer.")]
 Weights = Annotated[Optional[Path], typer.Option(help="Local ImageNet weights file for the backbone.")]
 DownloadWeights = Annotated[bool, typer.Option(help="Allow downloading ImageNet weights (timm:<name> backbones).")]
@@ -48,7 +49,7 @@ def train(
     crop: Crop = True,
     colour: Colour = "none",
     frozen_bn: FrozenBn = False,
-    pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights.")] = True,
+    pretrained: Pretrained = True,
     weights: Weights = None,
     download_weights: DownloadWeights = False,
     patience: int = 3,
@@ -168,6 +169,7 @@ def benchmark(
     crop: Crop = True,
     colour: Colour = "none",
     frozen_bn: FrozenBn = False,
+    pretrained: Pretrained = True,
     weights: Weights = None,
     download_weights: DownloadWeights = False,
     adapt: Adapt = False,
@@ -180,7 +182,8 @@ def benchmark(
     from .train import TrainConfig
 
     config = TrainConfig(model=arch, epochs=epochs, augment=augment, crop=crop, colour=colour, frozen_bn=frozen_bn,
-                         weights=str(weights) if weights else None, download_weights=download_weights)
+                         pretrained=pretrained, weights=str(weights) if weights else None,
+                         download_weights=download_weights)
     if leave_one_out:
         summary = leave_one_source_out(data, out, config, adapt=adapt, tta=tta)
     else:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 
@@ -31,6 +32,16 @@ Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping may en
 Adapt = Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics on these images (one lab at a time).")]
 Inputs = Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")]
 Tta = Annotated[bool, typer.Option(help="Average predictions over rotations and flips (8x slower).")]
+
+
+@contextmanager
+def _resumable(kept: str) -> Iterator[None]:
+    """Ctrl-C in a long command: say what was kept and how to continue, instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; {kept}. Continue with the same command plus --resume.", err=True)
+        raise typer.Exit(130)
 
 
 @app.command()
@@ -65,11 +76,8 @@ def train(
                          input_size=input_size, pretrained=pretrained, weights=str(weights) if weights else None,
                          download_weights=download_weights, balanced=balanced, patience=patience,
                          augment=augment, crop=crop, colour=colour, frozen_bn=frozen_bn, seed=seed)
-    try:
+    with _resumable("finished epochs are saved"):
         fit(read_cells(data, source), out, config, resume=resume)
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted; finished epochs are saved. Continue with the same command plus --resume.", err=True)
-        raise typer.Exit(130)
     typer.echo(f"run written to {out} (report: {out / 'report.md'})")
 
 
@@ -129,12 +137,8 @@ def count(
     """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
     from .count import count as run_count, read_reference
 
-    try:
+    with _resumable(f"finished fields are in {out / 'fields.jsonl'}"):
         result = run_count(model, paths, out, cell_diameter, read_reference(reference) if reference else None, resume)
-    except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted; finished fields are in {out / 'fields.jsonl'}. Continue with the same command "
-                   "plus --resume.", err=True)
-        raise typer.Exit(130)
     totals = result["totals"]
     typer.echo(f"{totals['detected']} WBCs found, {totals['counted']} counted, {totals['flagged']} flagged for review")
     for name, c in totals["classes"].items():

@@ -185,10 +185,9 @@ def count_field(model: WBCNet, path: Path, cell_diameter: float, out_dir: Path, 
     """Detect and classify one field; its entry in counts.json (an ``error`` if it cannot be read)."""
     entry: dict = {"path": str(path), "detections": [], "warnings": []}
     try:
-        with Image.open(path) as raw:
-            image = ImageOps.exif_transpose(raw).convert("RGB")
-            if raw.mode in GREY_MODES:
-                entry["warnings"].append("grey-scale image: WBCs are found by their stain, which needs colour")
+        image, mode = open_field(path)
+        if mode in GREY_MODES:
+            entry["warnings"].append("grey-scale image: WBCs are found by their stain, which needs colour")
     except UNREADABLE as exc:
         entry["error"] = f"could not read the image ({exc.__class__.__name__}: {exc})"
         log.warning("%s: %s", path, entry["error"])
@@ -215,12 +214,20 @@ def _finished_fields(log_path: Path, settings: dict, resume: bool) -> dict[str, 
     return {entry["path"]: entry for entry in lines[1:]}
 
 
+def open_field(path: str | os.PathLike) -> tuple[Image.Image, str]:
+    """A field as upright RGB, and the mode it was stored in (grey fields get a warning)."""
+    with Image.open(path) as raw:
+        return ImageOps.exif_transpose(raw).convert("RGB"), raw.mode
+
+
 def _with_patches(flagged_cells: list[tuple[dict, CellCall]]) -> list[tuple[dict, CellCall, Image.Image]]:
-    """Cut each flagged cell out of its field again for the report (fields are not kept in memory)."""
-    patches = []
+    """Cut each flagged cell out of its field again for the report (fields are not kept in memory);
+    each field is read once, however many of its cells are flagged."""
+    patches, path, field = [], None, None
     for entry, call in flagged_cells:
-        with Image.open(entry["path"]) as raw:
-            patches.append((entry, call, ImageOps.exif_transpose(raw).convert("RGB").crop(call.box)))
+        if entry["path"] != path:  # cells come grouped by field
+            path, field = entry["path"], open_field(entry["path"])[0]
+        patches.append((entry, call, field.crop(call.box)))
     return patches
 
 

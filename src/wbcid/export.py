@@ -3,7 +3,7 @@
 The exported graph takes what :class:`~wbcid.models.WBCNet` takes, an RGB float batch in
 [0, 1] at the model's input size, and returns ``logits`` and ``ood_score`` (what
 :meth:`WBCNet.scores` returns); normalisation is part of the graph. The
-rest of the contract (input size, whether the canonical crop is applied, class order) is stored
+rest of the contract (input size, canonical crop, colour normalisation, class order) is stored
 as ONNX metadata under ``wbcid_config``, so an ONNX file alone is a usable model.
 """
 

@@ -94,9 +94,8 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """RGB ``size x size`` uint8 array (HWC) from any PIL image."""
-        image = image.convert("RGB")
-        framed = canonical_crop(image, self.size) if self.crop else image.resize(
-            (self.size, self.size), Image.Resampling.BILINEAR)
+        framed = canonical_crop(image, self.size) if self.crop else image.convert("RGB").resize(
+            (self.size, self.size), Image.Resampling.BILINEAR)  # canonical_crop converts to RGB itself
         return self.normalise(np.asarray(framed))
 
     def normalise(self, rgb: np.ndarray) -> np.ndarray:

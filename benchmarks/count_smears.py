@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from wbcid.count import count, differential
 from wbcid.data import CLASSES, default_data_root, parse_label
+from wbcid.smear.counting import count, differential
 
 
 def main() -> None:
@@ -30,8 +30,10 @@ def main() -> None:
     args = parser.parse_args()
 
     listed = pd.read_csv(args.smears / "labels.csv", dtype=str, keep_default_na=False)
-    types = {f"BloodImage_{int(i):05d}": [CLASSES[parse_label(t.strip())] for t in c.split(",") if t.strip()]
-             for i, c in zip(listed["Image"], listed["Category"])}
+    types = {
+        f"BloodImage_{int(i):05d}": [CLASSES[parse_label(t.strip())] for t in c.split(",") if t.strip()]
+        for i, c in zip(listed["Image"], listed["Category"])
+    }
     fields = sorted((args.smears / "images").glob("*.jpg"))
     start = time.perf_counter()
     result = count(args.model, fields, args.run)
@@ -51,11 +53,18 @@ def main() -> None:
     listed_differential = differential(reference_labels)
     summary = {
         "command": "python benchmarks/count_smears.py" + (f" --model {args.model}" if args.model else ""),
-        "model": str(args.model or "bundled"), "fields": len(fields), "seconds": seconds,
-        "fields_per_second": len(fields) / seconds, "totals": result["totals"],
+        "model": str(args.model or "bundled"),
+        "fields": len(fields),
+        "seconds": seconds,
+        "fields_per_second": len(fields) / seconds,
+        "totals": result["totals"],
         "listed_differential": listed_differential,
-        "single_cell_fields": {"unflagged": single, "correct": correct, "accuracy": correct / max(1, single),
-                               "flagged": single_flagged},
+        "single_cell_fields": {
+            "unflagged": single,
+            "correct": correct,
+            "accuracy": correct / max(1, single),
+            "flagged": single_flagged,
+        },
         "fields_without_detection": sum(not e["detections"] for e in result["images"]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,23 +78,25 @@ def report(s: dict) -> str:
     rows = "\n".join(
         f"| {name} | {c['count']} | {c['percent']:.1f} [{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}] | "
         f"{ref['classes'][name]['count']} | {ref['classes'][name]['percent']:.1f} |"
-        for name, c in t["classes"].items() if c["percent"] is not None)
+        for name, c in t["classes"].items()
+        if c["percent"] is not None
+    )
     one = s["single_cell_fields"]
     return f"""# `wbcid count` on BCCD smear fields
 
-Command: `{s['command']}` ({s['fields']} fields, 640x480; model: {s['model']}). The whole
-count took {s['seconds']:.0f} s: {s['fields_per_second']:.1f} fields/s including detection,
+Command: `{s["command"]}` ({s["fields"]} fields, 640x480; model: {s["model"]}). The whole
+count took {s["seconds"]:.0f} s: {s["fields_per_second"]:.1f} fields/s including detection,
 classification, annotated images and the report.
 
-{t['detected']} WBCs found, {t['counted']} counted, {t['flagged']} flagged for review;
-{s['fields_without_detection']} field(s) without a detection.
+{t["detected"]} WBCs found, {t["counted"]} counted, {t["flagged"]} flagged for review;
+{s["fields_without_detection"]} field(s) without a detection.
 
 | class | counted | % [95 % interval] | listed by BCCD | % listed |
 |---|---|---|---|---|
 {rows}
 
-Fields with one listed WBC and one detection: {one['unflagged']} not flagged, of which
-{one['correct']} got BCCD's type ({one['accuracy']:.1%}); {one['flagged']} were flagged.
+Fields with one listed WBC and one detection: {one["unflagged"]} not flagged, of which
+{one["correct"]} got BCCD's type ({one["accuracy"]:.1%}); {one["flagged"]} were flagged.
 """
 
 

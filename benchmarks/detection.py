@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from wbcid.data import default_data_root
-from wbcid.detect import detect_cells, match_boxes, read_voc_boxes
+from wbcid.smear.detect import detect_cells, match_boxes, read_voc_boxes
 
 
 def main() -> None:
@@ -41,10 +41,13 @@ def main() -> None:
             errors.append({"image": path.name, "false_positives": fp, "missed": fn, "found": found, "truth": truth})
     result = {
         "command": "python benchmarks/detection.py",
-        "images": len(images), "annotated_wbcs": totals["tp"] + totals["fn"], **totals,
+        "images": len(images),
+        "annotated_wbcs": totals["tp"] + totals["fn"],
+        **totals,
         "recall": totals["tp"] / max(1, totals["tp"] + totals["fn"]),
         "precision": totals["tp"] / max(1, totals["tp"] + totals["fp"]),
-        "iou": args.iou, "cell_diameter": args.cell_diameter,
+        "iou": args.iou,
+        "cell_diameter": args.cell_diameter,
         "ms_per_image": 1000 * seconds / max(1, len(images)),
         "errors": errors,
     }
@@ -53,11 +56,11 @@ def main() -> None:
     rows = "\n".join(f"| {e['image']} | {e['missed']} | {e['false_positives']} |" for e in errors)
     args.out.with_suffix(".md").write_text(f"""# WBC detection on smear fields
 
-Command: `{result['command']}` (data: `{args.smears}`, {result['images']} fields, VOC boxes).
+Command: `{result["command"]}` (data: `{args.smears}`, {result["images"]} fields, VOC boxes).
 
 | annotated WBCs | found correctly | missed | false positives | recall | precision | time per field |
 |---|---|---|---|---|---|---|
-| {result['annotated_wbcs']} | {totals['tp']} | {totals['fn']} | {totals['fp']} | {result['recall']:.3f} | {result['precision']:.3f} | {result['ms_per_image']:.0f} ms |
+| {result["annotated_wbcs"]} | {totals["tp"]} | {totals["fn"]} | {totals["fp"]} | {result["recall"]:.3f} | {result["precision"]:.3f} | {result["ms_per_image"]:.0f} ms |
 
 A detection is correct when its box overlaps an annotated WBC box with IoU >= {args.iou}
 (one-to-one matching). Expected WBC diameter: {args.cell_diameter:.0f} px.

@@ -20,9 +20,9 @@ import numpy as np
 
 from wbcid.benchmark import IN_DOMAIN, TRAIN_SOURCE
 from wbcid.data import default_data_root, read_cells
-from wbcid.evaluate import compute_metrics
+from wbcid.evaluation import compute_metrics
+from wbcid.inference import predict_proba
 from wbcid.models import load_model
-from wbcid.predict import predict_proba
 
 OTHER_LABS = ("lisc", "tecom", "cellavision", "bccd")
 
@@ -45,21 +45,28 @@ def main() -> None:
         probs[run] = {s: predict_proba(model, c.paths, progress=False)[0] for s, c in sources.items()}
     rows = []
     for combo in [[run] for run in runs] + [group for group in ensembles if len(group) > 1]:
-        scores = {s: compute_metrics(c.labels, np.mean([probs[r][s] for r in combo], axis=0).argmax(1))["macro_f1"]
-                  for s, c in sources.items()}
+        scores = {
+            s: compute_metrics(c.labels, np.mean([probs[r][s] for r in combo], axis=0).argmax(1))["macro_f1"]
+            for s, c in sources.items()
+        }
         rows.append({"models": combo, **scores, "mean_out_of_domain": float(np.mean([scores[s] for s in OTHER_LABS]))})
     command = " ".join(["python benchmarks/ensemble.py", *sys.argv[1:]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "results": rows}, indent=2))
-    lines = ["# Ensembles of PBC-only recipes",
-             "Class probabilities averaged over models trained on PBC with different seeds or recipes (each model with its "
-             "own preprocessing); macro-F1 over the classes present. Training and inference cost grow with the "
-             "number of models (one model: about 12 minutes of training here).",
-             f"| models | PBC test | {' | '.join(OTHER_LABS)} | mean out-of-domain |\n|---|---:|---:|---:|---:|---:|---:|"
-             + "".join(f"\n| {' + '.join(r['models'])} | {r[IN_DOMAIN]:.3f} | "
-                       + " | ".join(f"{r[s]:.3f}" for s in OTHER_LABS) + f" | {r['mean_out_of_domain']:.3f} |"
-                       for r in rows),
-             f"Produced by:\n\n```\n{command}\n```"]
+    lines = [
+        "# Ensembles of PBC-only recipes",
+        "Class probabilities averaged over models trained on PBC with different seeds or recipes (each model with its "
+        "own preprocessing); macro-F1 over the classes present. Training and inference cost grow with the "
+        "number of models (one model: about 12 minutes of training here).",
+        f"| models | PBC test | {' | '.join(OTHER_LABS)} | mean out-of-domain |\n|---|---:|---:|---:|---:|---:|---:|"
+        + "".join(
+            f"\n| {' + '.join(r['models'])} | {r[IN_DOMAIN]:.3f} | "
+            + " | ".join(f"{r[s]:.3f}" for s in OTHER_LABS)
+            + f" | {r['mean_out_of_domain']:.3f} |"
+            for r in rows
+        ),
+        f"Produced by:\n\n```\n{command}\n```",
+    ]
     args.out.with_suffix(".md").write_text("\n\n".join(lines) + "\n")
     print(f"wrote {args.out.with_suffix('.md')}")
 

@@ -27,24 +27,39 @@ from wbcid.data import default_data_root
 from wbcid.train import TrainConfig
 
 RECIPES = {
-    "basic": ("basic augmentation, whole image (the core system's first recipe)", TrainConfig(augment="basic", crop=False)),
-    "domain": ("domain augmentation (stain, colour, blur, noise, scale), whole image", TrainConfig(augment="domain", crop=False)),
+    "basic": (
+        "basic augmentation, whole image (the core system's first recipe)",
+        TrainConfig(augment="basic", crop=False),
+    ),
+    "domain": (
+        "domain augmentation (stain, colour, blur, noise, scale), whole image",
+        TrainConfig(augment="domain", crop=False),
+    ),
     "basic+crop": ("basic augmentation, canonical cell-centred crop", TrainConfig(augment="basic", crop=True)),
     "domain+crop": ("domain augmentation, canonical cell-centred crop", TrainConfig(augment="domain", crop=True)),
-    "domain+crop+frozen-bn": ("domain augmentation, canonical crop, batch-norm statistics frozen at ImageNet's",
-                              TrainConfig(augment="domain", crop=True, frozen_bn=True)),
-    "domain+crop+white-balance": ("domain augmentation, canonical crop, white-patch colour constancy",
-                                  TrainConfig(augment="domain", crop=True, colour="white-balance")),
-    "domain+lowres+crop": ("domain augmentation plus camera resolution (down/up-sampling up to 4x), canonical crop",
-                           TrainConfig(augment="domain+lowres", crop=True)),
-    "domain+crop+macenko": ("domain augmentation, canonical crop, white balance + Macenko stain normalisation",
-                            TrainConfig(augment="domain", crop=True, colour="macenko")),
+    "domain+crop+frozen-bn": (
+        "domain augmentation, canonical crop, batch-norm statistics frozen at ImageNet's",
+        TrainConfig(augment="domain", crop=True, frozen_bn=True),
+    ),
+    "domain+crop+white-balance": (
+        "domain augmentation, canonical crop, white-patch colour constancy",
+        TrainConfig(augment="domain", crop=True, colour="white-balance"),
+    ),
+    "domain+lowres+crop": (
+        "domain augmentation plus camera resolution (down/up-sampling up to 4x), canonical crop",
+        TrainConfig(augment="domain+lowres", crop=True),
+    ),
+    "domain+crop+macenko": (
+        "domain augmentation, canonical crop, white balance + Macenko stain normalisation",
+        TrainConfig(augment="domain", crop=True, colour="macenko"),
+    ),
 }
 SOURCES = (IN_DOMAIN, "lisc", "tecom", "cellavision", "bccd")
 
 
-def run_recipe(name: str, data: Path, runs: Path, results: Path, model: Path | None, tta: bool, command: str,
-               seed: int = 0) -> None:
+def run_recipe(
+    name: str, data: Path, runs: Path, results: Path, model: Path | None, tta: bool, command: str, seed: int = 0
+) -> None:
     """Train (unless ``model`` is given) and test one recipe; a seed other than 0 is part of its name."""
     config = replace(RECIPES[name][1], seed=seed)
     name = f"{name}@seed{seed}" if seed else name
@@ -52,10 +67,10 @@ def run_recipe(name: str, data: Path, runs: Path, results: Path, model: Path | N
     plain = run_benchmark(data, runs / name, config, model=model)
     minutes = (time.perf_counter() - start) / 60
     model = Path(plain["model"])
-    variants = {"": plain, "+adabn": run_benchmark(data, runs / f"{name}+adabn", model=model, adapt=True)}
+    variants = {"": plain, "+adabn": run_benchmark(data, runs / f"{name}+adabn", model=model, adabn=True)}
     if tta:
         variants["+tta"] = run_benchmark(data, runs / f"{name}+tta", model=model, tta=True)
-        variants["+adabn+tta"] = run_benchmark(data, runs / f"{name}+adabn+tta", model=model, adapt=True, tta=True)
+        variants["+adabn+tta"] = run_benchmark(data, runs / f"{name}+adabn+tta", model=model, adabn=True, tta=True)
     results.mkdir(parents=True, exist_ok=True)
     for suffix, summary in variants.items():
         summary.update(recipe=name, command=command, minutes_train_and_test=None if suffix else minutes)
@@ -78,11 +93,13 @@ def seed_spread(results: Path) -> list[str]:
         table.append(f"| {recipe} | {len(runs)} | " + " | ".join(f"{min(v):.3f}-{max(v):.3f}" for v in ranges) + " |")
     if not table:
         return []
-    return ["## Run-to-run spread\n\nThe same recipe trained with different seeds (`--seed`), tested the same "
-            "way: the range of macro-F1 over the seeds. A recipe is adopted as the default only if its mean "
-            "out-of-domain macro-F1 beats the default's by more than this spread.",
-            "| recipe | seeds | PBC test | lisc | tecom | cellavision | bccd | mean out-of-domain |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(table)]
+    return [
+        "## Run-to-run spread\n\nThe same recipe trained with different seeds (`--seed`), tested the same "
+        "way: the range of macro-F1 over the seeds. A recipe is adopted as the default only if its mean "
+        "out-of-domain macro-F1 beats the default's by more than this spread.",
+        "| recipe | seeds | PBC test | lisc | tecom | cellavision | bccd | mean out-of-domain |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(table),
+    ]
 
 
 def write_doc(results: Path) -> Path:
@@ -91,15 +108,18 @@ def write_doc(results: Path) -> Path:
         s = json.loads(path.read_text())
         commands.add(s["command"])
         scores = [s["sources"].get(src, {}).get("macro_f1") for src in SOURCES]
-        rows.append(f"| {path.stem} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in scores)
-                    + f" | {s['mean_out_of_domain_macro_f1']:.3f} | {s.get('generalization_gap', float('nan')):.3f} |")
+        rows.append(
+            f"| {path.stem} | "
+            + " | ".join("-" if v is None else f"{v:.3f}" for v in scores)
+            + f" | {s['mean_out_of_domain_macro_f1']:.3f} | {s.get('generalization_gap', float('nan')):.3f} |"
+        )
     lines = [
         "# Generalization: what helped and what did not",
         "Single-source protocol: train on PBC train (validation on PBC val), test on PBC test and on four "
         "labs never seen in training. Macro-F1 over the classes present; 95 % bootstrap intervals are in "
         "each JSON file under `docs/generalization/` and in the benchmark reports. `+adabn`: batch-norm "
         "statistics of each test lab's unlabelled images mapped onto the training images' statistics "
-        "(recorded at training; `wbcid.adapt`); `+adabn-plain`: plain AdaBN, measured on models trained before "
+        "(recorded at training; `wbcid.testtime`); `+adabn-plain`: plain AdaBN, measured on models trained before "
         "those statistics were recorded; `+tta`: mean over 8 rotations/flips.",
         "Recipes:\n\n" + "\n".join(f"- `{k}`: {d}" for k, (d, _) in RECIPES.items()),
         "| recipe | PBC test | lisc | tecom | cellavision | bccd | mean out-of-domain | gap |",

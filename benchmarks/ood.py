@@ -20,10 +20,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from wbcid.data import CLASSES, default_data_root, read_cells
-from wbcid.evaluate import compute_metrics, flagged_metrics
+from wbcid.evaluation import compute_metrics, flagged_metrics
+from wbcid.inference import predict_proba
 from wbcid.models import load_model
 from wbcid.ood import flagged
-from wbcid.predict import predict_proba
 from wbcid.train import refit_training_statistics
 
 SOURCES = ["pbc", "lisc", "tecom", "cellavision", "bccd"]
@@ -52,14 +52,20 @@ def main() -> None:
     raw = np.array([c.raw_label for c in other.cells])
 
     def auroc(out_scores: np.ndarray, in_scores: np.ndarray) -> float:
-        return float(roc_auc_score(np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))], np.r_[in_scores, out_scores]))
+        return float(
+            roc_auc_score(np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))], np.r_[in_scores, out_scores])
+        )
 
     result = {
-        "command": "python benchmarks/ood.py" + (f" --model {args.model}" if args.model else "") + (
-            f" --out {args.out}" if args.out != Path("docs/ood") else ""),
-        "model": str(args.model or "bundled"), "threshold_quantile": 0.95,
-        "auroc": {"pbc_other": auroc(ood_out, ood_in),
-                  **{kind: auroc(ood_out[raw == kind], ood_in) for kind in sorted(set(raw))}},
+        "command": "python benchmarks/ood.py"
+        + (f" --model {args.model}" if args.model else "")
+        + (f" --out {args.out}" if args.out != Path("docs/ood") else ""),
+        "model": str(args.model or "bundled"),
+        "threshold_quantile": 0.95,
+        "auroc": {
+            "pbc_other": auroc(ood_out, ood_in),
+            **{kind: auroc(ood_out[raw == kind], ood_in) for kind in sorted(set(raw))},
+        },
         "auroc_max_softmax_baseline": {"pbc_other": auroc(-p_out.max(1), -p_in.max(1))},
         "pbc_other_flagged_share": {kind: float(flagged(ood_out[raw == kind]).mean()) for kind in sorted(set(raw))},
         "sources": {},
@@ -68,9 +74,11 @@ def main() -> None:
         subset = cells.select([source], ["test"]).known()
         probs, ood, kept = (p_in, ood_in, pbc_test) if source == "pbc" else score(subset)
         predicted = probs.argmax(1)
-        result["sources"][source] = {"n": len(kept), **{k: compute_metrics(kept.labels, predicted)[k]
-                                                        for k in ("accuracy", "macro_f1")},
-                                     **flagged_metrics(kept.labels, predicted, flagged(ood))}
+        result["sources"][source] = {
+            "n": len(kept),
+            **{k: compute_metrics(kept.labels, predicted)[k] for k in ("accuracy", "macro_f1")},
+            **flagged_metrics(kept.labels, predicted, flagged(ood)),
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(report(result))
@@ -81,20 +89,22 @@ def report(r: dict) -> str:
     kinds = [k for k in r["auroc"] if k != "pbc_other"]
     rows = "\n".join(
         f"| {s} | {m['n']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['flagged_share']:.1%} | "
-        f"{m['accuracy_unflagged']:.3f} | {m['macro_f1_unflagged']:.3f} |" for s, m in r["sources"].items())
+        f"{m['accuracy_unflagged']:.3f} | {m['macro_f1_unflagged']:.3f} |"
+        for s, m in r["sources"].items()
+    )
     return f"""# Out-of-distribution flags
 
-Command: `{r['command']}`. Model: `{r['model']}`. The scorer is fitted on the features of the
-model's training cells; its threshold is the {r['threshold_quantile']:.0%} quantile of its validation cells' scores.
+Command: `{r["command"]}`. Model: `{r["model"]}`. The scorer is fitted on the features of the
+model's training cells; its threshold is the {r["threshold_quantile"]:.0%} quantile of its validation cells' scores.
 
 ## Non-WBC cells (PBC's other classes) against PBC's five-class test split
 
-| | all | {' | '.join(kinds)} |
-|---|---|{'---|' * len(kinds)}
-| AUROC of `ood_score` | {r['auroc']['pbc_other']:.4f} | {' | '.join(f"{r['auroc'][k]:.4f}" for k in kinds)} |
-| share flagged | | {' | '.join(f"{r['pbc_other_flagged_share'][k]:.1%}" for k in kinds)} |
+| | all | {" | ".join(kinds)} |
+|---|---|{"---|" * len(kinds)}
+| AUROC of `ood_score` | {r["auroc"]["pbc_other"]:.4f} | {" | ".join(f"{r['auroc'][k]:.4f}" for k in kinds)} |
+| share flagged | | {" | ".join(f"{r['pbc_other_flagged_share'][k]:.1%}" for k in kinds)} |
 
-Baseline, the maximum softmax probability as the score: AUROC {r['auroc_max_softmax_baseline']['pbc_other']:.4f}.
+Baseline, the maximum softmax probability as the score: AUROC {r["auroc_max_softmax_baseline"]["pbc_other"]:.4f}.
 
 ## Every source: the answers that are not flagged
 
@@ -102,7 +112,7 @@ Baseline, the maximum softmax probability as the score: AUROC {r['auroc_max_soft
 |---|---|---|---|---|---|---|
 {rows}
 
-Classes of the five (`{', '.join(CLASSES)}`) only; macro-F1 over the classes present.
+Classes of the five (`{", ".join(CLASSES)}`) only; macro-F1 over the classes present.
 """
 
 

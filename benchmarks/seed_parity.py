@@ -20,7 +20,7 @@ from pathlib import Path
 
 from wbcid.data import CellSet, default_data_root, read_cells
 from wbcid.errors import WbcidError
-from wbcid.evaluate import evaluate
+from wbcid.evaluation import evaluate
 from wbcid.models import create_model, load_model
 from wbcid.reports import metrics_table
 from wbcid.train import TrainConfig, fit
@@ -84,8 +84,10 @@ def write_doc(outcomes: dict[str, dict | str], docs: Path, command: str) -> Path
         "augmentation, like the original; the default recipe (canonical crop, domain augmentation) is "
         "measured under the same protocol in [generalization.md](generalization.md).",
     ]
-    summary = ["| model | Test1 accuracy (original) | Test2 accuracy (original) | Test1 macro-F1 | Test2 macro-F1 | train time |",
-               "|---|---:|---:|---:|---:|---:|"]
+    summary = [
+        "| model | Test1 accuracy (original) | Test2 accuracy (original) | Test1 macro-F1 | Test2 macro-F1 | train time |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, outcome in outcomes.items():
         if isinstance(outcome, str):
             summary.append(f"| {name} | {outcome} | | | | |")
@@ -93,17 +95,26 @@ def write_doc(outcomes: dict[str, dict | str], docs: Path, command: str) -> Path
         r = outcome["results"]
         t1, t2 = r["Test1 (PBC test)"], r["Test2 (all other sources)"]
         o1, o2 = (f" ({v} %)" for v in ORIGINAL[name]) if name in ORIGINAL else ("", "")
-        summary.append(f"| {name} | {100 * t1['accuracy']:.1f} %{o1} | {100 * t2['accuracy']:.1f} %{o2} | "
-                       f"{t1['macro_f1']:.3f} | {t2['macro_f1']:.3f} | {outcome['minutes']:.1f} min |")
+        summary.append(
+            f"| {name} | {100 * t1['accuracy']:.1f} %{o1} | {100 * t2['accuracy']:.1f} %{o2} | "
+            f"{t1['macro_f1']:.3f} | {t2['macro_f1']:.3f} | {outcome['minutes']:.1f} min |"
+        )
     lines += ["## Summary", "\n".join(summary)]
     for name, outcome in outcomes.items():
         if isinstance(outcome, str):
             continue
-        lines += [f"## {name}", f"Trained {outcome['epochs']} epochs in {outcome['minutes']:.1f} min on this machine.",
-                  metrics_table(outcome["results"]), f"![history]({docs.name}/{name}/history.png)"]
+        lines += [
+            f"## {name}",
+            f"Trained {outcome['epochs']} epochs in {outcome['minutes']:.1f} min on this machine.",
+            metrics_table(outcome["results"]),
+            f"![history]({docs.name}/{name}/history.png)",
+        ]
         for title, m in outcome["results"].items():
-            lines += [f"### {title}", f"```\n{m['classification_report']}```",
-                      f"![confusion matrix]({docs.name}/{name}/{_slug(title)}/confusion_matrix.png)"]
+            lines += [
+                f"### {title}",
+                f"```\n{m['classification_report']}```",
+                f"![confusion matrix]({docs.name}/{name}/{_slug(title)}/confusion_matrix.png)",
+            ]
     path = docs.parent / f"{docs.name}.md"
     path.write_text("\n\n".join(lines) + "\n")
     return path

@@ -23,8 +23,8 @@ import torch
 
 from wbcid.data import default_data_root, read_cells
 from wbcid.export import export_onnx
+from wbcid.inference import predict
 from wbcid.models import BUNDLED, create_model, load_model, save_model
-from wbcid.predict import predict
 from wbcid.train import TrainConfig, fit
 
 
@@ -53,14 +53,20 @@ def main() -> None:
         "bundled model, PyTorch": (BUNDLED, files),
         "bundled model, ONNX Runtime": (onnx_path, files),
         "seed-cnn (original small CNN)": (save_model(create_model("seed-cnn"), tmp / "seed.pt"), files),
-        "vgg16 (original transfer model)": (save_model(create_model("vgg16", pretrained=False), tmp / "vgg.pt"),
-                                            files[: args.vgg_images]),
+        "vgg16 (original transfer model)": (
+            save_model(create_model("vgg16", pretrained=False), tmp / "vgg.pt"),
+            files[: args.vgg_images],
+        ),
     }
-    rows = {name: {b: time_predict(path, subset, b, tmp) for b in (1, 64)} for name, (path, subset) in
-            candidates.items()}
+    rows = {
+        name: {b: time_predict(path, subset, b, tmp) for b in (1, 64)} for name, (path, subset) in candidates.items()
+    }
     start = time.perf_counter()  # the command a user types, Python start-up and imports included
-    subprocess.run([sys.executable, "-m", "wbcid", "predict", "--out", str(tmp / "cli.csv"), *map(str, files)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "wbcid", "predict", "--out", str(tmp / "cli.csv"), *map(str, files)],
+        check=True,
+        capture_output=True,
+    )
     cli_rate = len(files) / (time.perf_counter() - start)
 
     start = time.perf_counter()
@@ -72,7 +78,7 @@ def main() -> None:
         "# Speed",
         f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads. End to end: image files on disk -> "
-        "predictions CSV, model loading included (`wbcid.predict.predict`, what `wbcid predict` runs). "
+        "predictions CSV, model loading included (`wbcid.inference.predict`, what `wbcid predict` runs). "
         f"{len(files)} PBC test images ({args.vgg_images} for VGG16, whose rate is the same per image).",
         "| model | input | images/s, batch 1 | images/s, batch 64 |",
     ]

@@ -19,12 +19,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-
 from wbcid.benchmark import training_pool
 from wbcid.data import default_data_root, read_cells
 from wbcid.export import export_onnx
+from wbcid.inference import agreement
 from wbcid.models import BUNDLED, BUNDLED_ONNX, load_model, save_model
-from wbcid.predict import agreement
 from wbcid.train import TrainConfig, fit, refit_training_statistics
 
 
@@ -48,19 +47,25 @@ def main() -> None:
     else:  # what training records after the epochs (batch-norm statistics, OOD scorer) may have changed
         refit_training_statistics(args.run, pool.select(splits=["train"]), pool.select(splits=["val"]))
     full = load_model(args.run)
-    save_model(full, BUNDLED, half=True, trained_on={s: _counts(pool, s) for s in sorted({c.source for c in pool.cells})})
+    save_model(
+        full, BUNDLED, half=True, trained_on={s: _counts(pool, s) for s in sorted({c.source for c in pool.cells})}
+    )
     bundled = load_model()
     export_onnx(bundled, BUNDLED_ONNX)
 
-    report.update({
-        "command": "python scripts/train_bundled_model.py",
-        "recipe": asdict(config) | {"data": None},
-        "training_cells": {s: _counts(pool, s) for s in sorted({c.source for c in pool.cells})},
-        "file_mb": BUNDLED.stat().st_size / 2**20,
-        "onnx_file_mb": BUNDLED_ONNX.stat().st_size / 2**20,
-        "fp16_vs_fp32": report.get("fp16_vs_fp32") or agreement(full, bundled, cells.paths),
-        "onnx_vs_pytorch_pbc_test": agreement(bundled, load_model(BUNDLED_ONNX), cells.select(["pbc"], ["test"]).paths),
-    })
+    report.update(
+        {
+            "command": "python scripts/train_bundled_model.py",
+            "recipe": asdict(config) | {"data": None},
+            "training_cells": {s: _counts(pool, s) for s in sorted({c.source for c in pool.cells})},
+            "file_mb": BUNDLED.stat().st_size / 2**20,
+            "onnx_file_mb": BUNDLED_ONNX.stat().st_size / 2**20,
+            "fp16_vs_fp32": report.get("fp16_vs_fp32") or agreement(full, bundled, cells.paths),
+            "onnx_vs_pytorch_pbc_test": agreement(
+                bundled, load_model(BUNDLED_ONNX), cells.select(["pbc"], ["test"]).paths
+            ),
+        }
+    )
     args.report.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

@@ -34,6 +34,9 @@ def write_manifest(table: pd.DataFrame, data_root: Path, path: Path) -> Path:
 def pbc_small(cells_table: pd.DataFrame, data_root: Path, tmp_path_factory) -> Path:
     """24 train / 6 val / 8 test PBC images per class: enough to learn something in seconds."""
     pbc = cells_table[cells_table.source == "pbc"]
-    parts = [pbc[(pbc.split == split) & (pbc.label == label)].head(n)
-             for split, n in (("train", 24), ("val", 6), ("test", 8)) for label in pbc.label.unique()]
+    parts = [
+        pbc[(pbc.split == split) & (pbc.label == label)].head(n)
+        for split, n in (("train", 24), ("val", 6), ("test", 8))
+        for label in pbc.label.unique()
+    ]
     return write_manifest(pd.concat(parts), data_root, tmp_path_factory.mktemp("pbc") / "manifest.csv")

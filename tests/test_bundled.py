@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from wbcid.data import CLASSES, read_cells
+from wbcid.errors import WbcidError
 from wbcid.export import OnnxModel
+from wbcid.inference import UNREADABLE_MESSAGE, predict
 from wbcid.models import BUNDLED, load_model
-from wbcid.predict import predict
 from wbcid.preprocess import Preprocess
 
 
@@ -29,8 +32,11 @@ def test_bundled_model_is_small_and_carries_its_contract():
 def test_predict_without_a_model_uses_the_bundled_one(data_root, tmp_path):
     cells = read_cells(data_root / "cells.csv", sources=["cellavision"])
     picked = [c for c in cells.cells if c.label in (0, 1, 3)][:24]  # neutrophils, lymphocytes, eosinophils
-    result = subprocess.run([sys.executable, "-m", "wbcid", "predict", "--out", str(tmp_path / "p.csv"),
-                             *[str(c.path) for c in picked]], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "wbcid", "predict", "--out", str(tmp_path / "p.csv"), *[str(c.path) for c in picked]],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     table = pd.read_csv(tmp_path / "p.csv")
     correct = (table.label == [CLASSES[c.label] for c in picked]).mean()
@@ -45,3 +51,33 @@ def test_unreadable_files_keep_their_row_without_a_label(data_root, tmp_path):
     assert table.path.tolist() == [str(good), str(bad)]
     assert table.label[0] in CLASSES and table.label[1] == ""
     assert table.loc[1, [f"p_{c}" for c in CLASSES]].isna().all()
+    assert table.flagged.tolist() == [table.flagged[0], True] and table.error.tolist() == ["", UNREADABLE_MESSAGE]
+
+
+def test_nothing_readable_is_an_error_after_the_csv_is_written(tmp_path):
+    """Issue 13.5: predict exited 0 when every input was unreadable; 13.11: --out checked before work."""
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(WbcidError, match="none of the 1 images"):
+        predict(None, [bad], tmp_path / "out.csv")
+    assert pd.read_csv(tmp_path / "out.csv", keep_default_na=False).error.tolist() == [UNREADABLE_MESSAGE]
+    cli = subprocess.run(
+        [sys.executable, "-m", "wbcid", "predict", str(bad), "--out", str(tmp_path / "o2.csv")],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    with pytest.raises(WbcidError, match="is a folder"):
+        predict(None, [bad], tmp_path)
+    with pytest.raises(WbcidError, match="no such file"):
+        predict(Path("no-model-needed-yet.pt"), [tmp_path / "missing.png"], tmp_path / "x.csv")
+
+
+def test_evaluating_on_training_cells_says_so(data_root, tmp_path, caplog):
+    """Issue 13.12: evaluate on cells the bundled model was trained on reported a score without a word."""
+    from wbcid.evaluation import evaluate
+
+    cells = read_cells(data_root / "cells.csv", sources=["cellavision"])
+    metrics = evaluate(None, cells.subset(range(12)), tmp_path)
+    assert metrics["training_overlap"] == 12 and "not a test score" in caplog.text
+    assert (tmp_path / "report.md").read_text().splitlines()[0].startswith("# Evaluation of bundled model")

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from wbcid.count import REFERENCE_RANGES, differential, proportion_interval, read_reference
 from wbcid.data import CLASSES
 from wbcid.errors import WbcidError
+from wbcid.smear.counting import REFERENCE_RANGES, differential, proportion_interval, read_reference
 
 
 def test_exact_binomial_intervals_match_closed_forms():
@@ -48,7 +49,9 @@ def test_differential_counts_percentages_and_reference_flags():
 
 def test_nothing_counted_gives_no_percentages():
     result = differential([])
-    assert result["counted"] == 0 and all(c["percent"] is None and c["flag"] is None for c in result["classes"].values())
+    assert result["counted"] == 0 and all(
+        c["percent"] is None and c["flag"] is None for c in result["classes"].values()
+    )
     json.dumps(result, allow_nan=False)  # valid JSON, no NaN
 
 
@@ -71,8 +74,11 @@ def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff not a jpeg")
     out = tmp_path / "count"
-    result = subprocess.run([sys.executable, "-m", "wbcid", "count", "--out", str(out), *map(str, fields),
-                             str(grey), str(corrupt)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "wbcid", "count", "--out", str(out), *map(str, fields), str(grey), str(corrupt)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     counts = json.loads((out / "counts.json").read_text())
     images = {entry["path"]: entry for entry in counts["images"]}
@@ -95,7 +101,7 @@ def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
 
 
 def test_count_fails_clearly_when_nothing_is_readable(tmp_path):
-    from wbcid.count import count
+    from wbcid.smear.counting import count
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
@@ -104,7 +110,7 @@ def test_count_fails_clearly_when_nothing_is_readable(tmp_path):
 
 
 def test_an_interrupted_count_resumes_without_redoing_finished_fields(data_root, tmp_path, monkeypatch):
-    import wbcid.count as counting
+    import wbcid.smear.counting as counting
 
     fields = [data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg" for i in (0, 10, 34, 100)]
     straight = counting.count(None, fields, tmp_path / "straight")
@@ -129,3 +135,81 @@ def test_an_interrupted_count_resumes_without_redoing_finished_fields(data_root,
     assert resumed["totals"] == straight["totals"]
     written = [json.loads((tmp_path / run / "counts.json").read_text())["images"] for run in ("out", "straight")]
     assert [e["detections"] for e in written[0]] == [e["detections"] for e in written[1]]
+
+
+def test_blank_tiny_and_flat_fields_are_warnings_not_a_crash(data_root, tmp_path):
+    """Issue 13.1: a blank, 1x1, 2x2 or single-colour image stopped the whole count (Otsu's ValueError)."""
+    from wbcid.smear.counting import count
+
+    odd = {
+        "blank.png": Image.new("RGB", (640, 480), "white"),
+        "one.png": Image.new("RGB", (1, 1), "purple"),
+        "two.png": Image.new("RGB", (2, 2), (120, 40, 160)),
+        "flat.png": Image.new("RGB", (300, 300), (200, 90, 180)),
+    }
+    for name, image in odd.items():
+        image.save(tmp_path / name)
+    real = data_root / "smears" / "bccd" / "images" / "BloodImage_00000.jpg"
+    result = count(None, [*(tmp_path / n for n in odd), real], tmp_path / "out")
+    by_name = {Path(e["path"]).name: e for e in result["images"]}
+    assert "too small" in " ".join(by_name["one.png"]["warnings"]) and "too small" in " ".join(
+        by_name["two.png"]["warnings"]
+    )
+    assert "flat colour" in " ".join(by_name["blank.png"]["warnings"] + by_name["flat.png"]["warnings"])
+    assert by_name[real.name]["detections"] and (tmp_path / "out" / "counts.json").is_file()
+
+
+def test_a_field_cut_short_mid_write_is_counted_again_on_resume(data_root, tmp_path):
+    """Issue 13.8: a truncated last line in fields.jsonl made --resume raise JSONDecodeError."""
+    from wbcid.smear.counting import count
+
+    fields = [data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg" for i in (0, 10)]
+    straight = count(None, fields, tmp_path / "straight")
+    log = tmp_path / "straight" / "fields.jsonl"
+    text = log.read_text()
+    log.write_text(text[: len(text) - 40])  # the second field's line cut short, as by a crash
+    resumed = count(None, fields, tmp_path / "straight", resume=True)
+    assert resumed["totals"] == straight["totals"]
+    assert len(log.read_text().splitlines()) == 3 and all(json.loads(line) for line in log.read_text().splitlines())
+
+
+@pytest.mark.parametrize(
+    "ranges, message",
+    [
+        ({**REFERENCE_RANGES, "neutrophil": [75, 40]}, "not a range"),
+        ({k: [v[0] / 100, v[1] / 100] for k, v in REFERENCE_RANGES.items()}, "not fractions"),
+        ({**REFERENCE_RANGES, "monocyte": [4, float("nan")]}, "not a range"),
+        ({**REFERENCE_RANGES, "monocyte": [4, 9, 12]}, r"must be \[low, high\]"),
+        ({**REFERENCE_RANGES, "blast": [0, 1]}, "unknown class 'blast'"),
+        ({k: v for k, v in REFERENCE_RANGES.items() if k != "basophil"}, "basophil is missing"),
+    ],
+)
+def test_reference_ranges_are_validated_and_explained(tmp_path, ranges, message):
+    """Issue 13.6: reversed ranges, fractions, NaN, extra values and unknown classes were accepted."""
+    path = tmp_path / "ranges.json"
+    path.write_text(json.dumps({k: list(v) for k, v in ranges.items()}))
+    with pytest.raises(WbcidError, match=message):
+        read_reference(path)
+
+
+def test_count_summary_says_inconclusive_and_asks_for_more_cells(data_root, tmp_path):
+    """Issue 13.14: the terminal summary lacked 'inconclusive' and the fewer-than-100-cells warning."""
+    fields = [str(data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg") for i in range(4)]
+    run = subprocess.run(
+        [sys.executable, "-m", "wbcid", "count", *fields, "--out", str(tmp_path / "o")], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "a 100-cell differential needs" in run.stdout
+    assert "inconclusive" in run.stdout  # a few cells: the flags they raise cannot be conclusive
+    assert "issue 3" not in (tmp_path / "o" / "report.html").read_text()
+
+
+def test_an_absurd_cell_diameter_gets_a_hint_and_nan_a_clear_error(data_root, tmp_path):
+    """Issue 13.10: no hint when --cell-diameter cannot fit the images; nan was a traceback."""
+    from wbcid.smear.counting import count
+
+    field = data_root / "smears" / "bccd" / "images" / "BloodImage_00000.jpg"
+    for diameter, words in ((2000, "does not fit"), (5, "tiny")):
+        result = count(None, [field], tmp_path / f"d{diameter}", cell_diameter=diameter)
+        assert words in " ".join(result["images"][0]["warnings"])
+    with pytest.raises(WbcidError, match="positive number"):
+        count(None, [field], tmp_path / "nan", cell_diameter=float("nan"))

@@ -12,16 +12,31 @@ import pytest
 
 from wbcid.data import CLASSES, list_images, load_images, parse_label, read_cells
 from wbcid.errors import WbcidError
-from wbcid.evaluate import compute_metrics
+from wbcid.evaluation import compute_metrics
 from wbcid.preprocess import Preprocess
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("NEUTROPHIL", "neutrophil"), ("Neutrophil", "neutrophil"), ("neut", "neutrophil"), ("SNE", "neutrophil"),
-    ("neutrophils", "neutrophil"), ("Baso", "basophil"), ("Baoso", "basophil"), ("BA", "basophil"),
-    ("eosi", "eosinophil"), ("EOSINOPHIL", "eosinophil"), ("lymp", "lymphocyte"), ("Lymphocytes", "lymphocyte"),
-    ("mono", "monocyte"), ("1", "neutrophil"), ("5", "basophil"), (3, "monocyte"),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("NEUTROPHIL", "neutrophil"),
+        ("Neutrophil", "neutrophil"),
+        ("neut", "neutrophil"),
+        ("SNE", "neutrophil"),
+        ("neutrophils", "neutrophil"),
+        ("Baso", "basophil"),
+        ("Baoso", "basophil"),
+        ("BA", "basophil"),
+        ("eosi", "eosinophil"),
+        ("EOSINOPHIL", "eosinophil"),
+        ("lymp", "lymphocyte"),
+        ("Lymphocytes", "lymphocyte"),
+        ("mono", "monocyte"),
+        ("1", "neutrophil"),
+        ("5", "basophil"),
+        (3, "monocyte"),
+    ],
+)
 def test_parse_label_maps_synonyms(name, expected):
     assert CLASSES[parse_label(name)] == expected
 
@@ -44,7 +59,7 @@ def test_manifest_filters_source_and_split(data_root):
 def test_manifest_skips_labels_that_are_not_ours_with_a_count(data_root):
     cells = read_cells(data_root / "cells.csv", sources=["pbc", "pbc_other"], splits=["val"])
     assert {c.source for c in cells.cells} == {"pbc"}
-    (reason, count), = cells.skipped.items()
+    ((reason, count),) = cells.skipped.items()
     assert "platelet" in reason and count == 180  # 10 % of 600 per non-target class
 
 
@@ -155,3 +170,29 @@ def test_list_images_recurses_and_sorts(data_root):
     files = list_images([data_root / "cells" / "cellavision" / "basophil"])
     assert len(files) == 3 and files == sorted(files)
     assert all(os.path.isfile(f) for f in files)
+
+
+def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):
+    """Issue 13.13: 'Path,Label' was refused; all-missing paths said only 'no labelled images found'."""
+    image = next((data_root / "cells" / "lisc" / "basophil").glob("*.jpg"))
+    (tmp_path / "caps.csv").write_text(f"Path,Label\n{image},Basophil\n")
+    assert read_cells(tmp_path / "caps.csv").class_counts()["basophil"] == 1
+    (tmp_path / "gone.csv").write_text("path,label\n" + "".join(f"img{i}.jpg,neutrophil\n" for i in range(20)))
+    with pytest.raises(WbcidError, match=r"20 of 20 paths do not exist \(paths are relative to the CSV's folder"):
+        read_cells(tmp_path / "gone.csv")
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped_white(data_root, tmp_path):
+    """Issue 13.7: 16-bit grey PNGs were read as all white by predict and explain."""
+    from PIL import Image
+
+    from wbcid.data import decode_image
+    from wbcid.preprocess import Preprocess
+
+    grey = Image.open(next((data_root / "cells" / "lisc" / "lymphocyte").glob("*.jpg"))).convert("L")
+    Image.fromarray(np.asarray(grey, dtype=np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit PNG
+    grey.save(tmp_path / "flat.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    prep = Preprocess(128, crop=False)
+    deep, flat = decode_image(tmp_path / "deep.png", prep), decode_image(tmp_path / "flat.png", prep)
+    assert deep.mean() < 250 and np.abs(deep.astype(int) - flat.astype(int)).max() <= 1

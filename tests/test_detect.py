@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wbcid.detect import detect_cells, match_boxes, read_voc_boxes
 from wbcid.errors import WbcidError
+from wbcid.smear.detect import detect_cells, match_boxes, read_voc_boxes
 
 FIELDS = ["BloodImage_00000", "BloodImage_00010", "BloodImage_00034", "BloodImage_00100", "BloodImage_00300"]
 
@@ -34,7 +34,7 @@ def test_finds_the_annotated_wbcs_and_only_them(smears):
 
 def test_a_field_without_wbc_gives_nothing(smears):
     image = field(smears, "BloodImage_00000")
-    (x0, y0, x1, y1), = read_voc_boxes(smears / "annotations" / "BloodImage_00000.xml")
+    ((x0, y0, x1, y1),) = read_voc_boxes(smears / "annotations" / "BloodImage_00000.xml")
     red_cells_only = image.crop((0, 0, x0 - 10, image.height))  # left of the only WBC: red cells, platelets
     assert detect_cells(red_cells_only) == []
     assert detect_cells(image.convert("L").convert("RGB")) == []  # no colour, no stain to go by

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
 from wbcid.data import CLASSES, decode_image, read_cells
-from wbcid.explain import explain, grad_cam
+from wbcid.gradcam import explain, grad_cam
 from wbcid.models import load_model
 from wbcid.preprocess import Preprocess
 
@@ -15,7 +16,9 @@ def test_heat_lies_on_the_centred_cell_not_the_border(data_root):
     model = load_model()
     cells = read_cells(data_root / "cells.csv", ["pbc"], ["test"]).cells[::200][:8]
     size = model.config["input_size"]
-    images = torch.stack([torch.from_numpy(decode_image(c.path, Preprocess.of(model.config)).copy()).permute(2, 0, 1) for c in cells])
+    images = torch.stack(
+        [torch.from_numpy(decode_image(c.path, Preprocess.of(model.config)).copy()).permute(2, 0, 1) for c in cells]
+    )
     heat, predicted = grad_cam(model, images)
     assert heat.shape == (len(cells), size, size) and heat.min() >= 0 and heat.max() <= 1
     quarter = size // 4
@@ -35,3 +38,25 @@ def test_explain_writes_one_overlay_per_readable_image(data_root, tmp_path):
         assert path.stem.split("_gradcam_")[1] in CLASSES
         with Image.open(path) as image:
             assert image.size == (512, 256)  # the input as the model saw it | the overlay
+
+
+def test_two_inputs_with_one_name_get_two_files(data_root, tmp_path):
+    """Issue 13.9: two inputs named alike were written to one output file and reported as two."""
+    import shutil
+
+    sources = sorted((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))[:2]
+    for folder, source in zip(("a", "b"), sources):
+        (tmp_path / folder).mkdir()
+        shutil.copy(source, tmp_path / folder / "cell.jpg")
+    written = explain(None, [tmp_path / "a" / "cell.jpg", tmp_path / "b" / "cell.jpg"], tmp_path / "out")
+    assert len(set(written)) == 2 and all(p.is_file() for p in written)
+
+
+def test_an_onnx_model_is_refused_with_a_reason(data_root, tmp_path):
+    """Issue 13.3: explain with --model x.onnx failed with an AttributeError."""
+    from wbcid.errors import WbcidError
+    from wbcid.models import BUNDLED_ONNX
+
+    cell = next((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))
+    with pytest.raises(WbcidError, match="PyTorch model"):
+        explain(BUNDLED_ONNX, [cell], tmp_path)

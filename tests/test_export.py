@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import onnx
 import pytest
 
+import wbcid
 from wbcid.data import read_cells
 from wbcid.errors import WbcidError
-from wbcid.export import METADATA_KEY, export_onnx
+from wbcid.export import METADATA_KEY, OnnxModel, export_onnx
+from wbcid.inference import agreement, predict
 from wbcid.models import create_model, load_model
-from wbcid.predict import agreement, predict
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +41,24 @@ def test_onnx_file_carries_the_preprocessing_contract(exported, pbc_small):
     cells = read_cells(pbc_small, splits=["test"]).paths[:6]
     assert predict(path, cells).label.tolist() == predict(model, cells).label.tolist()
     with pytest.raises(WbcidError, match="PyTorch model"):
-        predict(path, cells, adapt=True)
+        predict(path, cells, adabn=True)
 
 
 def test_foreign_onnx_files_are_refused(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"garbage")
     with pytest.raises(WbcidError, match="not a readable ONNX"):
         load_model(tmp_path / "x.onnx")
+
+
+def test_exporting_an_onnx_model_is_refused_and_export_is_quiet(tmp_path):
+    """Issue 13.3 and 13.15: export of an ONNX model crashed; export printed ~90 lines; no --version."""
+    from wbcid.models import BUNDLED_ONNX
+
+    with pytest.raises(WbcidError, match="already ONNX"):
+        export_onnx(OnnxModel(BUNDLED_ONNX), tmp_path / "x.onnx")
+    run = subprocess.run(
+        [sys.executable, "-m", "wbcid", "export", "--out", str(tmp_path / "m.onnx")], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and len((run.stdout + run.stderr).splitlines()) <= 5, run.stdout + run.stderr
+    version = subprocess.run([sys.executable, "-m", "wbcid", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"wbcid {wbcid.__version__}"

@@ -1,4 +1,5 @@
-"""Mechanics of the cross-domain methods on real cells: crop, colour normalisation, stain jitter, AdaBN, TTA, protocol."""
+"""Mechanics of the cross-domain methods on real cells: crop, colour normalisation, stain jitter, AdaBN, TTA,
+protocol."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from wbcid.adapt import adapt_batchnorm, batchnorm_statistics, dihedral_scores
 from wbcid.augment import RandomLowResolution, RandomStainJitter, train_augmentation
 from wbcid.benchmark import training_pool
 from wbcid.crop import MARGIN, canonical_crop, find_nucleus
 from wbcid.data import read_cells
 from wbcid.errors import WbcidError
-from wbcid.evaluate import bootstrap_intervals, compute_metrics
+from wbcid.evaluation import bootstrap_intervals, compute_metrics
 from wbcid.models import create_model
 from wbcid.preprocess import Preprocess, fit_stain_reference, white_balance
+from wbcid.testtime import adapt_batchnorm, batchnorm_statistics, dihedral_scores
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +135,18 @@ def test_adabn_only_changes_normalisation_statistics(pbc_cells):
     with torch.no_grad():  # the stem's statistics are now those of these images
         stem = model.backbone.conv_stem(((images.float() / 255) - model.mean) / model.std)
     torch.testing.assert_close(adapted.backbone.bn1.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
-    assert not adapted.training and not torch.allclose(adapted.backbone.bn1.running_mean, model.backbone.bn1.running_mean)
+    assert not adapted.training and not torch.allclose(
+        adapted.backbone.bn1.running_mean, model.backbone.bn1.running_mean
+    )
 
 
 def test_tta_is_invariant_to_rotating_the_input():
     model = create_model("seed-cnn").eval()
     x = torch.rand(3, 3, 50, 50)
     with torch.no_grad():
-        torch.testing.assert_close(dihedral_scores(model, x)[0], dihedral_scores(model, torch.rot90(x, 1, (2, 3)))[0],
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            dihedral_scores(model, x)[0], dihedral_scores(model, torch.rot90(x, 1, (2, 3)))[0], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_bootstrap_intervals_bracket_the_estimate():

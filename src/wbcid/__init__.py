@@ -1,22 +1,39 @@
 """wbcid: white-blood-cell identification that says how well it travels to a new lab.
 
 The public API is imported on first use (PEP 562), so ``wbcid predict`` does not load the
-training stack (kornia, scikit-learn, matplotlib) it never needs.
+training stack (kornia, scikit-learn, matplotlib) it never needs. No implementation module has
+the name of a function exported here (``wbcid.evaluation`` holds ``evaluate``), so
+``from wbcid import evaluate`` is always the function, whatever was imported before.
 """
 
 from importlib import import_module
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _API = {
-    "CLASSES": "data", "Cell": "data", "CellSet": "data", "read_cells": "data",
+    "CLASSES": "data",
+    "Cell": "data",
+    "CellSet": "data",
+    "read_cells": "data",
+    "draw_per_class": "data",
     "WbcidError": "errors",
-    "compute_metrics": "evaluate", "evaluate": "evaluate",
-    "create_model": "models", "list_models": "models", "load_model": "models", "save_model": "models",
-    "predict": "predict",
-    "count": "count", "differential": "count", "detect_cells": "detect",
-    "explain": "explain",
-    "TrainConfig": "train", "fit": "train",
+    "compute_metrics": "evaluation",
+    "evaluate": "evaluation",
+    "create_model": "models",
+    "list_models": "models",
+    "load_model": "models",
+    "save_model": "models",
+    "predict": "inference",
+    "count": "smear.counting",
+    "differential": "smear.counting",
+    "detect_cells": "smear.detect",
+    "explain": "gradcam",
+    "TrainConfig": "train",
+    "fit": "train",
+    "AdaptConfig": "adaptation",
+    "adapt": "adaptation",
+    "ReviewStore": "web",
+    "export_review": "web",
     "run_benchmark": "benchmark",
     "export_onnx": "export",
 }

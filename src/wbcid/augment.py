@@ -59,8 +59,13 @@ class RandomLowResolution(nn.Module):
         out = x.clone()
         for i in (torch.rand(len(x)) < self.p).nonzero().flatten().tolist():
             factor = 1 + (self.max_factor - 1) * torch.rand(()).item()
-            small = F.interpolate(x[i:i + 1], size=(max(8, round(height / factor)), max(8, round(width / factor))),
-                                  mode="bilinear", antialias=True, align_corners=False)
+            small = F.interpolate(
+                x[i : i + 1],
+                size=(max(8, round(height / factor)), max(8, round(width / factor))),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
             out[i] = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0]
         return out
 

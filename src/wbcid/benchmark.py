@@ -3,7 +3,7 @@
 Single-source: train on PBC's train split (validation on PBC's val split only), test on PBC's
 test split (in-domain) and on every other source. Leave-one-source-out: train on all sources
 but one, test on the one held out. No target label is used for training, selection or
-thresholds; test-time adaptation (``adapt``) sees a target lab's images, never its labels.
+thresholds; test-time AdaBN (``adabn``) sees a target lab's images, never its labels.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CellSet, read_cells
-from .evaluate import evaluate
+from .data import CellSet, read_cells, split_train_val
 from .errors import WbcidError
-from .train import TrainConfig, fit, split_train_val
+from .evaluation import evaluate
+from .train import TrainConfig, fit
 
 TRAIN_SOURCE = "pbc"
 IN_DOMAIN = f"{TRAIN_SOURCE} (in-domain test)"
@@ -34,8 +34,9 @@ def training_pool(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -> 
     for source in sorted({c.source for c in cells.cells}):
         rest = cells.subset([c.source == source and c.split not in ("train", "val") for c in cells.cells])
         if len(rest) >= 2:
-            train, val = split_train_val(replace(rest, cells=[replace(c, split="") for c in rest.cells]),
-                                         val_fraction, seed)
+            train, val = split_train_val(
+                replace(rest, cells=[replace(c, split="") for c in rest.cells]), val_fraction, seed
+            )
             pooled += [replace(c, split="train") for c in train.cells] + [replace(c, split="val") for c in val.cells]
     return CellSet(pooled, cells.skipped, cells.origin)
 
@@ -46,7 +47,7 @@ def run_benchmark(
     config: TrainConfig | None = None,
     model: str | os.PathLike | None = None,
     holdout: str | None = None,
-    adapt: bool = False,
+    adabn: bool = False,
     tta: bool = False,
 ) -> dict:
     """Train (unless ``model`` is given) and test under the protocol; writes benchmark.json and report.md.
@@ -60,28 +61,45 @@ def run_benchmark(
         if TRAIN_SOURCE not in sources:
             raise WbcidError(f"{data}: the single-source protocol trains on {TRAIN_SOURCE!r}, which is absent")
         train = cells.select([TRAIN_SOURCE])
-        targets = {IN_DOMAIN: train.select(splits=["test"]),
-                   **{s: cells.select([s]) for s in sources if s != TRAIN_SOURCE}}
+        targets = {
+            IN_DOMAIN: train.select(splits=["test"]),
+            **{s: cells.select([s]) for s in sources if s != TRAIN_SOURCE},
+        }
     else:
         if holdout not in sources:
             raise WbcidError(f"cannot hold out {holdout!r}: sources are {', '.join(sources)}")
-        rest = cells.subset([c.source != holdout and not (c.source == TRAIN_SOURCE and c.split == "test")
-                             for c in cells.cells])
+        rest = cells.subset(
+            [c.source != holdout and not (c.source == TRAIN_SOURCE and c.split == "test") for c in cells.cells]
+        )
         train, targets = training_pool(rest), {holdout: cells.select([holdout])}
     if model is None:
         model = fit(train, out / "model", config or TrainConfig())
     results = {}
     for name, target in targets.items():
-        metrics = evaluate(model, target, out / "sources" / _slug(name), title=name, adapt=adapt, tta=tta)
-        results[name] = {k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "ci95",
-                                                 "classes_present", "confusion_matrix", "flagged") if k in metrics}
+        metrics = evaluate(model, target, out / "sources" / _slug(name), title=name, adabn=adabn, tta=tta)
+        results[name] = {
+            k: metrics[k]
+            for k in (
+                "n",
+                "accuracy",
+                "balanced_accuracy",
+                "macro_f1",
+                "ci95",
+                "classes_present",
+                "confusion_matrix",
+                "flagged",
+            )
+            if k in metrics
+        }
     out_of_domain = [r["macro_f1"] for name, r in results.items() if name != IN_DOMAIN]
     summary = {
         "protocol": "single-source" if holdout is None else f"leave-one-source-out: {holdout}",
         "train_sources": sorted({c.source for c in train.cells}),
         "model": str(model),
-        "config": json.loads((Path(model) / "config.json").read_text()) if Path(model, "config.json").is_file() else None,
-        "adapt": adapt,
+        "config": json.loads((Path(model) / "config.json").read_text())
+        if Path(model, "config.json").is_file()
+        else None,
+        "adabn": adabn,
         "tta": tta,
         "sources": results,
         "mean_out_of_domain_macro_f1": float(np.mean(out_of_domain)) if out_of_domain else None,
@@ -93,16 +111,26 @@ def run_benchmark(
     return summary
 
 
-def leave_one_source_out(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig | None = None,
-                         adapt: bool = False, tta: bool = False) -> dict:
+def leave_one_source_out(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: TrainConfig | None = None,
+    adabn: bool = False,
+    tta: bool = False,
+) -> dict:
     """One :func:`run_benchmark` per source, each trained on all the others; a table over all."""
     out = Path(out)
     sources = sorted({c.source for c in read_cells(data).cells})
-    runs = {s: run_benchmark(data, out / s, config, holdout=s, adapt=adapt, tta=tta) for s in sources}
+    runs = {s: run_benchmark(data, out / s, config, holdout=s, adabn=adabn, tta=tta) for s in sources}
     results = {s: run["sources"][s] for s, run in runs.items()}
-    summary = {"protocol": "leave-one-source-out", "adapt": adapt, "tta": tta, "sources": results,
-               "runs": {s: s for s in sources},
-               "mean_out_of_domain_macro_f1": float(np.mean([r["macro_f1"] for r in results.values()]))}
+    summary = {
+        "protocol": "leave-one-source-out",
+        "adabn": adabn,
+        "tta": tta,
+        "sources": results,
+        "runs": {s: s for s in sources},
+        "mean_out_of_domain_macro_f1": float(np.mean([r["macro_f1"] for r in results.values()])),
+    }
     (out / "benchmark.json").write_text(json.dumps(summary, indent=2))
     write_benchmark_report(summary, out)
     return summary
@@ -115,8 +143,10 @@ def benchmark_table(results: dict[str, dict]) -> str:
     if flags:
         lines = [lines[0] + " flagged | accuracy (unflagged) |", lines[1] + "---:|---:|"]
     for name, r in results.items():
-        cells = [f"{r[k]:.3f} [{r['ci95'][k][0]:.3f}, {r['ci95'][k][1]:.3f}]"
-                 for k in ("accuracy", "balanced_accuracy", "macro_f1")]
+        cells = [
+            f"{r[k]:.3f} [{r['ci95'][k][0]:.3f}, {r['ci95'][k][1]:.3f}]"
+            for k in ("accuracy", "balanced_accuracy", "macro_f1")
+        ]
         if flags:
             unflagged = r["flagged"]["accuracy_unflagged"]
             cells += [f"{r['flagged']['flagged_share']:.1%}", "-" if unflagged is None else f"{unflagged:.3f}"]
@@ -125,15 +155,19 @@ def benchmark_table(results: dict[str, dict]) -> str:
 
 
 def write_benchmark_report(summary: dict, out: Path) -> Path:
-    lines = [f"# Cross-domain benchmark ({summary['protocol']})",
-             f"Test-time adaptation (AdaBN): {'on' if summary['adapt'] else 'off'}; "
-             f"test-time augmentation: {'on' if summary['tta'] else 'off'}. Intervals: 95 % bootstrap "
-             "(1000 resamples of cells). Macro-F1 and balanced accuracy average over the classes present.",
-             benchmark_table(summary["sources"])]
+    lines = [
+        f"# Cross-domain benchmark ({summary['protocol']})",
+        f"Test-time adaptation (AdaBN): {'on' if summary.get('adabn', summary.get('adapt')) else 'off'}; "
+        f"test-time augmentation: {'on' if summary['tta'] else 'off'}. Intervals: 95 % bootstrap "
+        "(1000 resamples of cells). Macro-F1 and balanced accuracy average over the classes present.",
+        benchmark_table(summary["sources"]),
+    ]
     if summary.get("generalization_gap") is not None:
-        lines.append(f"Mean out-of-domain macro-F1: {summary['mean_out_of_domain_macro_f1']:.3f}; "
-                     f"generalization gap (in-domain minus mean out-of-domain macro-F1): "
-                     f"{summary['generalization_gap']:.3f}.")
+        lines.append(
+            f"Mean out-of-domain macro-F1: {summary['mean_out_of_domain_macro_f1']:.3f}; "
+            f"generalization gap (in-domain minus mean out-of-domain macro-F1): "
+            f"{summary['generalization_gap']:.3f}."
+        )
     lines.append("## Confusion matrices")
     for name in summary["sources"]:
         figure = Path(summary.get("runs", {}).get(name, "."), "sources", _slug(name), "confusion_matrix.png")

@@ -2,46 +2,87 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated
 
 import typer
 
 from .errors import WbcidError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Identify white blood cells in blood-smear images.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Identify white blood cells in blood-smear images.")
 log = logging.getLogger("wbcid")
 
 Data = Annotated[Path, typer.Option("--data", help="Manifest CSV, ImageFolder root, or labels JSON.")]
-Sources = Annotated[Optional[list[str]], typer.Option("--source", help="Keep only this source (repeatable).")]
-Splits = Annotated[Optional[list[str]], typer.Option("--split", help="Keep only this split (repeatable).")]
-ModelPath = Annotated[Optional[Path], typer.Option(
-    "--model", help="Run directory or model .pt file; default: the bundled pretrained model.")]
-Augment = Annotated[str, typer.Option(help="Training augmentation: none, basic, domain (stain, colour, blur, scale), domain+lowres (plus camera resolution).")]
+Sources = Annotated[list[str] | None, typer.Option("--source", help="Keep only this source (repeatable).")]
+Splits = Annotated[list[str] | None, typer.Option("--split", help="Keep only this split (repeatable).")]
+ModelPath = Annotated[
+    Path | None, typer.Option("--model", help="Run directory or model .pt file; default: the bundled pretrained model.")
+]
+Augment = Annotated[
+    str,
+    typer.Option(
+        help="Training augmentation: none, basic, domain (stain, colour, blur, scale), "
+        "domain+lowres (plus camera resolution)."
+    ),
+]
 Crop = Annotated[bool, typer.Option(help="Cell-centred canonical crop at training and inference.")]
-Colour = Annotated[str, typer.Option(
-    help="Colour normalisation at training and inference: none, white-balance, macenko (see wbcid.preprocess).")]
+Colour = Annotated[
+    str,
+    typer.Option(
+        help="Colour normalisation at training and inference: none, white-balance, macenko (see wbcid.preprocess)."
+    ),
+]
 Pretrained = Annotated[bool, typer.Option(help="Start from ImageNet weights.")]
 FrozenBn = Annotated[bool, typer.Option(help="Keep ImageNet batch-norm statistics in every layer.")]
-Weights = Annotated[Optional[Path], typer.Option(help="Local ImageNet weights file for the backbone.")]
+Weights = Annotated[Path | None, typer.Option(help="Local ImageNet weights file for the backbone.")]
 DownloadWeights = Annotated[bool, typer.Option(help="Allow downloading ImageNet weights (timm:<name> backbones).")]
 Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")]
-Adapt = Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics on these images (one lab at a time).")]
+AdaBN = Annotated[
+    bool,
+    typer.Option(
+        "--adabn",
+        "--adapt",
+        help="Test-time AdaBN: re-estimate batch-norm statistics on these unlabelled images (one lab at a "
+        "time; old name --adapt). Not `wbcid adapt`, which learns a lab from verified cells.",
+    ),
+]
 Inputs = Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")]
 Tta = Annotated[bool, typer.Option(help="Average predictions over rotations and flips (8x slower).")]
 
 
 @contextmanager
-def _resumable(kept: str) -> Iterator[None]:
-    """Ctrl-C in a long command: say what was kept and how to continue, instead of a traceback."""
+def _interrupted(kept: str) -> Iterator[None]:
+    """Ctrl-C in a long command: say what was kept (and how to continue), instead of a traceback."""
     try:
         yield
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted; {kept}. Continue with the same command plus --resume.", err=True)
-        raise typer.Exit(130)
+        typer.echo(f"\ninterrupted; {kept}.", err=True)
+        raise typer.Exit(130) from None
+
+
+def _resumable(kept: str):
+    return _interrupted(f"{kept}. Continue with the same command plus --resume")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"wbcid {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Identify white blood cells in blood-smear images."""
 
 
 @app.command()
@@ -49,12 +90,16 @@ def train(
     data: Data,
     out: Annotated[Path, typer.Option(help="Run directory to create (or continue with --resume).")],
     source: Sources = None,
-    model: Annotated[str, typer.Option(help="Registered model (see `wbcid models`) or timm:<name>.")] = "efficientnet_lite0",
+    model: Annotated[
+        str, typer.Option(help="Registered model (see `wbcid models`) or timm:<name>.")
+    ] = "efficientnet_lite0",
     epochs: Epochs = 6,
     batch_size: int = 32,
     lr: float = 2e-3,
-    freeze: Annotated[Optional[str], typer.Option(help="none, backbone, or N leading layer groups; default: the model's.")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Input size in pixels; default: the model's.")] = None,
+    freeze: Annotated[
+        str | None, typer.Option(help="none, backbone, or N leading layer groups; default: the model's.")
+    ] = None,
+    input_size: Annotated[int | None, typer.Option(help="Input size in pixels; default: the model's.")] = None,
     balanced: Annotated[bool, typer.Option(help="Class-weighted loss for skewed class counts.")] = False,
     augment: Augment = "domain",
     crop: Crop = True,
@@ -71,11 +116,24 @@ def train(
     from .data import read_cells
     from .train import TrainConfig, fit
 
-    config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr,
-                         freeze=int(freeze) if freeze and freeze.isdigit() else freeze,
-                         input_size=input_size, pretrained=pretrained, weights=str(weights) if weights else None,
-                         download_weights=download_weights, balanced=balanced, patience=patience,
-                         augment=augment, crop=crop, colour=colour, frozen_bn=frozen_bn, seed=seed)
+    config = TrainConfig(
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        freeze=int(freeze) if freeze and freeze.isdigit() else freeze,
+        input_size=input_size,
+        pretrained=pretrained,
+        weights=str(weights) if weights else None,
+        download_weights=download_weights,
+        balanced=balanced,
+        patience=patience,
+        augment=augment,
+        crop=crop,
+        colour=colour,
+        frozen_bn=frozen_bn,
+        seed=seed,
+    )
     with _resumable("finished epochs are saved"):
         fit(read_cells(data, source), out, config, resume=resume)
     typer.echo(f"run written to {out} (report: {out / 'report.md'})")
@@ -88,18 +146,22 @@ def evaluate(
     model: ModelPath = None,
     source: Sources = None,
     split: Splits = None,
-    adapt: Adapt = False,
+    adabn: AdaBN = False,
     tta: Tta = False,
 ) -> None:
     """Score a model on labelled images (any layout); writes metrics.json and report.md."""
-    from .evaluate import evaluate as run_evaluation
+    from .evaluation import evaluate as run_evaluation
 
-    metrics = run_evaluation(model, data, out, source, split, adapt=adapt, tta=tta)
-    typer.echo(f"n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
-               f"balanced_accuracy={metrics['balanced_accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f}")
+    metrics = run_evaluation(model, data, out, source, split, adabn=adabn, tta=tta)
+    typer.echo(
+        f"n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
+        f"balanced_accuracy={metrics['balanced_accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f}"
+    )
     if "flagged" in metrics and metrics["flagged"]["accuracy_unflagged"] is not None:
         f = metrics["flagged"]
-        typer.echo(f"flagged={f['flagged']} ({f['flagged_share']:.1%}) accuracy_unflagged={f['accuracy_unflagged']:.4f}")
+        typer.echo(
+            f"flagged={f['flagged']} ({f['flagged_share']:.1%}) accuracy_unflagged={f['accuracy_unflagged']:.4f}"
+        )
     typer.echo(f"report: {out / 'report.md'}")
 
 
@@ -108,18 +170,20 @@ def predict(
     paths: Inputs,
     out: Annotated[Path, typer.Option(help="CSV to write.")],
     model: ModelPath = None,
-    adapt: Adapt = False,
+    adabn: AdaBN = False,
     tta: Tta = False,
 ) -> None:
     """Classify images; writes one CSV row per image with all five class probabilities."""
-    from .predict import predict as run_prediction
+    from .inference import predict as run_prediction
 
-    table = run_prediction(model, paths, out, adapt=adapt, tta=tta)
+    table = run_prediction(model, paths, out, adabn=adabn, tta=tta)
     counts = table["label"].replace("", "(unreadable)").value_counts()
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
     if table["flagged"].any():
-        typer.echo(f"{int(table['flagged'].sum())} flagged as unlike the cells the model knows "
-                   "(column 'flagged'): check them by eye")
+        typer.echo(
+            f"{int(table['flagged'].sum())} flagged as unlike the cells the model knows "
+            "(column 'flagged'): check them by eye"
+        )
     typer.echo(f"predictions: {out}")
 
 
@@ -128,14 +192,19 @@ def count(
     paths: Inputs,
     out: Annotated[Path, typer.Option(help="Folder for counts.json, report.html and annotated images.")],
     model: ModelPath = None,
-    cell_diameter: Annotated[float, typer.Option(
-        help="Typical WBC diameter in pixels in these images (about 200 in 640x480 fields at 100x).")] = 200,
-    reference: Annotated[Optional[Path], typer.Option(
-        help='Reference ranges JSON, {"neutrophil": [40, 75], ...}; default: adult ranges (see report).')] = None,
+    cell_diameter: Annotated[
+        float,
+        typer.Option(help="Typical WBC diameter in pixels in these images (about 200 in 640x480 fields at 100x)."),
+    ] = 200,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help='Reference ranges JSON, {"neutrophil": [40, 75], ...}; default: adult ranges (see report).'),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted count in --out.")] = False,
 ) -> None:
     """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
-    from .count import count as run_count, read_reference
+    from .smear.counting import count as run_count
+    from .smear.counting import read_reference
 
     with _resumable(f"finished fields are in {out / 'fields.jsonl'}"):
         result = run_count(model, paths, out, cell_diameter, read_reference(reference) if reference else None, resume)
@@ -143,10 +212,91 @@ def count(
     typer.echo(f"{totals['detected']} WBCs found, {totals['counted']} counted, {totals['flagged']} flagged for review")
     for name, c in totals["classes"].items():
         if c["percent"] is not None:
-            flag = f"  {c['flag'].upper()} (reference {c['reference'][0]:g}-{c['reference'][1]:g} %)" if c["flag"] else ""
-            typer.echo(f"  {name:11s} {c['count']:4d}  {c['percent']:5.1f} %  "
-                       f"[{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]{flag}")
+            flag = ""
+            if c["flag"]:
+                sure = "conclusive" if c["conclusive"] else "inconclusive: the interval overlaps the range"
+                flag = f"  {c['flag'].upper()} ({sure}; reference {c['reference'][0]:g}-{c['reference'][1]:g} %)"
+            typer.echo(
+                f"  {name:11s} {c['count']:4d}  {c['percent']:5.1f} %  [{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]{flag}"
+            )
+    if totals["counted"] < 100:
+        typer.echo(
+            f"warning: only {totals['counted']} cells counted; a 100-cell differential needs "
+            f"{100 - totals['counted']} more"
+        )
     typer.echo(f"report: {out / 'report.html'}")
+
+
+@app.command()
+def adapt(
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="Verified cells of the new lab: manifest CSV, ImageFolder, labels JSON, or a `wbcid review` export.",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Run directory to create (an ordinary model: count, predict, ... take it).")
+    ],
+    model: ModelPath = None,
+    unlabelled: Annotated[
+        list[Path] | None,
+        typer.Option(help="Unlabelled cell images or folders from the same lab, for pseudo-labels (repeatable)."),
+    ] = None,
+    replay: Annotated[
+        Path | None,
+        typer.Option(
+            help="The base model's training data, replayed so it does not forget; default: the data it recorded."
+        ),
+    ] = None,
+    trainable_groups: Annotated[
+        int, typer.Option(help="Last backbone layer groups fine-tuned with the head (0: head only).")
+    ] = 2,
+    steps: Annotated[int, typer.Option(help="Optimisation steps (fixed budget).")] = 100,
+    seed: int = 0,
+) -> None:
+    """Learn a new lab from a few verified cells (few-shot fine-tuning with replay); writes a run directory."""
+    from .adaptation import AdaptConfig
+    from .adaptation import adapt as run_adaptation
+
+    config = AdaptConfig(trainable_groups=trainable_groups, steps=steps, seed=seed)
+    with _interrupted("nothing was written; the base model is unchanged"):
+        run = run_adaptation(data, out, model, config, replay, unlabelled)
+    record = json.loads((run / "config.json").read_text())
+    cells = ", ".join(f"{k} {v}" for k, v in record["verified_cells"].items())
+    typer.echo(
+        f"adapted to {sum(record['verified_cells'].values())} verified cells ({cells}) in "
+        f"{record['seconds']:.0f} s; model: {run} (use it with --model {run})"
+    )
+
+
+@app.command()
+def review(
+    run: Annotated[Path, typer.Argument(help="Output of `wbcid count` (its folder) or `wbcid predict` (its CSV).")],
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8765,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the review.")
+    ] = "127.0.0.1",
+    model: ModelPath = None,
+    reviewer: Annotated[
+        str | None, typer.Option(help="Name recorded with each correction; default: your user.")
+    ] = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(help="Write the verified cells (ImageFolder + manifest.csv) and differential here, then exit."),
+    ] = None,
+) -> None:
+    """Verify a count in the browser: correct labels, keep every correction, export them for `wbcid adapt`."""
+    from .web import ReviewStore, export_review, serve
+
+    if export is not None:
+        out = export_review(ReviewStore.open(run), export)
+        totals = json.loads((out / "counts.json").read_text())["totals"]
+        typer.echo(f"{totals['verified']} verified cell(s) exported to {out} (manifest: {out / 'manifest.csv'})")
+        return
+    with _interrupted("every correction is saved in the review database"):
+        serve(run, host, port, model, reviewer)
 
 
 @app.command()
@@ -156,7 +306,7 @@ def explain(
     model: ModelPath = None,
 ) -> None:
     """Grad-CAM: show which part of each cell image decided the model's answer."""
-    from .explain import explain as run_explain
+    from .gradcam import explain as run_explain
 
     written = run_explain(model, paths, out)
     typer.echo(f"wrote {len(written)} Grad-CAM image(s) to {out}")
@@ -166,7 +316,7 @@ def explain(
 def benchmark(
     data: Data,
     out: Annotated[Path, typer.Option(help="Folder for benchmark.json, report.md and the model.")],
-    model: Annotated[Optional[Path], typer.Option(help="Evaluate this trained model instead of training one.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Evaluate this trained model instead of training one.")] = None,
     arch: Annotated[str, typer.Option(help="Architecture to train (see `wbcid models`).")] = "efficientnet_lite0",
     epochs: Epochs = 6,
     augment: Augment = "domain",
@@ -176,22 +326,30 @@ def benchmark(
     pretrained: Pretrained = True,
     weights: Weights = None,
     download_weights: DownloadWeights = False,
-    adapt: Adapt = False,
+    adabn: AdaBN = False,
     tta: Tta = False,
     leave_one_out: Annotated[bool, typer.Option(help="Train on all sources but one, for each source.")] = False,
-    holdout: Annotated[Optional[str], typer.Option(help="Train on all sources but this one; test on it.")] = None,
+    holdout: Annotated[str | None, typer.Option(help="Train on all sources but this one; test on it.")] = None,
 ) -> None:
     """Cross-domain protocol: train on PBC, test on PBC and every other lab (with 95 % intervals)."""
     from .benchmark import benchmark_table, leave_one_source_out, run_benchmark
     from .train import TrainConfig
 
-    config = TrainConfig(model=arch, epochs=epochs, augment=augment, crop=crop, colour=colour, frozen_bn=frozen_bn,
-                         pretrained=pretrained, weights=str(weights) if weights else None,
-                         download_weights=download_weights)
+    config = TrainConfig(
+        model=arch,
+        epochs=epochs,
+        augment=augment,
+        crop=crop,
+        colour=colour,
+        frozen_bn=frozen_bn,
+        pretrained=pretrained,
+        weights=str(weights) if weights else None,
+        download_weights=download_weights,
+    )
     if leave_one_out:
-        summary = leave_one_source_out(data, out, config, adapt=adapt, tta=tta)
+        summary = leave_one_source_out(data, out, config, adabn=adabn, tta=tta)
     else:
-        summary = run_benchmark(data, out, config, model=model, holdout=holdout, adapt=adapt, tta=tta)
+        summary = run_benchmark(data, out, config, model=model, holdout=holdout, adabn=adabn, tta=tta)
     typer.echo(benchmark_table(summary["sources"]))
     typer.echo(f"report: {out / 'report.md'}")
 
@@ -200,13 +358,17 @@ def benchmark(
 def export(
     out: Annotated[Path, typer.Option(help="ONNX file to write.")],
     model: ModelPath = None,
-    check: Annotated[Optional[Path], typer.Option(
-        help="Labelled data to compare ONNX Runtime with PyTorch on (label agreement, probability error).")] = None,
+    check: Annotated[
+        Path | None,
+        typer.Option(
+            help="Labelled data to compare ONNX Runtime with PyTorch on (label agreement, probability error)."
+        ),
+    ] = None,
 ) -> None:
     """Export a model to ONNX (preprocessing contract in its metadata); optionally check it."""
     from .export import OnnxModel, export_onnx
+    from .inference import agreement
     from .models import load_model
-    from .predict import agreement
 
     torch_model = load_model(model)
     export_onnx(torch_model, out)
@@ -215,8 +377,10 @@ def export(
         from .data import read_cells
 
         result = agreement(torch_model, OnnxModel(out), read_cells(check).paths)
-        typer.echo(f"ONNX Runtime vs PyTorch on {result['images']} images: label agreement "
-                   f"{result['label_agreement']:.4f}, max probability difference {result['max_probability_difference']:.2e}")
+        typer.echo(
+            f"ONNX Runtime vs PyTorch on {result['images']} images: label agreement "
+            f"{result['label_agreement']:.4f}, max probability difference {result['max_probability_difference']:.2e}"
+        )
 
 
 @app.command()
@@ -231,9 +395,10 @@ def models() -> None:
 
 def main() -> None:
     """Entry point: user errors become one clear line and exit status 2, not a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # libraries: warnings only
+    log.setLevel(logging.INFO)  # wbcid's own progress
     try:
         app()
     except WbcidError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(2)
+        raise SystemExit(2) from None

@@ -75,8 +75,8 @@ def canonical_crop(image: Image.Image, size: int, margin: float = MARGIN) -> Ima
         border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
         padded = np.empty((rgb.shape[0] + 2 * pad, rgb.shape[1] + 2 * pad, 3), np.uint8)
         padded[:] = np.median(border, axis=0).astype(np.uint8)
-        padded[pad:pad + rgb.shape[0], pad:pad + rgb.shape[1]] = rgb
+        padded[pad : pad + rgb.shape[0], pad : pad + rgb.shape[1]] = rgb
     else:
         padded = rgb
-    patch = padded[top + pad: top + pad + side, left + pad: left + pad + side]
+    patch = padded[top + pad : top + pad + side, left + pad : left + pad + side]
     return Image.fromarray(patch).resize((size, size), Image.Resampling.BILINEAR)

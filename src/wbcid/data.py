@@ -18,10 +18,10 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,11 +40,22 @@ DATA_ENV = "WBCID_DATA"
 
 # Abbreviations and typos seen in public WBC datasets (PBC file prefixes, Kaggle folders, ...).
 _ALIASES = {
-    "ne": 0, "sne": 0, "bne": 0, "neu": 0, "seg": 0, "band": 0, "pmn": 0,
-    "ly": 1, "lym": 1,
-    "mo": 2, "mon": 2,
-    "eo": 3, "eos": 3,
-    "ba": 4, "bas": 4, "baoso": 4,
+    "ne": 0,
+    "sne": 0,
+    "bne": 0,
+    "neu": 0,
+    "seg": 0,
+    "band": 0,
+    "pmn": 0,
+    "ly": 1,
+    "lym": 1,
+    "mo": 2,
+    "mon": 2,
+    "eo": 3,
+    "eos": 3,
+    "ba": 4,
+    "bas": 4,
+    "baoso": 4,
 }
 
 
@@ -105,7 +116,7 @@ class CellSet:
         counts = Counter(c.label for c in self.cells)
         return {name: counts.get(i, 0) for i, name in enumerate(CLASSES)}
 
-    def subset(self, keep: Iterable[bool] | Sequence[int]) -> "CellSet":
+    def subset(self, keep: Iterable[bool] | Sequence[int]) -> CellSet:
         """Cells selected by a boolean mask or by indices; skip counts are kept."""
         keep = list(keep)
         if keep and isinstance(keep[0], (bool, np.bool_)):
@@ -114,7 +125,7 @@ class CellSet:
             cells = [self.cells[i] for i in keep]
         return CellSet(cells, Counter(self.skipped), self.origin)
 
-    def select(self, sources: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> "CellSet":
+    def select(self, sources: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> CellSet:
         """Filter by source and split, failing with the available values when nothing matches."""
         result = self
         for attr, wanted in (("source", sources), ("split", splits)):
@@ -130,7 +141,7 @@ class CellSet:
             result = CellSet([c for c in result.cells if getattr(c, attr) in wanted], result.skipped, result.origin)
         return result
 
-    def known(self) -> "CellSet":
+    def known(self) -> CellSet:
         """Only the cells of our five classes; the others are counted in ``skipped`` by their label."""
         unknown = Counter(c.raw_label for c in self.cells if c.label < 0)
         kept = self.subset([c.label >= 0 for c in self.cells])
@@ -210,6 +221,7 @@ def _read_manifest(csv_path: Path) -> CellSet:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise WbcidError(f"{csv_path}: not a readable CSV ({exc})") from exc
+    table.columns = [str(c).strip().lower() for c in table.columns]  # "Path,Label" is the same manifest
     missing_cols = {"path", "label"} - set(table.columns)
     if missing_cols:
         raise WbcidError(f"{csv_path}: manifest needs columns 'path' and 'label' (missing {sorted(missing_cols)})")
@@ -220,8 +232,21 @@ def _read_manifest(csv_path: Path) -> CellSet:
             skipped["listed in the manifest but missing on disk"] += 1
             continue
         label = parse_label(row.label)
-        cells.append(Cell(file, -1 if label is None else label, getattr(row, "source", ""),
-                          getattr(row, "split", ""), getattr(row, "group", ""), row.label))
+        cells.append(
+            Cell(
+                file,
+                -1 if label is None else label,
+                getattr(row, "source", ""),
+                getattr(row, "split", ""),
+                getattr(row, "group", ""),
+                row.label,
+            )
+        )
+    if table.size and not cells:
+        raise WbcidError(
+            f"{csv_path}: {len(table)} of {len(table)} paths do not exist (paths are relative to the "
+            f"CSV's folder, {csv_path.parent}), e.g. {csv_path.parent / table.path.iloc[0]}"
+        )
     return CellSet(cells, skipped, str(csv_path))
 
 
@@ -307,16 +332,25 @@ def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> t
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = list(
-            tqdm(pool.map(lambda p: try_decode(p, prep), cellset.paths), total=len(cellset), desc=desc,
-                 leave=False, disable=None)
+            tqdm(
+                pool.map(lambda p: try_decode(p, prep), cellset.paths),
+                total=len(cellset),
+                desc=desc,
+                leave=False,
+                disable=None,
+            )
         )
     ok = [r is not None for r in results]
     kept = cellset.subset(ok)
     bad = ok.count(False)
     if bad:
         kept.skipped["unreadable or not an image"] += bad
-        log.warning("%s: skipped %d unreadable image(s), e.g. %s", cellset.origin, bad,
-                    next(p for p, k in zip(cellset.paths, ok) if not k))
+        log.warning(
+            "%s: skipped %d unreadable image(s), e.g. %s",
+            cellset.origin,
+            bad,
+            next(p for p, k in zip(cellset.paths, ok) if not k),
+        )
     if not kept.cells:
         raise WbcidError(f"{cellset.origin}: none of the {len(cellset)} images could be read")
     array = np.stack([r for r in results if r is not None])
@@ -329,3 +363,59 @@ def try_decode(path: Path, prep: Preprocess) -> np.ndarray | None:
         return decode_image(path, prep)
     except UNREADABLE:
         return None
+
+
+def draw_per_class(cells: CellSet, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of about ``k`` cells per class to label, and of the rest, for few-shot adaptation.
+
+    A class gives at most half of its cells (so every class present keeps cells to test on), and
+    cells that share a ``group`` (one original picture) stay on one side: a group is taken whole.
+    """
+    rng = np.random.default_rng(seed)
+    labels = cells.labels
+    units: dict[str, list[int]] = {}
+    for i, c in enumerate(cells.cells):
+        units.setdefault(c.group or f"#{i}", []).append(i)
+    chosen: set[int] = set()
+    for label in range(len(CLASSES)):
+        wanted = min(k, int((labels == label).sum()) // 2)
+        candidates = [u for u in units.values() if any(labels[i] == label for i in u)]
+        for j in rng.permutation(len(candidates)):
+            if sum(labels[i] == label for i in chosen) >= wanted:
+                break
+            chosen.update(candidates[j])
+    picked = np.array(sorted(chosen), dtype=np.int64)
+    return picked, np.setdiff1d(np.arange(len(cells)), picked)
+
+
+def split_train_val(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -> tuple[CellSet, CellSet]:
+    """Use the data's own ``split`` column when it has one (test rows never train); else stratify.
+
+    A manifest with a split column trains on ``train`` and validates on ``val`` (carved out of
+    ``train`` if there is none); other layouts get a stratified ``val_fraction`` hold-out.
+    """
+    splits = {c.split for c in cells.cells}
+    if splits - {""}:
+        train = cells.subset([c.split == "train" for c in cells.cells])
+        val = cells.subset([c.split == "val" for c in cells.cells])
+        if not train.cells:
+            raise WbcidError(f"{cells.origin}: no rows with split 'train' (splits here: {sorted(splits)})")
+        if val.cells:
+            return train, val
+        cells = train
+    from sklearn.model_selection import train_test_split  # not at import: predict never needs it
+
+    labels = cells.labels
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    idx_train, idx_val = train_test_split(
+        np.arange(len(cells)), test_size=val_fraction, random_state=seed, stratify=stratify
+    )
+    return cells.subset(sorted(idx_train)), cells.subset(sorted(idx_val))
+
+
+def sample_per_class(cells: CellSet, n: int, seed: int = 0) -> CellSet:
+    """At most ``n`` random cells of each class (replay and calibration samples)."""
+    rng = np.random.default_rng(seed)
+    keep = [i for label in range(len(CLASSES)) for i in rng.permutation(np.flatnonzero(cells.labels == label))[:n]]
+    return cells.subset(sorted(keep))

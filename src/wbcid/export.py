@@ -38,14 +38,25 @@ def export_onnx(model: WBCNet, path: str | os.PathLike, opset: int = 18) -> Path
     """Write ``model`` as ONNX (dynamic batch size) with its config in the metadata."""
     import onnx
 
+    if not isinstance(model, WBCNet):
+        raise WbcidError("export needs the PyTorch model (a run directory or .pt file); this one is already ONNX")
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().float().to(memory_format=torch.contiguous_format)
     size = model.config["input_size"]
     example = torch.rand(2, 3, size, size)
-    program = torch.onnx.export(_Scores(model).eval(), (example,), input_names=["image"], output_names=OUTPUTS,
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
-                                external_data=False, dynamo=True)
+    program = torch.onnx.export(
+        _Scores(model).eval(),
+        (example,),
+        input_names=["image"],
+        output_names=OUTPUTS,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        opset_version=opset,
+        external_data=False,
+        dynamo=True,
+        verbose=False,  # torch.onnx otherwise logs ~90 lines of progress per export
+    )
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(model.config)})
     onnx.save(proto, path)
@@ -77,5 +88,5 @@ class OnnxModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.scores(x)[0]
 
-    def eval(self) -> "OnnxModel":
+    def eval(self) -> OnnxModel:
         return self

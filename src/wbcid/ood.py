@@ -53,8 +53,9 @@ class MahalanobisScore(nn.Module):
         return self.distance(features) / self.threshold
 
     @classmethod
-    def fit(cls, features: torch.Tensor, groups: np.ndarray, calibration: torch.Tensor,
-            quantile: float = QUANTILE) -> "MahalanobisScore":
+    def fit(
+        cls, features: torch.Tensor, groups: np.ndarray, calibration: torch.Tensor, quantile: float = QUANTILE
+    ) -> MahalanobisScore:
         """Group means and shared covariance from ``features``; threshold from ``calibration``'s distances.
 
         ``groups`` are the clusters of the training data: the class labels, or one id per class
@@ -62,13 +63,31 @@ class MahalanobisScore(nn.Module):
         """
         from sklearn.covariance import LedoitWolf
 
-        x = features.flatten(1).double().numpy()
-        ids, index = np.unique(groups, return_inverse=True)
-        means = np.stack([x[index == i].mean(0) for i in range(len(ids))])
-        centred = x - means[index]
-        precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-        whitener = np.linalg.cholesky(precision).T  # precision = L L^T, so W = L^T gives W^T W = precision
+        means, centred = group_means(features, groups)
+        covariance = LedoitWolf(assume_centered=True).fit(centred).covariance_
+        return cls.from_covariance(means, covariance, calibration, quantile)
+
+    @classmethod
+    def from_covariance(
+        cls, means: np.ndarray, covariance: np.ndarray, calibration: torch.Tensor, quantile: float = QUANTILE
+    ) -> MahalanobisScore:
+        """A scorer with these cluster means and shared covariance, its threshold set on ``calibration``."""
+        precision = np.linalg.inv(covariance)
+        whitener = np.linalg.cholesky((precision + precision.T) / 2).T  # W^T W = precision
         scorer = cls(torch.from_numpy(means), torch.from_numpy(whitener))
         with torch.no_grad():
             scorer.threshold.fill_(torch.quantile(scorer.distance(calibration), quantile).item())
         return scorer
+
+    def covariance(self) -> np.ndarray:
+        """The shared covariance this scorer whitens with (the inverse of ``W^T W``)."""
+        w = self.whitener.double().numpy()
+        return np.linalg.inv(w.T @ w)
+
+
+def group_means(features: torch.Tensor, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's mean (in ``np.unique`` order of the group ids) and the features minus their group's mean."""
+    x = features.flatten(1).double().numpy()
+    ids, index = np.unique(groups, return_inverse=True)
+    means = np.stack([x[index == i].mean(0) for i in range(len(ids))])
+    return means, x - means[index]

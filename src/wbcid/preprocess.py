@@ -20,12 +20,12 @@ Colour normalisation (``colour``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .crop import canonical_crop
 from .errors import WbcidError
@@ -35,8 +35,19 @@ WHITE_PERCENTILE = 99.0  # robust "brightest pixels": ignores a few saturated or
 REFERENCE_SAMPLE = 200  # training images a Macenko reference is fitted on
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, turned as the camera's EXIF orientation says; 16-bit and float images are scaled
+    down instead of clipped (PIL's ``convert("RGB")`` turns a 16-bit grey image all white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if values.max() > 255 else 255.0 if values.max() > 1 else 1.0
+        image = Image.fromarray((np.clip(values / top, 0, 1) * 255).round().astype(np.uint8))
+    return image.convert("RGB")
+
+
 def as_input(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """uint8 NCHW images -> the network's float input in [0, 1], channels-last (the fast layout for CPU convolutions)."""
+    """uint8 NCHW images -> the network's float input in [0, 1], channels-last (fast for CPU convolutions)."""
     return (images.to(device).float() / 255).contiguous(memory_format=torch.channels_last)
 
 
@@ -67,8 +78,10 @@ def fit_stain_reference(images: Sequence[np.ndarray]) -> dict:
     if not stains:
         raise WbcidError("no training image had enough stained pixels to fit a Macenko stain reference")
     vectors = np.median(np.stack(stains), axis=0)
-    return {"stains": (vectors / np.linalg.norm(vectors, axis=0)).tolist(),
-            "max_concentration": np.median(np.stack(maxima), axis=0).tolist()}
+    return {
+        "stains": (vectors / np.linalg.norm(vectors, axis=0)).tolist(),
+        "max_concentration": np.median(np.stack(maxima), axis=0).tolist(),
+    }
 
 
 @dataclass(frozen=True)
@@ -87,15 +100,23 @@ class Preprocess:
             raise WbcidError("macenko colour normalisation needs a stain reference (fit_stain_reference)")
 
     @classmethod
-    def of(cls, config: dict) -> "Preprocess":
+    def of(cls, config: dict) -> Preprocess:
         """The preprocessing a model was trained with (older model files: no colour normalisation)."""
-        return cls(int(config["input_size"]), bool(config.get("crop", False)), config.get("colour", "none"),
-                   config.get("stain_reference"))
+        return cls(
+            int(config["input_size"]),
+            bool(config.get("crop", False)),
+            config.get("colour", "none"),
+            config.get("stain_reference"),
+        )
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """RGB ``size x size`` uint8 array (HWC) from any PIL image."""
-        framed = canonical_crop(image, self.size) if self.crop else image.convert("RGB").resize(
-            (self.size, self.size), Image.Resampling.BILINEAR)  # canonical_crop converts to RGB itself
+        image = upright_rgb(image)
+        framed = (
+            canonical_crop(image, self.size)
+            if self.crop
+            else image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
+        )  # canonical_crop converts to RGB itself
         return self.normalise(np.asarray(framed))
 
     def normalise(self, rgb: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .count import CellCall
+    from .smear.counting import CellCall
 
 
 def plot_history(history: list[dict], path: Path) -> Path:
@@ -42,8 +42,15 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     for ax, values, fmt, name in ((axes[0], counts, "d", "counts"), (axes[1], normalised, ".2f", "row-normalised")):
         ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
         for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, format(v, fmt), ha="center", va="center",
-                    color="white" if normalised[i, j] > 0.6 else "black", fontsize=9)
+            ax.text(
+                j,
+                i,
+                format(v, fmt),
+                ha="center",
+                va="center",
+                color="white" if normalised[i, j] > 0.6 else "black",
+                fontsize=9,
+            )
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set_yticks(range(len(labels)), labels)
         ax.set(xlabel="predicted", ylabel="true", title=name)
@@ -58,7 +65,9 @@ def metrics_table(rows: dict[str, dict]) -> str:
     """Markdown table of headline metrics, one row per named test set."""
     lines = ["| set | n | accuracy | balanced accuracy | macro-F1 |", "|---|---:|---:|---:|---:|"]
     for name, m in rows.items():
-        lines.append(f"| {name} | {m['n']} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} |")
+        lines.append(
+            f"| {name} | {m['n']} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -79,29 +88,35 @@ def write_evaluation_report(metrics: dict, out_dir: Path, title: str) -> Path:
         notes.append(f"Classes absent from this test set (not averaged): {', '.join(absent)}.")
     if metrics.get("flagged"):
         f = metrics["flagged"]
-        rest = "" if f["accuracy_unflagged"] is None else f"; accuracy on the other cells: {f['accuracy_unflagged']:.4f}"
-        notes.append(f"{f['flagged']} cell(s) ({f['flagged_share']:.1%}) were flagged as unlike the training "
-                     f"cells (ood_score > 1){rest}.")
+        rest = (
+            "" if f["accuracy_unflagged"] is None else f"; accuracy on the other cells: {f['accuracy_unflagged']:.4f}"
+        )
+        notes.append(
+            f"{f['flagged']} cell(s) ({f['flagged_share']:.1%}) were flagged as unlike the training "
+            f"cells (ood_score > 1){rest}."
+        )
     if metrics.get("unreadable"):
         notes.append(f"{metrics['unreadable']} unreadable image(s) were left out.")
     for reason, count in metrics.get("skipped", {}).items():
         notes.append(f"Skipped {count} image(s): {reason}.")
-    text = "\n\n".join([
-        f"# {title}",
-        metrics_table({"test": metrics}),
-        "Macro-F1 and balanced accuracy average over the classes present in the test set.",
-        "## Per class",
-        per_class_table(metrics),
-        *notes,
-        "## Confusion matrix",
-        "![confusion matrix](confusion_matrix.png)",
-    ])
+    text = "\n\n".join(
+        [
+            f"# {title}",
+            metrics_table({"test": metrics}),
+            "Macro-F1 and balanced accuracy average over the classes present in the test set.",
+            "## Per class",
+            per_class_table(metrics),
+            *notes,
+            "## Confusion matrix",
+            "![confusion matrix](confusion_matrix.png)",
+        ]
+    )
     path = out_dir / "report.md"
     path.write_text(text + "\n")
     return path
 
 
-def write_count_report(result: dict, flagged_cells: list[tuple[dict, "CellCall", "Image.Image"]], out_dir: Path) -> Path:
+def write_count_report(result: dict, flagged_cells: list[tuple[dict, CellCall, Image.Image]], out_dir: Path) -> Path:
     """``report.html`` for a differential count: table, annotated fields, flagged cells (saved to flagged/)."""
     import jinja2
 
@@ -110,14 +125,30 @@ def write_count_report(result: dict, flagged_cells: list[tuple[dict, "CellCall",
     for i, (entry, call, patch) in enumerate(flagged_cells):
         src = f"flagged/{i:04d}.jpg"
         patch.save(out_dir / src, quality=90)
-        flagged.append({"src": src, "field": Path(entry["path"]).name, "label": call.label,
-                        "confidence": call.confidence, "ood_score": call.ood_score})
-    problems = [{"path": e["path"], "message": "; ".join(([e["error"]] if "error" in e else []) + e["warnings"])}
-                for e in result["images"] if "error" in e or e["warnings"]]
+        flagged.append(
+            {
+                "src": src,
+                "field": Path(entry["path"]).name,
+                "label": call.label,
+                "confidence": call.confidence,
+                "ood_score": call.ood_score,
+            }
+        )
+    problems = [
+        {"path": e["path"], "message": "; ".join(([e["error"]] if "error" in e else []) + e["warnings"])}
+        for e in result["images"]
+        if "error" in e or e["warnings"]
+    ]
     env = jinja2.Environment(loader=jinja2.PackageLoader("wbcid"), autoescape=True)
     html = env.get_template("count_report.html").render(
-        n_images=len(result["images"]), totals=result["totals"], model=result["model"], images=result["images"],
-        reference=result["reference"], flagged=flagged, problems=problems)
+        n_images=len(result["images"]),
+        totals=result["totals"],
+        model=result["model"],
+        images=result["images"],
+        reference=result["reference"],
+        flagged=flagged,
+        problems=problems,
+    )
     path = out_dir / "report.html"
     path.write_text(html)
     return path

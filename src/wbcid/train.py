@@ -21,27 +21,26 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapt import batchnorm_statistics
 from .augment import train_augmentation
-from .data import CLASSES, CellSet, load_images, try_decode
+from .data import CLASSES, CellSet, load_images, split_train_val, try_decode
 from .errors import WbcidError
-from .evaluate import compute_metrics
+from .evaluation import compute_metrics
+from .inference import predict_scores
 from .models import Freeze, WBCNet, create_model, load_model, save_model
 from .ood import MahalanobisScore
-from .predict import predict_scores
 from .preprocess import REFERENCE_SAMPLE, Preprocess, as_input, fit_stain_reference
 from .reports import metrics_table, plot_history, write_evaluation_report
+from .testtime import batchnorm_statistics
 
 log = logging.getLogger("wbcid")
 MIN_GROUP = 20  # fewest cells of one type from one lab that get their own OOD cluster
@@ -72,29 +71,21 @@ class TrainConfig:
     seed: int = 0
     data: dict = field(default_factory=dict)  # provenance, filled in by fit()
 
-
-def split_train_val(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -> tuple[CellSet, CellSet]:
-    """Use the data's own ``split`` column when it has one (test rows never train); else stratify.
-
-    A manifest with a split column trains on ``train`` and validates on ``val`` (carved out of
-    ``train`` if there is none); other layouts get a stratified ``val_fraction`` hold-out.
-    """
-    splits = {c.split for c in cells.cells}
-    if splits - {""}:
-        train = cells.subset([c.split == "train" for c in cells.cells])
-        val = cells.subset([c.split == "val" for c in cells.cells])
-        if not train.cells:
-            raise WbcidError(f"{cells.origin}: no rows with split 'train' (splits here: {sorted(splits)})")
-        if val.cells:
-            return train, val
-        cells = train
-    labels = cells.labels
-    counts = np.bincount(labels, minlength=len(CLASSES))
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    idx_train, idx_val = train_test_split(
-        np.arange(len(cells)), test_size=val_fraction, random_state=seed, stratify=stratify
-    )
-    return cells.subset(sorted(idx_train)), cells.subset(sorted(idx_val))
+    def __post_init__(self) -> None:
+        """Every option checked before any image is decoded."""
+        bad = [f"{k}={getattr(self, k)!r}" for k in ("epochs", "batch_size", "patience") if getattr(self, k) < 1]
+        bad += [f"{k}={getattr(self, k)!r}" for k in ("lr", "weight_decay") if not getattr(self, k) >= 0]
+        if not 0 < self.val_fraction < 1:
+            bad.append(f"val_fraction={self.val_fraction!r}")
+        if not 0 <= self.label_smoothing < 1:
+            bad.append(f"label_smoothing={self.label_smoothing!r}")
+        if self.input_size is not None and self.input_size < 16:
+            bad.append(f"input_size={self.input_size!r}")
+        if bad:
+            raise WbcidError(
+                f"invalid training options: {', '.join(bad)} (counts must be >= 1, rates >= 0, "
+                "fractions between 0 and 1)"
+            )
 
 
 def check_classes(train: CellSet) -> None:
@@ -125,7 +116,7 @@ def fit(
     checkpoint = _load_checkpoint(out) if resume else None
     if checkpoint is not None:
         config = TrainConfig(**checkpoint["train_config"])
-    config = config or TrainConfig()
+    config = replace(config or TrainConfig())  # a copy: the caller's config is never changed
     if not resume and (out / "last.pt").exists():
         raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     writer = rank == 0
@@ -133,10 +124,16 @@ def fit(
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)  # the new head's (or a scratch model's) initial weights
-    model = create_model(config.model, config.pretrained, config.weights, config.download_weights,
-                         config.freeze, config.input_size)
+    model = create_model(
+        config.model, config.pretrained, config.weights, config.download_weights, config.freeze, config.input_size
+    )
     size = model.config["input_size"]
-    model.config.update(crop=config.crop, colour=config.colour, frozen_bn=config.frozen_bn)
+    model.config.update(
+        crop=config.crop,
+        colour=config.colour,
+        frozen_bn=config.frozen_bn,
+        training_data={"origin": cells.origin, "sources": sorted({c.source for c in cells.cells})},
+    )
     augment = train_augmentation(config.augment).to(device)  # a bad policy fails before decoding
     train_set, val_set = split_train_val(cells, config.val_fraction, config.seed)
     check_classes(train_set)
@@ -145,10 +142,21 @@ def fit(
     prep = Preprocess.of(model.config)  # also checks the colour option before decoding
     train_images, train_set = load_images(train_set, prep, "decoding train images")
     val_images, val_set = load_images(val_set, prep, "decoding validation images")
-    config.data = {"origin": cells.origin, "train": train_set.class_counts(), "val": val_set.class_counts(),
-                   "skipped": dict(train_set.skipped), "processes": world}
-    log.info("training %s on %d images, validating on %d (%d process(es), %s)", config.model, len(train_set),
-             len(val_set), world, device)
+    config.data = {
+        "origin": cells.origin,
+        "train": train_set.class_counts(),
+        "val": val_set.class_counts(),
+        "skipped": dict(train_set.skipped),
+        "processes": world,
+    }
+    log.info(
+        "training %s on %d images, validating on %d (%d process(es), %s)",
+        config.model,
+        len(train_set),
+        len(val_set),
+        world,
+        device,
+    )
 
     model = model.to(device, memory_format=torch.channels_last)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -156,8 +164,9 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     share = len(train_set) // world  # every process takes the same number of steps
     steps = math.ceil(share / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps,
-                                                    pct_start=0.15)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, config.lr, total_steps=config.epochs * steps, pct_start=0.15
+    )
     weights = _class_weights(train_set.labels).to(device) if config.balanced else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     state = {"epoch": 0, "history": [], "best": -1.0, "stale": 0}
@@ -177,8 +186,12 @@ def fit(
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed + epoch))
         model.train()
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
-        bar = tqdm(order[rank * share:(rank + 1) * share].split(config.batch_size),
-                   desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if writer else True)
+        bar = tqdm(
+            order[rank * share : (rank + 1) * share].split(config.batch_size),
+            desc=f"epoch {epoch}/{config.epochs}",
+            leave=False,
+            disable=None if writer else True,
+        )
         for idx in bar:
             with torch.no_grad():
                 x = train_images[idx].to(device).float() / 255
@@ -197,11 +210,15 @@ def fit(
         val_logits = predict_scores(model, val_images.split(128))[0]
         val_labels = torch.from_numpy(val_set.labels)
         val = compute_metrics(val_set.labels, val_logits.argmax(1).numpy())
-        record = {"epoch": epoch, "train_loss": (totals[0] / totals[2]).item(),
-                  "train_accuracy": (totals[1] / totals[2]).item(),
-                  "val_loss": nn.functional.cross_entropy(val_logits, val_labels).item(),
-                  "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                  "lr": scheduler.get_last_lr()[0]}
+        record = {
+            "epoch": epoch,
+            "train_loss": (totals[0] / totals[2]).item(),
+            "train_accuracy": (totals[1] / totals[2]).item(),
+            "val_loss": nn.functional.cross_entropy(val_logits, val_labels).item(),
+            "val_accuracy": val["accuracy"],
+            "val_macro_f1": val["macro_f1"],
+            "lr": scheduler.get_last_lr()[0],
+        }
         state["history"].append(record)
         state["epoch"] = epoch
         improved = val["macro_f1"] > state["best"]
@@ -213,11 +230,23 @@ def fit(
             continue
         if improved:
             save_model(model, out / "model.pt", epoch=epoch, val_macro_f1=val["macro_f1"])
-        save_model(model, out / "last.pt", train_config=asdict(config), optimizer=optimizer.state_dict(),
-                   scheduler=scheduler.state_dict(), state=state)
-        log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f", epoch,
-                 record["train_loss"], record["train_accuracy"], record["val_loss"], record["val_accuracy"],
-                 record["val_macro_f1"])
+        save_model(
+            model,
+            out / "last.pt",
+            train_config=asdict(config),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            state=state,
+        )
+        log.info(
+            "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f",
+            epoch,
+            record["train_loss"],
+            record["train_accuracy"],
+            record["val_loss"],
+            record["val_accuracy"],
+            record["val_macro_f1"],
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 
@@ -244,8 +273,14 @@ def _distributed() -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), world, device
 
 
-def _finish_run(out: Path, history: list[dict], train_images: torch.Tensor, train_set: CellSet,
-                val_images: torch.Tensor, val_set: CellSet) -> None:
+def _finish_run(
+    out: Path,
+    history: list[dict],
+    train_images: torch.Tensor,
+    train_set: CellSet,
+    val_images: torch.Tensor,
+    val_set: CellSet,
+) -> None:
     """Training statistics (adaptation, OOD), history, validation metrics of the best model, report."""
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "history.png")
@@ -264,20 +299,27 @@ def _finish_run(out: Path, history: list[dict], train_images: torch.Tensor, trai
     for split in ("train", "val"):
         counts = config["train"]["data"][split]
         lines[-1] += f"\n| {split} | " + " | ".join(str(counts[c]) for c in CLASSES) + " |"
-    lines += ["## Validation (best epoch)", metrics_table({"validation": val}),
-              "## History", "![history](history.png)", "Validation confusion matrix: [val/report.md](val/report.md)"]
+    lines += [
+        "## Validation (best epoch)",
+        metrics_table({"validation": val}),
+        "## History",
+        "![history](history.png)",
+        "Validation confusion matrix: [val/report.md](val/report.md)",
+    ]
     (out / "report.md").write_text("\n\n".join(lines) + "\n")
 
 
-def record_training_statistics(model_path: Path, train_images: torch.Tensor, train_set: CellSet,
-                               val_images: torch.Tensor) -> WBCNet:
+def record_training_statistics(
+    model_path: Path, train_images: torch.Tensor, train_set: CellSet, val_images: torch.Tensor
+) -> WBCNet:
     """Store in a saved model what later needs the training data: the batch-norm statistics of the
-    training images (for :mod:`wbcid.adapt`) and the OOD scorer, fitted on the training cells'
+    training images (for :mod:`wbcid.testtime`) and the OOD scorer, fitted on the training cells'
     features and calibrated on the validation cells (:mod:`wbcid.ood`)."""
     model = load_model(model_path)
     model.source_statistics = batchnorm_statistics(model, train_images.split(128))
-    model.ood = MahalanobisScore.fit(image_features(model, train_images), ood_groups(train_set),
-                                     image_features(model, val_images))
+    model.ood = MahalanobisScore.fit(
+        image_features(model, train_images), ood_groups(train_set), image_features(model, val_images)
+    )
     saved = torch.load(model_path, map_location="cpu", weights_only=True)
     save_model(model, model_path, **{k: v for k, v in saved.items() if k not in ("format", "config", "state_dict")})
     return model
@@ -290,8 +332,7 @@ def refit_training_statistics(model_path: str | os.PathLike, train_set: CellSet,
     train_images, train_set = load_images(train_set.known(), prep, "decoding training cells")
     val_images, _ = load_images(val_set.known(), prep, "decoding validation cells")
     path = Path(model_path)
-    return record_training_statistics(path / "model.pt" if path.is_dir() else path, train_images,
-                                      train_set, val_images)
+    return record_training_statistics(path / "model.pt" if path.is_dir() else path, train_images, train_set, val_images)
 
 
 def _stain_reference(train_set: CellSet, framing: Preprocess, seed: int) -> dict:

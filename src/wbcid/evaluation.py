@@ -7,18 +7,21 @@ with no test images has no recall, and counting it as 0 would punish the model f
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
-from .data import CLASSES, CellSet, read_cells
+from .data import CLASSES, CellSet, default_data_root, read_cells
 from .errors import WbcidError
+from .inference import predict_proba, resolve_model
 from .models import WBCNet
 from .ood import flagged
-from .predict import predict_proba, resolve_model
 from .reports import write_evaluation_report
+
+log = logging.getLogger("wbcid")
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
@@ -26,9 +29,7 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(len(CLASSES)))
     present = sorted(set(y_true.tolist()))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     per_class = {
         name: {
             "precision": float(precision[i]),
@@ -56,12 +57,17 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
 def flagged_metrics(y_true: np.ndarray, y_pred: np.ndarray, flags: np.ndarray) -> dict:
     """How many cells were flagged as unusual, and how good the answers given for the rest are."""
     kept = compute_metrics(y_true[~flags], y_pred[~flags]) if (~flags).any() else {}
-    return {"flagged": int(flags.sum()), "flagged_share": float(flags.mean()),
-            "accuracy_unflagged": kept.get("accuracy"), "macro_f1_unflagged": kept.get("macro_f1")}
+    return {
+        "flagged": int(flags.sum()),
+        "flagged_share": float(flags.mean()),
+        "accuracy_unflagged": kept.get("accuracy"),
+        "macro_f1_unflagged": kept.get("macro_f1"),
+    }
 
 
-def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, resamples: int = 1000, seed: int = 0,
-                        level: float = 0.95) -> dict[str, list[float]]:
+def bootstrap_intervals(
+    y_true: np.ndarray, y_pred: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, list[float]]:
     """Percentile bootstrap intervals for accuracy, balanced accuracy and macro-F1.
 
     Cells are resampled with replacement; averages run over the classes present in the full
@@ -76,8 +82,11 @@ def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, resamples: int =
     tp, support, predicted = cm.diagonal(axis1=1, axis2=2), cm.sum(2), cm.sum(1)
     recall = np.divide(tp, support, out=np.zeros(tp.shape), where=support > 0)
     f1 = np.divide(2 * tp, support + predicted, out=np.zeros(tp.shape), where=(support + predicted) > 0)
-    scores = {"accuracy": tp.sum(1) / len(y_true), "balanced_accuracy": recall[:, present].mean(1),
-              "macro_f1": f1[:, present].mean(1)}
+    scores = {
+        "accuracy": tp.sum(1) / len(y_true),
+        "balanced_accuracy": recall[:, present].mean(1),
+        "macro_f1": f1[:, present].mean(1),
+    }
     tail = 100 * (1 - level) / 2
     return {name: np.percentile(v, [tail, 100 - tail]).tolist() for name, v in scores.items()}
 
@@ -89,16 +98,22 @@ def evaluate(
     sources: list[str] | None = None,
     splits: list[str] | None = None,
     title: str | None = None,
-    adapt: bool = False,
+    adabn: bool = False,
     tta: bool = False,
 ) -> dict:
     """Score a model on labelled cells; with ``out_dir``, write metrics.json, figures and report.md.
 
-    ``adapt``/``tta``: test-time adaptation on these (unlabelled) images, see :mod:`wbcid.adapt`.
+    ``adabn``/``tta``: test-time adaptation on these (unlabelled) images, see :mod:`wbcid.testtime`.
     """
-    model = resolve_model(model, adapt)
+    name = "bundled model (wbcid-default)" if model is None else str(model) if isinstance(model, (str, os.PathLike)) \
+        else model.config["model"]
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
-    probs, ood, ok = predict_proba(model, cells.paths, adapt=adapt, tta=tta)
+    model = resolve_model(model, adabn)
+    seen = training_overlap(model.config, cells)
+    if seen:
+        log.warning("%d of %d evaluated cells were in this model's training or validation data: this is not a test score",
+                    seen, len(cells))
+    probs, ood, ok = predict_proba(model, cells.paths, adabn=adabn, tta=tta)
     if not ok.any():
         raise WbcidError(f"{cells.origin}: none of the {len(cells)} images could be read")
     metrics = compute_metrics(cells.labels[ok], probs[ok].argmax(1))
@@ -107,9 +122,33 @@ def evaluate(
         metrics["flagged"] = flagged_metrics(cells.labels[ok], probs[ok].argmax(1), flagged(ood[ok]))
     metrics["unreadable"] = int((~ok).sum())
     metrics["skipped"] = dict(cells.skipped)
+    metrics["model"], metrics["data"], metrics["training_overlap"] = name, cells.origin, seen
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        write_evaluation_report(metrics, out_dir, title or f"Evaluation on {cells.origin}")
+        write_evaluation_report(metrics, out_dir, title or f"Evaluation of {name} on {cells.origin}")
     return metrics
+
+
+def training_overlap(config: dict, cells: CellSet) -> int:
+    """How many of ``cells`` the model recorded as its training data (``config["training_data"]``).
+
+    A run records the data it was fitted on (train and validation rows; a manifest's test rows never
+    train); the bundled model records that it saw every cell of the five labs in wbcid's data folder.
+    """
+    recorded = config.get("training_data")
+    if not recorded:
+        return 0
+    origin = Path(recorded.get("origin") or default_data_root() / "cells.csv")
+    if not origin.exists():
+        return 0
+    try:
+        training = read_cells(origin)
+    except WbcidError:
+        return 0
+    sources = set(recorded.get("sources") or [])
+    every_split = recorded.get("all_splits", False)
+    paths = {c.path.resolve() for c in training.cells
+             if (not sources or c.source in sources) and (every_split or c.split != "test")}
+    return sum(c.path.resolve() in paths for c in cells.cells)

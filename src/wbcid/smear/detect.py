@@ -28,7 +28,7 @@ from scipy import ndimage
 from skimage.filters import threshold_multiotsu
 from torchvision.ops import box_iou
 
-from .errors import WbcidError
+from ..errors import WbcidError
 
 WORK_DIAMETER = 100  # pixels a WBC spans in the resized copy the detector works on
 MIN_NUCLEUS = 0.25  # smallest nucleus, as a fraction of a WBC's diameter (platelets are smaller)
@@ -63,16 +63,22 @@ def detect_cells(image: Image.Image | np.ndarray, cell_diameter: float = 200) ->
     feature = ndimage.gaussian_filter(purple(work), 1)
     if feature.max() < MIN_PURPLE:
         return []
-    nucleus_level = max(threshold_multiotsu(feature, classes=3)[1], MIN_PURPLE)
+    try:
+        nucleus_level = max(threshold_multiotsu(feature, classes=3)[1], MIN_PURPLE)
+    except ValueError:  # too few distinct values to split into three classes: a blank or tiny image
+        return []
     nucleus = ndimage.binary_opening(feature > nucleus_level)
     cell = ndimage.binary_fill_holes(ndimage.binary_closing(feature > CYTOPLASM * nucleus_level, iterations=2))
     regions, count = ndimage.label(ndimage.binary_opening(cell, iterations=2) | nucleus)
     areas = ndimage.sum_labels(nucleus, regions, np.arange(1, count + 1))
     min_area = np.pi / 4 * (MIN_NUCLEUS * WORK_DIAMETER) ** 2
     found = [
-        Detection(_rescale((region[1].start, region[0].start, region[1].stop, region[0].stop), scale, image.size),
-                  int(area / scale**2))
-        for region, area in zip(ndimage.find_objects(regions), areas) if area >= min_area
+        Detection(
+            _rescale((region[1].start, region[0].start, region[1].stop, region[0].stop), scale, image.size),
+            int(area / scale**2),
+        )
+        for region, area in zip(ndimage.find_objects(regions), areas)
+        if area >= min_area
     ]
     return sorted(found, key=lambda d: -d.nucleus_area)
 

@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .adapt import adapt_batchnorm, dihedral_scores
 from .data import CLASSES, image_batches, list_images
 from .errors import WbcidError
 from .models import WBCNet, load_model
 from .ood import flagged
 from .preprocess import Preprocess, as_input
+from .testtime import adapt_batchnorm, dihedral_scores
 
 log = logging.getLogger("wbcid")
+UNREADABLE_MESSAGE = "could not be read as an image"
 
 
 @torch.inference_mode()
-def predict_scores(model: WBCNet, batches: Iterable[torch.Tensor], tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_scores(
+    model: WBCNet, batches: Iterable[torch.Tensor], tta: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(n, 5)`` and out-of-distribution scores ``(n,)`` for uint8 NCHW batches, in order.
 
     With ``tta`` the logits are averaged over rotations and flips; the OOD score is always that
-    of the image as given (see :func:`wbcid.adapt.dihedral_scores`).
+    of the image as given (see :func:`wbcid.testtime.dihedral_scores`).
     """
     model.eval()
     device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
@@ -43,24 +46,30 @@ def predict_scores(model: WBCNet, batches: Iterable[torch.Tensor], tta: bool = F
 
 
 def predict_proba(
-    model: WBCNet, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None, progress: bool = True,
-    adapt: bool = False, tta: bool = False,
+    model: WBCNet,
+    paths: Sequence[Path],
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+    adabn: bool = False,
+    tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class probabilities ``(n, 5)``, OOD scores ``(n,)`` and a mask of which files could be read.
 
-    Unreadable files get NaN. ``adapt`` re-estimates batch-norm statistics on these images first
+    Unreadable files get NaN. ``adabn`` re-estimates batch-norm statistics on these images first
     (they should come from one lab); ``tta`` averages over rotations and flips. See
-    :mod:`wbcid.adapt` and :mod:`wbcid.ood`.
+    :mod:`wbcid.testtime` and :mod:`wbcid.ood`.
     """
     batches = image_batches(paths, Preprocess.of(model.config), batch_size, workers)
-    if adapt:
+    if adabn:
         if not isinstance(model, torch.nn.Module):
-            raise WbcidError("test-time adaptation (--adapt) needs the PyTorch model, not an ONNX export")
+            raise WbcidError("test-time AdaBN (--adabn) needs the PyTorch model, not an ONNX export")
         batches = list(batches)
         model = adapt_batchnorm(model, [images[readable] for images, readable in batches])
     probs, ood, ok = [], [], []
-    for images, readable in tqdm(batches, total=-(-len(paths) // batch_size), desc="predicting",
-                                 disable=None if progress else True, leave=False):
+    for images, readable in tqdm(
+        batches, total=-(-len(paths) // batch_size), desc="predicting", disable=None if progress else True, leave=False
+    ):
         logits, scores = predict_scores(model, [images], tta)
         probs.append(logits.softmax(1).numpy())
         ood.append(scores.numpy())
@@ -68,8 +77,12 @@ def predict_proba(
     probs_all, ood_all, ok_all = np.concatenate(probs), np.concatenate(ood).astype(np.float64), np.concatenate(ok)
     probs_all[~ok_all], ood_all[~ok_all] = np.nan, np.nan
     if not ok_all.all():
-        log.warning("%d of %d images could not be read and have no prediction, e.g. %s",
-                    (~ok_all).sum(), len(paths), paths[int(np.argmin(ok_all))])
+        log.warning(
+            "%d of %d images could not be read and have no prediction, e.g. %s",
+            (~ok_all).sum(),
+            len(paths),
+            paths[int(np.argmin(ok_all))],
+        )
     return probs_all, ood_all, ok_all
 
 
@@ -78,19 +91,22 @@ def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray) -> pd.D
     best = np.nan_to_num(probs, nan=-1).argmax(1)
     if ok.any() and np.isnan(ood[ok]).all():
         log.warning("this model has no out-of-distribution scorer (trained before wbcid 0.2?); nothing is flagged")
-    return pd.DataFrame({
-        "label": [CLASSES[i] if k else "" for i, k in zip(best, ok)],
-        "probability": np.where(ok, np.nan_to_num(probs).max(1), np.nan),
-        "ood_score": ood,
-        "flagged": flagged(ood),
-        **{f"p_{name}": probs[:, i] for i, name in enumerate(CLASSES)},
-    })
+    return pd.DataFrame(
+        {
+            "label": [CLASSES[i] if k else "" for i, k in zip(best, ok)],
+            "probability": np.where(ok, np.nan_to_num(probs).max(1), np.nan),
+            "ood_score": ood,
+            "flagged": flagged(ood) | ~ok,  # an image without a prediction needs a person's eyes too
+            "error": np.where(ok, "", UNREADABLE_MESSAGE),
+            **{f"p_{name}": probs[:, i] for i, name in enumerate(CLASSES)},
+        }
+    )
 
 
-def resolve_model(model: WBCNet | str | os.PathLike | None, adapt: bool = False) -> WBCNet:
-    """A model object from a model, a path or ``None`` (bundled); ONNX Runtime unless adapting."""
+def resolve_model(model: WBCNet | str | os.PathLike | None, adabn: bool = False) -> WBCNet:
+    """A model object from a model, a path or ``None`` (bundled); ONNX Runtime unless AdaBN needs PyTorch."""
     if model is None or isinstance(model, (str, os.PathLike)):
-        return load_model(model, onnx=not adapt)
+        return load_model(model, onnx=not adabn)
     return model
 
 
@@ -98,9 +114,11 @@ def agreement(reference: WBCNet, other: WBCNet, paths: Sequence[Path]) -> dict:
     """How closely two models agree (e.g. fp32 vs fp16, PyTorch vs ONNX Runtime) on real images."""
     p_ref, _, ok = predict_proba(reference, paths)
     p_other, _, _ = predict_proba(other, paths)
-    return {"images": int(ok.sum()),
-            "label_agreement": float(np.mean(p_ref[ok].argmax(1) == p_other[ok].argmax(1))),
-            "max_probability_difference": float(np.abs(p_ref[ok] - p_other[ok]).max())}
+    return {
+        "images": int(ok.sum()),
+        "label_agreement": float(np.mean(p_ref[ok].argmax(1) == p_other[ok].argmax(1))),
+        "max_probability_difference": float(np.abs(p_ref[ok] - p_other[ok]).max()),
+    }
 
 
 def predict(
@@ -108,21 +126,29 @@ def predict(
     paths: Sequence[str | os.PathLike],
     out_csv: str | os.PathLike | None = None,
     batch_size: int = 64,
-    adapt: bool = False,
+    adabn: bool = False,
     tta: bool = False,
 ) -> pd.DataFrame:
     """Classify image files (folders are searched recursively); one row per image.
 
     Columns: ``path``, ``label``, ``probability``, ``ood_score``, ``flagged`` (not like the cells
-    the model knows: check by eye, see :mod:`wbcid.ood`) and ``p_<class>`` for each class.
-    Unreadable images keep their row with an empty label, so no input silently disappears.
+    the model knows, or unreadable: check by eye, see :mod:`wbcid.ood`), ``error`` and
+    ``p_<class>`` for each class. Unreadable images keep their row with an empty label and an
+    ``error``, so no input silently disappears; if none could be read the CSV is still written
+    and :class:`WbcidError` is raised.
     """
-    model = resolve_model(model, adapt)
-    files = list_images(paths)
-    probs, ood, ok = predict_proba(model, files, batch_size, adapt=adapt, tta=tta)
+    if out_csv is not None and Path(out_csv).is_dir():
+        raise WbcidError(
+            f"{out_csv} is a folder; --out takes the CSV file to write, e.g. {Path(out_csv) / 'predictions.csv'}"
+        )
+    files = list_images(paths)  # missing or empty inputs fail before the model loads
+    model = resolve_model(model, adabn)
+    probs, ood, ok = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
     table = prediction_table(probs, ood, ok)
     table.insert(0, "path", [str(f) for f in files])
     if out_csv is not None:
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out_csv, index=False, float_format="%.5f")
+    if not ok.any():
+        raise WbcidError(f"none of the {len(files)} images could be read (each has a row with an 'error')")
     return table

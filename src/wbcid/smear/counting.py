@@ -10,40 +10,54 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from scipy.stats import binomtest
 from tqdm.auto import tqdm
 
-from .data import CLASSES, UNREADABLE, list_images
+from ..data import CLASSES, UNREADABLE, list_images
+from ..errors import WbcidError
+from ..inference import predict_scores, resolve_model
+from ..models import WBCNet
+from ..ood import flagged
+from ..preprocess import Preprocess, upright_rgb
 from .detect import Box, detect_cells
-from .errors import WbcidError
-from .models import WBCNet
-from .ood import flagged
-from .predict import predict_scores, resolve_model
-from .preprocess import Preprocess
 
 log = logging.getLogger("wbcid")
 
 # Adult reference ranges of the differential, in percent. Laboratories differ (method, population):
 # pass your own with ``reference=`` / ``--reference ranges.json``.
 REFERENCE_RANGES: dict[str, tuple[float, float]] = {
-    "neutrophil": (40.0, 75.0), "lymphocyte": (12.0, 44.0), "monocyte": (4.0, 9.0),
-    "eosinophil": (0.0, 5.5), "basophil": (0.0, 1.0),
+    "neutrophil": (40.0, 75.0),
+    "lymphocyte": (12.0, 44.0),
+    "monocyte": (4.0, 9.0),
+    "eosinophil": (0.0, 5.5),
+    "basophil": (0.0, 1.0),
 }
-REFERENCE_SOURCE = ("adult ranges as specified for wbcid (project issue 3); not a laboratory's validated "
-                    "reference intervals: replace them with your laboratory's own (--reference)")
+REFERENCE_SOURCE = (
+    "adult ranges as specified for wbcid; not a laboratory's validated "
+    "reference intervals: replace them with your laboratory's own (--reference)"
+)
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 FIELDS = "fields.jsonl"  # one line per finished field, written as it is done (for --resume)
+MAX_CELLS_ACROSS = 40  # a field wider than 40 WBCs is not a smear field at WBC magnification (reasoned)
+MIN_FIELD = 16  # pixels: a smaller image cannot show a WBC at any magnification (reasoned, not fitted)
 CONTEXT = 1.5  # side of the patch cut around a detection, as a multiple of the box's longer side
-COLOURS = {"neutrophil": "#1f77b4", "lymphocyte": "#2ca02c", "monocyte": "#ff7f0e", "eosinophil": "#d62728",
-           "basophil": "#9467bd", "flagged": "#7f7f7f"}
+COLOURS = {
+    "neutrophil": "#1f77b4",
+    "lymphocyte": "#2ca02c",
+    "monocyte": "#ff7f0e",
+    "eosinophil": "#d62728",
+    "basophil": "#9467bd",
+    "flagged": "#7f7f7f",
+}
 
 
 @dataclass
@@ -79,26 +93,57 @@ def differential(labels: Sequence[str], reference: dict[str, tuple[float, float]
         k = sum(label == name for label in labels)
         lo_ref, hi_ref = reference[name]
         if n == 0:  # nothing counted: no percentage, no flag (JSON has no NaN)
-            classes[name] = {"count": 0, "percent": None, "ci95": None, "reference": [lo_ref, hi_ref],
-                             "flag": None, "conclusive": False}
+            classes[name] = {
+                "count": 0,
+                "percent": None,
+                "ci95": None,
+                "reference": [lo_ref, hi_ref],
+                "flag": None,
+                "conclusive": False,
+            }
             continue
         low, high = proportion_interval(k, n)
         percent = 100 * k / n
         flag = "low" if percent < lo_ref else "high" if percent > hi_ref else None
         conclusive = bool(flag) and (100 * high < lo_ref if flag == "low" else 100 * low > hi_ref)
-        classes[name] = {"count": k, "percent": percent, "ci95": [100 * low, 100 * high],
-                         "reference": [lo_ref, hi_ref], "flag": flag, "conclusive": conclusive}
+        classes[name] = {
+            "count": k,
+            "percent": percent,
+            "ci95": [100 * low, 100 * high],
+            "reference": [lo_ref, hi_ref],
+            "flag": flag,
+            "conclusive": conclusive,
+        }
     return {"counted": n, "classes": classes}
 
 
 def read_reference(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
-    """Reference ranges from JSON ``{"neutrophil": [40, 75], ...}``, every class required."""
+    """Reference ranges in percent from JSON ``{"neutrophil": [40, 75], ...}``: every class, nothing else."""
+    example = f'{{"neutrophil": [40, 75], ...}} for each of {", ".join(CLASSES)}'
     try:
         raw = json.loads(Path(path).read_text())
-        ranges = {name: (float(raw[name][0]), float(raw[name][1])) for name in CLASSES}
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise WbcidError(f"{path}: reference ranges must be JSON like "
-                         f'{{"neutrophil": [40, 75], ...}} for all of {", ".join(CLASSES)} ({exc!r})') from exc
+    except (OSError, ValueError) as exc:
+        raise WbcidError(f"{path}: cannot read reference ranges ({exc}); expected JSON like {example}") from exc
+    if not isinstance(raw, dict):
+        raise WbcidError(f"{path}: expected a JSON object like {example}")
+    problems = [f"unknown class {k!r}" for k in raw if k not in CLASSES]
+    problems += [f"{name} is missing" for name in CLASSES if name not in raw]
+    ranges = {}
+    for name in CLASSES:
+        value = raw.get(name)
+        if name not in raw:
+            continue
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+            problems.append(f"{name} must be [low, high], not {value!r}")
+            continue
+        low, high = map(float, value)
+        if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high <= 100):
+            problems.append(f"{name} [{low:g}, {high:g}] is not a range 0 <= low <= high <= 100")
+        ranges[name] = (low, high)
+    if not problems and all(high <= 1 for _, high in ranges.values()):
+        problems.append("every upper limit is <= 1: give percentages (e.g. 40-75), not fractions")
+    if problems:
+        raise WbcidError(f"{path}: {'; '.join(problems)} (expected percentages, JSON like {example})")
     return ranges
 
 
@@ -111,8 +156,12 @@ def cell_patch(image: Image.Image, box: Box, prep: Preprocess) -> np.ndarray:
     x0, y0, x1, y1 = box
     half = CONTEXT * max(x1 - x0, y1 - y0) / 2
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    window = (max(0, round(cx - half)), max(0, round(cy - half)),
-              min(image.width, round(cx + half)), min(image.height, round(cy + half)))
+    window = (
+        max(0, round(cx - half)),
+        max(0, round(cy - half)),
+        min(image.width, round(cx + half)),
+        min(image.height, round(cy + half)),
+    )
     return prep(image.crop(window))
 
 
@@ -126,8 +175,10 @@ def classify_field(model: WBCNet, image: Image.Image, cell_diameter: float = 200
     logits, ood = predict_scores(model, patches.split(64))
     probs = logits.softmax(1).numpy()
     flags = flagged(ood.numpy())
-    return [CellCall(box, CLASSES[int(p.argmax())], float(p.max()), float(o), bool(f))
-            for box, p, o, f in zip(boxes, probs, ood.numpy(), flags)]
+    return [
+        CellCall(box, CLASSES[int(p.argmax())], float(p.max()), float(o), bool(f))
+        for box, p, o, f in zip(boxes, probs, ood.numpy(), flags)
+    ]
 
 
 def count(
@@ -144,12 +195,22 @@ def count(
     Each finished field is appended to ``fields.jsonl`` at once, so ``resume=True`` continues an
     interrupted count (same model and cell diameter) without redoing the fields already done.
     """
-    from .reports import write_count_report
+    from ..reports import write_count_report
 
-    source = ("bundled model (wbcid-default)" if model is None
-              else str(model) if isinstance(model, (str, os.PathLike)) else model.config["model"])
-    model = resolve_model(model)
+    source = (
+        "bundled model (wbcid-default)"
+        if model is None
+        else str(model)
+        if isinstance(model, (str, os.PathLike))
+        else model.config["model"]
+    )
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise WbcidError(f"{out_dir} is a file; --out takes the folder to write the count into")
+    if not (isinstance(cell_diameter, (int, float)) and math.isfinite(cell_diameter) and cell_diameter > 0):
+        raise WbcidError(f"--cell-diameter must be a positive number of pixels, not {cell_diameter}")
+    fields = list_images(paths)  # missing or empty inputs fail before the model loads
+    model = resolve_model(model)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
     settings = {"model": source, "cell_diameter": cell_diameter}
     done = _finished_fields(out_dir / FIELDS, settings, resume)
@@ -157,7 +218,7 @@ def count(
     with (out_dir / FIELDS).open("a") as field_log:
         if not done:
             field_log.write(json.dumps(settings) + "\n")
-        for path in tqdm(list_images(paths), desc="counting", disable=None, leave=False):
+        for path in tqdm(fields, desc="counting", disable=None, leave=False):
             entry = done.get(str(path))
             if entry is None:
                 entry = count_field(model, path, cell_diameter, out_dir, len(images) + 1)
@@ -166,16 +227,25 @@ def count(
             images.append(entry)
     if not any("size" in e for e in images):
         raise WbcidError(f"none of the {len(images)} images could be read")
-    flagged_cells = [(e, CellCall(**{**d, "box": tuple(d["box"])})) for e in images for d in e["detections"]
-                     if d["flagged"]]
+    flagged_cells = [
+        (e, CellCall(**{**d, "box": tuple(d["box"])})) for e in images for d in e["detections"] if d["flagged"]
+    ]
     counted = [d["label"] for e in images for d in e["detections"] if not d["flagged"]]
     totals = differential(counted, reference) | {
-        "detected": sum(len(e["detections"]) for e in images), "flagged": len(flagged_cells)}
+        "detected": sum(len(e["detections"]) for e in images),
+        "flagged": len(flagged_cells),
+    }
     for name, row in totals["classes"].items():  # flags are not random: show which counts they may bias
         row["flagged_closest"] = sum(call.label == name for _, call in flagged_cells)
-    result = {**settings, "images": images,
-              "totals": totals, "reference": {"source": REFERENCE_SOURCE if reference is None else "user-supplied",
-                                              "ranges": reference or REFERENCE_RANGES}}
+    result = {
+        **settings,
+        "images": images,
+        "totals": totals,
+        "reference": {
+            "source": REFERENCE_SOURCE if reference is None else "user-supplied",
+            "ranges": reference or REFERENCE_RANGES,
+        },
+    }
     (out_dir / "counts.json").write_text(json.dumps(result, indent=2))
     write_count_report(result, _with_patches(flagged_cells), out_dir)
     return result
@@ -193,6 +263,7 @@ def count_field(model: WBCNet, path: Path, cell_diameter: float, out_dir: Path, 
         log.warning("%s: %s", path, entry["error"])
         return entry
     entry["size"] = list(image.size)
+    entry["warnings"] += field_problems(image, cell_diameter)
     calls = classify_field(model, image, cell_diameter)
     entry["detections"] = [asdict(c) for c in calls]
     if not calls:
@@ -202,13 +273,48 @@ def count_field(model: WBCNet, path: Path, cell_diameter: float, out_dir: Path, 
     return entry
 
 
+def field_problems(image: Image.Image, cell_diameter: float) -> list[str]:
+    """Why a readable field cannot be counted as asked: too small, one flat colour, or a WBC size
+    (``--cell-diameter``) that cannot be right for an image of this size."""
+    if min(image.size) < MIN_FIELD:
+        return [f"image is only {image.width}x{image.height} pixels: too small to hold a white blood cell"]
+    if all(low == high for low, high in image.getextrema()):
+        return ["image is a single flat colour (blank): nothing to count"]
+    if cell_diameter > min(image.size):
+        return [
+            f"a WBC {cell_diameter:g} px across does not fit in this {image.width}x{image.height} field: "
+            "is --cell-diameter right for these images?"
+        ]
+    if cell_diameter * MAX_CELLS_ACROSS < max(image.size):
+        return [
+            f"a WBC {cell_diameter:g} px across is tiny in this {image.width}x{image.height} field "
+            f"(over {MAX_CELLS_ACROSS} would fit side by side): is --cell-diameter right for these images?"
+        ]
+    return []
+
+
 def _finished_fields(log_path: Path, settings: dict, resume: bool) -> dict[str, dict]:
-    """Fields already counted in ``log_path`` (by path); refuses to mix counts of two settings."""
+    """Fields already counted in ``log_path`` (by path); refuses to mix counts of two settings.
+
+    A last line cut short by a crash mid-write is removed from the file and its field counted again.
+    """
     if not log_path.exists():
         return {}
     if not resume:
-        raise WbcidError(f"{log_path.parent} already holds a count; pass --resume to continue it or choose another --out")
-    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        raise WbcidError(
+            f"{log_path.parent} already holds a count; pass --resume to continue it or choose another --out"
+        )
+    text = log_path.read_text()
+    rows = text.splitlines(keepends=True)
+    lines = []
+    for number, line in enumerate(rows):
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(rows) - 1 or line.endswith("\n"):
+                raise WbcidError(f"{log_path}: line {number + 1} is damaged; count into a new --out") from None
+            log.warning("%s: the last field was cut short by an interruption; counting it again", log_path)
+            log_path.write_text(text[: len(text) - len(line)])
     if lines and lines[0] != settings:
         raise WbcidError(f"{log_path} was counted with {lines[0]}, not {settings}; use another --out")
     return {entry["path"]: entry for entry in lines[1:]}
@@ -217,7 +323,7 @@ def _finished_fields(log_path: Path, settings: dict, resume: bool) -> dict[str, 
 def open_field(path: str | os.PathLike) -> tuple[Image.Image, str]:
     """A field as upright RGB, and the mode it was stored in (grey fields get a warning)."""
     with Image.open(path) as raw:
-        return ImageOps.exif_transpose(raw).convert("RGB"), raw.mode
+        return upright_rgb(raw), raw.mode
 
 
 def _with_patches(flagged_cells: list[tuple[dict, CellCall]]) -> list[tuple[dict, CellCall, Image.Image]]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -62,12 +62,15 @@ def explain(
     out_dir: str | os.PathLike,
     size: int = 256,
 ) -> list[Path]:
-    """Write ``<name>_gradcam.png`` (input as the model saw it | overlay) for each image; unreadable ones are skipped."""
+    """Write ``<name>_gradcam.png`` (input as the model saw it | overlay) per image; unreadable ones are skipped."""
+    files = list_images(paths)
     model = model if isinstance(model, WBCNet) else load_model(model)
+    if not isinstance(model, WBCNet):
+        raise WbcidError("Grad-CAM needs gradients, so the PyTorch model (a run directory or .pt file), not ONNX")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in list_images(paths):
+    written, used = [], set()
+    for path in files:
         seen = try_decode(path, Preprocess.of(model.config))
         if seen is None:
             log.warning("%s: could not read the image, skipped", path)
@@ -75,7 +78,11 @@ def explain(
         heat, predicted = grad_cam(model, torch.from_numpy(seen.copy()).permute(2, 0, 1)[None])
         big = np.asarray(Image.fromarray(seen).resize((size, size), Image.Resampling.BILINEAR))
         heat_big = np.asarray(Image.fromarray((heat[0] * 255).astype(np.uint8)).resize((size, size))) / 255
-        target = out_dir / f"{Path(path).stem}_gradcam_{CLASSES[int(predicted[0])]}.png"
+        stem = Path(path).stem if Path(path).stem not in used else f"{Path(path).parent.name}_{Path(path).stem}"
+        while stem in used:  # two inputs with one name never share an output file
+            stem += "_"
+        used.add(stem)
+        target = out_dir / f"{stem}_gradcam_{CLASSES[int(predicted[0])]}.png"
         overlay(big, heat_big).save(target)
         written.append(target)
     return written

@@ -1,0 +1,288 @@
+"""Few-shot lab adaptation: the label-efficiency curve (macro-F1 against verified cells per class).
+
+    python benchmarks/adaptation.py --model runs/pbc --name groups2 [--trainable-groups 2] [--ks 0 1 2 5 10 20]
+        [--draws 5] [--labs lisc tecom cellavision bccd] [--unlabelled] [--data ../shared/data]
+    python benchmarks/adaptation.py --report        # docs/adaptation.md and .png from every result
+
+The model must never have seen the target labs: the PBC-only default model
+(``wbcid train --data ../shared/data/cells.csv --source pbc --out runs/pbc``). For each lab and K,
+``--draws`` random draws of K verified cells per class (``wbcid.data.draw_per_class``: at most half
+of a class, groups kept whole) adapt the model (``wbcid.adaptation.adapt_model``, the function
+``wbcid adapt`` calls), which is then scored on the lab's *remaining* cells (macro-F1 over the
+classes present, share flagged), on PBC's test split (forgetting) and on the OOD task (AUROC of
+``ood_score``, PBC's non-WBC cells vs PBC test). K = 0 is the model as it is. ``--unlabelled`` adds
+rows where the lab's remaining cells, unlabelled, add pseudo-labels (transductive: they are also
+the cells scored), and a K = 0 row with AdaBN (``--adabn``). Writes ``docs/adaptation/NAME.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from wbcid.adaptation import AdaptConfig, adapt_model, make_replay, suffix_scores
+from wbcid.data import default_data_root, draw_per_class, load_images, read_cells, sample_per_class
+from wbcid.evaluation import compute_metrics
+from wbcid.inference import predict_scores
+from wbcid.models import load_model
+from wbcid.preprocess import Preprocess
+from wbcid.testtime import adapt_batchnorm
+
+LABS = ["lisc", "tecom", "cellavision", "bccd"]
+OUT = Path("docs/adaptation")
+ANCHOR = (
+    "Chossegros et al., J. Pathol. Inform. 2024: EfficientNet fine-tuned on <= 100 labelled images per "
+    "target dataset, > 80 % accuracy on each of 8 targets, > 90 % on more than half"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--data", type=Path, default=default_data_root())
+    parser.add_argument("--name", default="default")
+    parser.add_argument("--labs", nargs="+", default=LABS)
+    parser.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 5, 10, 20])
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument(
+        "--trainable-groups",
+        type=int,
+        nargs="+",
+        default=[AdaptConfig.trainable_groups],
+        help="one result file per value (NAME-gN when several)",
+    )
+    parser.add_argument("--steps", type=int, default=AdaptConfig.steps)
+    parser.add_argument("--no-replay", action="store_true")
+    parser.add_argument("--unlabelled", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only write docs/adaptation.md from the results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.report:
+        write_report()
+        return
+    torch.set_num_threads(2)
+    base = load_model(args.model)
+    prep = Preprocess.of(base.config)
+    cells = read_cells(args.data / "cells.csv", known_only=False)
+
+    def decode(cellset):  # unreadable images are dropped with their labels
+        return load_images(cellset, prep, "decoding")
+
+    pbc = cells.select(["pbc"]).known()
+    test_images, test_cells = decode(pbc.select(splits=["test"]))
+    replay_images, replay_cells = decode(sample_per_class(pbc.select(splits=["train"]), AdaptConfig.replay_per_class))
+    data = {
+        "test": (test_images, test_cells.labels),
+        "other": decode(cells.select(["pbc_other"]))[0],
+        "replay": (
+            replay_images,
+            replay_cells.labels,
+            decode(sample_per_class(pbc.select(splits=["val"]), AdaptConfig.replay_per_class))[0],
+        ),
+    }
+    labs = {lab: decode(cells.select([lab]).known()) for lab in args.labs}
+    for groups in args.trainable_groups:
+        config = AdaptConfig(trainable_groups=groups, steps=args.steps)
+        rows = run_curve(base, config, data, labs, args)
+        name = args.name if len(args.trainable_groups) == 1 else f"{args.name}-g{groups}"
+        OUT.mkdir(parents=True, exist_ok=True)
+        result = {
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+            "model": str(args.model),
+            "config": asdict(config),
+            "replay": not args.no_replay,
+            "rows": rows,
+        }
+        (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
+def run_curve(base, config: AdaptConfig, data: dict, labs: dict, args) -> list[dict]:
+    """Every (lab, K, draw[, unlabelled]) adaptation of ``base`` with ``config``, scored; one row each."""
+    replay_images, replay_labels, calibration = data["replay"]
+    replay = None if args.no_replay else make_replay(base, replay_images, replay_labels, calibration, config)
+    prefix, _ = base.split(config.trainable_groups)
+    with torch.no_grad():
+        cached_test = torch.cat([prefix(_input(b)) for b in data["test"][0].split(256)])
+        cached_other = torch.cat([prefix(_input(b)) for b in data["other"].split(256)])
+    rows = []
+    for lab, (lab_images, lab_cells) in labs.items():
+        with torch.no_grad():
+            cached_lab = torch.cat([prefix(_input(b)) for b in lab_images.split(256)])
+        for k in args.ks:
+            for draw in range(args.draws if k else 1):
+                picked, rest = draw_per_class(lab_cells, k, seed=draw)
+                for unlabelled in [False, True] if args.unlabelled else [False]:
+                    if k == 0 and not unlabelled:
+                        model, seconds = base, 0.0
+                    else:
+                        started = time.perf_counter()
+                        model = adapt_model(
+                            base,
+                            lab_images[picked],
+                            lab_cells.labels[picked],
+                            config,
+                            replay,
+                            lab_images[rest] if unlabelled else None,
+                        )
+                        seconds = time.perf_counter() - started
+                    if unlabelled:  # AdaBN changed the prefix: the cached outputs do not hold for this model
+                        inputs = [lab_images[rest], data["test"][0], data["other"]]
+                        model_suffix = nn.Identity()
+                    else:
+                        inputs = [cached_lab[rest], cached_test, cached_other]
+                        model_suffix = model.split(config.trainable_groups)[1]
+                    row = {
+                        "lab": lab,
+                        "k": k,
+                        "draw": draw,
+                        "unlabelled": unlabelled,
+                        "seconds": round(seconds, 2),
+                        "verified": int(len(picked)),
+                        "scored": int(len(rest)),
+                        **_score(
+                            model,
+                            model_suffix,
+                            inputs[0],
+                            lab_cells.labels[rest],
+                            inputs[1],
+                            data["test"][1],
+                            inputs[2],
+                            full=unlabelled,
+                        ),
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        if args.unlabelled:  # zero-shot AdaBN (test-time adaptation on the lab's images), for comparison
+            adabn = adapt_batchnorm(base, lab_images.split(128))
+            logits, ood = predict_scores(adabn, lab_images.split(128))
+            rows.append(
+                {
+                    "lab": lab,
+                    "k": 0,
+                    "draw": 0,
+                    "unlabelled": "adabn",
+                    "seconds": 0.0,
+                    "verified": 0,
+                    "scored": len(lab_images),
+                    **_lab_metrics(lab_cells.labels, logits),
+                    "flagged": float((ood > 1).float().mean()),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _input(batch: torch.Tensor) -> torch.Tensor:
+    from wbcid.preprocess import as_input
+
+    return as_input(batch)
+
+
+def _score(model, suffix, lab, lab_labels, test, test_labels, other, full: bool = False) -> dict:
+    """Scores from cached prefix outputs, or (``full``) from uint8 images through the whole model."""
+    if full:
+
+        def run(x):
+            return predict_scores(model, x.split(128))
+    else:
+
+        def run(x):
+            return suffix_scores(model, suffix, x)
+
+    logits, ood = run(lab)
+    test_logits, test_ood = run(test)
+    _, other_ood = run(other)
+    auroc = roc_auc_score(np.r_[np.zeros(len(test_ood)), np.ones(len(other_ood))], np.r_[test_ood, other_ood])
+    return {
+        **_lab_metrics(lab_labels, logits),
+        "flagged": float((ood > 1).float().mean()),
+        "pbc_macro_f1": compute_metrics(test_labels, test_logits.argmax(1).numpy())["macro_f1"],
+        "pbc_flagged": float((test_ood > 1).float().mean()),
+        "ood_auroc": float(auroc),
+    }
+
+
+def _lab_metrics(labels: np.ndarray, logits: torch.Tensor) -> dict:
+    metrics = compute_metrics(labels, logits.argmax(1).numpy())
+    return {"macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"]}
+
+
+def write_report() -> None:
+    """docs/adaptation.md: one table per result file (mean and worst draw per lab and K) and the plot."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        "# Few-shot lab adaptation: the label-efficiency curve",
+        "",
+        __doc__.split("\n\n", 2)[2].strip(),
+        "",
+        f"Anchor: {ANCHOR}.",
+        "",
+    ]
+    for path in sorted(OUT.glob("*.json")):
+        result = json.loads(path.read_text())
+        lines += [
+            f"## {path.stem}",
+            "",
+            f"`{result['command']}`",
+            "",
+            f"Settings: `{json.dumps(result['config'])}`, replay {result['replay']}.",
+            "",
+            "| lab | K | unlabelled | macro-F1 mean | worst | accuracy mean | flagged mean | PBC macro-F1 worst "
+            "| OOD AUROC worst | verified cells | draws |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        groups: dict[tuple, list[dict]] = {}
+        for row in result["rows"]:
+            groups.setdefault((row["lab"], row["k"], str(row["unlabelled"])), []).append(row)
+        for (lab, k, unl), rows in groups.items():
+            f1 = [r["macro_f1"] for r in rows]
+            accuracy = [r["accuracy"] for r in rows if "accuracy" in r]
+            pbc = [r["pbc_macro_f1"] for r in rows if "pbc_macro_f1" in r]
+            auroc = [r["ood_auroc"] for r in rows if "ood_auroc" in r]
+            nan = float("nan")
+            lines.append(
+                f"| {lab} | {k} | {unl} | {np.mean(f1):.3f} | {min(f1):.3f} | "
+                f"{np.mean(accuracy) if accuracy else nan:.3f} | {np.mean([r['flagged'] for r in rows]):.1%} | "
+                f"{min(pbc) if pbc else nan:.3f} | {min(auroc) if auroc else nan:.3f} | "
+                f"{np.mean([r['verified'] for r in rows]):.0f} | {len(rows)} |"
+            )
+        lines.append("")
+        _plot(result["rows"], OUT / f"{path.stem}.png", plt)
+        lines += [f"![{path.stem}](adaptation/{path.stem}.png)", ""]
+    Path("docs/adaptation.md").write_text("\n".join(lines) + "\n")
+
+
+def _plot(rows: list[dict], path: Path, plt) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lab in dict.fromkeys(r["lab"] for r in rows):
+        ks = sorted({r["k"] for r in rows if r["lab"] == lab and r["unlabelled"] is False})
+        means = [
+            np.mean([r["macro_f1"] for r in rows if r["lab"] == lab and r["k"] == k and r["unlabelled"] is False])
+            for k in ks
+        ]
+        ax.plot(ks, means, marker="o", label=lab)
+    ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="verified cells per class (K)", ylabel="macro-F1 on the lab's other cells", ylim=(0, 1))
+    ax.set_xscale("symlog", linthresh=1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

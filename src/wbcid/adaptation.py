@@ -1,0 +1,391 @@
+"""Few-shot lab adaptation: learn a new lab from a few cells that a technologist verified.
+
+A model trained on one lab scores 0.44-0.84 macro-F1 on labs it never saw (docs/generalization.md)
+and no recipe measured here closes that gap without the new lab's labels. Laboratories verify a
+few dozen cells of every new analyser anyway; :func:`adapt` learns the lab from those.
+
+How (the choices were measured against each other: docs/adaptation.md):
+
+* The network is cut into a frozen prefix and the last ``trainable_groups`` layer groups
+  (:meth:`wbcid.models.WBCNet.split`). The prefix runs once per augmented view of each verified
+  cell and its output is cached, so fine-tuning touches only the suffix and head and takes
+  seconds on a CPU.
+* Every batch is half new-lab views (classes drawn uniformly, so one basophil counts as much as
+  twenty neutrophils) and half *replay*: the model's own training cells, so it does not forget
+  the labs it knew. Views come from the training augmentation (stain, colour, blur, geometry).
+* The OOD scorer (:mod:`wbcid.ood`) is refitted: the new lab's cells get clusters of their own
+  beside the replay cells', and the threshold is calibrated on held-out replay cells and the new
+  lab's views together, so the lab's ordinary cells stop being flagged while non-WBCs still are.
+* ``unlabelled`` cells of the lab may add pseudo-labels: after adapting on the verified cells,
+  the most confident half of the unflagged predictions of each class (class-balanced
+  self-training, Zou et al., ECCV 2018) join the verified cells for a second adaptation from
+  the base model.
+
+:func:`adapt` is the file-level command (a run directory in, a run directory out);
+:func:`adapt_model` works on decoded images and is what the benchmark calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.covariance import LedoitWolf
+from torch import nn
+
+from .augment import train_augmentation
+from .data import CLASSES, Cell, CellSet, list_images, load_images, read_cells, sample_per_class
+from .errors import WbcidError
+from .models import WBCNet, save_model
+from .ood import QUANTILE, MahalanobisScore, group_means
+from .preprocess import Preprocess, as_input
+
+log = logging.getLogger("wbcid")
+PSEUDO_SHARE = 0.5  # most confident share of each predicted class kept as pseudo-labels (CBST; not tuned here)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Everything that decides an adaptation; saved in the run directory."""
+
+    trainable_groups: int = 2  # last backbone layer groups fine-tuned with the head; 0 = head only
+    steps: int = 100
+    batch_size: int = 64  # half new-lab views, half replay
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    views: int = 16  # augmented views of each verified cell (the first is the cell as it is)
+    pseudo_views: int = 2  # views of each pseudo-labelled cell
+    replay_per_class: int = 100  # training cells of each class replayed
+    replay_views: int = 2
+    augment: str = "domain"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "views", "pseudo_views", "replay_views")
+        bad = [f"{name}={getattr(self, name)!r}" for name in positive if getattr(self, name) < 1]
+        bad += [
+            f"{name}={getattr(self, name)!r}"
+            for name in ("lr", "weight_decay", "replay_per_class", "trainable_groups")
+            if getattr(self, name) < 0
+        ]
+        if not 0 <= self.label_smoothing < 1:
+            bad.append(f"label_smoothing={self.label_smoothing!r}")
+        if bad:
+            raise WbcidError(f"invalid adaptation settings: {', '.join(bad)} (counts must be >= 1, rates >= 0)")
+        train_augmentation(self.augment)  # a bad policy fails here, before any work
+
+
+@dataclass
+class Replay:
+    """The base model's training cells as prefix outputs (``acts``), and held-out ones for calibration.
+
+    The decoded images are kept too, so the cache can be remade when the prefix changes (AdaBN).
+    """
+
+    acts: torch.Tensor
+    labels: torch.Tensor
+    calibration: torch.Tensor
+    images: torch.Tensor
+    image_labels: np.ndarray
+    calibration_images: torch.Tensor
+
+
+@torch.no_grad()
+def prefix_views(
+    prefix: nn.Module, images: torch.Tensor, views: int, augment: nn.Module, batch_size: int = 128
+) -> torch.Tensor:
+    """Prefix outputs of ``views`` versions of each uint8 image: as it is, then augmented; view-major."""
+    prefix.eval()
+    out = []
+    for view in range(views):
+        for batch in images.split(batch_size):
+            x = as_input(batch)
+            out.append(prefix(augment(x).contiguous(memory_format=torch.channels_last) if view else x))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def make_replay(
+    model: WBCNet, images: torch.Tensor, labels: np.ndarray, calibration: torch.Tensor, config: AdaptConfig
+) -> Replay:
+    """Cache the replay cells (and the held-out calibration cells) through ``model``'s frozen prefix."""
+    torch.manual_seed(config.seed)
+    prefix, _ = model.split(config.trainable_groups)
+    augment = train_augmentation(config.augment)
+    return Replay(
+        prefix_views(prefix, images, config.replay_views, augment),
+        torch.from_numpy(np.tile(labels, config.replay_views)),
+        prefix_views(prefix, calibration, 1, augment),
+        images,
+        labels,
+        calibration,
+    )
+
+
+@torch.no_grad()
+def suffix_scores(
+    model: WBCNet, suffix: nn.Module, acts: torch.Tensor, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and OOD scores from cached prefix outputs (what :meth:`WBCNet.scores` returns)."""
+    model.eval()
+    suffix.eval()
+    logits, ood = [], []
+    for batch in acts.split(batch_size):
+        features = suffix(batch)
+        logits.append(model.head(features))
+        ood.append(model.ood(features) if model.ood is not None else features[:, 0] * float("nan"))
+    return torch.cat(logits), torch.cat(ood)
+
+
+def adapt_model(
+    base: WBCNet,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    config: AdaptConfig | None = None,
+    replay: Replay | None = None,
+    unlabelled: torch.Tensor | None = None,
+) -> WBCNet:
+    """A copy of ``base`` fine-tuned on verified cells (uint8 NCHW ``images``, class indices ``labels``).
+
+    ``replay`` keeps the base model's own labs (see :func:`make_replay`). ``unlabelled`` images of
+    the same lab first set every batch-norm layer to the lab's statistics (source-aware AdaBN,
+    :func:`wbcid.testtime.adapt_batchnorm`, from the unlabelled and verified cells; the replay
+    cache is remade through the new prefix), then add pseudo-labels (module docstring).
+    The base model is not changed.
+    """
+    config = config or AdaptConfig()
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(images) == 0 and (unlabelled is None or not len(unlabelled)):
+        raise WbcidError("no verified cells to adapt to")
+    if unlabelled is not None and len(unlabelled):
+        from .testtime import adapt_batchnorm
+
+        base = adapt_batchnorm(base, torch.cat([images, unlabelled]).split(128))
+        if replay is not None:
+            replay = make_replay(base, replay.images, replay.image_labels, replay.calibration_images, config)
+    model = _fine_tune(base, [(images, labels, config.views)], config, replay) if len(images) else base
+    if unlabelled is None or not len(unlabelled):
+        return model
+    pseudo_images, pseudo_labels = pseudo_label(model, unlabelled)
+    log.info("pseudo-labels: %d of %d unlabelled cells", len(pseudo_labels), len(unlabelled))
+    parts = [(images, labels, config.views), (pseudo_images, pseudo_labels, config.pseudo_views)]
+    return _fine_tune(base, parts, config, replay)
+
+
+def pseudo_label(model: WBCNet, images: torch.Tensor, share: float = PSEUDO_SHARE) -> tuple[torch.Tensor, np.ndarray]:
+    """The unflagged cells among the most confident ``share`` of each predicted class, with their labels."""
+    from .inference import predict_scores
+
+    logits, ood = predict_scores(model, images.split(128))
+    probs = logits.softmax(1)
+    confidence, predicted = probs.max(1)
+    keep = torch.zeros(len(images), dtype=torch.bool)
+    for label in predicted.unique():
+        members = (predicted == label).nonzero().flatten()
+        ranked = members[confidence[members].argsort(descending=True)]
+        keep[ranked[: max(1, int(len(ranked) * share))]] = True
+    keep &= ~(ood > 1)  # NaN (no scorer) compares False: nothing removed
+    return images[keep], predicted[keep].numpy()
+
+
+def _fine_tune(
+    base: WBCNet, parts: Sequence[tuple[torch.Tensor, np.ndarray, int]], config: AdaptConfig, replay: Replay | None
+) -> WBCNet:
+    """Train the suffix and head on cached prefix views of ``parts`` (images, labels, views) plus replay."""
+    torch.manual_seed(config.seed)
+    model = copy.deepcopy(base).eval()
+    prefix, suffix = model.split(config.trainable_groups)
+    augment = train_augmentation(config.augment)
+    acts = torch.cat([prefix_views(prefix, images, views, augment) for images, _, views in parts])
+    labels = torch.from_numpy(np.concatenate([np.tile(y, views) for _, y, views in parts]))
+    trainable = [*suffix.parameters(), *model.head.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps, pct_start=0.15)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    by_class = [(labels == c).nonzero().flatten() for c in range(len(CLASSES))]
+    by_class = [idx for idx in by_class if len(idx)]
+    new_share = config.batch_size // 2 if replay is not None else config.batch_size
+    suffix.train()
+    model.head.train()
+    for _ in range(config.steps):
+        picks = torch.randint(len(by_class), (new_share,))
+        idx = torch.stack([by_class[c][torch.randint(len(by_class[c]), ())] for c in picks.tolist()])
+        x, y = acts[idx], labels[idx]
+        if replay is not None:
+            r = torch.randint(len(replay.labels), (config.batch_size - new_share,))
+            x, y = torch.cat([x, replay.acts[r]]), torch.cat([y, replay.labels[r]])
+        loss = loss_fn(model.head(suffix(x)), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.set_freeze(model.config["freeze"])  # restores requires_grad as the base model had it
+    model.eval()
+    _refit_ood(model, suffix, acts, labels, replay, config.trainable_groups)
+    return model
+
+
+@torch.no_grad()
+def _refit_ood(
+    model: WBCNet, suffix: nn.Module, acts: torch.Tensor, labels: torch.Tensor, replay: Replay | None,
+    trainable_groups: int,
+) -> None:
+    """Add the new lab's clusters to the OOD scorer and weigh both labs equally in its covariance.
+
+    The base scorer's covariance was estimated on all its training cells; with a frozen backbone
+    (``trainable_groups == 0``) it and its cluster means still hold exactly. Otherwise they are
+    re-estimated on the replay cells. The shared covariance is then the mean of that and the new
+    lab's within-class scatter (its views around its class means): the new lab's ordinary variation
+    is not unusual any more, while the training lab's still shapes what is. The threshold keeps
+    each lab's calibration cells (held-out replay cells; the new lab's views) at most 5 % flagged:
+    the larger of the two labs' 95th percentiles.
+    """
+    base = model.ood
+    if base is None:
+        return
+    features = _features(model, suffix, acts)
+    new_means, new_centred = group_means(features, labels.numpy())
+    if trainable_groups == 0 or replay is None:
+        old_means, old_covariance = base.means.double().numpy(), base.covariance()
+    else:
+        old_means, old_centred = group_means(_features(model, suffix, replay.acts), replay.labels.numpy())
+        old_covariance = LedoitWolf(assume_centered=True).fit(old_centred).covariance_
+    covariance = (old_covariance + new_centred.T @ new_centred / len(new_centred)) / 2
+    scorer = MahalanobisScore.from_covariance(np.concatenate([old_means, new_means]), covariance, features)
+    if replay is not None:
+        held_out = scorer.distance(_features(model, suffix, replay.calibration))
+        scorer.threshold.fill_(max(scorer.threshold.item(), torch.quantile(held_out, QUANTILE).item()))
+    model.ood = scorer
+
+
+def _features(model: WBCNet, suffix: nn.Module, acts: torch.Tensor) -> torch.Tensor:
+    suffix.eval()
+    return torch.cat([suffix(b) for b in acts.split(256)]) if len(acts) else torch.empty(0)
+
+
+def adapt(
+    data: CellSet | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    config: AdaptConfig | None = None,
+    replay: CellSet | str | os.PathLike | None = None,
+    unlabelled: Sequence[str | os.PathLike] | None = None,
+) -> Path:
+    """Adapt ``model`` (a run directory or .pt file; default: the bundled model) to the lab of the
+    verified cells in ``data`` and write an ordinary run directory to ``out_dir``; returns it.
+
+    ``replay``: the model's training cells (default: the data it recorded, where it still exists).
+    Nothing is written to ``out_dir`` until the model is complete, so an interrupted adaptation
+    leaves no half-written run that later commands would load.
+    """
+    from .models import load_model
+    from .testtime import batchnorm_statistics
+
+    started = time.perf_counter()
+    config = config or AdaptConfig()
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise WbcidError(f"{out} already exists and is not empty; choose another --out (a run is never overwritten)")
+    if model is not None and Path(model).suffix == ".onnx":
+        raise WbcidError(f"{model} is an ONNX export; adaptation needs the PyTorch model (a run directory or .pt)")
+    base = load_model(model)
+    prep = Preprocess.of(base.config)
+    cells = data if isinstance(data, CellSet) else read_cells(data)
+    images, cells = load_images(cells, prep, "decoding verified cells")
+    unlabelled_images = None
+    if unlabelled:
+        found = CellSet([Cell(p) for p in list_images(unlabelled)], origin="unlabelled cells")
+        unlabelled_images, _ = load_images(found, prep, "decoding unlabelled cells")
+    replay_cells, replay_origin = _replay_cells(base, model, replay)
+    bank = None
+    if replay_cells is not None:
+        train, calibration = replay_cells
+        train_images, train = load_images(
+            sample_per_class(train, config.replay_per_class, config.seed), prep, "decoding replay cells"
+        )
+        calibration_images, _ = load_images(
+            sample_per_class(calibration, config.replay_per_class, config.seed), prep, "decoding calibration cells"
+        )
+        bank = make_replay(base, train_images, train.labels, calibration_images, config)
+    else:
+        log.warning(
+            "no training cells of the base model to replay (pass --replay DATA): the adapted model "
+            "may forget the labs it knew, and its OOD threshold rests on the verified cells alone"
+        )
+    log.info(
+        "adapting to %d verified cells (%s)", len(cells), ", ".join(f"{k} {v}" for k, v in cells.class_counts().items())
+    )
+    adapted = adapt_model(base, images, cells.labels, config, bank, unlabelled_images)
+    statistics_images = images if replay_cells is None else torch.cat([images, train_images])
+    adapted.source_statistics = batchnorm_statistics(adapted, statistics_images.split(128))
+    adapted.config["adaptation"] = {"base": str(model or "bundled"), "cells": cells.class_counts()}
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_model(adapted, partial / "model.pt")
+    pd.DataFrame({"path": [str(p) for p in cells.paths], "label": [CLASSES[i] for i in cells.labels]}).to_csv(
+        partial / "labelled.csv", index=False
+    )
+    record = {
+        "adapt": asdict(config),
+        "model": adapted.config,
+        "base_model": str(model or "bundled"),
+        "verified_cells": cells.class_counts(),
+        "skipped": dict(cells.skipped),
+        "replay": replay_origin,
+        "unlabelled_cells": 0 if unlabelled_images is None else len(unlabelled_images),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (partial / "config.json").write_text(json.dumps(record, indent=2, default=str))
+    if out.exists():
+        out.rmdir()
+    os.replace(partial, out)
+    return out
+
+
+def _replay_cells(
+    base: WBCNet, model: str | os.PathLike | None, replay: CellSet | str | os.PathLike | None
+) -> tuple[tuple[CellSet, CellSet] | None, str | None]:
+    """(train, calibration) cells to replay: ``replay`` if given, else the data the base model recorded."""
+    from .data import split_train_val
+
+    if replay is None:
+        replay = base.config.get("training_data", {}).get("origin") or _recorded_origin(model)
+        if replay is None or not Path(replay).exists():
+            return None, None
+    cells = replay if isinstance(replay, CellSet) else read_cells(replay)
+    sources = base.config.get("training_data", {}).get("sources")
+    if sources and isinstance(replay, (str, os.PathLike)):
+        cells = cells.subset([c.source in sources for c in cells.cells])
+    if any(c.split for c in cells.cells):
+        cells = cells.subset([c.split in ("train", "val") for c in cells.cells])  # never a test split
+    if len(cells) < 2:
+        return None, None
+    return split_train_val(cells), cells.origin
+
+
+def _recorded_origin(model: str | os.PathLike | None) -> str | None:
+    """The training data a run directory's config.json names (runs trained before it was in the model)."""
+    if model is None:
+        return None
+    config = Path(model) / "config.json" if Path(model).is_dir() else Path(model).with_name("config.json")
+    try:
+        return json.loads(config.read_text())["train"]["data"]["origin"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,1 @@
+"""Whole smear fields: find every WBC (:mod:`.detect`) and count them (:mod:`.counting`)."""

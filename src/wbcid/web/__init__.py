@@ -1,0 +1,7 @@
+"""Review in the browser: verify a count's cells, keep every correction, export them (``wbcid review``)."""
+
+from .app import create_app, serve
+from .export import export_review
+from .store import LABELS, ReviewStore
+
+__all__ = ["LABELS", "ReviewStore", "create_app", "export_review", "serve"]

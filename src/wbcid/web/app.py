@@ -1,0 +1,180 @@
+"""The review web application: a technologist verifies a count's cells in the browser.
+
+The page (``GET /``) is one Jinja2 template and a little plain JavaScript over this HTTP API:
+
+* ``GET /api/cells`` -> ``{"cells": [...]}`` (review-queue order: flagged, then least confident);
+* ``PUT /api/cells/{id}`` with ``{"label": L}`` (one of the five types or ``other``) -> the cell;
+  422 for any other label, 404 for an unknown id; ``DELETE /api/cells/{id}/review`` undoes it;
+* ``GET /api/differential`` -> the live totals, shaped like ``counts.json``'s;
+* ``GET /api/cells/{id}/image``, ``/field``, ``/gradcam`` -> the cell, its field with its box,
+  and its Grad-CAM map; files are found through the cell's row, never through a request path;
+* ``POST /api/export`` -> writes the verified cells and differential (see :mod:`wbcid.web.export`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import ipaddress
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field
+
+from ..data import CLASSES
+from .export import export_review
+from .store import LABELS, ReviewStore, cell_image
+
+log = logging.getLogger("wbcid")
+HERE = Path(__file__).parent
+
+
+class Correction(BaseModel):
+    """A person's label for one cell."""
+
+    label: Literal["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "other"]
+    reviewer: str | None = Field(None, max_length=100)
+
+
+assert set(Correction.model_fields["label"].annotation.__args__) == set(LABELS)
+
+
+def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, reviewer: str | None = None) -> FastAPI:
+    """The application over one run (a count folder or a prediction CSV)."""
+    store = ReviewStore.open(run)
+    reviewer = reviewer or _user()
+    app = FastAPI(title="wbcid review", docs_url="/api/docs", redoc_url=None)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")
+    gradcam = _GradCam(store, model)
+
+    def one(cell_id: int) -> dict:
+        try:
+            return store.cell(cell_id)
+        except KeyError:
+            raise HTTPException(404, f"no cell {cell_id}") from None
+
+    @app.get("/", response_class=HTMLResponse)
+    def page(request: Request):
+        return templates.TemplateResponse(
+            request,
+            "review.html",
+            {
+                "classes": CLASSES,
+                "run": str(store.meta("run")),
+                "model": str(store.meta("model")),
+                "reviewer": reviewer,
+            },
+        )
+
+    @app.get("/api/cells")
+    def cells() -> dict:
+        return {"cells": store.cells()}
+
+    @app.get("/api/cells/{cell_id}")
+    def get_cell(cell_id: int) -> dict:
+        return one(cell_id)
+
+    @app.put("/api/cells/{cell_id}")
+    def correct(cell_id: int, body: Correction) -> dict:
+        try:
+            return store.set_label(cell_id, body.label, body.reviewer or reviewer)
+        except KeyError:
+            raise HTTPException(404, f"no cell {cell_id}") from None
+
+    @app.delete("/api/cells/{cell_id}/review")
+    def undo(cell_id: int) -> dict:
+        try:
+            return store.set_label(cell_id, None, reviewer)
+        except KeyError:
+            raise HTTPException(404, f"no cell {cell_id}") from None
+
+    @app.get("/api/differential")
+    def live_differential() -> dict:
+        return store.differential()
+
+    @app.get("/api/cells/{cell_id}/image")
+    def image(cell_id: int) -> FileResponse:
+        one(cell_id)
+        return FileResponse(store.thumbnail(cell_id), media_type="image/jpeg")
+
+    @app.get("/api/cells/{cell_id}/field")
+    def field(cell_id: int) -> FileResponse:
+        one(cell_id)
+        return FileResponse(store.field_view(cell_id), media_type="image/jpeg")
+
+    @app.get("/api/cells/{cell_id}/gradcam")
+    def explain(cell_id: int) -> FileResponse:
+        return FileResponse(gradcam(one(cell_id)), media_type="image/png")
+
+    @app.post("/api/export")
+    def export() -> dict:
+        out = export_review(store, store.folder / "verified")
+        return {"path": str(out), "verified": store.differential()["verified"]}
+
+    return app
+
+
+class _GradCam:
+    """Grad-CAM maps of cells, made on first request with the run's model (PyTorch) and cached."""
+
+    def __init__(self, store: ReviewStore, model: str | os.PathLike | None):
+        self.store, self.model_path, self.model, self.lock = store, model, None, threading.Lock()
+
+    def __call__(self, cell: dict) -> Path:
+        import torch
+
+        from ..gradcam import grad_cam, overlay
+        from ..models import load_model
+        from ..preprocess import Preprocess
+
+        path = self.store.folder / "gradcam" / f"{cell['id']}.png"
+        if path.is_file():
+            return path
+        with self.lock:  # one model, one computation at a time
+            if self.model is None:
+                self.model = load_model(self.model_path)
+            seen = Preprocess.of(self.model.config)(cell_image(cell))
+            heat, _ = grad_cam(self.model, torch.from_numpy(seen.copy()).permute(2, 0, 1)[None])
+            path.parent.mkdir(exist_ok=True)
+            overlay(seen, heat[0]).resize((256, 128)).save(path)
+        return path
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "reviewer"
+
+
+def serve(
+    run: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    model: str | os.PathLike | None = None,
+    reviewer: str | None = None,
+) -> None:
+    """Cut the thumbnails, then serve the review app until Ctrl-C."""
+    import uvicorn
+
+    app = create_app(run, model, reviewer)
+    made = ReviewStore.open(run).make_thumbnails()
+    if made:
+        log.info("cut %d thumbnails (cached for the next start)", made)
+    if not ipaddress.ip_address(_resolve(host)).is_loopback:
+        log.warning("serving on %s: anyone who can reach this address can read and change the review", host)
+    print(f"review at http://{host}:{port}/  (Ctrl-C stops; every correction is already saved)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _resolve(host: str) -> str:
+    import socket
+
+    return socket.gethostbyname(host)

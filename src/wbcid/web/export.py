@@ -1,0 +1,89 @@
+"""Export a review: the verified cells as training data, and the verified differential.
+
+``cells/<label>/<id>.png`` plus ``manifest.csv`` are readable by every ``--data`` option (and so
+by ``wbcid adapt``); cells cut from one field share a ``group``, so a later split keeps them on
+one side. ``counts.json`` and ``report.html`` say, cell by cell, whose label each count rests on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+
+from ..data import CLASSES
+from .store import ReviewStore, cell_image
+
+
+def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:
+    """Write the verified cells and the verified differential to ``out_dir``; returns it."""
+    out = Path(out_dir)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    cells = store.cells()
+    rows = []
+    for cell in cells:
+        if not cell["reviewed"] or cell["label"] not in CLASSES:
+            continue
+        path = Path("cells") / cell["label"] / f"{cell['id']}.png"
+        (partial / path).parent.mkdir(parents=True, exist_ok=True)
+        cell_image(cell).save(partial / path)
+        rows.append(
+            {
+                "path": str(path),
+                "label": cell["label"],
+                "source": "review",
+                "split": "",
+                "group": cell["image"],
+                "model_label": cell["model_label"],
+                "reviewer": cell["reviewer"] or "",
+                "reviewed_at": cell["reviewed_at"],
+            }
+        )
+    partial.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        rows, columns=["path", "label", "source", "split", "group", "model_label", "reviewer", "reviewed_at"]
+    ).to_csv(partial / "manifest.csv", index=False)
+    totals = store.differential()
+    result = {
+        "model": store.meta("model"),
+        "run": store.meta("run"),
+        "totals": totals,
+        "verified_by_person": totals["verified"],
+        "model_only": totals["to_review"],
+        "cells": [
+            {
+                k: c[k]
+                for k in (
+                    "id",
+                    "image",
+                    "box",
+                    "model_label",
+                    "confidence",
+                    "ood_score",
+                    "flagged",
+                    "label",
+                    "reviewed",
+                    "reviewer",
+                    "reviewed_at",
+                )
+            }
+            for c in cells
+        ],
+    }
+    (partial / "counts.json").write_text(json.dumps(result, indent=2))
+    env = jinja2.Environment(loader=jinja2.PackageLoader("wbcid.web"), autoescape=True)
+    corrected = [c for c in cells if c["reviewed"] and c["label"] != c["model_label"]]
+    (partial / "report.html").write_text(
+        env.get_template("verified_report.html").render(
+            totals=totals, model=result["model"], run=result["run"], corrected=corrected
+        )
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out

@@ -1,0 +1,158 @@
+// wbcid review: a gallery over the HTTP API; every string is shown with textContent (never as HTML).
+"use strict";
+const LABELS = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "other"];
+let cells = [];          // review-queue order, fixed for this page view so the keys move predictably
+let selected = 0;
+const undo = [];         // [{id, label, reviewed}] before each change
+
+const $ = (sel) => document.querySelector(sel);
+function el(tag, props = {}, children = []) {
+  const node = Object.assign(document.createElement(tag), props);
+  for (const child of children) node.append(child);
+  return node;
+}
+function status(text) { $("#status").textContent = text; }
+
+async function api(method, path, body) {
+  const response = await fetch(path, {method, headers: {"Content-Type": "application/json"},
+                                      body: body === undefined ? undefined : JSON.stringify(body)});
+  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${await response.text()}`);
+  return response.json();
+}
+
+async function load() {
+  cells = (await api("GET", "/api/cells")).cells;
+  renderGallery();
+  await renderDifferential();
+  select(Math.min(selected, cells.length - 1));
+}
+
+function caption(cell) {
+  const mark = cell.reviewed ? "\u2713 " : cell.flagged ? "? " : "";
+  const was = cell.reviewed && cell.label !== cell.model_label ? ` (model: ${cell.model_label})` : "";
+  return `${mark}${cell.label} ${cell.confidence.toFixed(2)}${was}`;
+}
+
+function tile(cell, index) {
+  const node = el("div", {className: "tile", tabIndex: -1}, [
+    el("img", {src: `/api/cells/${cell.id}/image`, loading: "lazy", alt: `cell ${cell.id}`}),
+    el("div", {className: "caption", textContent: caption(cell)})]);
+  node.dataset.id = cell.id;
+  node.dataset.index = index;
+  node.classList.toggle("flagged", cell.flagged && !cell.reviewed);
+  node.classList.toggle("reviewed", cell.reviewed);
+  node.classList.toggle("changed", cell.reviewed && cell.label !== cell.model_label);
+  node.addEventListener("click", () => select(index));
+  return node;
+}
+
+function renderGallery() {
+  const gallery = $("#gallery");
+  gallery.replaceChildren();
+  for (const label of LABELS) {
+    const members = cells.map((c, i) => [c, i]).filter(([c]) => c.label === label);
+    if (!members.length) continue;
+    gallery.append(el("h2", {textContent: `${label} (${members.length})`}),
+                   el("div", {className: "tiles"}, members.map(([c, i]) => tile(c, i))));
+  }
+  // keyboard order follows what the eye sees: group by group
+  const order = [...gallery.querySelectorAll(".tile")].map((t) => Number(t.dataset.index));
+  cells = order.map((i) => cells[i]);
+  [...gallery.querySelectorAll(".tile")].forEach((t, i) => { t.dataset.index = i; t.onclick = () => select(i); });
+}
+
+function refreshTile(index) {
+  const old = document.querySelector(`.tile[data-index="${index}"]`);
+  const fresh = tile(cells[index], index);
+  old.replaceWith(fresh);
+  if (index === selected) fresh.classList.add("selected");
+}
+
+function select(index) {
+  if (!cells.length) return;
+  selected = Math.max(0, Math.min(index, cells.length - 1));
+  document.querySelectorAll(".tile.selected").forEach((t) => t.classList.remove("selected"));
+  const node = document.querySelector(`.tile[data-index="${selected}"]`);
+  node.classList.add("selected");
+  node.scrollIntoView({block: "nearest"});
+  const cell = cells[selected];
+  $("#selected").textContent = `cell ${cell.id}: model ${cell.model_label} (${cell.confidence.toFixed(2)}, OOD ${
+    cell.ood_score === null ? "n/a" : cell.ood_score.toFixed(2)})${cell.flagged ? ", flagged" : ""}; now ${cell.label}` +
+    `${cell.reviewed ? ` (verified by ${cell.reviewer})` : ""}; from ${cell.image}`;
+  $("#field").src = `/api/cells/${cell.id}/field`;
+  $("#gradcam").src = `/api/cells/${cell.id}/gradcam`;
+}
+
+async function setLabel(label) {
+  const cell = cells[selected];
+  undo.push({id: cell.id, label: cell.label, reviewed: cell.reviewed, index: selected});
+  await save(selected, () => api("PUT", `/api/cells/${cell.id}`, {label}));
+  select(selected + 1);
+}
+
+async function undoLast() {
+  const last = undo.pop();
+  if (!last) return status("nothing to undo");
+  await save(last.index, () => last.reviewed ? api("PUT", `/api/cells/${last.id}`, {label: last.label})
+                                             : api("DELETE", `/api/cells/${last.id}/review`));
+  select(last.index);
+}
+
+async function save(index, request) {
+  try {
+    cells[index] = await request();
+    refreshTile(index);
+    await renderDifferential();
+    status(`saved cell ${cells[index].id}: ${cells[index].label}`);
+  } catch (error) {
+    status(`not saved: ${error.message}`);
+  }
+}
+
+function percent(value) { return value === null ? "" : value.toFixed(1); }
+
+function differentialRows(totals) {
+  return Object.entries(totals.classes).map(([name, c]) => {
+    const flag = c.flag ? `${c.flag.toUpperCase()} (${c.conclusive ? "conclusive" : "inconclusive"})` : "";
+    const row = el("tr", {className: c.flag ? (c.conclusive ? "conclusive" : "inconclusive") : ""},
+      [name, c.count, percent(c.percent), c.ci95 ? `${percent(c.ci95[0])}-${percent(c.ci95[1])}` : "",
+       `${c.reference[0]}-${c.reference[1]}`, flag].map((text) => el("td", {textContent: String(text)})));
+    row.dataset.type = name;
+    return row;
+  });
+}
+
+async function renderDifferential() {
+  const totals = await api("GET", "/api/differential");
+  $("#progress").textContent = `${totals.counted} counted; ${totals.verified} of ${totals.detected} verified, ` +
+    `${totals.flagged} flagged and not yet reviewed, ${totals.other} not a WBC` +
+    (totals.counted < 100 ? `; a 100-cell differential needs ${100 - totals.counted} more` : "");
+  $("#differential tbody").replaceChildren(...differentialRows(totals));
+  const specimens = $("#specimens");
+  specimens.replaceChildren();
+  for (const [name, t] of Object.entries(totals.specimens || {})) {
+    specimens.append(el("h3", {textContent: `${name}: ${t.counted} counted, ${t.verified} verified`}),
+                     el("table", {}, [el("tbody", {}, differentialRows(t))]));
+  }
+}
+
+document.addEventListener("keydown", (event) => {
+  if (event.target.tagName === "INPUT" || event.ctrlKey || event.metaKey || event.altKey) return;
+  const key = event.key;
+  if (key >= "1" && key <= "5") setLabel(LABELS[Number(key) - 1]);
+  else if (key === "0" || key === "x") setLabel("other");
+  else if (key === "Enter") setLabel(cells[selected].model_label);
+  else if (key === "ArrowRight" || key === "ArrowDown") select(selected + 1);
+  else if (key === "ArrowLeft" || key === "ArrowUp") select(selected - 1);
+  else if (key === "u") undoLast();
+  else return;
+  event.preventDefault();
+});
+document.querySelectorAll("#buttons button[data-label]").forEach((b) => b.addEventListener("click", () => setLabel(b.dataset.label)));
+$("#confirm").addEventListener("click", () => setLabel(cells[selected].model_label));
+$("#export").addEventListener("click", async () => {
+  const result = await api("POST", "/api/export");
+  status(`exported ${result.verified} verified cell(s) to ${result.path}`);
+});
+window.addEventListener("focus", load);  // another tab may have changed cells meanwhile
+load();

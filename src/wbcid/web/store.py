@@ -1,0 +1,289 @@
+"""The review database: every cell of a run, the model's call, and each person's correction.
+
+A run is the output of ``wbcid count`` (a folder with ``counts.json``) or of ``wbcid predict``
+(a CSV). Its cells are imported once into SQLite (``review.sqlite``, WAL mode) in the run's
+review folder; each correction is one committed transaction with an audit row, so stopping or
+killing the server loses nothing and two browser tabs never lose each other's changes.
+Thumbnails are cut once and cached beside the database. Files are only ever reached through a
+cell's row, never through a path from a request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from ..data import CLASSES
+from ..errors import WbcidError
+from ..smear.counting import CONTEXT, REFERENCE_RANGES, differential, open_field
+
+OTHER = "other"  # not a WBC (or not one of the five types): left out of the differential
+LABELS = (*CLASSES, OTHER)
+DATABASE = "review.sqlite"
+THUMB = 128
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    id INTEGER PRIMARY KEY,
+    image TEXT NOT NULL,          -- the field (count) or cell image (predict) it comes from
+    specimen TEXT NOT NULL,
+    box TEXT,                     -- JSON [x0, y0, x1, y1] in the field; NULL for a cell image
+    model_label TEXT NOT NULL,
+    confidence REAL,
+    ood_score REAL,
+    flagged INTEGER NOT NULL,
+    label TEXT NOT NULL,          -- current label: the person's if reviewed, else the model's
+    reviewed INTEGER NOT NULL DEFAULT 0,
+    reviewer TEXT,
+    reviewed_at TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    cell_id INTEGER NOT NULL REFERENCES cells(id),
+    old_label TEXT, old_reviewed INTEGER,
+    new_label TEXT, new_reviewed INTEGER,
+    reviewer TEXT, at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class ReviewStore:
+    """One run's cells and corrections. Open with :meth:`open`; every method is one transaction."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.path = folder / DATABASE
+
+    @classmethod
+    def open(cls, run: str | os.PathLike) -> ReviewStore:
+        """The store of a count folder or prediction CSV, importing its cells on first use."""
+        run = Path(run)
+        if run.is_dir() and (run / "counts.json").is_file():
+            folder, rows, meta = run, _count_rows(run / "counts.json"), _count_meta(run / "counts.json")
+        elif run.is_file() and run.suffix.lower() == ".csv":
+            folder, rows, meta = run.with_suffix(".review"), _prediction_rows(run), {"model": "see the prediction run"}
+        elif run.is_dir() and (run / "fields.jsonl").is_file():
+            raise WbcidError(f"{run}: the count did not finish; complete it with `wbcid count ... --resume` first")
+        else:
+            raise WbcidError(
+                f"{run}: expected the output of `wbcid count` (a folder with counts.json) "
+                "or of `wbcid predict` (a .csv)"
+            )
+        store = cls(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with store._connect() as db:
+            db.executescript(SCHEMA)
+            if db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 0:
+                db.executemany(
+                    "INSERT INTO cells (image, specimen, box, model_label, confidence, ood_score, flagged, "
+                    "label) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    [(k, json.dumps(v)) for k, v in {**meta, "run": str(run)}.items()],
+                )
+        if not rows:
+            raise WbcidError(f"{run}: no cells to review (no WBC was found or read)")
+        return store
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        with closing(sqlite3.connect(self.path, timeout=30)) as db:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a killed process, fast commits
+            with db:  # one transaction: committed on success, rolled back on error
+                yield db
+
+    def meta(self, key: str, default: object = None) -> object:
+        with self._connect() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row["value"])
+
+    def cells(self) -> list[dict]:
+        """All cells, flagged and least confident first (the review queue's order)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM cells ORDER BY flagged DESC, confidence ASC, id").fetchall()
+        return [_cell(row) for row in rows]
+
+    def cell(self, cell_id: int) -> dict:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone()
+        if row is None:
+            raise KeyError(cell_id)
+        return _cell(row)
+
+    def set_label(self, cell_id: int, label: str | None, reviewer: str = "") -> dict:
+        """Record a person's label (``None``: undo the review, back to the model's call)."""
+        if label is not None and label not in LABELS:
+            raise WbcidError(f"label must be one of {', '.join(LABELS)}, not {label!r}")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone()
+            if row is None:
+                raise KeyError(cell_id)
+            new_label, reviewed = (row["model_label"], 0) if label is None else (label, 1)
+            db.execute(
+                "UPDATE cells SET label = ?, reviewed = ?, reviewer = ?, reviewed_at = ? WHERE id = ?",
+                (new_label, reviewed, reviewer if reviewed else None, now if reviewed else None, cell_id),
+            )
+            db.execute(
+                "INSERT INTO audit (cell_id, old_label, old_reviewed, new_label, new_reviewed, reviewer, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (cell_id, row["label"], row["reviewed"], new_label, reviewed, reviewer, now),
+            )
+            return _cell(db.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone())
+
+    def audit(self) -> list[dict]:
+        with self._connect() as db:
+            return [dict(row) for row in db.execute("SELECT * FROM audit ORDER BY id")]
+
+    def differential(self) -> dict:
+        """The live differential: reviewed labels, and the model's for unflagged cells nobody reviewed.
+
+        Shaped like ``counts.json``'s totals, plus ``verified`` / ``to_review`` counts, and one
+        entry per specimen in ``specimens`` when the run has several.
+        """
+        cells = self.cells()
+        reference = {k: tuple(v) for k, v in self.meta("reference", REFERENCE_RANGES).items()}
+        totals = _totals(cells, reference)
+        specimens = sorted({c["specimen"] for c in cells})
+        if len(specimens) > 1:
+            totals["specimens"] = {s: _totals([c for c in cells if c["specimen"] == s], reference) for s in specimens}
+        return totals
+
+    def thumbnail(self, cell_id: int) -> Path:
+        """The cell's picture (cut from its field with some context), made once and cached."""
+        path = self.folder / "thumbs" / f"{cell_id}.jpg"
+        if not path.is_file():
+            cell = self.cell(cell_id)
+            patch = cell_image(cell)
+            patch.thumbnail((THUMB, THUMB))
+            _save_atomic(patch, path)
+        return path
+
+    def field_view(self, cell_id: int) -> Path:
+        """The cell's whole field with its box drawn (a cell image as it is), made once and cached."""
+        cell = self.cell(cell_id)
+        path = self.folder / "fields" / f"{cell_id}.jpg"
+        if not path.is_file():
+            image = open_field(cell["image"])[0]
+            if cell["box"]:
+                ImageDraw.Draw(image).rectangle(cell["box"], outline="#00e5ff", width=max(2, max(image.size) // 200))
+            image.thumbnail((960, 960))
+            _save_atomic(image, path)
+        return path
+
+    def make_thumbnails(self) -> int:
+        """Cut every missing thumbnail now (the server does this once at start); returns how many."""
+        ids = [c["id"] for c in self.cells() if not (self.folder / "thumbs" / f"{c['id']}.jpg").is_file()]
+        for cell_id in ids:
+            self.thumbnail(cell_id)
+        return len(ids)
+
+
+def cell_image(cell: dict) -> Image.Image:
+    """The cell as a picture: its box with context from the field, or the cell image itself."""
+    image = open_field(cell["image"])[0]
+    if not cell["box"]:
+        return image
+    x0, y0, x1, y1 = cell["box"]
+    half = CONTEXT * max(x1 - x0, y1 - y0) / 2
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return image.crop(
+        (
+            max(0, round(cx - half)),
+            max(0, round(cy - half)),
+            min(image.width, round(cx + half)),
+            min(image.height, round(cy + half)),
+        )
+    )
+
+
+def _totals(cells: list[dict], reference: dict) -> dict:
+    counted = [c["label"] for c in cells if c["label"] != OTHER and (c["reviewed"] or not c["flagged"])]
+    flagged = [c for c in cells if c["flagged"] and not c["reviewed"]]
+    totals = differential(counted, reference) | {
+        "detected": len(cells),
+        "flagged": len(flagged),
+        "verified": sum(c["reviewed"] for c in cells),
+        "to_review": sum(not c["reviewed"] for c in cells),
+        "other": sum(c["label"] == OTHER for c in cells),
+    }
+    for name, row in totals["classes"].items():
+        row["flagged_closest"] = sum(c["model_label"] == name for c in flagged)
+    return totals
+
+
+def _cell(row: sqlite3.Row) -> dict:
+    cell = dict(row)
+    cell["box"] = json.loads(cell["box"]) if cell["box"] else None
+    cell["flagged"], cell["reviewed"] = bool(cell["flagged"]), bool(cell["reviewed"])
+    cell["field"] = cell["image"]
+    return cell
+
+
+def _count_rows(counts_json: Path) -> list[tuple]:
+    result = json.loads(counts_json.read_text())
+    return [
+        (
+            entry["path"],
+            Path(entry["path"]).parent.name,
+            json.dumps(d["box"]),
+            d["label"],
+            d["confidence"],
+            d["ood_score"],
+            int(d["flagged"]),
+            d["label"],
+        )
+        for entry in result["images"]
+        for d in entry.get("detections", [])
+    ]
+
+
+def _count_meta(counts_json: Path) -> dict:
+    result = json.loads(counts_json.read_text())
+    return {
+        "model": result.get("model"),
+        "reference": result.get("reference", {}).get("ranges", REFERENCE_RANGES),
+        "kind": "count",
+    }
+
+
+def _prediction_rows(csv_path: Path) -> list[tuple]:
+    table = pd.read_csv(csv_path, keep_default_na=False)
+    missing = {"path", "label", "probability", "ood_score", "flagged"} - set(table.columns)
+    if missing:
+        raise WbcidError(f"{csv_path}: not a `wbcid predict` CSV (missing columns {sorted(missing)})")
+    table = table[table["label"].isin(CLASSES)]  # unreadable images have no call to review
+    flags = table["flagged"].astype(str).str.lower().isin(["true", "1"])
+    return [
+        (
+            str(row.path),
+            Path(row.path).parent.name,
+            None,
+            row.label,
+            float(row.probability),
+            float(row.ood_score) if row.ood_score != "" else None,
+            int(flag),
+            row.label,
+        )
+        for row, flag in zip(table.itertuples(index=False), flags)
+    ]
+
+
+def _save_atomic(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.jpg")
+    image.convert("RGB").save(partial, quality=90)
+    os.replace(partial, path)

@@ -1,0 +1,166 @@
+"""Few-shot lab adaptation on real cells: a small PBC-only model learns BCCD from a few verified cells."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import write_manifest
+
+from wbcid import adaptation
+from wbcid.adaptation import AdaptConfig, adapt
+from wbcid.data import CLASSES, draw_per_class, read_cells
+from wbcid.errors import WbcidError
+from wbcid.evaluation import evaluate
+from wbcid.export import OnnxModel, export_onnx
+from wbcid.inference import agreement
+from wbcid.models import load_model
+from wbcid.smear.counting import count
+from wbcid.train import TrainConfig, fit
+
+pytestmark = pytest.mark.slow
+QUICK = AdaptConfig(steps=40, views=8, replay_per_class=20)
+
+
+@pytest.fixture(scope="module")
+def pbc_model(pbc_small, tmp_path_factory) -> Path:
+    """A small model that has seen PBC only (it records its training data, so replay works)."""
+    config = TrainConfig(input_size=96, epochs=3, batch_size=16, lr=3e-3)
+    return fit(read_cells(pbc_small), tmp_path_factory.mktemp("pbc") / "run", config)
+
+
+@pytest.fixture(scope="module")
+def bccd(cells_table: pd.DataFrame, data_root: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """Five verified BCCD cells per class (at most half of a class) and 120 other BCCD cells to test on."""
+    table = cells_table[cells_table.source == "bccd"].reset_index(drop=True)
+    folder = tmp_path_factory.mktemp("bccd")
+    cells = read_cells(write_manifest(table, data_root, folder / "all.csv"))
+    picked, rest = draw_per_class(cells, 5, seed=0)
+    rows = [{"path": str(c.path), "label": CLASSES[c.label], "group": c.group} for c in cells.cells]
+    labelled = pd.DataFrame([rows[i] for i in picked])
+    held_out = pd.DataFrame([rows[i] for i in np.random.default_rng(0).permutation(rest)[:120]])
+    labelled.to_csv(folder / "verified.csv", index=False)
+    held_out.to_csv(folder / "held_out.csv", index=False)
+    return folder / "verified.csv", folder / "held_out.csv"
+
+
+@pytest.fixture(scope="module")
+def adapted(pbc_model: Path, bccd, tmp_path_factory) -> Path:
+    return adapt(bccd[0], tmp_path_factory.mktemp("adapted") / "run", pbc_model, QUICK)
+
+
+def test_draws_respect_groups_and_leave_half_of_each_class():
+    from wbcid.data import Cell, CellSet
+
+    cells = CellSet(
+        [Cell(Path(f"{i}.jpg"), label=i % 2, group=f"g{i // 2}") for i in range(12)] + [Cell(Path("lone.jpg"), label=4)]
+    )
+    picked, rest = draw_per_class(cells, 10, seed=3)
+    assert sorted(np.r_[picked, rest]) == list(range(13))
+    labels = cells.labels
+    assert (labels[picked] == 0).sum() <= 3 + 1 and (labels[picked] == 4).sum() == 0  # half, never a class's last
+    groups = {cells.cells[i].group for i in picked}
+    assert not groups & {cells.cells[i].group for i in rest}  # a picture's cells stay on one side
+
+
+def test_adaptation_raises_accuracy_on_the_new_labs_other_cells(pbc_model: Path, adapted: Path, bccd):
+    before = evaluate(pbc_model, bccd[1])
+    after = evaluate(adapted, bccd[1])
+    assert after["macro_f1"] >= before["macro_f1"] + 0.1, (before["macro_f1"], after["macro_f1"])
+    record = json.loads((adapted / "config.json").read_text())
+    assert record["base_model"] == str(pbc_model) and record["replay"]  # replayed the recorded PBC cells
+    assert sum(record["verified_cells"].values()) == len(pd.read_csv(adapted / "labelled.csv"))
+    assert load_model(adapted).config["adaptation"]["cells"] == record["verified_cells"]
+
+
+def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
+    pbc_model: Path, adapted: Path, data_root, tmp_path: Path
+):
+    base = load_model(pbc_model)
+    assert torch.equal(
+        torch.load(pbc_model / "model.pt", weights_only=True)["state_dict"]["head.1.weight"],
+        base.state_dict()["head.1.weight"],
+    )
+    onnx = export_onnx(load_model(adapted), tmp_path / "adapted.onnx")
+    cells = sorted((data_root / "cells/bccd").rglob("*.jpg"))[:16]
+    check = agreement(load_model(adapted), OnnxModel(onnx), cells)
+    assert check["label_agreement"] == 1.0
+    result = count(adapted, sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:3], tmp_path / "count")
+    assert result["totals"]["detected"] >= 3
+
+
+def test_missing_classes_and_single_cells_work(pbc_model: Path, bccd, tmp_path: Path):
+    table = pd.read_csv(bccd[0])
+    few = pd.concat([table[table.label == "neutrophil"].head(3), table[table.label == "eosinophil"].head(1)])
+    few.to_csv(tmp_path / "few.csv", index=False)
+    run = adapt(tmp_path / "few.csv", tmp_path / "run", pbc_model, QUICK)
+    record = json.loads((run / "config.json").read_text())
+    assert record["verified_cells"] == {"neutrophil": 3, "lymphocyte": 0, "monocyte": 0, "eosinophil": 1, "basophil": 0}
+    assert load_model(run).head[1].out_features == len(CLASSES)  # still all five classes
+
+
+def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, tmp_path: Path):
+    table = pd.read_csv(bccd[0])
+    mixed = pd.concat(
+        [
+            table.head(4),
+            pd.DataFrame(
+                [
+                    {"path": str(data_root / "cells.csv"), "label": "neutrophil"},
+                    {"path": table.path[0], "label": "platelet"},
+                ]
+            ),
+        ]
+    )
+    mixed.to_csv(tmp_path / "mixed.csv", index=False)
+    run = adapt(tmp_path / "mixed.csv", tmp_path / "mixed_run", pbc_model, QUICK)
+    skipped = json.loads((run / "config.json").read_text())["skipped"]
+    assert any("platelet" in reason for reason in skipped)  # not one of ours: skipped and counted
+    assert skipped.get("unreadable or not an image") == 1
+    with pytest.raises(WbcidError, match="already exists"):
+        adapt(tmp_path / "mixed.csv", run, pbc_model, QUICK)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WbcidError, match="no labelled images"):
+        adapt(tmp_path / "empty", tmp_path / "r2", pbc_model, QUICK)
+    (tmp_path / "fake.pt").write_bytes(b"not a model")
+    with pytest.raises(WbcidError, match="not a wbcid model"):
+        adapt(tmp_path / "mixed.csv", tmp_path / "r3", tmp_path / "fake.pt", QUICK)
+    with pytest.raises(WbcidError, match="ONNX"):
+        adapt(tmp_path / "mixed.csv", tmp_path / "r4", tmp_path / "m.onnx", QUICK)
+    with pytest.raises(WbcidError, match="invalid adaptation settings"):
+        AdaptConfig(steps=0)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wbcid",
+            "adapt",
+            "--data",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "r5"),
+            "--model",
+            str(pbc_model),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr and "error:" in cli.stderr
+
+
+def test_an_interrupted_adaptation_leaves_nothing_to_load(pbc_model: Path, bccd, tmp_path: Path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(adaptation, "save_model", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(bccd[0], tmp_path / "run", pbc_model, QUICK)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(WbcidError):
+        load_model(tmp_path / "run")

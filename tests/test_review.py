@@ -1,0 +1,178 @@
+"""The review app at the HTTP level (FastAPI's TestClient) over a real count of BCCD fields."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from wbcid.data import CLASSES, read_cells
+from wbcid.inference import predict
+from wbcid.smear.counting import count
+from wbcid.web import ReviewStore, create_app
+
+FIELDS = [
+    "BloodImage_00000.jpg",
+    "BloodImage_00001.jpg",
+    "BloodImage_00002.jpg",
+    "BloodImage_00005.jpg",
+    "BloodImage_00006.jpg",
+    "BloodImage_00010.jpg",
+]
+
+
+@pytest.fixture(scope="module")
+def counted(data_root: Path, tmp_path_factory) -> Path:
+    """A count made once with the bundled model; each test reviews a fresh copy of it."""
+    out = tmp_path_factory.mktemp("count") / "run"
+    count(None, [data_root / "smears/bccd/images" / name for name in FIELDS], out)
+    return out
+
+
+@pytest.fixture
+def run(counted: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(counted, tmp_path / "run"))
+
+
+def test_list_correct_and_live_differential(run: Path):
+    client = TestClient(create_app(run, reviewer="tester"))
+    cells = client.get("/api/cells").json()["cells"]
+    assert len(cells) >= len(FIELDS)
+    assert {"id", "label", "model_label", "confidence", "flagged", "reviewed", "field", "image"} <= set(cells[0])
+    assert [c["flagged"] for c in cells] == sorted((c["flagged"] for c in cells), reverse=True)  # flagged first
+    before = client.get("/api/differential").json()
+    target = next(c for c in cells if c["label"] != "basophil")
+    response = client.put(f"/api/cells/{target['id']}", json={"label": "basophil"})
+    assert response.status_code == 200
+    cell = response.json()
+    assert (cell["label"], cell["model_label"], cell["reviewed"], cell["reviewer"]) == (
+        "basophil",
+        target["model_label"],
+        True,
+        "tester",
+    )
+    after = client.get("/api/differential").json()
+    assert after["classes"]["basophil"]["count"] == before["classes"]["basophil"]["count"] + 1
+    assert after["verified"] == 1 and set(after["classes"]) == set(CLASSES)
+    assert client.get(f"/api/cells/{target['id']}/image").headers["content-type"] == "image/jpeg"
+    assert client.get(f"/api/cells/{target['id']}/field").status_code == 200
+
+
+def test_other_leaves_the_differential_and_undo_restores(run: Path):
+    client = TestClient(create_app(run))
+    cell = next(c for c in client.get("/api/cells").json()["cells"] if not c["flagged"])
+    counted = client.get("/api/differential").json()["counted"]
+    assert client.put(f"/api/cells/{cell['id']}", json={"label": "other"}).status_code == 200
+    assert client.get("/api/differential").json()["counted"] == counted - 1
+    restored = client.delete(f"/api/cells/{cell['id']}/review").json()
+    assert (restored["label"], restored["reviewed"]) == (cell["model_label"], False)
+    assert client.get("/api/differential").json()["counted"] == counted
+    assert [a["new_label"] for a in ReviewStore.open(run).audit()] == ["other", cell["model_label"]]
+
+
+def test_bad_label_is_422_and_unknown_cell_404(run: Path):
+    client = TestClient(create_app(run))
+    cell = client.get("/api/cells").json()["cells"][0]
+    for body in ({"label": "platelet"}, {"label": 3}, {}, {"label": "<script>"}):
+        assert client.put(f"/api/cells/{cell['id']}", json=body).status_code == 422
+    assert client.put("/api/cells/99999", json={"label": "monocyte"}).status_code == 404
+    assert client.get("/api/cells/99999/image").status_code == 404
+    assert client.get("/api/cells/1").json()["reviewed"] is False  # nothing was written
+
+
+def test_no_file_outside_the_run_can_be_read(run: Path):
+    client = TestClient(create_app(run))
+    secret = "root:x:0:0"
+    for url in [
+        "/api/cells/..%2F..%2F..%2Fetc%2Fpasswd/image",
+        "/api/cells/%2e%2e/%2e%2e/etc/passwd",
+        "/api/cells//etc/passwd/image",
+        "/static/../../../../etc/passwd",
+        "/static/%2e%2e/%2e%2e/store.py",
+        "/static/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+        "/api/cells/1/../../../../etc/passwd",
+    ]:
+        response = client.get(url)
+        assert response.status_code in (404, 405, 422), url
+        assert secret not in response.text and "ReviewStore" not in response.text, url
+
+
+def test_corrections_survive_a_restart(run: Path):
+    first = TestClient(create_app(run))
+    cell = first.get("/api/cells").json()["cells"][-1]
+    first.put(f"/api/cells/{cell['id']}", json={"label": "monocyte"})
+    del first  # the server is gone; the database holds the correction
+    again = TestClient(create_app(run)).get(f"/api/cells/{cell['id']}").json()
+    assert (again["label"], again["reviewed"]) == ("monocyte", True)
+
+
+def test_two_clients_correcting_at_once_lose_nothing(run: Path):
+    tabs = [TestClient(create_app(run)), TestClient(create_app(run))]
+    ids = [c["id"] for c in tabs[0].get("/api/cells").json()["cells"]]
+    labels = {cell_id: CLASSES[i % len(CLASSES)] for i, cell_id in enumerate(ids)}
+
+    def correct(tab: TestClient, mine: list[int]) -> None:
+        for cell_id in mine:
+            assert tab.put(f"/api/cells/{cell_id}", json={"label": labels[cell_id]}).status_code == 200
+
+    threads = [threading.Thread(target=correct, args=(tab, ids[i::2])) for i, tab in enumerate(tabs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = {c["id"]: c["label"] for c in tabs[1].get("/api/cells").json()["cells"]}
+    assert final == labels
+    assert len(ReviewStore.open(run).audit()) == len(ids)
+
+
+def test_export_is_readable_training_data(run: Path, tmp_path: Path):
+    client = TestClient(create_app(run))
+    cells = client.get("/api/cells").json()["cells"]
+    chosen = {cells[0]["id"]: "eosinophil", cells[1]["id"]: "lymphocyte", cells[2]["id"]: "other"}
+    for cell_id, label in chosen.items():
+        client.put(f"/api/cells/{cell_id}", json={"label": label})
+    out = Path(client.post("/api/export").json()["path"])
+    manifest = read_cells(out / "manifest.csv")
+    assert sorted(CLASSES[i] for i in manifest.labels) == ["eosinophil", "lymphocyte"]  # 'other' is not training data
+    assert sorted(CLASSES[i] for i in read_cells(out / "cells").labels) == ["eosinophil", "lymphocyte"]
+    report = (out / "report.html").read_text()
+    assert "3 cell(s) verified by a person" in report
+
+
+def test_page_escapes_what_it_shows(counted: Path, tmp_path: Path):
+    run = Path(shutil.copytree(counted, tmp_path / "<script>alert(1)</script>"))
+    page = TestClient(create_app(run, reviewer="<b>x</b>")).get("/").text
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+    assert "<b>x</b>" not in page
+
+
+def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
+    images = sorted((data_root / "cells/lisc").rglob("*.jpg"))[:5]
+    predict(None, images, tmp_path / "predictions.csv")
+    client = TestClient(create_app(tmp_path / "predictions.csv"))
+    cells = client.get("/api/cells").json()["cells"]
+    assert len(cells) == 5 and all(c["box"] is None for c in cells)
+    assert client.get(f"/api/cells/{cells[0]['id']}/image").status_code == 200
+    assert (tmp_path / "predictions.review" / "review.sqlite").is_file()
+
+
+def test_gradcam_view_of_a_cell(run: Path):
+    client = TestClient(create_app(run))
+    cell = client.get("/api/cells").json()["cells"][0]
+    response = client.get(f"/api/cells/{cell['id']}/gradcam")
+    assert response.status_code == 200 and response.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "gradcam" / f"{cell['id']}.png").is_file()  # made once, then served from the cache
+
+
+def test_a_run_with_several_specimens_has_a_differential_for_each(data_root: Path, tmp_path: Path):
+    for specimen, names in (("patient_a", FIELDS[:2]), ("patient_b", FIELDS[2:4])):
+        (tmp_path / "fields" / specimen).mkdir(parents=True)
+        for name in names:
+            (tmp_path / "fields" / specimen / name).symlink_to(data_root / "smears/bccd/images" / name)
+    count(None, [tmp_path / "fields"], tmp_path / "run")
+    totals = TestClient(create_app(tmp_path / "run")).get("/api/differential").json()
+    assert set(totals["specimens"]) == {"patient_a", "patient_b"}
+    assert sum(s["detected"] for s in totals["specimens"].values()) == totals["detected"]

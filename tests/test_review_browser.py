@@ -1,0 +1,99 @@
+"""End to end in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
+correct one cell with the keyboard and one with a click, reload, and see both and the new differential.
+
+Never skipped: `.ci/run` installs the browser where it is missing. Nothing is downloaded: the
+driver and browser paths are given, so Selenium Manager is never asked.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from wbcid.smear.counting import count
+from wbcid.web import ReviewStore, create_app
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def server(data_root: Path, tmp_path: Path):
+    fields = sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:4]
+    run = tmp_path / "run"
+    count(None, fields, run)
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(run, reviewer="browser"), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/", run
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def browser():
+    assert CHROMIUM and DRIVER, "install Debian's chromium and chromium-driver (.ci/run does)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _tiles(driver) -> list:
+    return WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".tile") or False)
+
+
+def _row(driver, label: str) -> list[str]:
+    return [td.text for td in driver.find_elements(By.CSS_SELECTOR, f'#differential tr[data-type="{label}"] td')]
+
+
+def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_path: Path):
+    url, run = server
+    browser.get(url)
+    tiles = _tiles(browser)
+    WebDriverWait(browser, 20).until(lambda d: _row(d, "basophil"))
+    basophils = int(_row(browser, "basophil")[1])
+    first = tiles[0].get_attribute("data-id")
+    # keyboard: the first cell is selected on load; "5" makes it a basophil
+    browser.find_element(By.TAG_NAME, "body").send_keys("5")
+    WebDriverWait(browser, 10).until(lambda d: "saved cell " + first in d.find_element(By.ID, "status").text)
+    # click: select the last tile, then click the "other" button
+    last = _tiles(browser)[-1]
+    last_id = last.get_attribute("data-id")
+    last.click()
+    browser.find_element(By.CSS_SELECTOR, '#buttons button[data-label="other"]').click()
+    WebDriverWait(browser, 10).until(lambda d: "saved cell " + last_id in d.find_element(By.ID, "status").text)
+
+    browser.refresh()
+    _tiles(browser)
+    WebDriverWait(browser, 20).until(lambda d: _row(d, "basophil"))
+    captions = {t.get_attribute("data-id"): t.text for t in browser.find_elements(By.CSS_SELECTOR, ".tile")}
+    assert captions[first].startswith("\u2713 basophil")
+    assert captions[last_id].startswith("\u2713 other")
+    assert int(_row(browser, "basophil")[1]) == basophils + 1
+    assert "2 of" in browser.find_element(By.ID, "progress").text  # two verified
+    store = ReviewStore.open(run)
+    assert {c["id"]: c["label"] for c in store.cells() if c["reviewed"]} == {
+        int(first): "basophil",
+        int(last_id): "other",
+    }
+    browser.save_screenshot(str(tmp_path / "review.png"))

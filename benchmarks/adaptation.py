@@ -232,7 +232,10 @@ def write_report() -> None:
         f"Anchor: {ANCHOR}.",
         "",
     ]
-    for path in sorted(OUT.glob("*.json")):
+    findings = OUT / "findings.md"  # written by hand from the tables below
+    if findings.is_file():
+        lines += [findings.read_text().strip(), ""]
+    for path in sorted(OUT.glob("*.json"), key=lambda p: (p.stem.startswith("pilot"), p.stem)):
         result = json.loads(path.read_text())
         lines += [
             f"## {path.stem}",

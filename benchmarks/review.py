@@ -46,8 +46,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=default_data_root())
     args = parser.parse_args()
     table = pd.read_csv(args.data / "cells.csv")
-    table = pd.concat([table[table.source.isin(["lisc", "tecom", "cellavision", "bccd"])],
-                       table[(table.source == "pbc") & (table.split == "test")]]).head(args.cells)
+    table = pd.concat(
+        [
+            table[table.source.isin(["lisc", "tecom", "cellavision", "bccd"])],
+            table[(table.source == "pbc") & (table.split == "test")],
+        ]
+    ).head(args.cells)
     work = Path(tempfile.mkdtemp())
     predict(None, [args.data / p for p in table.path], work / "predictions.csv")
     started = time.perf_counter()
@@ -72,8 +76,11 @@ def main() -> None:
     for _ in range(5):
         driver.get(url)
         WebDriverWait(driver, 60).until(
-            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".tile")) == made
-            and d.find_elements(By.CSS_SELECTOR, "#differential tbody tr"))
+            lambda d: (
+                len(d.find_elements(By.CSS_SELECTOR, ".tile")) == made
+                and d.find_elements(By.CSS_SELECTOR, "#differential tbody tr")
+            )
+        )
         opens.append(driver.execute_script("return performance.now()") / 1000)
     driver.save_screenshot("docs/review.png")
     driver.quit()
@@ -83,30 +90,36 @@ def main() -> None:
     saves = []
     for i in range(200):
         body = json.dumps({"label": labels[i % 6]}).encode()
-        request = urllib.request.Request(f"{url}api/cells/{cells[i]['id']}", body, method="PUT",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}api/cells/{cells[i]['id']}", body, method="PUT", headers={"Content-Type": "application/json"}
+        )
         t = time.perf_counter()
         urllib.request.urlopen(request).read()
         saves.append(time.perf_counter() - t)
     server.should_exit = True
 
-    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "cells": made,
-              "thumbnails_first_start_s": round(thumbnails, 2),
-              "gallery_open_s": [round(x, 3) for x in opens],
-              "correction_ms": {"median": round(1000 * float(np.median(saves)), 1),
-                                "p95": round(1000 * float(np.percentile(saves, 95)), 1),
-                                "max": round(1000 * max(saves), 1)}}
+    result = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "cells": made,
+        "thumbnails_first_start_s": round(thumbnails, 2),
+        "gallery_open_s": [round(x, 3) for x in opens],
+        "correction_ms": {
+            "median": round(1000 * float(np.median(saves)), 1),
+            "p95": round(1000 * float(np.percentile(saves, 95)), 1),
+            "max": round(1000 * max(saves), 1),
+        },
+    }
     Path("docs/review.json").write_text(json.dumps(result, indent=1))
     Path("docs/review.md").write_text(f"""# The review app: speed
 
-Command: `{result['command']}` (this project's 2-core CPU machine, nothing else running).
+Command: `{result["command"]}` (this project's 2-core CPU machine, nothing else running).
 
 | what | measured |
 |---|---|
 | cells in the run | {made} |
 | thumbnails cut at the first start (then cached in the run) | {thumbnails:.1f} s |
-| gallery open in headless Chromium, navigation to every tile and the differential drawn (first load, then 4 reloads) | {', '.join(f'{x:.2f} s' for x in opens)} |
-| a correction saved (`PUT /api/cells/{{id}}`, committed to SQLite, HTTP round trip), 200 corrections | median {result['correction_ms']['median']} ms, 95th percentile {result['correction_ms']['p95']} ms, max {result['correction_ms']['max']} ms |
+| gallery open in headless Chromium, navigation to every tile and the differential drawn (first load, then 4 reloads) | {", ".join(f"{x:.2f} s" for x in opens)} |
+| a correction saved (`PUT /api/cells/{{id}}`, committed to SQLite, HTTP round trip), 200 corrections | median {result["correction_ms"]["median"]} ms, 95th percentile {result["correction_ms"]["p95"]} ms, max {result["correction_ms"]["max"]} ms |
 
 Thumbnails load lazily (`loading="lazy"`), so opening the gallery does not wait for 1,000
 images. ![the review page](review.png)

@@ -164,3 +164,19 @@ def test_an_interrupted_adaptation_leaves_nothing_to_load(pbc_model: Path, bccd,
     assert not (tmp_path / "run").exists()
     with pytest.raises(WbcidError):
         load_model(tmp_path / "run")
+
+
+def test_unlabelled_cells_alone_that_are_all_flagged_still_give_a_model(pbc_model: Path, data_root: Path):
+    """Found by the benchmark: with no verified cell and every unlabelled cell flagged, no pseudo-label
+    exists; the batch-norm-adapted model comes back instead of a crash."""
+    from wbcid.adaptation import adapt_model
+    from wbcid.data import Cell, CellSet, load_images
+    from wbcid.preprocess import Preprocess
+
+    base = load_model(pbc_model)
+    noise = torch.randint(0, 256, (6, 3, 96, 96), dtype=torch.uint8)  # nothing like a blood cell: all flagged
+    model = adapt_model(base, noise[:0], np.array([], dtype=np.int64), QUICK, None, noise)
+    assert model is not base and model.head[1].out_features == len(CLASSES)
+    cells = CellSet([Cell(p) for p in sorted((data_root / "cells/bccd").rglob("*.jpg"))[:4]])
+    images, _ = load_images(cells, Preprocess.of(base.config))
+    assert adapt_model(base, images[:0], np.array([], dtype=np.int64), QUICK, None, images) is not None

@@ -213,3 +213,14 @@ def test_an_absurd_cell_diameter_gets_a_hint_and_nan_a_clear_error(data_root, tm
         assert words in " ".join(result["images"][0]["warnings"])
     with pytest.raises(WbcidError, match="positive number"):
         count(None, [field], tmp_path / "nan", cell_diameter=float("nan"))
+
+
+def test_outputs_and_inputs_are_checked_before_any_work(tmp_path):
+    """Issue 13.11: count --out FILE ended in a traceback after all the work; missing inputs were found late."""
+    from wbcid.smear.counting import count
+
+    (tmp_path / "file.txt").write_text("not a folder")
+    with pytest.raises(WbcidError, match="is a file"):
+        count(None, [tmp_path], tmp_path / "file.txt")
+    with pytest.raises(WbcidError, match="no such file"):  # found before the (missing) model is looked for
+        count(tmp_path / "no-model.pt", [tmp_path / "missing.jpg"], tmp_path / "out")

@@ -178,6 +178,12 @@ def adapt_model(
         return model
     pseudo_images, pseudo_labels = pseudo_label(model, unlabelled)
     log.info("pseudo-labels: %d of %d unlabelled cells", len(pseudo_labels), len(unlabelled))
+    if len(pseudo_labels) + len(images) == 0:
+        log.warning(
+            "every unlabelled cell is flagged, so none can be a pseudo-label: only AdaBN was applied; "
+            "verify a few cells (wbcid review) to adapt further"
+        )
+        return model
     parts = [(images, labels, config.views), (pseudo_images, pseudo_labels, config.pseudo_views)]
     return _fine_tune(base, parts, config, replay)
 
@@ -243,7 +249,11 @@ def _fine_tune(
 
 @torch.no_grad()
 def _refit_ood(
-    model: WBCNet, suffix: nn.Module, acts: torch.Tensor, labels: torch.Tensor, replay: Replay | None,
+    model: WBCNet,
+    suffix: nn.Module,
+    acts: torch.Tensor,
+    labels: torch.Tensor,
+    replay: Replay | None,
     trainable_groups: int,
 ) -> None:
     """Add the new lab's clusters to the OOD scorer and weigh both labs equally in its covariance.

@@ -90,8 +90,11 @@ def train(
     data: Data,
     out: Annotated[Path, typer.Option(help="Run directory to create (or continue with --resume).")],
     source: Sources = None,
-    model: Annotated[
-        str, typer.Option(help="Registered model (see `wbcid models`) or timm:<name>.")
+    arch: Annotated[
+        str,
+        typer.Option(
+            "--arch", "--model", help="Registered model (see `wbcid models`) or timm:<name> (--model is the old name)."
+        ),
     ] = "efficientnet_lite0",
     epochs: Epochs = 6,
     batch_size: int = 32,
@@ -117,7 +120,7 @@ def train(
     from .train import TrainConfig, fit
 
     config = TrainConfig(
-        model=model,
+        model=arch,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

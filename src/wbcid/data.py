@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from .errors import WbcidError
-from .preprocess import Preprocess
+from .preprocess import Preprocess, to_tensor
 
 log = logging.getLogger("wbcid")
 
@@ -311,7 +311,7 @@ class ImageDataset(torch.utils.data.Dataset):
         array = try_decode(self.paths[i], self.prep)
         if array is None:
             return torch.zeros(3, self.prep.size, self.prep.size, dtype=torch.uint8), False
-        return torch.from_numpy(array.copy()).permute(2, 0, 1), True
+        return to_tensor(array), True
 
 
 def image_batches(paths: Sequence[Path], prep: Preprocess, batch_size: int = 64, workers: int | None = None):

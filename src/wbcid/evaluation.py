@@ -17,7 +17,7 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from .data import CLASSES, CellSet, default_data_root, read_cells
 from .errors import WbcidError
 from .inference import predict_proba, resolve_model
-from .models import WBCNet
+from .models import WBCNet, describe_model
 from .ood import flagged
 from .reports import write_evaluation_report
 
@@ -105,14 +105,16 @@ def evaluate(
 
     ``adabn``/``tta``: test-time adaptation on these (unlabelled) images, see :mod:`wbcid.testtime`.
     """
-    name = "bundled model (wbcid-default)" if model is None else str(model) if isinstance(model, (str, os.PathLike)) \
-        else model.config["model"]
+    name = describe_model(model)
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
     model = resolve_model(model, adabn)
     seen = training_overlap(model.config, cells)
     if seen:
-        log.warning("%d of %d evaluated cells were in this model's training or validation data: this is not a test score",
-                    seen, len(cells))
+        log.warning(
+            "%d of %d evaluated cells were in this model's training or validation data: this is not a test score",
+            seen,
+            len(cells),
+        )
     probs, ood, ok = predict_proba(model, cells.paths, adabn=adabn, tta=tta)
     if not ok.any():
         raise WbcidError(f"{cells.origin}: none of the {len(cells)} images could be read")
@@ -149,6 +151,9 @@ def training_overlap(config: dict, cells: CellSet) -> int:
         return 0
     sources = set(recorded.get("sources") or [])
     every_split = recorded.get("all_splits", False)
-    paths = {c.path.resolve() for c in training.cells
-             if (not sources or c.source in sources) and (every_split or c.split != "test")}
+    paths = {
+        c.path.resolve()
+        for c in training.cells
+        if (not sources or c.source in sources) and (every_split or c.split != "test")
+    }
     return sum(c.path.resolve() in paths for c in cells.cells)

@@ -20,7 +20,7 @@ from torch import nn
 from .data import CLASSES, list_images, try_decode
 from .errors import WbcidError
 from .models import WBCNet, load_model
-from .preprocess import Preprocess
+from .preprocess import Preprocess, to_tensor
 
 log = logging.getLogger("wbcid")
 
@@ -75,7 +75,7 @@ def explain(
         if seen is None:
             log.warning("%s: could not read the image, skipped", path)
             continue
-        heat, predicted = grad_cam(model, torch.from_numpy(seen.copy()).permute(2, 0, 1)[None])
+        heat, predicted = grad_cam(model, to_tensor(seen)[None])
         big = np.asarray(Image.fromarray(seen).resize((size, size), Image.Resampling.BILINEAR))
         heat_big = np.asarray(Image.fromarray((heat[0] * 255).astype(np.uint8)).resize((size, size))) / 255
         stem = Path(path).stem if Path(path).stem not in used else f"{Path(path).parent.name}_{Path(path).stem}"

@@ -277,6 +277,15 @@ def load_model(path: str | os.PathLike | None = None, onnx: bool = False) -> WBC
     return _mark_bundled(model.eval(), path)
 
 
+def describe_model(model: object) -> str:
+    """How reports name a model: its path, the bundled one, or its architecture."""
+    if model is None:
+        return "bundled model (wbcid-default)"
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return model.config["model"]
+
+
 def _mark_bundled(model, path: Path):
     """The bundled model saw every five-class cell of the five labs in wbcid's data folder (model card)."""
     if path.resolve() in (BUNDLED.resolve(), BUNDLED_ONNX.resolve()):

@@ -46,6 +46,11 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """A decoded HWC uint8 image as the CHW uint8 tensor every batch is stacked from."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
 def as_input(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 NCHW images -> the network's float input in [0, 1], channels-last (fast for CPU convolutions)."""
     return (images.to(device).float() / 255).contiguous(memory_format=torch.channels_last)

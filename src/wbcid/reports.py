@@ -5,11 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")  # reports are written on headless machines
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: importing wbcid never switches the caller's backend
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -20,7 +17,8 @@ if TYPE_CHECKING:
 def plot_history(history: list[dict], path: Path) -> Path:
     """Loss and accuracy per epoch, train against validation (the original project's plot)."""
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="validation")
@@ -29,7 +27,6 @@ def plot_history(history: list[dict], path: Path) -> Path:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -38,7 +35,8 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     counts = np.asarray(matrix)
     rows = counts.sum(1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros(counts.shape, float), where=rows > 0)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig = Figure(figsize=(12, 5))
+    axes = fig.subplots(1, 2)
     for ax, values, fmt, name in ((axes[0], counts, "d", "counts"), (axes[1], normalised, ".2f", "row-normalised")):
         ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
         for (i, j), v in np.ndenumerate(values):
@@ -57,7 +55,6 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..data import CLASSES, UNREADABLE, list_images
 from ..errors import WbcidError
 from ..inference import predict_scores, resolve_model
-from ..models import WBCNet
+from ..models import WBCNet, describe_model
 from ..ood import flagged
 from ..preprocess import Preprocess, upright_rgb
 from .detect import Box, detect_cells
@@ -50,7 +50,7 @@ FIELDS = "fields.jsonl"  # one line per finished field, written as it is done (f
 MAX_CELLS_ACROSS = 40  # a field wider than 40 WBCs is not a smear field at WBC magnification (reasoned)
 MIN_FIELD = 16  # pixels: a smaller image cannot show a WBC at any magnification (reasoned, not fitted)
 CONTEXT = 1.5  # side of the patch cut around a detection, as a multiple of the box's longer side
-COLOURS = {
+BOX_COLOURS = {
     "neutrophil": "#1f77b4",
     "lymphocyte": "#2ca02c",
     "monocyte": "#ff7f0e",
@@ -197,13 +197,7 @@ def count(
     """
     from ..reports import write_count_report
 
-    source = (
-        "bundled model (wbcid-default)"
-        if model is None
-        else str(model)
-        if isinstance(model, (str, os.PathLike))
-        else model.config["model"]
-    )
+    name = describe_model(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise WbcidError(f"{out_dir} is a file; --out takes the folder to write the count into")
@@ -212,7 +206,7 @@ def count(
     fields = list_images(paths)  # missing or empty inputs fail before the model loads
     model = resolve_model(model)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
-    settings = {"model": source, "cell_diameter": cell_diameter}
+    settings = {"model": name, "cell_diameter": cell_diameter}
     done = _finished_fields(out_dir / FIELDS, settings, resume)
     images = []
     with (out_dir / FIELDS).open("a") as field_log:
@@ -344,7 +338,7 @@ def annotate(image: Image.Image, calls: Sequence[CellCall]) -> Image.Image:
     width = max(2, round(max(image.size) / 300))
     font = ImageFont.load_default(size=max(12, round(max(image.size) / 40)))
     for call in calls:
-        colour = COLOURS["flagged" if call.flagged else call.label]
+        colour = BOX_COLOURS["flagged" if call.flagged else call.label]
         text = f"? {call.label}" if call.flagged else f"{call.label} {call.confidence:.2f}"
         draw.rectangle(call.box, outline=colour, width=width)
         x0, y0 = call.box[0], max(0, call.box[1] - font.size - 2 * width)

@@ -128,11 +128,10 @@ class _GradCam:
         self.store, self.model_path, self.model, self.lock = store, model, None, threading.Lock()
 
     def __call__(self, cell: dict) -> Path:
-        import torch
 
         from ..gradcam import grad_cam, overlay
         from ..models import load_model
-        from ..preprocess import Preprocess
+        from ..preprocess import Preprocess, to_tensor
 
         path = self.store.folder / "gradcam" / f"{cell['id']}.png"
         if path.is_file():
@@ -141,7 +140,7 @@ class _GradCam:
             if self.model is None:
                 self.model = load_model(self.model_path)
             seen = Preprocess.of(self.model.config)(cell_image(cell))
-            heat, _ = grad_cam(self.model, torch.from_numpy(seen.copy()).permute(2, 0, 1)[None])
+            heat, _ = grad_cam(self.model, to_tensor(seen)[None])
             path.parent.mkdir(exist_ok=True)
             overlay(seen, heat[0]).resize((256, 128)).save(path)
         return path

@@ -150,11 +150,12 @@ def test_page_escapes_what_it_shows(counted: Path, tmp_path: Path):
 
 
 def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
-    images = sorted((data_root / "cells/lisc").rglob("*.jpg"))[:5]
+    images = [sorted((data_root / "cells/lisc" / label).glob("*.jpg"))[0] for label in CLASSES]
     predict(None, images, tmp_path / "predictions.csv")
     client = TestClient(create_app(tmp_path / "predictions.csv"))
     cells = client.get("/api/cells").json()["cells"]
     assert len(cells) == 5 and all(c["box"] is None for c in cells)
+    assert "specimens" not in client.get("/api/differential").json()  # class folders are not specimens
     assert client.get(f"/api/cells/{cells[0]['id']}/image").status_code == 200
     assert (tmp_path / "predictions.review" / "review.sqlite").is_file()
 

@@ -48,7 +48,7 @@ def upright_rgb(image: Image.Image) -> Image.Image:
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """A decoded HWC uint8 image as the CHW uint8 tensor every batch is stacked from."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # a copy: decoded arrays may be read-only
 
 
 def as_input(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:

@@ -270,7 +270,7 @@ def _prediction_rows(csv_path: Path) -> list[tuple]:
     return [
         (
             str(row.path),
-            Path(row.path).parent.name,
+            "",  # a prediction run is one group: its folders may be classes, not specimens
             None,
             row.label,
             float(row.probability),

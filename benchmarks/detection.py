@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def main() -> None:
     rows = "\n".join(f"| {e['image']} | {e['missed']} | {e['false_positives']} |" for e in errors)
     args.out.with_suffix(".md").write_text(f"""# WBC detection on smear fields
 
-Command: `{result["command"]}` (data: `{args.smears}`, {result["images"]} fields, VOC boxes).
+Command: `{result["command"]}` (data: `{os.path.relpath(args.smears)}`, {result["images"]} fields, VOC boxes).
 
 | annotated WBCs | found correctly | missed | false positives | recall | precision | time per field |
 |---|---|---|---|---|---|---|

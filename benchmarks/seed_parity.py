@@ -43,7 +43,7 @@ def run_model(name: str, data: Path, runs: Path, docs: Path) -> dict | str:
     try:
         create_model(name, pretrained=config.pretrained)
     except WbcidError as exc:
-        return f"skipped: {exc}"
+        return f"skipped: {str(exc).replace(str(Path.home()), '~')}"  # no home path of this machine in docs
     run = runs / name
     if run.exists():
         shutil.rmtree(run)

@@ -138,13 +138,8 @@ def suffix_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and OOD scores from cached prefix outputs (what :meth:`WBCNet.scores` returns)."""
     model.eval()
-    suffix.eval()
-    logits, ood = [], []
-    for batch in acts.split(batch_size):
-        features = suffix(batch)
-        logits.append(model.head(features))
-        ood.append(model.ood(features) if model.ood is not None else features[:, 0] * float("nan"))
-    return torch.cat(logits), torch.cat(ood)
+    features = _features(model, suffix, acts, batch_size)
+    return model.head(features), model.ood(features) if model.ood is not None else features[:, 0] * float("nan")
 
 
 def adapt_model(
@@ -284,9 +279,10 @@ def _refit_ood(
     model.ood = scorer
 
 
-def _features(model: WBCNet, suffix: nn.Module, acts: torch.Tensor) -> torch.Tensor:
+def _features(model: WBCNet, suffix: nn.Module, acts: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Penultimate features of cached prefix outputs."""
     suffix.eval()
-    return torch.cat([suffix(b) for b in acts.split(256)]) if len(acts) else torch.empty(0)
+    return torch.cat([suffix(b) for b in acts.split(batch_size)]) if len(acts) else torch.empty(0)
 
 
 def adapt(
@@ -304,7 +300,7 @@ def adapt(
     Nothing is written to ``out_dir`` until the model is complete, so an interrupted adaptation
     leaves no half-written run that later commands would load.
     """
-    from .models import load_model
+    from .models import describe_model, load_torch_model
     from .testtime import batchnorm_statistics
 
     started = time.perf_counter()
@@ -312,9 +308,8 @@ def adapt(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise WbcidError(f"{out} already exists and is not empty; choose another --out (a run is never overwritten)")
-    if model is not None and Path(model).suffix == ".onnx":
-        raise WbcidError(f"{model} is an ONNX export; adaptation needs the PyTorch model (a run directory or .pt)")
-    base = load_model(model)
+    base = load_torch_model(model, "adaptation")
+    base_name = describe_model(model)
     prep = Preprocess.of(base.config)
     cells = data if isinstance(data, CellSet) else read_cells(data)
     images, cells = load_images(cells, prep, "decoding verified cells")
@@ -344,7 +339,7 @@ def adapt(
     adapted = adapt_model(base, images, cells.labels, config, bank, unlabelled_images)
     statistics_images = images if replay_cells is None else torch.cat([images, train_images])
     adapted.source_statistics = batchnorm_statistics(adapted, statistics_images.split(128))
-    adapted.config["adaptation"] = {"base": str(model or "bundled"), "cells": cells.class_counts()}
+    adapted.config["adaptation"] = {"base": base_name, "cells": cells.class_counts()}
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -355,7 +350,7 @@ def adapt(
     record = {
         "adapt": asdict(config),
         "model": adapted.config,
-        "base_model": str(model or "bundled"),
+        "base_model": base_name,
         "verified_cells": cells.class_counts(),
         "skipped": dict(cells.skipped),
         "replay": replay_origin,

@@ -146,7 +146,7 @@ def training_overlap(config: dict, cells: CellSet) -> int:
     if not origin.exists():
         return 0
     try:
-        training = read_cells(origin)
+        training = read_cells(origin, known_only=False)  # known_only would warn about its other labels
     except WbcidError:
         return 0
     sources = set(recorded.get("sources") or [])
@@ -154,6 +154,6 @@ def training_overlap(config: dict, cells: CellSet) -> int:
     paths = {
         c.path.resolve()
         for c in training.cells
-        if (not sources or c.source in sources) and (every_split or c.split != "test")
+        if c.label >= 0 and (not sources or c.source in sources) and (every_split or c.split != "test")
     }
     return sum(c.path.resolve() in paths for c in cells.cells)

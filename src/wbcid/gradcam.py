@@ -19,7 +19,7 @@ from torch import nn
 
 from .data import CLASSES, list_images, try_decode
 from .errors import WbcidError
-from .models import WBCNet, load_model
+from .models import WBCNet, load_torch_model
 from .preprocess import Preprocess, to_tensor
 
 log = logging.getLogger("wbcid")
@@ -64,9 +64,7 @@ def explain(
 ) -> list[Path]:
     """Write ``<name>_gradcam.png`` (input as the model saw it | overlay) per image; unreadable ones are skipped."""
     files = list_images(paths)
-    model = model if isinstance(model, WBCNet) else load_model(model)
-    if not isinstance(model, WBCNet):
-        raise WbcidError("Grad-CAM needs gradients, so the PyTorch model (a run directory or .pt file), not ONNX")
+    model = model if isinstance(model, WBCNet) else load_torch_model(model, "Grad-CAM (it needs gradients)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, used = [], set()

@@ -258,7 +258,7 @@ def load_model(path: str | os.PathLike | None = None, onnx: bool = False) -> WBC
     if path.is_dir():
         path = path / "model.pt"
     if not path.is_file():
-        raise WbcidError(f"no model at {path} (expected a run directory or a model .pt file)")
+        raise WbcidError(f"no model at {path} (expected a run directory, a model .pt file or an ONNX export)")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
@@ -275,6 +275,16 @@ def load_model(path: str | os.PathLike | None = None, onnx: bool = False) -> WBC
     if "source_statistics" in saved:  # for test-time adaptation, see wbcid.testtime
         model.source_statistics = {k: (m.float(), v.float()) for k, (m, v) in saved["source_statistics"].items()}
     return _mark_bundled(model.eval(), path)
+
+
+def load_torch_model(path: str | os.PathLike | None, needed_for: str) -> WBCNet:
+    """:func:`load_model`, refusing an ONNX export with the reason PyTorch is needed (``needed_for``)."""
+    model = load_model(path)
+    if not isinstance(model, WBCNet):
+        raise WbcidError(
+            f"{needed_for} needs the PyTorch model (a run directory or .pt file), not the ONNX export {path}"
+        )
+    return model
 
 
 def describe_model(model: object) -> str:

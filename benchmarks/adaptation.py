@@ -17,11 +17,8 @@ the cells scored), and a K = 0 row with AdaBN (``--adabn``). Writes ``docs/adapt
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import shlex
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,18 +26,19 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+from common import parser, setup, write_results
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from wbcid.adaptation import AdaptConfig, adapt_model, make_replay, suffix_scores
-from wbcid.data import default_data_root, draw_per_class, load_images, read_cells, sample_per_class
+from wbcid.benchmark import OTHER_SOURCES
+from wbcid.data import draw_per_class, load_images, read_cells, sample_per_class
 from wbcid.evaluation import compute_metrics
 from wbcid.inference import predict_scores
-from wbcid.models import load_model
+from wbcid.loading import resolve_model
 from wbcid.preprocess import Preprocess
 from wbcid.testtime import adapt_batchnorm
 
-LABS = ["lisc", "tecom", "cellavision", "bccd"]
 OUT = Path("docs/adaptation")
 ANCHOR = (
     "Chossegros et al., J. Pathol. Inform. 2024: EfficientNet fine-tuned on <= 100 labelled images per "
@@ -49,31 +47,30 @@ ANCHOR = (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path)
-    parser.add_argument("--data", type=Path, default=default_data_root())
-    parser.add_argument("--name", default="default")
-    parser.add_argument("--labs", nargs="+", default=LABS)
-    parser.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 5, 10, 20])
-    parser.add_argument("--draws", type=int, default=5)
-    parser.add_argument(
+    options = parser(__doc__)
+    options.add_argument("--model", type=Path)
+    options.add_argument("--name", default="default")
+    options.add_argument("--labs", nargs="+", default=list(OTHER_SOURCES))
+    options.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 5, 10, 20])
+    options.add_argument("--draws", type=int, default=5)
+    options.add_argument(
         "--trainable-groups",
         type=int,
         nargs="+",
         default=[AdaptConfig.trainable_groups],
         help="one result file per value (NAME-gN when several)",
     )
-    parser.add_argument("--steps", type=int, default=AdaptConfig.steps)
-    parser.add_argument("--no-replay", action="store_true")
-    parser.add_argument("--unlabelled", action="store_true")
-    parser.add_argument("--report", action="store_true", help="only write docs/adaptation.md from the results")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    options.add_argument("--steps", type=int, default=AdaptConfig.steps)
+    options.add_argument("--no-replay", action="store_true")
+    options.add_argument("--unlabelled", action="store_true")
+    options.add_argument("--report", action="store_true", help="only write docs/adaptation.md from the results")
+    args = options.parse_args()
+    command = setup(logging.WARNING)
     if args.report:
         write_report()
         return
     torch.set_num_threads(2)
-    base = load_model(args.model)
+    base = resolve_model(args.model, needs_torch="adaptation")
     prep = Preprocess.of(base.config)
     cells = read_cells(args.data / "cells.csv", known_only=False)
 
@@ -97,15 +94,14 @@ def main() -> None:
         config = AdaptConfig(trainable_groups=groups, steps=args.steps)
         rows = run_curve(base, config, data, labs, args)
         name = args.name if len(args.trainable_groups) == 1 else f"{args.name}-g{groups}"
-        OUT.mkdir(parents=True, exist_ok=True)
         result = {
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+            "command": command,
             "model": str(args.model),
             "config": asdict(config),
             "replay": not args.no_replay,
             "rows": rows,
         }
-        (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
+        write_results(OUT / name, result)
 
 
 def run_curve(base, config: AdaptConfig, data: dict, labs: dict, args) -> list[dict]:

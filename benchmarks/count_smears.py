@@ -10,24 +10,25 @@ detection, and the differential of all fields against the one from BCCD's labels
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import pandas as pd
+from common import parser, setup, write_results
 
-from wbcid.data import CLASSES, default_data_root, parse_label
+from wbcid.data import CLASSES, parse_label
 from wbcid.smear.counting import count, differential
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="run directory or model file; default: the bundled model")
-    parser.add_argument("--smears", type=Path, default=default_data_root() / "smears" / "bccd")
-    parser.add_argument("--run", type=Path, default=Path("runs/count_bccd"))
-    parser.add_argument("--out", type=Path, default=Path("docs/count_bccd"))
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("--model", type=Path, help="run directory or model file; default: the bundled model")
+    options.add_argument("--smears", type=Path, help="default: DATA/smears/bccd")
+    options.add_argument("--run", type=Path, default=Path("runs/count_bccd"))
+    options.add_argument("--out", type=Path, default=Path("docs/count_bccd"))
+    args = options.parse_args()
+    command = setup()
+    args.smears = args.smears or args.data / "smears" / "bccd"
 
     listed = pd.read_csv(args.smears / "labels.csv", dtype=str, keep_default_na=False)
     types = {
@@ -35,9 +36,9 @@ def main() -> None:
         for i, c in zip(listed["Image"], listed["Category"])
     }
     fields = sorted((args.smears / "images").glob("*.jpg"))
-    start = time.perf_counter()
+    began = time.perf_counter()
     result = count(args.model, fields, args.run)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
 
     single = correct = single_flagged = 0
     reference_labels = []
@@ -52,7 +53,7 @@ def main() -> None:
                 correct += detection["label"] == truth[0]
     listed_differential = differential(reference_labels)
     summary = {
-        "command": "python benchmarks/count_smears.py" + (f" --model {args.model}" if args.model else ""),
+        "command": command,
         "model": str(args.model or "bundled"),
         "fields": len(fields),
         "seconds": seconds,
@@ -67,9 +68,7 @@ def main() -> None:
         },
         "fields_without_detection": sum(not e["detections"] for e in result["images"]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    args.out.with_suffix(".md").write_text(report(summary))
+    write_results(args.out, summary, report(summary))
     print(report(summary))
 
 

@@ -7,41 +7,42 @@ Writes ``OUT.json`` (totals and every miss and false positive) and ``OUT.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 from pathlib import Path
 
+from common import parser, setup, write_results
 from PIL import Image
 
-from wbcid.data import default_data_root
 from wbcid.smear.detect import detect_cells, match_boxes, read_voc_boxes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smears", type=Path, default=default_data_root() / "smears" / "bccd")
-    parser.add_argument("--out", type=Path, default=Path("docs/detection"))
-    parser.add_argument("--cell-diameter", type=float, default=200)
-    parser.add_argument("--iou", type=float, default=0.5)
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("--smears", type=Path, help="default: DATA/smears/bccd")
+    options.add_argument("--out", type=Path, default=Path("docs/detection"))
+    options.add_argument("--cell-diameter", type=float, default=200)
+    options.add_argument("--iou", type=float, default=0.5)
+    args = options.parse_args()
+    command = setup()
+    args.smears = args.smears or args.data / "smears" / "bccd"
 
     totals = {"tp": 0, "fp": 0, "fn": 0}
     errors, seconds = [], 0.0
     images = sorted((args.smears / "images").glob("*.jpg"))
     for path in images:
         truth = read_voc_boxes(args.smears / "annotations" / f"{path.stem}.xml")
-        start = time.perf_counter()
+        began = time.perf_counter()
         with Image.open(path) as image:
             found = [d.box for d in detect_cells(image, args.cell_diameter)]
-        seconds += time.perf_counter() - start
+        seconds += time.perf_counter() - began
         tp, fp, fn = match_boxes(found, truth, args.iou)
         totals = {"tp": totals["tp"] + tp, "fp": totals["fp"] + fp, "fn": totals["fn"] + fn}
         if fp or fn:
             errors.append({"image": path.name, "false_positives": fp, "missed": fn, "found": found, "truth": truth})
     result = {
-        "command": "python benchmarks/detection.py",
+        "command": command,
         "images": len(images),
         "annotated_wbcs": totals["tp"] + totals["fn"],
         **totals,
@@ -52,10 +53,11 @@ def main() -> None:
         "ms_per_image": 1000 * seconds / max(1, len(images)),
         "errors": errors,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     rows = "\n".join(f"| {e['image']} | {e['missed']} | {e['false_positives']} |" for e in errors)
-    args.out.with_suffix(".md").write_text(f"""# WBC detection on smear fields
+    write_results(
+        args.out,
+        result,
+        f"""# WBC detection on smear fields
 
 Command: `{result["command"]}` (data: `{os.path.relpath(args.smears)}`, {result["images"]} fields, VOC boxes).
 
@@ -78,7 +80,8 @@ a new lab's fields to score somewhat lower; the expected WBC diameter must match
 | field | missed | false positives |
 |---|---|---|
 {rows}
-""")
+""",
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1))
 
 

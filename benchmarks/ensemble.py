@@ -11,37 +11,33 @@ scored alone. Macro-F1 over the classes present; results go to ``docs/ensemble.j
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
+from common import parser, setup, write_results
 
-from wbcid.benchmark import IN_DOMAIN, TRAIN_SOURCE
-from wbcid.data import default_data_root, read_cells
+from wbcid.benchmark import IN_DOMAIN, OTHER_SOURCES, TRAIN_SOURCE
+from wbcid.data import read_cells
 from wbcid.evaluation import compute_metrics
 from wbcid.inference import predict_proba
-from wbcid.models import load_model
-
-OTHER_LABS = ("lisc", "tecom", "cellavision", "bccd")
+from wbcid.loading import resolve_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_root())
-    parser.add_argument("ensembles", nargs="+", help="Comma-separated runs under --runs, one ensemble each.")
-    parser.add_argument("--runs", type=Path, default=Path("runs/generalization"))
-    parser.add_argument("--out", type=Path, default=Path("docs/ensemble"))
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("ensembles", nargs="+", help="Comma-separated runs under --runs, one ensemble each.")
+    options.add_argument("--runs", type=Path, default=Path("runs/generalization"))
+    options.add_argument("--out", type=Path, default=Path("docs/ensemble"))
+    args = options.parse_args()
+    command = setup()
 
     cells = read_cells(args.data)
-    sources = {IN_DOMAIN: cells.select([TRAIN_SOURCE], ["test"]), **{s: cells.select([s]) for s in OTHER_LABS}}
+    sources = {IN_DOMAIN: cells.select([TRAIN_SOURCE], ["test"]), **{s: cells.select([s]) for s in OTHER_SOURCES}}
     ensembles = [group.split(",") for group in args.ensembles]
     runs = list(dict.fromkeys(run for group in ensembles for run in group))
     probs = {}
     for run in runs:
-        model = load_model(args.runs / run / "model")
+        model = resolve_model(args.runs / run / "model")
         probs[run] = {s: predict_proba(model, c.paths, progress=False)[0] for s, c in sources.items()}
     rows = []
     for combo in [[run] for run in runs] + [group for group in ensembles if len(group) > 1]:
@@ -49,25 +45,24 @@ def main() -> None:
             s: compute_metrics(c.labels, np.mean([probs[r][s] for r in combo], axis=0).argmax(1))["macro_f1"]
             for s, c in sources.items()
         }
-        rows.append({"models": combo, **scores, "mean_out_of_domain": float(np.mean([scores[s] for s in OTHER_LABS]))})
-    command = " ".join(["python benchmarks/ensemble.py", *sys.argv[1:]])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "results": rows}, indent=2))
+        rows.append(
+            {"models": combo, **scores, "mean_out_of_domain": float(np.mean([scores[s] for s in OTHER_SOURCES]))}
+        )
     lines = [
         "# Ensembles of PBC-only recipes",
         "Class probabilities averaged over models trained on PBC with different seeds or recipes (each model with its "
         "own preprocessing); macro-F1 over the classes present. Training and inference cost grow with the "
         "number of models (one model: about 12 minutes of training here).",
-        f"| models | PBC test | {' | '.join(OTHER_LABS)} | mean out-of-domain |\n|---|---:|---:|---:|---:|---:|---:|"
+        f"| models | PBC test | {' | '.join(OTHER_SOURCES)} | mean out-of-domain |\n|---|---:|---:|---:|---:|---:|---:|"
         + "".join(
             f"\n| {' + '.join(r['models'])} | {r[IN_DOMAIN]:.3f} | "
-            + " | ".join(f"{r[s]:.3f}" for s in OTHER_LABS)
+            + " | ".join(f"{r[s]:.3f}" for s in OTHER_SOURCES)
             + f" | {r['mean_out_of_domain']:.3f} |"
             for r in rows
         ),
         f"Produced by:\n\n```\n{command}\n```",
     ]
-    args.out.with_suffix(".md").write_text("\n\n".join(lines) + "\n")
+    write_results(args.out, {"command": command, "results": rows}, "\n\n".join(lines))
     print(f"wrote {args.out.with_suffix('.md')}")
 
 

@@ -14,16 +14,14 @@ run one at a time:
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from wbcid.benchmark import IN_DOMAIN, run_benchmark
-from wbcid.data import default_data_root
+from common import parser, setup
+
+from wbcid.benchmark import IN_DOMAIN, OTHER_SOURCES, run_benchmark
 from wbcid.train import TrainConfig
 
 RECIPES = {
@@ -54,7 +52,7 @@ RECIPES = {
         TrainConfig(augment="domain", crop=True, colour="macenko"),
     ),
 }
-SOURCES = (IN_DOMAIN, "lisc", "tecom", "cellavision", "bccd")
+SOURCES = (IN_DOMAIN, *OTHER_SOURCES)
 
 
 def run_recipe(
@@ -133,17 +131,15 @@ def write_doc(results: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_root())
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--model", type=Path, help="Evaluate this trained model as the (single) recipe.")
-    parser.add_argument("--tta", action="store_true", help="Also measure test-time augmentation (8x slower).")
-    parser.add_argument("--seed", type=int, default=0, help="Training seed (other than 0: run-to-run spread).")
-    parser.add_argument("--results", type=Path, default=Path("docs/generalization"))
-    parser.add_argument("--runs", type=Path, default=Path("runs/generalization"))
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    command = " ".join(["python benchmarks/generalization.py", *sys.argv[1:]])
+    options = parser(__doc__)
+    options.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    options.add_argument("--model", type=Path, help="Evaluate this trained model as the (single) recipe.")
+    options.add_argument("--tta", action="store_true", help="Also measure test-time augmentation (8x slower).")
+    options.add_argument("--seed", type=int, default=0, help="Training seed (other than 0: run-to-run spread).")
+    options.add_argument("--results", type=Path, default=Path("docs/generalization"))
+    options.add_argument("--runs", type=Path, default=Path("runs/generalization"))
+    args = options.parse_args()
+    command = setup()
     for name in args.recipes:
         run_recipe(name, args.data, args.runs, args.results, args.model, args.tta, command, args.seed)
         print(f"wrote {write_doc(args.results)}")

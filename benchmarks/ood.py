@@ -11,34 +11,32 @@ Writes ``docs/ood.json`` and ``docs/ood.md``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 from pathlib import Path
 
 import numpy as np
+from common import parser, setup, write_results
 from sklearn.metrics import roc_auc_score
 
-from wbcid.data import CLASSES, default_data_root, read_cells
+from wbcid.benchmark import OTHER_SOURCES, TRAIN_SOURCE
+from wbcid.data import CLASSES, read_cells
 from wbcid.evaluation import compute_metrics, flagged_metrics
 from wbcid.inference import predict_proba
-from wbcid.models import load_model
-from wbcid.ood import flagged
-from wbcid.train import refit_training_statistics
+from wbcid.loading import resolve_model
+from wbcid.ood import QUANTILE, flagged
+from wbcid.training_statistics import refit_training_statistics
 
-SOURCES = ["pbc", "lisc", "tecom", "cellavision", "bccd"]
+SOURCES = (TRAIN_SOURCE, *OTHER_SOURCES)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="run directory or model file; default: the bundled model")
-    parser.add_argument("--data", type=Path, default=default_data_root())
-    parser.add_argument("--out", type=Path, default=Path("docs/ood"))
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    options = parser(__doc__)
+    options.add_argument("--model", type=Path, help="run directory or model file; default: the bundled model")
+    options.add_argument("--out", type=Path, default=Path("docs/ood"))
+    args = options.parse_args()
+    command = setup()
 
     cells = read_cells(args.data / "cells.csv")
-    model = load_model(args.model)
+    model = resolve_model(args.model, needs_torch="the feature benchmark")
     if model.ood is None and args.model is not None:
         model = refit_training_statistics(args.model, cells.select(["pbc"], ["train"]), cells.select(["pbc"], ["val"]))
 
@@ -57,11 +55,9 @@ def main() -> None:
         )
 
     result = {
-        "command": "python benchmarks/ood.py"
-        + (f" --model {args.model}" if args.model else "")
-        + (f" --out {args.out}" if args.out != Path("docs/ood") else ""),
+        "command": command,
         "model": str(args.model or "bundled"),
-        "threshold_quantile": 0.95,
+        "threshold_quantile": QUANTILE,
         "auroc": {
             "pbc_other": auroc(ood_out, ood_in),
             **{kind: auroc(ood_out[raw == kind], ood_in) for kind in sorted(set(raw))},
@@ -79,9 +75,7 @@ def main() -> None:
             **{k: compute_metrics(kept.labels, predicted)[k] for k in ("accuracy", "macro_f1")},
             **flagged_metrics(kept.labels, predicted, flagged(ood)),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(report(result))
+    write_results(args.out, result, report(result))
     print(report(result))
 
 

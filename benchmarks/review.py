@@ -15,12 +15,9 @@ Writes docs/review.json and docs/review.md, and docs/review.png (a screenshot of
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -30,25 +27,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import uvicorn
+from common import parser, setup, write_results
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from wbcid.data import default_data_root
+from wbcid.benchmark import OTHER_SOURCES
 from wbcid.inference import predict
 from wbcid.web import ReviewStore, create_app
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", type=int, default=1000)
-    parser.add_argument("--data", type=Path, default=default_data_root())
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("--cells", type=int, default=1000)
+    args = options.parse_args()
+    command = setup()
     table = pd.read_csv(args.data / "cells.csv")
     table = pd.concat(
         [
-            table[table.source.isin(["lisc", "tecom", "cellavision", "bccd"])],
+            table[table.source.isin(OTHER_SOURCES)],
             table[(table.source == "pbc") & (table.split == "test")],
         ]
     ).head(args.cells)
@@ -99,7 +97,7 @@ def main() -> None:
     server.should_exit = True
 
     result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command,
         "cells": made,
         "thumbnails_first_start_s": round(thumbnails, 2),
         "gallery_open_s": [round(x, 3) for x in opens],
@@ -109,8 +107,10 @@ def main() -> None:
             "max": round(1000 * max(saves), 1),
         },
     }
-    Path("docs/review.json").write_text(json.dumps(result, indent=1))
-    Path("docs/review.md").write_text(f"""# The review app: speed
+    write_results(
+        Path("docs/review"),
+        result,
+        f"""# The review app: speed
 
 Command: `{result["command"]}` (this project's 2-core CPU machine, nothing else running).
 
@@ -123,7 +123,8 @@ Command: `{result["command"]}` (this project's 2-core CPU machine, nothing else 
 
 Thumbnails load lazily (`loading="lazy"`), so opening the gallery does not wait for 1,000
 images. ![the review page](review.png)
-""")
+""",
+    )
     print(json.dumps(result, indent=1))
 
 

@@ -11,21 +11,21 @@ and its figures under ``docs/seed_parity/``; trained models go to ``--runs`` (no
 
 from __future__ import annotations
 
-import argparse
-import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from wbcid.data import CellSet, default_data_root, read_cells
+from common import parser, setup
+
+from wbcid.benchmark import OTHER_SOURCES
+from wbcid.data import CellSet, read_cells
 from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
-from wbcid.models import create_model, load_model
+from wbcid.loading import resolve_model
+from wbcid.models import create_model
 from wbcid.reports import metrics_table
 from wbcid.train import TrainConfig, fit
 
-OTHER_SOURCES = ("lisc", "tecom", "cellavision", "bccd")
 # Per-model settings: the original CNN trains from scratch and needs more (cheap) epochs. The
 # EfficientNet row is a like-for-like transfer model (whole image, basic augmentation); the
 # default recipe (canonical crop, domain augmentation) is measured in docs/generalization.md.
@@ -50,7 +50,7 @@ def run_model(name: str, data: Path, runs: Path, docs: Path) -> dict | str:
     start = time.perf_counter()
     fit(read_cells(data, ["pbc"]), run, config)
     minutes = (time.perf_counter() - start) / 60
-    model = load_model(run)
+    model = resolve_model(run)
     figures = docs / name
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "history.png", figures / "history.png")
@@ -121,16 +121,14 @@ def write_doc(outcomes: dict[str, dict | str], docs: Path, command: str) -> Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_root())
-    parser.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--docs", type=Path, default=Path("docs/seed_parity"))
-    parser.add_argument("--runs", type=Path, default=Path("runs/seed_parity"))
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    options = parser(__doc__)
+    options.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    options.add_argument("--docs", type=Path, default=Path("docs/seed_parity"))
+    options.add_argument("--runs", type=Path, default=Path("runs/seed_parity"))
+    args = options.parse_args()
+    command = setup()
     outcomes = {name: run_model(name, args.data, args.runs, args.docs) for name in args.models}
-    command = "python benchmarks/seed_parity.py " + " ".join(sys.argv[1:])
-    print(f"wrote {write_doc(outcomes, args.docs, command.strip())}")
+    print(f"wrote {write_doc(outcomes, args.docs, command)}")
 
 
 if __name__ == "__main__":

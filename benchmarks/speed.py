@@ -10,7 +10,6 @@ plus one epoch of the default training recipe on PBC. Writes ``docs/speed.md``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import subprocess
@@ -20,11 +19,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import parser, setup
 
-from wbcid.data import default_data_root, read_cells
+from wbcid.data import read_cells
 from wbcid.export import export_onnx
 from wbcid.inference import predict
-from wbcid.models import BUNDLED, create_model, load_model, save_model
+from wbcid.loading import resolve_model
+from wbcid.models import BUNDLED, create_model, save_model
 from wbcid.train import TrainConfig, fit
 
 
@@ -36,18 +37,18 @@ def time_predict(model_path: Path, files: list[Path], batch_size: int, out: Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_root())
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--vgg-images", type=int, default=300, help="VGG16 is slow: time it on fewer images.")
-    parser.add_argument("--doc", type=Path, default=Path("docs/speed.md"))
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("--images", type=int, default=2000)
+    options.add_argument("--vgg-images", type=int, default=300, help="VGG16 is slow: time it on fewer images.")
+    options.add_argument("--doc", type=Path, default=Path("docs/speed.md"))
+    args = options.parse_args()
+    command = setup()
     tmp = Path(tempfile.mkdtemp())
     cells = read_cells(args.data, ["pbc"])
     files = cells.select(splits=["test"]).paths[: args.images]
 
     start = time.perf_counter()
-    onnx_path = export_onnx(load_model(BUNDLED), tmp / "bundled.onnx")
+    onnx_path = export_onnx(resolve_model(BUNDLED), tmp / "bundled.onnx")
     export_seconds = time.perf_counter() - start
     candidates = {
         "bundled model, PyTorch": (BUNDLED, files),
@@ -84,8 +85,8 @@ def main() -> None:
     ]
     lines[-1] += "\n|---|---:|---:|---:|"
     for name, (path, _) in candidates.items():
-        config = load_model(path).config
-        size = f"{config['input_size']} px" + (" + canonical crop" if config.get("crop") else "")
+        config = resolve_model(path).config
+        size = f"{config.input_size} px" + (" + canonical crop" if config.crop else "")
         lines[-1] += f"\n| {name} | {size} | {rows[name][1]:.1f} | {rows[name][64]:.1f} |"
     lines += [
         f"`wbcid predict --out FILE.csv` on the same {len(files)} files with the bundled model (what it serves: "
@@ -95,7 +96,7 @@ def main() -> None:
         f"on PBC ({sum(cells.select(splits=['train']).class_counts().values())} images; decoding, "
         f"validation and the end-of-run steps included): {epoch_minutes:.1f} min (`TrainConfig(epochs=1)`, "
         "written to a temporary folder).",
-        "Produced by:\n\n```\npython benchmarks/speed.py\n```",
+        f"Produced by:\n\n```\n{command}\n```",
     ]
     args.doc.write_text("\n\n".join(lines) + "\n")
     print(args.doc.read_text())

@@ -20,7 +20,7 @@ from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
 from wbcid.export import OnnxModel, export_onnx
 from wbcid.inference import agreement
-from wbcid.models import load_model
+from wbcid.models import load_checkpoint
 from wbcid.smear.counting import count
 from wbcid.train import TrainConfig, fit
 
@@ -76,20 +76,20 @@ def test_adaptation_raises_accuracy_on_the_new_labs_other_cells(pbc_model: Path,
     record = json.loads((adapted / "config.json").read_text())
     assert record["base_model"] == str(pbc_model) and record["replay"]  # replayed the recorded PBC cells
     assert sum(record["verified_cells"].values()) == len(pd.read_csv(adapted / "labelled.csv"))
-    assert load_model(adapted).config["adaptation"]["cells"] == record["verified_cells"]
+    assert load_checkpoint(adapted).config.adaptation["cells"] == record["verified_cells"]
 
 
 def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
     pbc_model: Path, adapted: Path, data_root, tmp_path: Path
 ):
-    base = load_model(pbc_model)
+    base = load_checkpoint(pbc_model)
     assert torch.equal(
         torch.load(pbc_model / "model.pt", weights_only=True)["state_dict"]["head.1.weight"],
         base.state_dict()["head.1.weight"],
     )
-    onnx = export_onnx(load_model(adapted), tmp_path / "adapted.onnx")
+    onnx = export_onnx(load_checkpoint(adapted), tmp_path / "adapted.onnx")
     cells = sorted((data_root / "cells/bccd").rglob("*.jpg"))[:16]
-    check = agreement(load_model(adapted), OnnxModel(onnx), cells)
+    check = agreement(load_checkpoint(adapted), OnnxModel(onnx), cells)
     assert check["label_agreement"] == 1.0
     result = count(adapted, sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:3], tmp_path / "count")
     assert result["totals"]["detected"] >= 3
@@ -102,7 +102,7 @@ def test_missing_classes_and_single_cells_work(pbc_model: Path, bccd, tmp_path: 
     run = adapt(tmp_path / "few.csv", tmp_path / "run", pbc_model, QUICK)
     record = json.loads((run / "config.json").read_text())
     assert record["verified_cells"] == {"neutrophil": 3, "lymphocyte": 0, "monocyte": 0, "eosinophil": 1, "basophil": 0}
-    assert load_model(run).head[1].out_features == len(CLASSES)  # still all five classes
+    assert load_checkpoint(run).head[1].out_features == len(CLASSES)  # still all five classes
 
 
 def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, tmp_path: Path):
@@ -163,7 +163,7 @@ def test_an_interrupted_adaptation_leaves_nothing_to_load(pbc_model: Path, bccd,
         adapt(bccd[0], tmp_path / "run", pbc_model, QUICK)
     assert not (tmp_path / "run").exists()
     with pytest.raises(WbcidError):
-        load_model(tmp_path / "run")
+        load_checkpoint(tmp_path / "run")
 
 
 def test_unlabelled_cells_alone_that_are_all_flagged_still_give_a_model(pbc_model: Path, data_root: Path):
@@ -173,7 +173,7 @@ def test_unlabelled_cells_alone_that_are_all_flagged_still_give_a_model(pbc_mode
     from wbcid.data import Cell, CellSet, load_images
     from wbcid.preprocess import Preprocess
 
-    base = load_model(pbc_model)
+    base = load_checkpoint(pbc_model)
     noise = torch.randint(0, 256, (6, 3, 96, 96), dtype=torch.uint8)  # nothing like a blood cell: all flagged
     model = adapt_model(base, noise[:0], np.array([], dtype=np.int64), QUICK, None, noise)
     assert model is not base and model.head[1].out_features == len(CLASSES)

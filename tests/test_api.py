@@ -40,3 +40,4 @@ def test_readme_python_snippet_runs(pbc_small: Path, data_root: Path, tmp_path: 
     assert namespace["metrics"]["n"] > 0 and len(namespace["table"]) == 4
     assert namespace["result"]["totals"]["detected"] >= 1
     assert (tmp_path / "runs/mylab/model.pt").is_file()
+    assert namespace["model"].config.adaptation["cells"]["eosinophil"] == 4

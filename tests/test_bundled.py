@@ -13,18 +13,19 @@ from wbcid.data import CLASSES, read_cells
 from wbcid.errors import WbcidError
 from wbcid.export import OnnxModel
 from wbcid.inference import UNREADABLE_MESSAGE, predict
-from wbcid.models import BUNDLED, load_model
+from wbcid.loading import resolve_model
+from wbcid.models import BUNDLED
 from wbcid.preprocess import Preprocess
 
 
 def test_bundled_model_is_small_and_carries_its_contract():
     assert BUNDLED.is_file() and BUNDLED.stat().st_size < 12 * 2**20  # 6.6 MB network + 3.3 MB OOD scorer (fp16)
     assert (BUNDLED.parent / "MODEL_CARD.md").is_file()
-    model = load_model()
-    assert model.config["classes"] == list(CLASSES) and model.config["crop"] is True
+    model = resolve_model(needs_torch="this test")
+    assert model.config.classes == CLASSES and model.config.crop is True
     assert model.source_statistics  # recorded for test-time adaptation
-    served = load_model(onnx=True)  # what predict and evaluate run: the same model in ONNX Runtime
-    assert isinstance(served, OnnxModel) and served.config["classes"] == model.config["classes"]
+    served = resolve_model()  # what predict and evaluate run: the same model in ONNX Runtime
+    assert isinstance(served, OnnxModel) and served.config.classes == model.config.classes
     assert Preprocess.of(served.config) == Preprocess.of(model.config)
     assert model.ood is not None and [o.name for o in served.session.get_outputs()] == ["logits", "ood_score"]
 

@@ -8,17 +8,15 @@ from PIL import Image
 
 from wbcid.data import CLASSES, decode_image, read_cells
 from wbcid.gradcam import explain, grad_cam
-from wbcid.models import load_model
-from wbcid.preprocess import Preprocess
+from wbcid.loading import resolve_model
+from wbcid.preprocess import Preprocess, to_tensor
 
 
 def test_heat_lies_on_the_centred_cell_not_the_border(data_root):
-    model = load_model()
+    model = resolve_model(needs_torch="Grad-CAM")
     cells = read_cells(data_root / "cells.csv", ["pbc"], ["test"]).cells[::200][:8]
-    size = model.config["input_size"]
-    images = torch.stack(
-        [torch.from_numpy(decode_image(c.path, Preprocess.of(model.config)).copy()).permute(2, 0, 1) for c in cells]
-    )
+    size = model.config.input_size
+    images = torch.stack([to_tensor(decode_image(c.path, Preprocess.of(model.config))) for c in cells])
     heat, predicted = grad_cam(model, images)
     assert heat.shape == (len(cells), size, size) and heat.min() >= 0 and heat.max() <= 1
     quarter = size // 4

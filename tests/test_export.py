@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import onnx
 import pytest
@@ -13,13 +14,14 @@ from wbcid.data import read_cells
 from wbcid.errors import WbcidError
 from wbcid.export import METADATA_KEY, OnnxModel, export_onnx
 from wbcid.inference import agreement, predict
-from wbcid.models import create_model, load_model
+from wbcid.loading import resolve_model
+from wbcid.models import create_model
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model = create_model("efficientnet_lite0", input_size=64).eval()
-    model.config["crop"] = True
+    model.config = replace(model.config, crop=True)
     path = export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx")
     return model, path
 
@@ -27,7 +29,7 @@ def exported(tmp_path_factory):
 def test_onnx_runtime_agrees_with_pytorch_on_real_cells(exported, pbc_small):
     model, path = exported
     paths = read_cells(pbc_small).paths
-    result = agreement(model, load_model(path), paths)
+    result = agreement(model, resolve_model(path), paths)
     assert result["images"] == len(paths)
     assert result["label_agreement"] == 1.0
     assert result["max_probability_difference"] < 1e-4
@@ -37,7 +39,7 @@ def test_onnx_file_carries_the_preprocessing_contract(exported, pbc_small):
     model, path = exported
     props = {p.key: p.value for p in onnx.load(path).metadata_props}
     assert METADATA_KEY in props
-    assert load_model(path).config == model.config
+    assert resolve_model(path).config == model.config
     cells = read_cells(pbc_small, splits=["test"]).paths[:6]
     assert predict(path, cells).label.tolist() == predict(model, cells).label.tolist()
     with pytest.raises(WbcidError, match="PyTorch model"):
@@ -47,7 +49,7 @@ def test_onnx_file_carries_the_preprocessing_contract(exported, pbc_small):
 def test_foreign_onnx_files_are_refused(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"garbage")
     with pytest.raises(WbcidError, match="not a readable ONNX"):
-        load_model(tmp_path / "x.onnx")
+        resolve_model(tmp_path / "x.onnx")
 
 
 def test_exporting_an_onnx_model_is_refused_and_export_is_quiet(tmp_path):

@@ -10,13 +10,12 @@ import torch
 from PIL import Image
 
 from wbcid.augment import RandomLowResolution, RandomStainJitter, train_augmentation
-from wbcid.benchmark import training_pool
 from wbcid.crop import MARGIN, canonical_crop, find_nucleus
-from wbcid.data import read_cells
+from wbcid.data import read_cells, training_pool
 from wbcid.errors import WbcidError
 from wbcid.evaluation import bootstrap_intervals, compute_metrics
 from wbcid.models import create_model
-from wbcid.preprocess import Preprocess, fit_stain_reference, white_balance
+from wbcid.preprocess import Preprocess, fit_stain_reference, to_tensor, white_balance
 from wbcid.testtime import adapt_batchnorm, batchnorm_statistics, dihedral_scores
 
 
@@ -60,7 +59,7 @@ def test_canonical_crop_falls_back_on_images_without_a_cell():
 
 def test_stain_jitter_changes_colour_not_geometry(pbc_cells):
     torch.manual_seed(0)
-    x = torch.stack([torch.from_numpy(np.asarray(c.resize((96, 96))).copy()).permute(2, 0, 1) for c in pbc_cells])
+    x = torch.stack([to_tensor(np.asarray(c.resize((96, 96)))) for c in pbc_cells])
     x = x.float() / 255
     y = RandomStainJitter(sigma=0.2, bias=0.1)(x)
     assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
@@ -73,7 +72,7 @@ def test_stain_jitter_changes_colour_not_geometry(pbc_cells):
 
 def test_low_resolution_removes_detail_not_colour_or_geometry(pbc_cells):
     torch.manual_seed(0)
-    x = torch.stack([torch.from_numpy(np.asarray(c.resize((96, 96))).copy()).permute(2, 0, 1) for c in pbc_cells])
+    x = torch.stack([to_tensor(np.asarray(c.resize((96, 96)))) for c in pbc_cells])
     x = x.float() / 255
     y = RandomLowResolution(max_factor=4.0, p=1.0)(x)
     assert y.shape == x.shape
@@ -125,7 +124,7 @@ def test_augmentation_policies():
 
 def test_adabn_only_changes_normalisation_statistics(pbc_cells):
     model = create_model("efficientnet_lite0", input_size=64).eval()
-    images = torch.stack([torch.from_numpy(np.asarray(c.resize((64, 64))).copy()).permute(2, 0, 1) for c in pbc_cells])
+    images = torch.stack([to_tensor(np.asarray(c.resize((64, 64)))) for c in pbc_cells])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adapted = adapt_batchnorm(model, [images[:5], images[5:]])
     for key, value in model.state_dict().items():  # the original model is untouched
@@ -176,7 +175,7 @@ def test_training_pool_keeps_splits_and_never_leaks_a_holdout(data_root):
 def test_source_aware_adabn_is_the_identity_on_the_training_lab(pbc_cells):
     """With the training lab's statistics recorded, adapting to that same lab changes nothing."""
     model = create_model("efficientnet_lite0", input_size=64).eval()
-    images = torch.stack([torch.from_numpy(np.asarray(c.resize((64, 64))).copy()).permute(2, 0, 1) for c in pbc_cells])
+    images = torch.stack([to_tensor(np.asarray(c.resize((64, 64)))) for c in pbc_cells])
     model.source_statistics = batchnorm_statistics(model, [images])
     adapted = adapt_batchnorm(model, [images])
     x = images.float() / 255

@@ -8,15 +8,16 @@ import torch
 from PIL import Image
 
 from wbcid.errors import WbcidError
-from wbcid.models import create_model, efficientnet_lite_imagenet, get_spec, list_models, load_model, save_model
+from wbcid.models import create_model, efficientnet_lite_imagenet, get_spec, list_models, load_checkpoint, save_model
+from wbcid.preprocess import to_tensor
 
 
 @pytest.mark.parametrize("name", ["seed-cnn", "efficientnet_lite0", "timm:resnet10t"])
 def test_registry_builds_five_class_models(name):
     model = create_model(name, pretrained=False).eval()
-    size = model.config["input_size"]
+    size = model.config.input_size
     assert model(torch.rand(2, 3, size, size)).shape == (2, 5)
-    assert model.config["classes"] == ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+    assert model.config.classes == ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 
 
 def test_seed_cnn_matches_the_original_architecture():
@@ -33,7 +34,7 @@ def test_vgg16_without_local_weights_says_how_to_proceed(tmp_path, monkeypatch):
     with pytest.raises(WbcidError, match="--no-pretrained"):
         create_model("vgg16")
     model = create_model("vgg16", pretrained=False)
-    assert model.config["freeze"] == "backbone"
+    assert model.config.freeze == "backbone"
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert [m.out_features for m in model.head if isinstance(m, torch.nn.Linear)] == [256, 512, 5]
 
@@ -64,7 +65,7 @@ def test_efficientnet_lite0_port_matches_the_original_on_a_real_photo():
     from skimage import data
 
     photo = Image.fromarray(data.chelsea()).resize((224, 224), Image.Resampling.BICUBIC)
-    x = (torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1)[None].float() - 127.0) / 128.0
+    x = (to_tensor(np.asarray(photo))[None].float() - 127.0) / 128.0
     ported = efficientnet_lite_imagenet(0).eval()
     original = EfficientNet.from_name("efficientnet-lite0")
     original.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
@@ -95,17 +96,45 @@ def test_freezing_keeps_frozen_layers_fixed_and_in_eval_mode():
 def test_save_and_load_round_trip(tmp_path):
     model = create_model("efficientnet_lite0", input_size=96).eval()
     save_model(model, tmp_path / "run" / "model.pt")
-    loaded = load_model(tmp_path / "run")
+    loaded = load_checkpoint(tmp_path / "run")
     x = torch.rand(2, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     assert loaded.config == model.config
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(WbcidError, match="not a wbcid model"):
-        load_model(tmp_path / "junk.pt")
+        load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(WbcidError, match="no model at"):
-        load_model(tmp_path / "missing")
+        load_checkpoint(tmp_path / "missing")
 
 
 def test_every_registered_model_is_listed():
     assert {s.name for s in list_models()} >= {"seed-cnn", "vgg16", "efficientnet_lite0"}
+
+
+def test_model_config_is_one_frozen_contract_read_back_from_any_stored_dict():
+    """Issue 13 (structure): a typed, frozen ModelConfig replaces the untyped dict."""
+    import dataclasses
+
+    from wbcid.models import ModelConfig
+
+    config = create_model("seed-cnn").config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.crop = True
+    stored = {**config.to_dict(), "written_by_a_newer_wbcid": 1}
+    assert ModelConfig.from_dict(stored) == config  # lists back to tuples, unknown keys ignored
+    with pytest.raises(WbcidError, match="incomplete"):
+        ModelConfig.from_dict({"model": "seed-cnn"})
+
+
+def test_resolve_model_serves_the_bundled_model_by_onnx_unless_pytorch_is_needed():
+    from wbcid.export import OnnxModel
+    from wbcid.loading import resolve_model
+    from wbcid.models import BUNDLED_ONNX, WBCNet
+
+    assert isinstance(resolve_model(), OnnxModel)
+    torch_model = resolve_model(needs_torch="Grad-CAM")
+    assert isinstance(torch_model, WBCNet) and resolve_model(torch_model) is torch_model
+    assert torch_model.config.training_data["all_splits"]  # the bundled model says what it saw
+    with pytest.raises(WbcidError, match="adaptation needs the PyTorch model"):
+        resolve_model(BUNDLED_ONNX, needs_torch="adaptation")

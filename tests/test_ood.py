@@ -9,15 +9,15 @@ import torch
 
 from wbcid.data import load_images, read_cells
 from wbcid.inference import predict
-from wbcid.models import create_model, load_model
-from wbcid.ood import MahalanobisScore, flagged
+from wbcid.loading import resolve_model
+from wbcid.models import create_model
+from wbcid.ood import MahalanobisScore, flagged, image_features, ood_groups
 from wbcid.preprocess import Preprocess
-from wbcid.train import image_features, ood_groups
 
 
 @pytest.fixture(scope="module")
 def bundled():
-    return load_model()
+    return resolve_model(needs_torch="features")
 
 
 @pytest.fixture(scope="module")

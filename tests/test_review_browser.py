@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -58,19 +59,29 @@ def browser():
     driver.quit()
 
 
+def _settled(driver, read):
+    """``read(driver)`` once the page holds still: the app redraws the table and tiles after each save,
+    so an element found a moment ago may be gone (stale) when its text is read."""
+    return WebDriverWait(driver, 20, ignored_exceptions=[StaleElementReferenceException]).until(read)
+
+
 def _tiles(driver) -> list:
-    return WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".tile") or False)
+    return _settled(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".tile") or False)
 
 
 def _row(driver, label: str) -> list[str]:
-    return [td.text for td in driver.find_elements(By.CSS_SELECTOR, f'#differential tr[data-type="{label}"] td')]
+    return _settled(
+        driver,
+        lambda d: (
+            [td.text for td in d.find_elements(By.CSS_SELECTOR, f'#differential tr[data-type="{label}"] td')] or False
+        ),
+    )
 
 
 def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_path: Path):
     url, run = server
     browser.get(url)
     tiles = _tiles(browser)
-    WebDriverWait(browser, 20).until(lambda d: _row(d, "basophil"))
     basophils = int(_row(browser, "basophil")[1])
     first = tiles[0].get_attribute("data-id")
     # keyboard: the first cell is selected on load; "5" makes it a basophil
@@ -84,9 +95,7 @@ def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_pa
     WebDriverWait(browser, 10).until(lambda d: "saved cell " + last_id in d.find_element(By.ID, "status").text)
 
     browser.refresh()
-    _tiles(browser)
-    WebDriverWait(browser, 20).until(lambda d: _row(d, "basophil"))
-    captions = {t.get_attribute("data-id"): t.text for t in browser.find_elements(By.CSS_SELECTOR, ".tile")}
+    captions = _settled(browser, lambda d: {t.get_attribute("data-id"): t.text for t in _tiles(d)})
     assert captions[first].startswith("\u2713 basophil")
     assert captions[last_id].startswith("\u2713 other")
     assert int(_row(browser, "basophil")[1]) == basophils + 1

@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -236,7 +236,7 @@ def _fine_tune(
         scheduler.step()
     for p in model.parameters():
         p.requires_grad_(False)
-    model.set_freeze(model.config["freeze"])  # restores requires_grad as the base model had it
+    model.set_freeze(model.config.freeze)  # restores requires_grad as the base model had it
     model.eval()
     _refit_ood(model, suffix, acts, labels, replay, config.trainable_groups)
     return model
@@ -300,7 +300,8 @@ def adapt(
     Nothing is written to ``out_dir`` until the model is complete, so an interrupted adaptation
     leaves no half-written run that later commands would load.
     """
-    from .models import describe_model, load_torch_model
+    from .loading import resolve_model
+    from .models import describe_model
     from .testtime import batchnorm_statistics
 
     started = time.perf_counter()
@@ -308,7 +309,7 @@ def adapt(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise WbcidError(f"{out} already exists and is not empty; choose another --out (a run is never overwritten)")
-    base = load_torch_model(model, "adaptation")
+    base = resolve_model(model, needs_torch="adaptation")
     base_name = describe_model(model)
     prep = Preprocess.of(base.config)
     cells = data if isinstance(data, CellSet) else read_cells(data)
@@ -317,7 +318,7 @@ def adapt(
     if unlabelled:
         found = CellSet([Cell(p) for p in list_images(unlabelled)], origin="unlabelled cells")
         unlabelled_images, _ = load_images(found, prep, "decoding unlabelled cells")
-    replay_cells, replay_origin = _replay_cells(base, model, replay)
+    replay_cells, replay_origin = _replay_cells(base, replay)
     bank = None
     if replay_cells is not None:
         train, calibration = replay_cells
@@ -339,7 +340,7 @@ def adapt(
     adapted = adapt_model(base, images, cells.labels, config, bank, unlabelled_images)
     statistics_images = images if replay_cells is None else torch.cat([images, train_images])
     adapted.source_statistics = batchnorm_statistics(adapted, statistics_images.split(128))
-    adapted.config["adaptation"] = {"base": base_name, "cells": cells.class_counts()}
+    adapted.config = replace(adapted.config, adaptation={"base": base_name, "cells": cells.class_counts()})
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -349,7 +350,7 @@ def adapt(
     )
     record = {
         "adapt": asdict(config),
-        "model": adapted.config,
+        "model": adapted.config.to_dict(),
         "base_model": base_name,
         "verified_cells": cells.class_counts(),
         "skipped": dict(cells.skipped),
@@ -365,32 +366,18 @@ def adapt(
 
 
 def _replay_cells(
-    base: WBCNet, model: str | os.PathLike | None, replay: CellSet | str | os.PathLike | None
+    base: WBCNet, replay: CellSet | str | os.PathLike | None
 ) -> tuple[tuple[CellSet, CellSet] | None, str | None]:
-    """(train, calibration) cells to replay: ``replay`` if given, else the data the base model recorded."""
-    from .data import split_train_val
+    """(train, calibration) cells to replay: ``replay`` if given, else the training data the base
+    model recorded (never a test split of it)."""
+    from .data import recorded_training_cells, split_train_val
 
     if replay is None:
-        replay = base.config.get("training_data", {}).get("origin") or _recorded_origin(model)
-        if replay is None or not Path(replay).exists():
-            return None, None
-    cells = replay if isinstance(replay, CellSet) else read_cells(replay)
-    sources = base.config.get("training_data", {}).get("sources")
-    if sources and isinstance(replay, (str, os.PathLike)):
-        cells = cells.subset([c.source in sources for c in cells.cells])
-    if any(c.split for c in cells.cells):
-        cells = cells.subset([c.split in ("train", "val") for c in cells.cells])  # never a test split
-    if len(cells) < 2:
+        cells = recorded_training_cells(base.config.training_data)
+    else:
+        cells = replay if isinstance(replay, CellSet) else read_cells(replay)
+        if any(c.split for c in cells.cells):
+            cells = cells.subset([c.split in ("train", "val") for c in cells.cells])
+    if cells is None or len(cells) < 2:
         return None, None
     return split_train_val(cells), cells.origin
-
-
-def _recorded_origin(model: str | os.PathLike | None) -> str | None:
-    """The training data a run directory's config.json names (runs trained before it was in the model)."""
-    if model is None:
-        return None
-    config = Path(model) / "config.json" if Path(model).is_dir() else Path(model).with_name("config.json")
-    try:
-        return json.loads(config.read_text())["train"]["data"]["origin"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        return None

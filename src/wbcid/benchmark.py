@@ -10,35 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .data import CellSet, read_cells, split_train_val
+from .data import read_cells, training_pool
 from .errors import WbcidError
 from .evaluation import evaluate
 from .train import TrainConfig, fit
 
 TRAIN_SOURCE = "pbc"
 IN_DOMAIN = f"{TRAIN_SOURCE} (in-domain test)"
-
-
-def training_pool(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -> CellSet:
-    """All cells as training data: existing train/val splits kept, everything else split per source.
-
-    Used to train on several sources at once (leave-one-source-out, the bundled model): each
-    source without a train/val split gives a stratified ``val_fraction`` to validation.
-    """
-    pooled = [c for c in cells.cells if c.split in ("train", "val")]
-    for source in sorted({c.source for c in cells.cells}):
-        rest = cells.subset([c.source == source and c.split not in ("train", "val") for c in cells.cells])
-        if len(rest) >= 2:
-            train, val = split_train_val(
-                replace(rest, cells=[replace(c, split="") for c in rest.cells]), val_fraction, seed
-            )
-            pooled += [replace(c, split="train") for c in train.cells] + [replace(c, split="val") for c in val.cells]
-    return CellSet(pooled, cells.skipped, cells.origin)
+OTHER_SOURCES = ("lisc", "tecom", "cellavision", "bccd")  # the labs a PBC-trained model never saw
 
 
 def run_benchmark(

@@ -371,9 +371,9 @@ def export(
     """Export a model to ONNX (preprocessing contract in its metadata); optionally check it."""
     from .export import OnnxModel, export_onnx
     from .inference import agreement
-    from .models import load_model
+    from .loading import resolve_model
 
-    torch_model = load_model(model)
+    torch_model = resolve_model(model, needs_torch="export")
     export_onnx(torch_model, out)
     typer.echo(f"wrote {out}")
     if check is not None:

@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +199,30 @@ def read_cells(
         raise WbcidError(f"{path}: no {wanted} found")
     cellset.report_skipped()
     return cellset
+
+
+def recorded_training_cells(recorded: dict | None) -> CellSet | None:
+    """The labelled cells a model recorded as its training data (``ModelConfig.training_data``),
+    if they still exist here: the train and validation rows of the recorded sources of its data (every
+    split for the bundled model, which saw them all). Evaluation warns about them; adaptation replays them.
+    """
+    if not recorded:
+        return None
+    origin = Path(recorded.get("origin") or default_data_root() / "cells.csv")
+    if not origin.exists():
+        return None
+    try:
+        cells = read_cells(origin, known_only=False)  # known_only would warn about its other labels
+    except WbcidError:
+        return None
+    sources = set(recorded.get("sources") or [])
+    every_split = recorded.get("all_splits", False)
+    return cells.subset(
+        [
+            c.label >= 0 and (not sources or c.source in sources) and (every_split or c.split != "test")
+            for c in cells.cells
+        ]
+    )
 
 
 def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -419,3 +443,20 @@ def sample_per_class(cells: CellSet, n: int, seed: int = 0) -> CellSet:
     rng = np.random.default_rng(seed)
     keep = [i for label in range(len(CLASSES)) for i in rng.permutation(np.flatnonzero(cells.labels == label))[:n]]
     return cells.subset(sorted(keep))
+
+
+def training_pool(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -> CellSet:
+    """All cells as training data: existing train/val splits kept, everything else split per source.
+
+    Used to train on several sources at once (leave-one-source-out, the bundled model): each
+    source without a train/val split gives a stratified ``val_fraction`` to validation.
+    """
+    pooled = [c for c in cells.cells if c.split in ("train", "val")]
+    for source in sorted({c.source for c in cells.cells}):
+        rest = cells.subset([c.source == source and c.split not in ("train", "val") for c in cells.cells])
+        if len(rest) >= 2:
+            train, val = split_train_val(
+                replace(rest, cells=[replace(c, split="") for c in rest.cells]), val_fraction, seed
+            )
+            pooled += [replace(c, split="train") for c in train.cells] + [replace(c, split="val") for c in val.cells]
+    return CellSet(pooled, cells.skipped, cells.origin)

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
-from .data import CLASSES, CellSet, default_data_root, read_cells
+from .data import CLASSES, CellSet, read_cells, recorded_training_cells
 from .errors import WbcidError
-from .inference import predict_proba, resolve_model
-from .models import WBCNet, describe_model
+from .inference import predict_proba
+from .loading import resolve_model
+from .models import ModelConfig, WBCNet, describe_model
 from .ood import flagged
 from .reports import write_evaluation_report
 
@@ -107,7 +108,7 @@ def evaluate(
     """
     name = describe_model(model)
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
-    model = resolve_model(model, adabn)
+    model = resolve_model(model, needs_torch="AdaBN" if adabn else None)
     seen = training_overlap(model.config, cells)
     if seen:
         log.warning(
@@ -133,27 +134,10 @@ def evaluate(
     return metrics
 
 
-def training_overlap(config: dict, cells: CellSet) -> int:
-    """How many of ``cells`` the model recorded as its training data (``config["training_data"]``).
-
-    A run records the data it was fitted on (train and validation rows; a manifest's test rows never
-    train); the bundled model records that it saw every cell of the five labs in wbcid's data folder.
-    """
-    recorded = config.get("training_data")
-    if not recorded:
+def training_overlap(config: ModelConfig, cells: CellSet) -> int:
+    """How many of ``cells`` the model recorded as its training data (see :func:`recorded_training_cells`)."""
+    training = recorded_training_cells(config.training_data)
+    if training is None:
         return 0
-    origin = Path(recorded.get("origin") or default_data_root() / "cells.csv")
-    if not origin.exists():
-        return 0
-    try:
-        training = read_cells(origin, known_only=False)  # known_only would warn about its other labels
-    except WbcidError:
-        return 0
-    sources = set(recorded.get("sources") or [])
-    every_split = recorded.get("all_splits", False)
-    paths = {
-        c.path.resolve()
-        for c in training.cells
-        if c.label >= 0 and (not sources or c.source in sources) and (every_split or c.split != "test")
-    }
-    return sum(c.path.resolve() in paths for c in cells.cells)
+    paths = {p.resolve() for p in training.paths}
+    return sum(p.resolve() in paths for p in cells.paths)

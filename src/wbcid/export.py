@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import WbcidError
-from .models import WBCNet
+from .models import ModelConfig, WBCNet
 
 METADATA_KEY = "wbcid_config"
 OUTPUTS = ["logits", "ood_score"]
@@ -44,7 +44,7 @@ def export_onnx(model: WBCNet, path: str | os.PathLike, opset: int = 18) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().float().to(memory_format=torch.contiguous_format)
-    size = model.config["input_size"]
+    size = model.config.input_size
     example = torch.rand(2, 3, size, size)
     program = torch.onnx.export(
         _Scores(model).eval(),
@@ -58,7 +58,7 @@ def export_onnx(model: WBCNet, path: str | os.PathLike, opset: int = 18) -> Path
         verbose=False,  # torch.onnx otherwise logs ~90 lines of progress per export
     )
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(model.config)})
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(model.config.to_dict())})
     onnx.save(proto, path)
     return path
 
@@ -78,7 +78,7 @@ class OnnxModel:
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise WbcidError(f"{path} was not exported by wbcid (no {METADATA_KEY} metadata)")
-        self.config = json.loads(meta[METADATA_KEY])
+        self.config = ModelConfig.from_dict(json.loads(meta[METADATA_KEY]))
 
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = np.ascontiguousarray(x.numpy(), dtype=np.float32)

@@ -19,7 +19,8 @@ from torch import nn
 
 from .data import CLASSES, list_images, try_decode
 from .errors import WbcidError
-from .models import WBCNet, load_torch_model
+from .loading import resolve_model
+from .models import WBCNet
 from .preprocess import Preprocess, to_tensor
 
 log = logging.getLogger("wbcid")
@@ -29,7 +30,7 @@ def last_conv(model: WBCNet) -> nn.Conv2d:
     """The backbone's last convolution: its maps are the most semantic that still have a layout."""
     convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise WbcidError(f"{model.config['model']} has no convolution to explain")
+        raise WbcidError(f"{model.config.model} has no convolution to explain")
     return convs[-1]
 
 
@@ -64,7 +65,7 @@ def explain(
 ) -> list[Path]:
     """Write ``<name>_gradcam.png`` (input as the model saw it | overlay) per image; unreadable ones are skipped."""
     files = list_images(paths)
-    model = model if isinstance(model, WBCNet) else load_torch_model(model, "Grad-CAM (it needs gradients)")
+    model = resolve_model(model, needs_torch="Grad-CAM (it needs gradients)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, used = [], set()

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import CLASSES, image_batches, list_images
 from .errors import WbcidError
-from .models import WBCNet, load_model
+from .loading import Model, resolve_model
 from .ood import flagged
 from .preprocess import Preprocess, as_input
 from .testtime import adapt_batchnorm, dihedral_scores
@@ -25,7 +25,7 @@ UNREADABLE_MESSAGE = "could not be read as an image"
 
 @torch.inference_mode()
 def predict_scores(
-    model: WBCNet, batches: Iterable[torch.Tensor], tta: bool = False
+    model: Model, batches: Iterable[torch.Tensor], tta: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(n, 5)`` and out-of-distribution scores ``(n,)`` for uint8 NCHW batches, in order.
 
@@ -46,7 +46,7 @@ def predict_scores(
 
 
 def predict_proba(
-    model: WBCNet,
+    model: Model,
     paths: Sequence[Path],
     batch_size: int = 64,
     workers: int | None = None,
@@ -103,14 +103,7 @@ def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray) -> pd.D
     )
 
 
-def resolve_model(model: WBCNet | str | os.PathLike | None, adabn: bool = False) -> WBCNet:
-    """A model object from a model, a path or ``None`` (bundled); ONNX Runtime unless AdaBN needs PyTorch."""
-    if model is None or isinstance(model, (str, os.PathLike)):
-        return load_model(model, onnx=not adabn)
-    return model
-
-
-def agreement(reference: WBCNet, other: WBCNet, paths: Sequence[Path]) -> dict:
+def agreement(reference: Model, other: Model, paths: Sequence[Path]) -> dict:
     """How closely two models agree (e.g. fp32 vs fp16, PyTorch vs ONNX Runtime) on real images."""
     p_ref, _, ok = predict_proba(reference, paths)
     p_other, _, _ = predict_proba(other, paths)
@@ -122,7 +115,7 @@ def agreement(reference: WBCNet, other: WBCNet, paths: Sequence[Path]) -> dict:
 
 
 def predict(
-    model: WBCNet | str | os.PathLike | None,
+    model: Model | str | os.PathLike | None,
     paths: Sequence[str | os.PathLike],
     out_csv: str | os.PathLike | None = None,
     batch_size: int = 64,
@@ -142,7 +135,7 @@ def predict(
             f"{out_csv} is a folder; --out takes the CSV file to write, e.g. {Path(out_csv) / 'predictions.csv'}"
         )
     files = list_images(paths)  # missing or empty inputs fail before the model loads
-    model = resolve_model(model, adabn)
+    model = resolve_model(model, needs_torch="AdaBN" if adabn else None)
     probs, ood, ok = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
     table = prediction_table(probs, ood, ok)
     table.insert(0, "path", [str(f) for f in files])

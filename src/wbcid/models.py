@@ -19,7 +19,7 @@ import importlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,44 @@ BUNDLED = Path(__file__).parent / "weights" / "wbcid-default.pt"  # see weights/
 BUNDLED_ONNX = BUNDLED.with_suffix(".onnx")  # the same model for ONNX Runtime: 2x faster on CPU
 BUNDLED_TRAINING = {"origin": None, "sources": ["pbc", "lisc", "tecom", "cellavision", "bccd"], "all_splits": True}
 Freeze = str | int  # "none", "backbone", or the number of leading backbone layer groups to freeze
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The contract a model file keeps with its users: architecture, input, provenance.
+
+    Stored as a plain dict (:meth:`to_dict`) inside ``model.pt`` and the ONNX metadata, so either
+    file alone says how to feed the model. Frozen: a change is a new config (``dataclasses.replace``).
+    """
+
+    model: str  # registry name
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...] = CLASSES
+    freeze: Freeze = "none"
+    crop: bool = False  # canonical cell-centred crop before resizing (set by training)
+    colour: str = "none"  # colour normalisation (set by training; see wbcid.preprocess)
+    frozen_bn: bool = False
+    stain_reference: dict | None = None  # for colour="macenko"
+    training_data: dict | None = None  # {"origin", "sources"[, "all_splits"]}: what evaluate warns about
+    adaptation: dict | None = None  # {"base", "cells"} for a model from wbcid adapt
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ModelConfig:
+        """Read a stored config; keys this version does not know are ignored (newer files still load)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in saved.items() if k in known}
+        for key in ("mean", "std", "classes"):
+            if key in values:
+                values[key] = tuple(values[key])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise WbcidError(f"model config is incomplete ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -95,14 +133,14 @@ class _Normalise(nn.Module):
 class WBCNet(nn.Module):
     """Normalise -> backbone (features) -> head (five logits), with per-group freezing."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, config: dict):
+    def __init__(self, backbone: nn.Module, head: nn.Module, config: ModelConfig):
         super().__init__()
-        self.backbone, self.head, self.config = backbone, head, dict(config)
-        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
+        self.backbone, self.head, self.config = backbone, head, config
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self.ood: MahalanobisScore | None = None  # fitted after training, see wbcid.ood
         self._frozen: list[nn.Module] = []
-        self.set_freeze(config.get("freeze", "none"))
+        self.set_freeze(config.freeze)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone((x - self.mean) / self.std)
@@ -127,7 +165,7 @@ class WBCNet(nn.Module):
         units, tail = self._units()
         if not 0 <= trainable_groups <= len(units):
             raise WbcidError(
-                f"{self.config['model']} has {len(units)} layer groups; cannot train the last {trainable_groups}"
+                f"{self.config.model} has {len(units)} layer groups; cannot train the last {trainable_groups}"
             )
         cut = len(units) - trainable_groups
         normalise = _Normalise(self.mean, self.std)
@@ -144,7 +182,7 @@ class WBCNet(nn.Module):
             # timm EfficientNet: its coarse groups are the stem, one per stage, and the last stage joins the head conv
             return [nn.Sequential(b.conv_stem, b.bn1), *b.blocks], [b.conv_head, b.bn2, b.global_pool]
         raise WbcidError(
-            f"splitting {self.config['model']} into stages is not supported; adapt it with "
+            f"splitting {self.config.model} into stages is not supported; adapt it with "
             "trainable_groups=0 (head only) or train it again"
         )
 
@@ -173,17 +211,17 @@ class WBCNet(nn.Module):
             p.requires_grad_(True)
         for module in self._frozen:
             module.requires_grad_(False)
-        self.config["freeze"] = freeze
+        self.config = replace(self.config, freeze=freeze)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> WBCNet:
         """Frozen layers stay in eval mode, so their batch-norm statistics never drift; with
-        ``config["frozen_bn"]`` no batch-norm layer updates its statistics (Tsutsui et al. 2023
+        ``config.frozen_bn`` no batch-norm layer updates its statistics (Tsutsui et al. 2023
         found that networks whose normalisation does not adapt to the training lab travel better)."""
         super().train(mode)
         frozen = self._frozen + (
             [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            if self.config.get("frozen_bn")
+            if self.config.frozen_bn
             else []
         )
         for module in frozen:
@@ -207,16 +245,13 @@ def create_model(
     """
     spec = get_spec(name)
     backbone, head = spec.build(pretrained, Path(weights) if weights else None, download)
-    config = {
-        "model": spec.name,
-        "input_size": int(input_size or spec.input_size),
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "classes": list(CLASSES),
-        "freeze": spec.freeze if freeze is None else freeze,
-        "crop": False,  # canonical cell-centred crop before resizing (set by training)
-        "colour": "none",  # colour normalisation (set by training; see wbcid.preprocess)
-    }
+    config = ModelConfig(
+        spec.name,
+        int(input_size or spec.input_size),
+        tuple(spec.mean),
+        tuple(spec.std),
+        freeze=spec.freeze if freeze is None else freeze,
+    )
     return WBCNet(backbone, head, config)
 
 
@@ -232,29 +267,15 @@ def save_model(model: WBCNet, path: str | os.PathLike, half: bool = False, **ext
     if getattr(model, "source_statistics", None) is not None:
         extra = {"source_statistics": model.source_statistics, **extra}
     partial = path.with_suffix(path.suffix + ".partial")
-    torch.save({"format": FORMAT, "config": model.config, "state_dict": state, **extra}, partial)
+    torch.save({"format": FORMAT, "config": model.config.to_dict(), "state_dict": state, **extra}, partial)
     os.replace(partial, path)
     return path
 
 
-def load_model(path: str | os.PathLike | None = None, onnx: bool = False) -> WBCNet:
-    """Load a model file, the ``model.pt`` inside a run directory, or (``None``) the bundled model.
-
-    An ``.onnx`` file (from ``wbcid export``) loads as an ONNX Runtime session with the same
-    inference interface (``config``, calling it on a batch); so does the bundled model with
-    ``onnx=True`` (what prediction uses unless it needs PyTorch, e.g. for adaptation).
-    """
-    if path is None and onnx and BUNDLED_ONNX.is_file():
-        path = BUNDLED_ONNX
-    if path is None:
-        if not BUNDLED.is_file():
-            raise WbcidError(f"this installation has no bundled model ({BUNDLED}); pass --model RUN_DIR")
-        path = BUNDLED
+def load_checkpoint(path: str | os.PathLike) -> WBCNet:
+    """Read a ``model.pt`` (or the one in a run directory). Users name models through
+    :func:`wbcid.loading.resolve_model`, which also reads ONNX exports and the bundled model."""
     path = Path(path)
-    if path.suffix == ".onnx" and path.is_file():
-        from .export import OnnxModel
-
-        return _mark_bundled(OnnxModel(path), path)
     if path.is_dir():
         path = path / "model.pt"
     if not path.is_file():
@@ -265,26 +286,16 @@ def load_model(path: str | os.PathLike | None = None, onnx: bool = False) -> WBC
         raise WbcidError(f"{path} is not a wbcid model file ({exc.__class__.__name__}: {exc})") from exc
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise WbcidError(f"{path} is not a wbcid model file (format {FORMAT} expected)")
-    config = saved["config"]
-    model = create_model(config["model"], pretrained=False, freeze=config["freeze"], input_size=config["input_size"])
-    model.config.update(config)
+    config = ModelConfig.from_dict(saved["config"])
+    model = create_model(config.model, pretrained=False, freeze=config.freeze, input_size=config.input_size)
+    model.config = config
     state = {k: v.float() if v.is_floating_point() else v for k, v in saved["state_dict"].items()}
     if "ood.means" in state:
         model.ood = MahalanobisScore(state["ood.means"], state["ood.whitener"])
     model.load_state_dict(state)
     if "source_statistics" in saved:  # for test-time adaptation, see wbcid.testtime
         model.source_statistics = {k: (m.float(), v.float()) for k, (m, v) in saved["source_statistics"].items()}
-    return _mark_bundled(model.eval(), path)
-
-
-def load_torch_model(path: str | os.PathLike | None, needed_for: str) -> WBCNet:
-    """:func:`load_model`, refusing an ONNX export with the reason PyTorch is needed (``needed_for``)."""
-    model = load_model(path)
-    if not isinstance(model, WBCNet):
-        raise WbcidError(
-            f"{needed_for} needs the PyTorch model (a run directory or .pt file), not the ONNX export {path}"
-        )
-    return model
+    return model.eval()
 
 
 def describe_model(model: object) -> str:
@@ -293,14 +304,7 @@ def describe_model(model: object) -> str:
         return "bundled model (wbcid-default)"
     if isinstance(model, (str, os.PathLike)):
         return str(model)
-    return model.config["model"]
-
-
-def _mark_bundled(model, path: Path):
-    """The bundled model saw every five-class cell of the five labs in wbcid's data folder (model card)."""
-    if path.resolve() in (BUNDLED.resolve(), BUNDLED_ONNX.resolve()):
-        model.config.setdefault("training_data", BUNDLED_TRAINING)
-    return model
+    return model.config.model
 
 
 def _linear_head(num_features: int, dropout: float = 0.2) -> nn.Module:

@@ -17,11 +17,19 @@ the training lab is therefore about 5 % by construction, and everything else is 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
+from .preprocess import as_input
+
+if TYPE_CHECKING:
+    from .data import CellSet
+
 QUANTILE = 0.95
+MIN_GROUP = 20  # fewest cells of one type from one lab that get their own cluster
 
 
 def flagged(ood_score: np.ndarray) -> np.ndarray:
@@ -59,7 +67,7 @@ class MahalanobisScore(nn.Module):
         """Group means and shared covariance from ``features``; threshold from ``calibration``'s distances.
 
         ``groups`` are the clusters of the training data: the class labels, or one id per class
-        and lab when training pooled several labs (:func:`wbcid.train.ood_groups`).
+        and lab when training pooled several labs (:func:`ood_groups`).
         """
         from sklearn.covariance import LedoitWolf
 
@@ -91,3 +99,24 @@ def group_means(features: torch.Tensor, groups: np.ndarray) -> tuple[np.ndarray,
     ids, index = np.unique(groups, return_inverse=True)
     means = np.stack([x[index == i].mean(0) for i in range(len(ids))])
     return means, x - means[index]
+
+
+def ood_groups(cells: CellSet, min_cells: int = MIN_GROUP) -> np.ndarray:
+    """One cluster per class and source lab, for the OOD scorer's class means.
+
+    Cells of one type from two labs form two clusters; a single mean between them would sit
+    where neither lab's cells are and flag the smaller lab's. A lab with fewer than
+    ``min_cells`` cells of a type joins that type's pooled cluster (its own mean would be noise).
+    """
+    keys = np.array([f"{c.label}/{c.source}" for c in cells.cells])
+    names, sizes = np.unique(keys, return_counts=True)
+    small = set(names[sizes < min_cells])
+    keys = np.array([str(c.label) if key in small else key for c, key in zip(cells.cells, keys)])
+    return np.unique(keys, return_inverse=True)[1]
+
+
+@torch.inference_mode()
+def image_features(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Penultimate features of uint8 NCHW images (what the OOD scorer works on)."""
+    model.eval()
+    return torch.cat([model.features(as_input(b)) for b in images.split(batch_size)])

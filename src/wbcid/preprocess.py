@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from PIL import Image, ImageOps
 
 from .crop import canonical_crop
 from .errors import WbcidError
+
+if TYPE_CHECKING:
+    from .models import ModelConfig
 
 COLOURS = ("none", "white-balance", "macenko")
 WHITE_PERCENTILE = 99.0  # robust "brightest pixels": ignores a few saturated or dust pixels
@@ -105,14 +109,9 @@ class Preprocess:
             raise WbcidError("macenko colour normalisation needs a stain reference (fit_stain_reference)")
 
     @classmethod
-    def of(cls, config: dict) -> Preprocess:
-        """The preprocessing a model was trained with (older model files: no colour normalisation)."""
-        return cls(
-            int(config["input_size"]),
-            bool(config.get("crop", False)),
-            config.get("colour", "none"),
-            config.get("stain_reference"),
-        )
+    def of(cls, config: ModelConfig) -> Preprocess:
+        """The preprocessing a model was trained with."""
+        return cls(config.input_size, config.crop, config.colour, config.stain_reference)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """RGB ``size x size`` uint8 array (HWC) from any PIL image."""

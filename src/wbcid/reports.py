@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # no pyplot: importing wbcid never switches the caller's backend
 
+from .data import CLASSES
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -110,6 +112,28 @@ def write_evaluation_report(metrics: dict, out_dir: Path, title: str) -> Path:
     )
     path = out_dir / "report.md"
     path.write_text(text + "\n")
+    return path
+
+
+def write_run_report(out: Path, config: dict, val: dict) -> Path:
+    """A training run's report.md: model, data, class counts per split, validation scores, history."""
+    model, data = config["model"], config["train"]["data"]
+    lines = [
+        f"# Training run: {model['model']}",
+        f"Data: `{data['origin']}`; model input {model['input_size']} px, freeze {model['freeze']!r}.",
+        "| split | " + " | ".join(CLASSES) + " |\n|---|" + "---:|" * len(CLASSES),
+    ]
+    for split in ("train", "val"):
+        lines[-1] += f"\n| {split} | " + " | ".join(str(data[split][c]) for c in CLASSES) + " |"
+    lines += [
+        "## Validation (best epoch)",
+        metrics_table({"validation": val}),
+        "## History",
+        "![history](history.png)",
+        "Validation confusion matrix: [val/report.md](val/report.md)",
+    ]
+    path = out / "report.md"
+    path.write_text("\n\n".join(lines) + "\n")
     return path
 
 

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,14 +35,12 @@ from .data import CLASSES, CellSet, load_images, split_train_val, try_decode
 from .errors import WbcidError
 from .evaluation import compute_metrics
 from .inference import predict_scores
-from .models import Freeze, WBCNet, create_model, load_model, save_model
-from .ood import MahalanobisScore
-from .preprocess import REFERENCE_SAMPLE, Preprocess, as_input, fit_stain_reference
-from .reports import metrics_table, plot_history, write_evaluation_report
-from .testtime import batchnorm_statistics
+from .models import Freeze, WBCNet, create_model, save_model
+from .preprocess import REFERENCE_SAMPLE, Preprocess, fit_stain_reference
+from .reports import plot_history, write_evaluation_report, write_run_report
+from .training_statistics import record_training_statistics
 
 log = logging.getLogger("wbcid")
-MIN_GROUP = 20  # fewest cells of one type from one lab that get their own OOD cluster
 
 
 @dataclass
@@ -123,23 +120,8 @@ def fit(
     if writer:
         out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(config.seed)  # the new head's (or a scratch model's) initial weights
-    model = create_model(
-        config.model, config.pretrained, config.weights, config.download_weights, config.freeze, config.input_size
-    )
-    size = model.config["input_size"]
-    model.config.update(
-        crop=config.crop,
-        colour=config.colour,
-        frozen_bn=config.frozen_bn,
-        training_data={"origin": cells.origin, "sources": sorted({c.source for c in cells.cells})},
-    )
-    augment = train_augmentation(config.augment).to(device)  # a bad policy fails before decoding
-    train_set, val_set = split_train_val(cells, config.val_fraction, config.seed)
-    check_classes(train_set)
-    if config.colour == "macenko":
-        model.config["stain_reference"] = _stain_reference(train_set, Preprocess(size, config.crop), config.seed)
-    prep = Preprocess.of(model.config)  # also checks the colour option before decoding
+    model, train_set, val_set = _prepare(cells, config)
+    prep = Preprocess.of(model.config)
     train_images, train_set = load_images(train_set, prep, "decoding train images")
     val_images, val_set = load_images(val_set, prep, "decoding validation images")
     config.data = {
@@ -160,15 +142,11 @@ def fit(
 
     model = model.to(device, memory_format=torch.channels_last)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    share = len(train_set) // world  # every process takes the same number of steps
-    steps = math.ceil(share / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, config.lr, total_steps=config.epochs * steps, pct_start=0.15
-    )
+    steps = len(shard(torch.arange(len(train_set)), config.batch_size, rank, world))
+    optimizer, scheduler = _optimiser(model, config, steps_per_epoch=steps)
     weights = _class_weights(train_set.labels).to(device) if config.balanced else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    augment = train_augmentation(config.augment).to(device)
     state = {"epoch": 0, "history": [], "best": -1.0, "stale": 0}
     if checkpoint is not None:
         model.load_state_dict(checkpoint["state_dict"])
@@ -177,67 +155,29 @@ def fit(
         state = checkpoint["state"]
         log.info("resuming %s after epoch %d", out, state["epoch"])
     if writer:
-        _write_json(out / "config.json", {"train": asdict(config), "model": model.config})
+        _write_json(out / "config.json", {"train": asdict(config), "model": model.config.to_dict()})
 
     labels = torch.from_numpy(train_set.labels).to(device)
     while state["epoch"] < config.epochs and state["stale"] < config.patience:
         epoch = state["epoch"] + 1
         torch.manual_seed(config.seed + epoch)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed + epoch))
-        model.train()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
-        bar = tqdm(
-            order[rank * share : (rank + 1) * share].split(config.batch_size),
-            desc=f"epoch {epoch}/{config.epochs}",
-            leave=False,
-            disable=None if writer else True,
-        )
-        for idx in bar:
-            with torch.no_grad():
-                x = train_images[idx].to(device).float() / 255
-                x = augment(x).contiguous(memory_format=torch.channels_last)
-            logits = net(x)
-            loss = loss_fn(logits, labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            totals += torch.tensor([loss.item() * len(idx), (logits.argmax(1) == labels[idx]).sum().item(), len(idx)])
-            bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
+        batches = shard(order, config.batch_size, rank, world)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if writer else True)
+        totals = train_one_epoch(net, bar, train_images, labels, augment, loss_fn, optimizer, scheduler)
         if world > 1:
             torch.distributed.all_reduce(totals)
-
-        val_logits = predict_scores(model, val_images.split(128))[0]
-        val_labels = torch.from_numpy(val_set.labels)
-        val = compute_metrics(val_set.labels, val_logits.argmax(1).numpy())
         record = {
             "epoch": epoch,
             "train_loss": (totals[0] / totals[2]).item(),
             "train_accuracy": (totals[1] / totals[2]).item(),
-            "val_loss": nn.functional.cross_entropy(val_logits, val_labels).item(),
-            "val_accuracy": val["accuracy"],
-            "val_macro_f1": val["macro_f1"],
+            **validate(model, val_images, val_set.labels),
             "lr": scheduler.get_last_lr()[0],
         }
-        state["history"].append(record)
-        state["epoch"] = epoch
-        improved = val["macro_f1"] > state["best"]
-        if improved:
-            state["best"], state["stale"] = val["macro_f1"], 0
-        else:
-            state["stale"] += 1
+        improved = _update_state(state, record)
         if not writer:
             continue
-        if improved:
-            save_model(model, out / "model.pt", epoch=epoch, val_macro_f1=val["macro_f1"])
-        save_model(
-            model,
-            out / "last.pt",
-            train_config=asdict(config),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            state=state,
-        )
+        save_checkpoints(model, out, config, optimizer, scheduler, state, improved)
         log.info(
             "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f",
             epoch,
@@ -256,6 +196,125 @@ def fit(
         torch.distributed.barrier()  # nobody returns before rank 0 has written the run
         torch.distributed.destroy_process_group()
     return out
+
+
+def _prepare(cells: CellSet, config: TrainConfig) -> tuple[WBCNet, CellSet, CellSet]:
+    """The untrained model with its preprocessing contract, and the train/validation split;
+    everything that can refuse the data or the options does so here, before any image is decoded."""
+    torch.manual_seed(config.seed)  # the new head's (or a scratch model's) initial weights
+    model = create_model(
+        config.model, config.pretrained, config.weights, config.download_weights, config.freeze, config.input_size
+    )
+    train_augmentation(config.augment)  # a bad policy fails before decoding
+    train_set, val_set = split_train_val(cells, config.val_fraction, config.seed)
+    check_classes(train_set)
+    stain_reference = None
+    if config.colour == "macenko":
+        framing = Preprocess(model.config.input_size, config.crop)
+        stain_reference = _stain_reference(train_set, framing, config.seed)
+    model.config = replace(
+        model.config,
+        crop=config.crop,
+        colour=config.colour,
+        frozen_bn=config.frozen_bn,
+        stain_reference=stain_reference,
+        training_data={"origin": cells.origin, "sources": sorted({c.source for c in cells.cells})},
+    )
+    Preprocess.of(model.config)  # checks the colour option
+    return model, train_set, val_set
+
+
+def shard(order: torch.Tensor, batch_size: int, rank: int, world: int) -> list[torch.Tensor]:
+    """This process's batches of an epoch's ``order``: global batches of ``batch_size * world`` cells,
+    each split evenly across the processes. One data-parallel step therefore sees exactly the cells of
+    one single-process step with ``batch_size * world``; the few cells beyond a multiple of ``world``
+    wait for the next epoch's order, so every process takes the same number of equal steps."""
+    usable = order[: len(order) // world * world]
+    return [batch.tensor_split(world)[rank] for batch in usable.split(batch_size * world)]
+
+
+def _optimiser(
+    model: WBCNet, config: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW on the trainable parameters with a one-cycle schedule over the whole run."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
+    )
+    return optimizer, scheduler
+
+
+def train_one_epoch(
+    net: nn.Module,
+    batches: Iterable[torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    augment: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> torch.Tensor:
+    """One pass over ``batches`` (index tensors into the uint8 ``images``); returns
+    (loss sum, correct, seen) as float64 so processes can add them up."""
+    net.train()
+    device = labels.device
+    totals = torch.zeros(3, dtype=torch.float64)
+    for idx in batches:
+        with torch.no_grad():
+            x = augment(images[idx].to(device).float() / 255).contiguous(memory_format=torch.channels_last)
+        logits = net(x)
+        loss = loss_fn(logits, labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        totals += torch.tensor([loss.item() * len(idx), (logits.argmax(1) == labels[idx]).sum().item(), len(idx)])
+        if hasattr(batches, "set_postfix"):
+            batches.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
+    return totals
+
+
+def validate(model: WBCNet, images: torch.Tensor, labels: np.ndarray) -> dict:
+    """Validation loss, accuracy and macro-F1 (what early stopping and model.pt follow)."""
+    logits = predict_scores(model, images.split(128))[0]
+    metrics = compute_metrics(labels, logits.argmax(1).numpy())
+    return {
+        "val_loss": nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item(),
+        "val_accuracy": metrics["accuracy"],
+        "val_macro_f1": metrics["macro_f1"],
+    }
+
+
+def _update_state(state: dict, record: dict) -> bool:
+    """Append the epoch to the history and follow early stopping; True if it is the best so far."""
+    state["history"].append(record)
+    state["epoch"] = record["epoch"]
+    improved = record["val_macro_f1"] > state["best"]
+    state["best"], state["stale"] = (record["val_macro_f1"], 0) if improved else (state["best"], state["stale"] + 1)
+    return improved
+
+
+def save_checkpoints(
+    model: WBCNet,
+    out: Path,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict,
+    improved: bool,
+) -> None:
+    """``model.pt`` when the epoch is the best so far; ``last.pt`` (everything resume needs) always."""
+    if improved:
+        save_model(model, out / "model.pt", epoch=state["epoch"], val_macro_f1=state["best"])
+    save_model(
+        model,
+        out / "last.pt",
+        train_config=asdict(config),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        state=state,
+    )
 
 
 def _distributed() -> tuple[int, int, torch.device]:
@@ -284,55 +343,12 @@ def _finish_run(
     """Training statistics (adaptation, OOD), history, validation metrics of the best model, report."""
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "history.png")
-    best = record_training_statistics(out / "model.pt", train_images, train_set, val_images)
+    best = record_training_statistics(out / "model.pt", train_images, train_set, val_images)  # OOD, AdaBN
     val = compute_metrics(val_set.labels, predict_scores(best, val_images.split(128))[0].argmax(1).numpy())
     (out / "val").mkdir(exist_ok=True)
     _write_json(out / "val" / "metrics.json", val)
     write_evaluation_report(val, out / "val", "Validation (best epoch)")
-    config = json.loads((out / "config.json").read_text())
-    lines = [
-        f"# Training run: {config['model']['model']}",
-        f"Data: `{config['train']['data']['origin']}`; model input {config['model']['input_size']} px, "
-        f"freeze {config['model']['freeze']!r}.",
-        "| split | " + " | ".join(CLASSES) + " |\n|---|" + "---:|" * len(CLASSES),
-    ]
-    for split in ("train", "val"):
-        counts = config["train"]["data"][split]
-        lines[-1] += f"\n| {split} | " + " | ".join(str(counts[c]) for c in CLASSES) + " |"
-    lines += [
-        "## Validation (best epoch)",
-        metrics_table({"validation": val}),
-        "## History",
-        "![history](history.png)",
-        "Validation confusion matrix: [val/report.md](val/report.md)",
-    ]
-    (out / "report.md").write_text("\n\n".join(lines) + "\n")
-
-
-def record_training_statistics(
-    model_path: Path, train_images: torch.Tensor, train_set: CellSet, val_images: torch.Tensor
-) -> WBCNet:
-    """Store in a saved model what later needs the training data: the batch-norm statistics of the
-    training images (for :mod:`wbcid.testtime`) and the OOD scorer, fitted on the training cells'
-    features and calibrated on the validation cells (:mod:`wbcid.ood`)."""
-    model = load_model(model_path)
-    model.source_statistics = batchnorm_statistics(model, train_images.split(128))
-    model.ood = MahalanobisScore.fit(
-        image_features(model, train_images), ood_groups(train_set), image_features(model, val_images)
-    )
-    saved = torch.load(model_path, map_location="cpu", weights_only=True)
-    save_model(model, model_path, **{k: v for k, v in saved.items() if k not in ("format", "config", "state_dict")})
-    return model
-
-
-def refit_training_statistics(model_path: str | os.PathLike, train_set: CellSet, val_set: CellSet) -> WBCNet:
-    """:func:`record_training_statistics` for a model trained earlier, from its training cells."""
-    model = load_model(model_path)
-    prep = Preprocess.of(model.config)
-    train_images, train_set = load_images(train_set.known(), prep, "decoding training cells")
-    val_images, _ = load_images(val_set.known(), prep, "decoding validation cells")
-    path = Path(model_path)
-    return record_training_statistics(path / "model.pt" if path.is_dir() else path, train_images, train_set, val_images)
+    write_run_report(out, json.loads((out / "config.json").read_text()), val)
 
 
 def _stain_reference(train_set: CellSet, framing: Preprocess, seed: int) -> dict:
@@ -341,27 +357,6 @@ def _stain_reference(train_set: CellSet, framing: Preprocess, seed: int) -> dict
     sample = rng.choice(len(train_set), min(REFERENCE_SAMPLE, len(train_set)), replace=False)
     images = [try_decode(train_set.paths[i], framing) for i in sample]
     return fit_stain_reference([image for image in images if image is not None])
-
-
-def ood_groups(cells: CellSet, min_cells: int = MIN_GROUP) -> np.ndarray:
-    """One cluster per class and source lab, for the OOD scorer's class means.
-
-    Cells of one type from two labs form two clusters; a single mean between them would sit
-    where neither lab's cells are and flag the smaller lab's. A lab with fewer than
-    ``min_cells`` cells of a type joins that type's pooled cluster (its own mean would be noise).
-    """
-    keys = np.array([f"{c.label}/{c.source}" for c in cells.cells])
-    names, sizes = np.unique(keys, return_counts=True)
-    small = set(names[sizes < min_cells])
-    keys = np.array([str(c.label) if key in small else key for c, key in zip(cells.cells, keys)])
-    return np.unique(keys, return_inverse=True)[1]
-
-
-@torch.inference_mode()
-def image_features(model: WBCNet, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """Penultimate features of uint8 NCHW images (what the OOD scorer works on)."""
-    model.eval()
-    return torch.cat([model.features(as_input(b)) for b in images.split(batch_size)])
 
 
 def _class_weights(labels: np.ndarray) -> torch.Tensor:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from ..data import CLASSES, UNREADABLE, list_images
 from ..errors import WbcidError
-from ..inference import predict_scores, resolve_model
+from ..inference import predict_scores
+from ..loading import resolve_model
 from ..models import WBCNet, describe_model
 from ..ood import flagged
 from ..preprocess import Preprocess, upright_rgb

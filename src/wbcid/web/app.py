@@ -130,7 +130,7 @@ class _GradCam:
     def __call__(self, cell: dict) -> Path:
 
         from ..gradcam import grad_cam, overlay
-        from ..models import load_torch_model
+        from ..loading import resolve_model
         from ..preprocess import Preprocess, to_tensor
 
         path = self.store.folder / "gradcam" / f"{cell['id']}.png"
@@ -138,7 +138,7 @@ class _GradCam:
             return path
         with self.lock:  # one model, one computation at a time
             if self.model is None:
-                self.model = load_torch_model(self.model_path, "Grad-CAM")
+                self.model = resolve_model(self.model_path, needs_torch="Grad-CAM")
             seen = Preprocess.of(self.model.config)(cell_image(cell))
             heat, _ = grad_cam(self.model, to_tensor(seen)[None])
             path.parent.mkdir(exist_ok=True)

@@ -1,0 +1,187 @@
+"""Lower precision on this CPU: bf16 training steps and an int8 ONNX model, against fp32.
+
+    python benchmarks/precision.py [--data ../shared/data] [--steps 12] [--calibration-per-class 40]
+
+* Training: the default recipe's network step (EfficientNet-Lite0, 128 px, first 4 layer groups
+  frozen, batch 32, AdamW) timed in fp32, with the frozen prefix in bf16 (it needs no gradient),
+  and with the whole step under ``torch.autocast("cpu", dtype=torch.bfloat16)``; median of
+  ``--steps`` steps after 2 warm-up steps, the three modes interleaved twice.
+* Inference: the bundled ONNX model quantized with ONNX Runtime's static quantization (QDQ,
+  per-channel int8 weights, uint8 activations, convolutions only so the head and the OOD scorer
+  stay fp32), calibrated on ``--calibration-per-class`` PBC *training* cells per class. Compared
+  with fp32 on PBC test and every other lab (label agreement, macro-F1) and on the OOD task
+  (AUROC of ``ood_score``, PBC's non-WBC cells vs PBC test); both timed on one batch of 64.
+
+Writes ``docs/precision.json`` and ``docs/precision.md``. Run it with nothing else running.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from common import parser, setup, write_results
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from sklearn.metrics import f1_score, roc_auc_score
+
+from wbcid.benchmark import OTHER_SOURCES, TRAIN_SOURCE
+from wbcid.data import load_images, read_cells, sample_per_class
+from wbcid.loading import resolve_model
+from wbcid.models import BUNDLED_ONNX, create_model
+from wbcid.preprocess import Preprocess, as_input
+
+
+def training_steps(steps: int) -> dict[str, float]:
+    """Median milliseconds per training step in each precision mode."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", freeze=4, input_size=128).to(memory_format=torch.channels_last)
+    units, _ = model._units()
+    frozen = next(i for i, u in enumerate(units) if any(p.requires_grad for p in u.parameters()))
+    prefix, suffix = model.split(len(units) - frozen)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
+    x = torch.rand(32, 3, 128, 128).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (32,))
+    model.train()
+
+    def step(mode: str) -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
+            h = prefix(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16 autocast"):
+            loss = torch.nn.functional.cross_entropy(model.head(suffix(h.float())), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    times: dict[str, list[float]] = {}
+    for mode in ["fp32", "bf16 frozen prefix", "bf16 autocast"] * 2:
+        for i in range(steps + 2):
+            start = time.perf_counter()
+            step(mode)
+            if i >= 2:
+                times.setdefault(mode, []).append(1000 * (time.perf_counter() - start))
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
+def quantize(source: Path, target: Path, calibration: torch.Tensor) -> Path:
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"image": as_input(b).contiguous().numpy()} for b in calibration.split(32)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    prepared = target.with_name("prepared.onnx")
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared),
+        str(target),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["Conv"],
+    )
+    return target
+
+
+def main() -> None:
+    options = parser(__doc__)
+    options.add_argument("--steps", type=int, default=12)
+    options.add_argument("--calibration-per-class", type=int, default=40)
+    args = options.parse_args()
+    command = setup()
+    torch.set_num_threads(2)
+    result: dict = {"command": command, "training_step_ms": training_steps(args.steps)}
+
+    fp32 = resolve_model(BUNDLED_ONNX)
+    prep = Preprocess.of(fp32.config)
+    cells = read_cells(args.data / "cells.csv", known_only=False)
+    calibration, _ = load_images(
+        sample_per_class(cells.select([TRAIN_SOURCE], ["train"]).known(), args.calibration_per_class), prep
+    )
+    int8_path = quantize(BUNDLED_ONNX, Path(tempfile.mkdtemp()) / "int8.onnx", calibration)
+    options_ = ort.SessionOptions()
+    options_.intra_op_num_threads = 2
+    sessions = {
+        name: ort.InferenceSession(str(path), options_, providers=["CPUExecutionProvider"])
+        for name, path in (("fp32", BUNDLED_ONNX), ("int8", int8_path))
+    }
+
+    def run(session, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        out = [
+            session.run(["logits", "ood_score"], {"image": as_input(b).contiguous().numpy()}) for b in images.split(64)
+        ]
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+    batch = calibration[:64]
+    result["images_per_second_batch64"] = {}
+    for name, session in sessions.items():
+        run(session, batch)
+        start = time.perf_counter()
+        for _ in range(10):
+            run(session, batch)
+        result["images_per_second_batch64"][name] = 640 / (time.perf_counter() - start)
+
+    scored = {}
+    result["sources"] = {}
+    for source in (TRAIN_SOURCE, *OTHER_SOURCES, "pbc_other"):
+        subset = cells.select([source], ["test"] if source == TRAIN_SOURCE else None)
+        subset = subset if source == "pbc_other" else subset.known()
+        images, subset = load_images(subset, prep)
+        scored[source] = {name: run(session, images) for name, session in sessions.items()}
+        if source == "pbc_other":
+            continue
+        (l32, _), (l8, _) = scored[source]["fp32"], scored[source]["int8"]
+        result["sources"][source] = {
+            "cells": len(subset),
+            "label_agreement": float((l32.argmax(1) == l8.argmax(1)).mean()),
+            "macro_f1_fp32": float(f1_score(subset.labels, l32.argmax(1), average="macro")),
+            "macro_f1_int8": float(f1_score(subset.labels, l8.argmax(1), average="macro")),
+        }
+    result["ood_auroc"] = {}
+    for name in sessions:
+        inside, outside = scored[TRAIN_SOURCE][name][1], scored["pbc_other"][name][1]
+        truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+        result["ood_auroc"][name] = float(roc_auc_score(truth, np.r_[inside, outside]))
+    write_results(Path("docs/precision"), result, report(result))
+    print(report(result))
+
+
+def report(r: dict) -> str:
+    steps = r["training_step_ms"]
+    rows = "\n".join(
+        f"| {s} | {v['cells']} | {v['label_agreement']:.4f} | {v['macro_f1_fp32']:.4f} | {v['macro_f1_int8']:.4f} |"
+        for s, v in r["sources"].items()
+    )
+    speed = r["images_per_second_batch64"]
+    return f"""# Lower precision on this CPU: bf16 training, int8 inference
+
+Command: `{r["command"]}` (this project's 2-core machine, nothing else running; its CPU has
+AVX-512 VNNI, AVX-512 BF16 and AMX). See the script's docstring for what each number is.
+
+## Training step (default recipe, batch 32, 128 px), median ms
+
+| fp32 | bf16 frozen prefix | bf16 autocast (whole step) |
+|---:|---:|---:|
+| {steps["fp32"]:.0f} | {steps["bf16 frozen prefix"]:.0f} | {steps["bf16 autocast"]:.0f} |
+
+## int8 (static QDQ, convolutions) against fp32, bundled model
+
+ONNX Runtime, batch 64, 2 threads: fp32 {speed["fp32"]:.0f} images/s, int8 {speed["int8"]:.0f} images/s.
+OOD AUROC (PBC non-WBC cells vs PBC test): fp32 {r["ood_auroc"]["fp32"]:.4f}, int8 {r["ood_auroc"]["int8"]:.4f}.
+
+| source | cells | label agreement | macro-F1 fp32 | macro-F1 int8 |
+|---|---:|---:|---:|---:|
+{rows}
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -95,8 +95,11 @@ def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
         assert d["label"] in CLASSES and 0 < d["confidence"] <= 1 and d["flagged"] == (d["ood_score"] > 1)
     for f in fields:
         assert (out / images[str(f)]["annotated"]).is_file()
+    assert counts["scale"]["how"] == "from the red cells" and 100 < counts["scale"]["cell_diameter"] < 320  # 5 fields
+    assert counts["scale"]["fields_without_red_cells"] == 1  # the corrupt file; the grey copy still shows cells
     html = (out / "report.html").read_text()
-    assert "95 % interval" in html and "corrupt.jpg" in html and "Reference ranges" in html
+    assert "95 % interval" in html and "corrupt.jpg" in html and "Reference ranges" in html and "red cells" in html
+    assert "scale: WBCs about" in result.stdout
     assert len(list((out / "flagged").glob("*.jpg"))) == totals["flagged"]
 
 

@@ -196,9 +196,12 @@ def count(
     out: Annotated[Path, typer.Option(help="Folder for counts.json, report.html and annotated images.")],
     model: ModelPath = None,
     cell_diameter: Annotated[
-        float,
-        typer.Option(help="Typical WBC diameter in pixels in these images (about 200 in 640x480 fields at 100x)."),
-    ] = 200,
+        float | None,
+        typer.Option(
+            help="Typical WBC diameter in pixels in these images (about 200 in 640x480 fields at 100x); "
+            "default: measured from the red cells."
+        ),
+    ] = None,
     reference: Annotated[
         Path | None,
         typer.Option(help='Reference ranges JSON, {"neutrophil": [40, 75], ...}; default: adult ranges (see report).'),
@@ -212,6 +215,8 @@ def count(
     with _resumable(f"finished fields are in {out / 'fields.jsonl'}"):
         result = run_count(model, paths, out, cell_diameter, read_reference(reference) if reference else None, resume)
     totals = result["totals"]
+    scale = result["scale"]
+    typer.echo(f"scale: WBCs about {scale['cell_diameter']:.0f} px across ({scale['how']})")
     typer.echo(f"{totals['detected']} WBCs found, {totals['counted']} counted, {totals['flagged']} flagged for review")
     for name, c in totals["classes"].items():
         if c["percent"] is not None:

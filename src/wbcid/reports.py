@@ -165,6 +165,7 @@ def write_count_report(result: dict, flagged_cells: list[tuple[dict, CellCall, I
         n_images=len(result["images"]),
         totals=result["totals"],
         model=result["model"],
+        scale=result["scale"],
         images=result["images"],
         reference=result["reference"],
         flagged=flagged,

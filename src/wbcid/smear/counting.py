@@ -30,6 +30,7 @@ from ..models import WBCNet, describe_model
 from ..ood import flagged
 from ..preprocess import Preprocess, upright_rgb
 from .detect import Box, detect_cells
+from .scale import rbc_diameter, wbc_diameter
 
 log = logging.getLogger("wbcid")
 
@@ -47,6 +48,8 @@ REFERENCE_SOURCE = (
     "reference intervals: replace them with your laboratory's own (--reference)"
 )
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+DEFAULT_CELL_DIAMETER = 200.0  # px: BCCD's 640x480 fields, where the detector was tuned; used without red cells
+SCALE_FIELDS = 20  # fields sampled to measure the scale (16 ms each)
 FIELDS = "fields.jsonl"  # one line per finished field, written as it is done (for --resume)
 MAX_CELLS_ACROSS = 40  # a field wider than 40 WBCs is not a smear field at WBC magnification (reasoned)
 MIN_FIELD = 16  # pixels: a smaller image cannot show a WBC at any magnification (reasoned, not fitted)
@@ -166,7 +169,7 @@ def cell_patch(image: Image.Image, box: Box, prep: Preprocess) -> np.ndarray:
     return prep(image.crop(window))
 
 
-def classify_field(model: WBCNet, image: Image.Image, cell_diameter: float = 200) -> list[CellCall]:
+def classify_field(model: WBCNet, image: Image.Image, cell_diameter: float = DEFAULT_CELL_DIAMETER) -> list[CellCall]:
     """Detect and classify every WBC in one RGB smear field."""
     boxes = [d.box for d in detect_cells(image, cell_diameter)]
     if not boxes:
@@ -186,7 +189,7 @@ def count(
     model: WBCNet | str | os.PathLike | None,
     paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    cell_diameter: float = 200,
+    cell_diameter: float | None = None,
     reference: dict[str, tuple[float, float]] | None = None,
     resume: bool = False,
 ) -> dict:
@@ -195,6 +198,8 @@ def count(
     An image that cannot be read, or holds no WBC, is reported as such; the others are counted.
     Each finished field is appended to ``fields.jsonl`` at once, so ``resume=True`` continues an
     interrupted count (same model and cell diameter) without redoing the fields already done.
+    ``cell_diameter`` (the WBC diameter in pixels) is measured from the red cells when not given
+    (:func:`estimate_scale`); counts.json says which and how.
     """
     from ..reports import write_count_report
 
@@ -202,12 +207,16 @@ def count(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise WbcidError(f"{out_dir} is a file; --out takes the folder to write the count into")
-    if not (isinstance(cell_diameter, (int, float)) and math.isfinite(cell_diameter) and cell_diameter > 0):
+    if cell_diameter is not None and not (
+        isinstance(cell_diameter, (int, float)) and math.isfinite(cell_diameter) and cell_diameter > 0
+    ):
         raise WbcidError(f"--cell-diameter must be a positive number of pixels, not {cell_diameter}")
     fields = list_images(paths)  # missing or empty inputs fail before the model loads
+    scale = {"cell_diameter": cell_diameter, "how": "given"} if cell_diameter else estimate_scale(fields)
+    cell_diameter = scale["cell_diameter"]
     model = resolve_model(model)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
-    settings = {"model": name, "cell_diameter": cell_diameter}
+    settings = {"model": name, "cell_diameter": cell_diameter, "scale": scale}
     done = _finished_fields(out_dir / FIELDS, settings, resume)
     images = []
     with (out_dir / FIELDS).open("a") as field_log:
@@ -244,6 +253,40 @@ def count(
     (out_dir / "counts.json").write_text(json.dumps(result, indent=2))
     write_count_report(result, _with_patches(flagged_cells), out_dir)
     return result
+
+
+def estimate_scale(fields: Sequence[Path], sample: int = SCALE_FIELDS) -> dict:
+    """The WBC diameter for these fields, from the red cells of up to ``sample`` fields spread over
+    them (one microscope and camera per run; the median is robust to a few odd fields).
+    Falls back to ``DEFAULT_CELL_DIAMETER`` with a warning when no field shows red cells."""
+    picked = [fields[int(i)] for i in np.unique(np.linspace(0, len(fields) - 1, min(sample, len(fields))).round())]
+    measured = []
+    for path in picked:
+        try:
+            measured.append(rbc_diameter(open_field(path)[0]))
+        except UNREADABLE:
+            measured.append(None)
+    found = [m for m in measured if m is not None]
+    if not found:
+        log.warning(
+            "no red cells to measure the scale in %d sampled field(s); assuming WBCs %g px across "
+            "(BCCD's 640x480 fields): pass --cell-diameter if that is wrong",
+            len(picked),
+            DEFAULT_CELL_DIAMETER,
+        )
+        return {"cell_diameter": DEFAULT_CELL_DIAMETER, "how": "default: no red cells found", "fields_measured": 0}
+    rbc = float(np.median(found))
+    diameter = round(wbc_diameter(rbc), 1)
+    log.info(
+        "scale from the red cells of %d field(s): red cells %.0f px, WBCs about %.0f px", len(found), rbc, diameter
+    )
+    return {
+        "cell_diameter": diameter,
+        "how": "from the red cells",
+        "rbc_diameter": round(rbc, 1),
+        "fields_measured": len(found),
+        "fields_without_red_cells": len(picked) - len(found),
+    }
 
 
 def count_field(model: WBCNet, path: Path, cell_diameter: float, out_dir: Path, index: int) -> dict:

@@ -1,0 +1,56 @@
+"""The scale of a field from its red cells, against TXL-PBC's annotated RBC boxes (four labs, four
+magnifications), and what happens without red cells."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from wbcid.smear.counting import DEFAULT_CELL_DIAMETER, estimate_scale
+from wbcid.smear.scale import rbc_diameter, wbc_diameter
+
+
+def _rbc_truth(label: Path, width: int, height: int) -> float:
+    rows = np.loadtxt(label, ndmin=2)
+    x0, x1 = (rows[:, 1] - rows[:, 3] / 2) * width, (rows[:, 1] + rows[:, 3] / 2) * width
+    y0, y1 = (rows[:, 2] - rows[:, 4] / 2) * height, (rows[:, 2] + rows[:, 4] / 2) * height
+    clear = (x0 > 2) & (y0 > 2) & (x1 < width - 2) & (y1 < height - 2) & (rows[:, 0] == 1)
+    return float(np.median(np.maximum(rows[:, 3] * width, rows[:, 4] * height)[clear]))
+
+
+@pytest.mark.parametrize("source", ["bccd", "bcd", "pbc", "raabin"])
+def test_red_cells_give_each_sources_scale_within_15_percent(data_root, source):
+    root = data_root / "smears" / "txl_pbc"
+    fields = pd.read_csv(root / "fields.csv")
+    fields = fields[fields.source == source].sort_values("image").head(10)
+    paths = [root / "images" / name for name in fields.image]
+    truth = [_rbc_truth(root / "labels" / f"{p.stem}.txt", w, h) for p, w, h in zip(paths, fields.width, fields.height)]
+    with Image.open(paths[0]) as first:
+        assert abs(rbc_diameter(first) / truth[0] - 1) < 0.25  # one field alone: close
+    scale = estimate_scale(paths)
+    assert scale["how"] == "from the red cells" and scale["fields_measured"] == 10
+    assert abs(scale["rbc_diameter"] / np.median(truth) - 1) <= 0.15
+    assert scale["cell_diameter"] == pytest.approx(wbc_diameter(scale["rbc_diameter"]), abs=0.1)
+
+
+def test_a_huge_field_is_measured_as_its_smaller_copy(data_root):
+    field = data_root / "smears" / "bccd" / "images" / "BloodImage_00000.jpg"
+    with Image.open(field) as image:
+        small, huge = rbc_diameter(image), rbc_diameter(image.resize((image.width * 8, image.height * 8)))
+    assert huge / small == pytest.approx(8, rel=0.1)
+
+
+def test_fields_without_red_cells_fall_back_to_the_default_with_a_warning(tmp_path, caplog):
+    blank, tiny = tmp_path / "blank.png", tmp_path / "tiny.png"
+    Image.new("RGB", (400, 300), (240, 230, 235)).save(blank)
+    Image.new("RGB", (2, 2), (120, 60, 160)).save(tiny)
+    assert rbc_diameter(Image.open(blank)) is None and rbc_diameter(Image.open(tiny)) is None
+    with caplog.at_level(logging.WARNING, logger="wbcid"):
+        scale = estimate_scale([blank, tiny, tmp_path / "missing.png"])
+    assert scale["cell_diameter"] == DEFAULT_CELL_DIAMETER and scale["how"].startswith("default")
+    assert "--cell-diameter" in caplog.text

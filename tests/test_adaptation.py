@@ -180,3 +180,21 @@ def test_unlabelled_cells_alone_that_are_all_flagged_still_give_a_model(pbc_mode
     cells = CellSet([Cell(p) for p in sorted((data_root / "cells/bccd").rglob("*.jpg"))[:4]])
     images, _ = load_images(cells, Preprocess.of(base.config))
     assert adapt_model(base, images[:0], np.array([], dtype=np.int64), QUICK, None, images) is not None
+
+
+def test_cross_fitting_raises_the_threshold_for_the_labs_other_cells(pbc_model: Path, adapted: Path, bccd, tmp_path):
+    """The same adaptation calibrated on the verified cells' own views flags more of the lab's other
+    cells: fine-tuning pulled the verified cells together. Cross-fitting moves only the threshold."""
+    from dataclasses import replace
+
+    from wbcid.inference import predict
+
+    plain = adapt(bccd[0], tmp_path / "plain", pbc_model, replace(QUICK, cross_fit=False))
+    crossed, uncrossed = load_checkpoint(adapted), load_checkpoint(plain)
+    for key, value in uncrossed.state_dict().items():
+        if key != "ood.threshold":
+            torch.testing.assert_close(crossed.state_dict()[key], value, msg=key)
+    assert crossed.ood.threshold > uncrossed.ood.threshold
+    other = read_cells(bccd[1]).paths
+    assert predict(adapted, other).flagged.mean() < predict(plain, other).flagged.mean()
+    assert json.loads((adapted / "config.json").read_text())["adapt"]["cross_fit"] is True

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -95,8 +96,10 @@ def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
         assert d["label"] in CLASSES and 0 < d["confidence"] <= 1 and d["flagged"] == (d["ood_score"] > 1)
     for f in fields:
         assert (out / images[str(f)]["annotated"]).is_file()
-    assert counts["scale"]["how"] == "from the red cells" and 100 < counts["scale"]["cell_diameter"] < 320  # 5 fields
-    assert counts["scale"]["fields_without_red_cells"] == 1  # the corrupt file; the grey copy still shows cells
+    assert list(counts["specimens"]) == ["all fields"]  # files given one by one: the run is one specimen
+    scale = counts["specimens"]["all fields"]["scale"]
+    assert scale["how"] == "from the red cells" and 100 < scale["cell_diameter"] < 320  # 5 fields
+    assert scale["fields_without_red_cells"] == 1  # the corrupt file; the grey copy still shows cells
     html = (out / "report.html").read_text()
     assert "95 % interval" in html and "corrupt.jpg" in html and "Reference ranges" in html and "red cells" in html
     assert "scale: WBCs about" in result.stdout
@@ -227,3 +230,63 @@ def test_outputs_and_inputs_are_checked_before_any_work(tmp_path):
         count(None, [tmp_path], tmp_path / "file.txt")
     with pytest.raises(WbcidError, match="no such file"):  # found before the (missing) model is looked for
         count(tmp_path / "no-model.pt", [tmp_path / "missing.jpg"], tmp_path / "out")
+
+
+def test_a_folder_of_folders_is_counted_per_specimen(data_root, tmp_path):
+    """Issue 12: one differential per subfolder (a slide), specimens.csv, the 100-cell warning each,
+    and images beside the specimen folders counted as one more specimen with a warning."""
+    smears = data_root / "smears" / "bccd" / "images"
+    layout = {"slide A/day1": (0, 10), "slide B": (34,), ".": (100,)}  # slide A's fields one level deeper
+    for folder, numbers in layout.items():
+        (tmp_path / "run" / folder).mkdir(parents=True, exist_ok=True)
+        for i in numbers:
+            (tmp_path / "run" / folder / f"BloodImage_{i:05d}.jpg").symlink_to(smears / f"BloodImage_{i:05d}.jpg")
+    out = tmp_path / "out"
+    cli = subprocess.run(
+        [sys.executable, "-m", "wbcid", "count", "--out", str(out), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    counts = json.loads((out / "counts.json").read_text())
+    specimens = counts["specimens"]
+    assert sorted(specimens) == ["loose fields", "slide A", "slide B"]
+    assert [specimens[k]["fields"] for k in ("slide A", "slide B", "loose fields")] == [2, 1, 1]
+    assert "beside the specimen folders" in counts["warnings"][0] and "beside the specimen folders" in cli.stderr
+    for key in ("detected", "counted", "flagged"):
+        assert sum(s["totals"][key] for s in specimens.values()) == counts["totals"][key]
+    for s in specimens.values():
+        assert s["scale"]["how"] == "from the red cells"
+        assert s["warnings"] == [
+            f"only {s['totals']['counted']} cells counted; a 100-cell differential needs "
+            f"{100 - s['totals']['counted']} more (count more fields of this slide)"
+        ]
+    table = pd.read_csv(out / "specimens.csv")
+    assert table.specimen.tolist() == list(specimens) and table.counted.sum() == counts["totals"]["counted"]
+    busiest = max(specimens, key=lambda k: specimens[k]["totals"]["counted"])
+    assert specimens[busiest]["totals"]["counted"] >= 1
+    row = table.set_index("specimen").loc[busiest]
+    for cls, c in specimens[busiest]["totals"]["classes"].items():
+        assert row[f"{cls}_percent"] == pytest.approx(c["percent"], abs=0.05)
+        assert row[f"{cls}_ci95_low"] == pytest.approx(c["ci95"][0], abs=0.05)
+    html = (out / "report.html").read_text()
+    assert html.count('<h2 id="specimen-') == 3 and "Specimen slide B" in html and "beside the specimen" in html
+    assert "specimen slide A: scale" in cli.stdout
+
+
+def test_a_cell_cut_by_the_field_edge_is_flagged_not_counted(data_root, tmp_path):
+    """Issue 12 (field edges): a WBC whose box touches the border is partly outside the image."""
+    from wbcid.smear.counting import count, on_edge
+
+    assert on_edge((0, 40, 90, 120), (640, 480)) and on_edge((500, 40, 640, 120), (640, 480))
+    assert not on_edge((10, 40, 90, 120), (640, 480))
+    field = data_root / "smears" / "bccd" / "images" / "BloodImage_00000.jpg"
+    whole = count(None, [field], tmp_path / "whole")["images"][0]["detections"]
+    assert len(whole) == 1 and not whole[0]["edge"]
+    x0, y0, x1, y1 = whole[0]["box"]
+    with Image.open(field) as image:  # cut the field through the middle of the cell
+        image.crop((0, 0, (x0 + x1) // 2, image.height)).save(tmp_path / "cut.png")
+    cut = count(None, [tmp_path / "cut.png"], tmp_path / "cut", cell_diameter=200)
+    (cell,) = cut["images"][0]["detections"]
+    assert cell["edge"] and cell["flagged"] and cut["totals"]["counted"] == 0 and cut["totals"]["flagged"] == 1
+    assert "cut by the field" in (tmp_path / "cut" / "report.html").read_text()

@@ -214,10 +214,24 @@ def count(
 
     with _resumable(f"finished fields are in {out / 'fields.jsonl'}"):
         result = run_count(model, paths, out, cell_diameter, read_reference(reference) if reference else None, resume)
-    totals = result["totals"]
-    scale = result["scale"]
-    typer.echo(f"scale: WBCs about {scale['cell_diameter']:.0f} px across ({scale['how']})")
-    typer.echo(f"{totals['detected']} WBCs found, {totals['counted']} counted, {totals['flagged']} flagged for review")
+    specimens = result["specimens"]
+    for name, specimen in specimens.items():
+        scale = specimen["scale"]
+        title = f"specimen {name}: " if len(specimens) > 1 else ""
+        typer.echo(f"{title}scale: WBCs about {scale['cell_diameter']:.0f} px across ({scale['how']})")
+        if len(specimens) > 1:
+            _echo_differential(specimen["totals"], indent="  ")
+    if len(specimens) > 1:
+        typer.echo(f"all {len(specimens)} specimens together (per specimen: {out / 'specimens.csv'}):")
+    _echo_differential(result["totals"])
+    typer.echo(f"report: {out / 'report.html'}")
+
+
+def _echo_differential(totals: dict, indent: str = "") -> None:
+    """The terminal summary of one differential: counts, percentages with intervals, flags."""
+    typer.echo(
+        f"{indent}{totals['detected']} WBCs found, {totals['counted']} counted, {totals['flagged']} flagged for review"
+    )
     for name, c in totals["classes"].items():
         if c["percent"] is not None:
             flag = ""
@@ -225,14 +239,14 @@ def count(
                 sure = "conclusive" if c["conclusive"] else "inconclusive: the interval overlaps the range"
                 flag = f"  {c['flag'].upper()} ({sure}; reference {c['reference'][0]:g}-{c['reference'][1]:g} %)"
             typer.echo(
-                f"  {name:11s} {c['count']:4d}  {c['percent']:5.1f} %  [{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]{flag}"
+                f"{indent}  {name:11s} {c['count']:4d}  {c['percent']:5.1f} %  "
+                f"[{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]{flag}"
             )
     if totals["counted"] < 100:
         typer.echo(
-            f"warning: only {totals['counted']} cells counted; a 100-cell differential needs "
+            f"{indent}warning: only {totals['counted']} cells counted; a 100-cell differential needs "
             f"{100 - totals['counted']} more"
         )
-    typer.echo(f"report: {out / 'report.html'}")
 
 
 @app.command()
@@ -262,13 +276,21 @@ def adapt(
         int, typer.Option(help="Last backbone layer groups fine-tuned with the head (0: head only).")
     ] = 2,
     steps: Annotated[int, typer.Option(help="Optimisation steps (fixed budget).")] = 100,
+    cross_fit: Annotated[
+        bool,
+        typer.Option(
+            help="Set the flag threshold so ~5 % of the lab's other cells are flagged, measured on cells two "
+            "half-models were not tuned on (3x the fine-tuning time); --no-cross-fit: calibrate on the verified "
+            "cells themselves (flags more ordinary cells, and more non-WBCs)."
+        ),
+    ] = True,
     seed: int = 0,
 ) -> None:
     """Learn a new lab from a few verified cells (few-shot fine-tuning with replay); writes a run directory."""
     from .adaptation import AdaptConfig
     from .adaptation import adapt as run_adaptation
 
-    config = AdaptConfig(trainable_groups=trainable_groups, steps=steps, seed=seed)
+    config = AdaptConfig(trainable_groups=trainable_groups, steps=steps, cross_fit=cross_fit, seed=seed)
     with _interrupted("nothing was written; the base model is unchanged"):
         run = run_adaptation(data, out, model, config, replay, unlabelled)
     record = json.loads((run / "config.json").read_text())

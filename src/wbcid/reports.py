@@ -153,6 +153,7 @@ def write_count_report(result: dict, flagged_cells: list[tuple[dict, CellCall, I
                 "label": call.label,
                 "confidence": call.confidence,
                 "ood_score": call.ood_score,
+                "edge": call.edge,
             }
         )
     problems = [
@@ -165,7 +166,8 @@ def write_count_report(result: dict, flagged_cells: list[tuple[dict, CellCall, I
         n_images=len(result["images"]),
         totals=result["totals"],
         model=result["model"],
-        scale=result["scale"],
+        specimens=result["specimens"],
+        warnings=result["warnings"],
         images=result["images"],
         reference=result["reference"],
         flagged=flagged,

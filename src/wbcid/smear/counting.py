@@ -28,9 +28,10 @@ from ..inference import predict_scores
 from ..loading import resolve_model
 from ..models import WBCNet, describe_model
 from ..ood import flagged
-from ..preprocess import Preprocess, upright_rgb
+from ..preprocess import Preprocess, to_tensor, upright_rgb
 from .detect import Box, detect_cells
 from .scale import rbc_diameter, wbc_diameter
+from .specimens import cells_short, group_fields, specimen_table
 
 log = logging.getLogger("wbcid")
 
@@ -72,7 +73,8 @@ class CellCall:
     label: str
     confidence: float
     ood_score: float
-    flagged: bool
+    flagged: bool  # for review, not counted: unlike the training cells (ood_score > 1) or cut by the edge
+    edge: bool = False  # the box touches the field's border: part of the cell is outside the image
 
 
 def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -175,14 +177,25 @@ def classify_field(model: WBCNet, image: Image.Image, cell_diameter: float = DEF
     if not boxes:
         return []
     prep = Preprocess.of(model.config)
-    patches = torch.from_numpy(np.stack([cell_patch(image, b, prep) for b in boxes])).permute(0, 3, 1, 2)
+    patches = torch.stack([to_tensor(cell_patch(image, b, prep)) for b in boxes])
     logits, ood = predict_scores(model, patches.split(64))
     probs = logits.softmax(1).numpy()
-    flags = flagged(ood.numpy())
+    edges = [on_edge(box, image.size) for box in boxes]
     return [
-        CellCall(box, CLASSES[int(p.argmax())], float(p.max()), float(o), bool(f))
-        for box, p, o, f in zip(boxes, probs, ood.numpy(), flags)
+        CellCall(box, CLASSES[int(p.argmax())], float(p.max()), float(o), bool(f or e), e)
+        for box, p, o, f, e in zip(boxes, probs, ood.numpy(), flagged(ood.numpy()), edges)
     ]
+
+
+def on_edge(box: Box, size: tuple[int, int], margin: int = 1) -> bool:
+    """Whether a detection touches the field's border, i.e. the cell is cut by it.
+
+    Such a cell is flagged for review and not counted: its visible part may lack the nucleus lobes
+    or granules that tell the types apart, and the next field may show the rest of it, so a
+    technologist decides (the battlement rule of manual differentials likewise counts cells on
+    some edges only). ``wbcid review`` shows it with the other flagged cells."""
+    x0, y0, x1, y1 = box
+    return x0 <= margin or y0 <= margin or x1 >= size[0] - margin or y1 >= size[1] - margin
 
 
 def count(
@@ -198,8 +211,10 @@ def count(
     An image that cannot be read, or holds no WBC, is reported as such; the others are counted.
     Each finished field is appended to ``fields.jsonl`` at once, so ``resume=True`` continues an
     interrupted count (same model and cell diameter) without redoing the fields already done.
-    ``cell_diameter`` (the WBC diameter in pixels) is measured from the red cells when not given
-    (:func:`estimate_scale`); counts.json says which and how.
+    ``cell_diameter`` (the WBC diameter in pixels) is measured from each specimen's red cells when
+    not given (:func:`estimate_scale`); counts.json says which and how. A folder of folders is one
+    specimen per subfolder (:mod:`wbcid.smear.specimens`): counts.json, ``specimens.csv`` and the
+    report give each its differential.
     """
     from ..reports import write_count_report
 
@@ -212,11 +227,15 @@ def count(
     ):
         raise WbcidError(f"--cell-diameter must be a positive number of pixels, not {cell_diameter}")
     fields = list_images(paths)  # missing or empty inputs fail before the model loads
-    scale = {"cell_diameter": cell_diameter, "how": "given"} if cell_diameter else estimate_scale(fields)
-    cell_diameter = scale["cell_diameter"]
+    groups, notes = group_fields(paths, fields)
+    for note in notes:
+        log.warning(note)
+    given = {"cell_diameter": cell_diameter, "how": "given"}
+    scales = {specimen: given if cell_diameter else estimate_scale(members) for specimen, members in groups.items()}
+    specimen_of = {field: specimen for specimen, members in groups.items() for field in members}
     model = resolve_model(model)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
-    settings = {"model": name, "cell_diameter": cell_diameter, "scale": scale}
+    settings = {"model": name, "scales": scales}
     done = _finished_fields(out_dir / FIELDS, settings, resume)
     images = []
     with (out_dir / FIELDS).open("a") as field_log:
@@ -225,34 +244,57 @@ def count(
         for path in tqdm(fields, desc="counting", disable=None, leave=False):
             entry = done.get(str(path))
             if entry is None:
-                entry = count_field(model, path, cell_diameter, out_dir, len(images) + 1)
+                specimen = specimen_of[path]
+                entry = count_field(model, path, scales[specimen]["cell_diameter"], out_dir, len(images) + 1)
+                entry["specimen"] = specimen
                 field_log.write(json.dumps(entry) + "\n")
                 field_log.flush()
             images.append(entry)
     if not any("size" in e for e in images):
         raise WbcidError(f"none of the {len(images)} images could be read")
-    flagged_cells = [
-        (e, CellCall(**{**d, "box": tuple(d["box"])})) for e in images for d in e["detections"] if d["flagged"]
-    ]
-    counted = [d["label"] for e in images for d in e["detections"] if not d["flagged"]]
-    totals = differential(counted, reference) | {
-        "detected": sum(len(e["detections"]) for e in images),
-        "flagged": len(flagged_cells),
-    }
-    for name, row in totals["classes"].items():  # flags are not random: show which counts they may bias
-        row["flagged_closest"] = sum(call.label == name for _, call in flagged_cells)
+    specimens = {}
+    for specimen, scale in scales.items():
+        members = [e for e in images if e["specimen"] == specimen]
+        totals = summarise(members, reference)
+        short = cells_short(totals["counted"])
+        specimens[specimen] = {
+            "fields": len(members),
+            "scale": scale,
+            "totals": totals,
+            "warnings": [short] * bool(short),
+        }
     result = {
-        **settings,
+        "model": name,
         "images": images,
-        "totals": totals,
+        "totals": summarise(images, reference),
+        "specimens": specimens,
+        "warnings": notes,
         "reference": {
             "source": REFERENCE_SOURCE if reference is None else "user-supplied",
             "ranges": reference or REFERENCE_RANGES,
         },
     }
     (out_dir / "counts.json").write_text(json.dumps(result, indent=2))
+    specimen_table(specimens).to_csv(out_dir / "specimens.csv", index=False, float_format="%.1f")
+    flagged_cells = [(e, call) for e in images for call in _calls(e) if call.flagged]
     write_count_report(result, _with_patches(flagged_cells), out_dir)
     return result
+
+
+def summarise(images: list[dict], reference: dict[str, tuple[float, float]] | None) -> dict:
+    """The differential of these fields' unflagged cells, with what was detected and flagged."""
+    calls = [call for e in images for call in _calls(e)]
+    totals = differential([c.label for c in calls if not c.flagged], reference) | {
+        "detected": len(calls),
+        "flagged": sum(c.flagged for c in calls),
+    }
+    for name, row in totals["classes"].items():  # flags are not random: show which counts they may bias
+        row["flagged_closest"] = sum(c.flagged and c.label == name for c in calls)
+    return totals
+
+
+def _calls(entry: dict) -> list[CellCall]:
+    return [CellCall(**{**d, "box": tuple(d["box"])}) for d in entry["detections"]]
 
 
 def estimate_scale(fields: Sequence[Path], sample: int = SCALE_FIELDS) -> dict:

@@ -238,7 +238,7 @@ def _count_rows(counts_json: Path) -> list[tuple]:
     return [
         (
             entry["path"],
-            Path(entry["path"]).parent.name,
+            entry.get("specimen", Path(entry["path"]).parent.name),  # counts before specimens: the folder
             json.dumps(d["box"]),
             d["label"],
             d["confidence"],

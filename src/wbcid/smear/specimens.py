@@ -1,0 +1,80 @@
+"""Specimens: a laboratory reports a differential per slide (one patient), not per run.
+
+``wbcid count`` on a folder of folders treats every subfolder as one specimen: its fields, at any
+depth below it, are counted together, its scale is measured from its own red cells, and it gets
+its own differential and a line in ``specimens.csv``. Without subfolders the whole run is one
+specimen. Images lying beside specimen folders are counted as one more specimen, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..data import CLASSES
+
+RUN = "all fields"  # the one specimen of a run without specimen folders
+LOOSE = "loose fields"  # images beside specimen folders
+DIFFERENTIAL_CELLS = 100  # the usual manual differential
+
+
+def group_fields(paths: Sequence[str | os.PathLike], fields: Sequence[Path]) -> tuple[dict[str, list[Path]], list[str]]:
+    """``{specimen: fields}`` in input order, and warnings about how the inputs were grouped."""
+    folders = [Path(p) for p in paths if Path(p).is_dir()]
+    groups: dict[str | None, list[Path]] = {}
+    for field in fields:
+        folder = next((f for f in folders if field.is_relative_to(f)), None)
+        parts = field.relative_to(folder).parts if folder is not None else ()
+        groups.setdefault(parts[0] if len(parts) > 1 else None, []).append(field)
+    loose = groups.pop(None, [])
+    if not groups:
+        return {RUN: loose}, []
+    warnings = []
+    if loose:
+        groups[LOOSE] = loose
+        warnings.append(
+            f"{len(loose)} image(s) lie beside the specimen folders rather than in one; "
+            f"they are counted together as one more specimen, '{LOOSE}'"
+        )
+    return groups, warnings
+
+
+def cells_short(counted: int) -> str | None:
+    """The warning for a specimen with fewer cells than a usual differential, else ``None``."""
+    if counted >= DIFFERENTIAL_CELLS:
+        return None
+    return (
+        f"only {counted} cells counted; a {DIFFERENTIAL_CELLS}-cell differential needs "
+        f"{DIFFERENTIAL_CELLS - counted} more (count more fields of this slide)"
+    )
+
+
+def specimen_table(specimens: dict[str, dict]) -> pd.DataFrame:
+    """One row per specimen: cells, and per type its percentage, 95 % interval and reference flag."""
+    rows = []
+    for name, s in specimens.items():
+        totals = s["totals"]
+        row = {
+            "specimen": name,
+            "fields": s["fields"],
+            "cell_diameter_px": s["scale"]["cell_diameter"],
+            "detected": totals["detected"],
+            "counted": totals["counted"],
+            "flagged": totals["flagged"],
+        }
+        for cls in CLASSES:
+            c = totals["classes"][cls]
+            low, high = c["ci95"] or (None, None)
+            flag = f"{c['flag']} ({'conclusive' if c['conclusive'] else 'inconclusive'})" if c["flag"] else ""
+            row |= {
+                f"{cls}_percent": c["percent"],
+                f"{cls}_ci95_low": low,
+                f"{cls}_ci95_high": high,
+                f"{cls}_flag": flag,
+            }
+        row["warnings"] = "; ".join(s["warnings"])
+        rows.append(row)
+    return pd.DataFrame(rows)

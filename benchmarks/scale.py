@@ -26,31 +26,21 @@ from common import parser, setup, write_results
 from PIL import Image
 
 from wbcid.smear.counting import DEFAULT_CELL_DIAMETER, estimate_scale
-from wbcid.smear.detect import detect_cells, match_boxes, read_voc_boxes
-from wbcid.smear.scale import rbc_diameter
+from wbcid.smear.detect import detect_cells, match_boxes, read_voc_boxes, read_yolo_boxes
+from wbcid.smear.scale import annotated_rbc_diameter, rbc_diameter
 
 WITHIN = 0.15
 
 
 def yolo_boxes(path: Path, width: int, height: int) -> tuple[list[tuple[int, int, int, int]], float]:
-    """(WBC boxes in pixels, median longer side of the RBC boxes clear of the border; NaN if none)."""
-    rows = np.loadtxt(path, ndmin=2) if path.stat().st_size else np.empty((0, 5))
-    x0, x1 = (rows[:, 1] - rows[:, 3] / 2) * width, (rows[:, 1] + rows[:, 3] / 2) * width
-    y0, y1 = (rows[:, 2] - rows[:, 4] / 2) * height, (rows[:, 2] + rows[:, 4] / 2) * height
-    clear = (x0 > 2) & (y0 > 2) & (x1 < width - 2) & (y1 < height - 2) & (rows[:, 0] == 1)
-    sides = np.maximum(rows[:, 3] * width, rows[:, 4] * height)[clear]
-    wbc = [tuple(int(round(v)) for v in b) for b in np.c_[x0, y0, x1, y1][rows[:, 0] == 0]]
-    return wbc, float(np.median(sides)) if len(sides) else float("nan")
+    """(WBC boxes in pixels, the annotated red-cell diameter) of a YOLO label file."""
+    wbc = [tuple(int(round(v)) for v in box) for box in read_yolo_boxes(path, (width, height), 0)]
+    return wbc, annotated_rbc_diameter(read_yolo_boxes(path, (width, height), 1), (width, height))
 
 
 def voc_boxes(path: Path, width: int, height: int) -> tuple[list[tuple[int, int, int, int]], float]:
     """:func:`yolo_boxes` for a Pascal VOC annotation file."""
-    clear = [
-        max(x1 - x0, y1 - y0)
-        for x0, y0, x1, y1 in read_voc_boxes(path, "RBC")
-        if x0 > 2 and y0 > 2 and x1 < width - 2 and y1 < height - 2
-    ]
-    return read_voc_boxes(path, "WBC"), float(np.median(clear)) if clear else float("nan")
+    return read_voc_boxes(path, "WBC"), annotated_rbc_diameter(read_voc_boxes(path, "RBC"), (width, height))
 
 
 def datasets(data: Path):

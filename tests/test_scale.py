@@ -4,7 +4,6 @@ magnifications), and what happens without red cells."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,15 +11,8 @@ import pytest
 from PIL import Image
 
 from wbcid.smear.counting import DEFAULT_CELL_DIAMETER, estimate_scale
-from wbcid.smear.scale import rbc_diameter, wbc_diameter
-
-
-def _rbc_truth(label: Path, width: int, height: int) -> float:
-    rows = np.loadtxt(label, ndmin=2)
-    x0, x1 = (rows[:, 1] - rows[:, 3] / 2) * width, (rows[:, 1] + rows[:, 3] / 2) * width
-    y0, y1 = (rows[:, 2] - rows[:, 4] / 2) * height, (rows[:, 2] + rows[:, 4] / 2) * height
-    clear = (x0 > 2) & (y0 > 2) & (x1 < width - 2) & (y1 < height - 2) & (rows[:, 0] == 1)
-    return float(np.median(np.maximum(rows[:, 3] * width, rows[:, 4] * height)[clear]))
+from wbcid.smear.detect import read_yolo_boxes
+from wbcid.smear.scale import annotated_rbc_diameter, rbc_diameter, wbc_diameter
 
 
 @pytest.mark.parametrize("source", ["bccd", "bcd", "pbc", "raabin"])
@@ -29,7 +21,10 @@ def test_red_cells_give_each_sources_scale_within_15_percent(data_root, source):
     fields = pd.read_csv(root / "fields.csv")
     fields = fields[fields.source == source].sort_values("image").head(10)
     paths = [root / "images" / name for name in fields.image]
-    truth = [_rbc_truth(root / "labels" / f"{p.stem}.txt", w, h) for p, w, h in zip(paths, fields.width, fields.height)]
+    truth = [
+        annotated_rbc_diameter(read_yolo_boxes(root / "labels" / f"{p.stem}.txt", (w, h), 1), (w, h))
+        for p, w, h in zip(paths, fields.width, fields.height)
+    ]
     with Image.open(paths[0]) as first:
         assert abs(rbc_diameter(first) / truth[0] - 1) < 0.25  # one field alone: close
     scale = estimate_scale(paths)

@@ -229,6 +229,8 @@ def count(
 
 def _echo_differential(totals: dict, indent: str = "") -> None:
     """The terminal summary of one differential: counts, percentages with intervals, flags."""
+    from .smear.specimens import cells_short
+
     typer.echo(
         f"{indent}{totals['detected']} WBCs found, {totals['counted']} counted, {totals['flagged']} flagged for review"
     )
@@ -242,11 +244,9 @@ def _echo_differential(totals: dict, indent: str = "") -> None:
                 f"{indent}  {name:11s} {c['count']:4d}  {c['percent']:5.1f} %  "
                 f"[{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]{flag}"
             )
-    if totals["counted"] < 100:
-        typer.echo(
-            f"{indent}warning: only {totals['counted']} cells counted; a 100-cell differential needs "
-            f"{100 - totals['counted']} more"
-        )
+    short = cells_short(totals["counted"])
+    if short:
+        typer.echo(f"{indent}warning: {short}")
 
 
 @app.command()

@@ -98,6 +98,18 @@ def read_voc_boxes(path: str | Path, name: str = "WBC") -> list[Box]:
     return boxes
 
 
+def read_yolo_boxes(path: str | Path, size: tuple[int, int], cls: int) -> list[tuple[float, float, float, float]]:
+    """The boxes of one class in a YOLO label file (``class cx cy w h``, fractions of the image), in pixels."""
+    path = Path(path)
+    rows = np.loadtxt(path, ndmin=2) if path.stat().st_size else np.empty((0, 5))
+    width, height = size
+    return [
+        ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
+        for c, cx, cy, w, h in rows
+        if c == cls
+    ]
+
+
 def match_boxes(predicted: list[Box], truth: list[Box], min_iou: float = 0.5) -> tuple[int, int, int]:
     """``(true positives, false positives, false negatives)``: greedy one-to-one matching by IoU."""
     if not predicted or not truth:

@@ -13,7 +13,7 @@ The red-cell mask: optical density of green (red cells, WBCs and platelets absor
 background does not), split by a three-class Otsu into background, red cells and nuclei, holes
 (the central pallor) filled. The field is first resized to ``WORK_SIDE`` pixels on its long side.
 
-Constants and where they were chosen (``benchmarks/detection.py`` measures them on all sources):
+Constants and where they were chosen (``benchmarks/scale.py`` measures the result on all sources):
 
 * ``RBC_BOX_PER_DISC``: an annotated red-cell box is larger than the granulometric diameter (the
   annotator's box encloses the cell's soft edge); the median ratio on TXL-PBC's BCCD fields.
@@ -66,14 +66,21 @@ def _pattern_spectrum(mask: np.ndarray) -> np.ndarray:
     background: two distance transforms instead of a slow morphological opening."""
     inside = ndimage.distance_transform_edt(mask)
     areas = [float(mask.sum())]
-    for radius in range(1, int(inside.max()) + 2):
-        core = inside >= radius
-        areas.append(float((ndimage.distance_transform_edt(~core) <= radius).sum()) if core.any() else 0.0)
-        if not core.any():
-            break
-    return -np.diff(areas)
+    for radius in range(1, int(inside.max()) + 1):  # beyond the largest inscribed disc nothing is left
+        areas.append(float((ndimage.distance_transform_edt(inside < radius) <= radius).sum()))
+    return -np.diff([*areas, 0.0])
 
 
 def wbc_diameter(rbc: float) -> float:
     """The WBC diameter the detector expects in a field whose red cells are ``rbc`` pixels across."""
     return WBC_PER_RBC * rbc
+
+
+def annotated_rbc_diameter(boxes: list[tuple[float, float, float, float]], size: tuple[int, int]) -> float:
+    """The truth :func:`rbc_diameter` is measured against: the median longer side of a field's annotated
+    red-cell boxes that are clear of its border (cut cells would look small); NaN without any."""
+    width, height = size
+    sides = [
+        max(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes if x0 > 2 and y0 > 2 and x1 < width - 2 and y1 < height - 2
+    ]
+    return float(np.median(sides)) if sides else float("nan")

@@ -163,7 +163,7 @@ def run_curve(base, config: AdaptConfig, data: dict, labs: dict, args) -> list[d
                     print(json.dumps(row), flush=True)
         if args.unlabelled:  # zero-shot AdaBN (test-time adaptation on the lab's images), for comparison
             adabn = adapt_batchnorm(base, lab_images.split(128))
-            logits, ood = predict_scores(adabn, lab_images.split(128))
+            logits, ood = map(torch.from_numpy, predict_scores(adabn, lab_images.split(128)))
             rows.append(
                 {
                     "lab": lab,
@@ -192,7 +192,7 @@ def _score(model, suffix, lab, lab_labels, test, test_labels, other, full: bool 
     if full:
 
         def run(x):
-            return predict_scores(model, x.split(128))
+            return tuple(map(torch.from_numpy, predict_scores(model, x.split(128))))
     else:
 
         def run(x):

@@ -14,7 +14,11 @@ import shlex
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from wbcid.data import default_data_root
+from wbcid.smear.detect import read_voc_boxes, read_yolo_boxes
+from wbcid.smear.scale import annotated_rbc_diameter
 
 
 def parser(doc: str | None, data: bool = True) -> argparse.ArgumentParser:
@@ -46,3 +50,42 @@ def write_results(stem: Path, result: dict, markdown: str | None = None) -> None
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     if markdown is not None:
         stem.with_suffix(".md").write_text(markdown.rstrip() + "\n")
+
+
+def yolo_boxes(path: Path, width: int, height: int) -> tuple[list[tuple[int, int, int, int]], float]:
+    """(WBC boxes in pixels, the annotated red-cell diameter) of a YOLO label file."""
+    wbc = [tuple(int(round(v)) for v in box) for box in read_yolo_boxes(path, (width, height), 0)]
+    return wbc, annotated_rbc_diameter(read_yolo_boxes(path, (width, height), 1), (width, height))
+
+
+def voc_boxes(path: Path, width: int, height: int) -> tuple[list[tuple[int, int, int, int]], float]:
+    """:func:`yolo_boxes` for a Pascal VOC annotation file."""
+    return read_voc_boxes(path, "WBC"), annotated_rbc_diameter(read_voc_boxes(path, "RBC"), (width, height))
+
+
+def smear_sources(data: Path):
+    """``(source, [(image path, width, height, label file, boxes function)])`` for each TXL-PBC lab and BCCD (VOC)."""
+    root = data / "smears" / "txl_pbc"
+    fields = pd.read_csv(root / "fields.csv")
+    for source, group in fields.groupby("source"):
+        yield (
+            source,
+            [
+                (
+                    root / "images" / r.image,
+                    r.width,
+                    r.height,
+                    root / "labels" / f"{Path(r.image).stem}.txt",
+                    yolo_boxes,
+                )
+                for r in group.itertuples()
+            ],
+        )
+    bccd = data / "smears" / "bccd"
+    yield (
+        "bccd (VOC)",
+        [
+            (p, 640, 480, bccd / "annotations" / f"{p.stem}.xml", voc_boxes)
+            for p in sorted((bccd / "images").glob("*.jpg"))
+        ],
+    )

@@ -18,11 +18,12 @@ from common import parser, setup, write_results
 from sklearn.metrics import roc_auc_score
 
 from wbcid.benchmark import OTHER_SOURCES, TRAIN_SOURCE
+from wbcid.contract import flagged
 from wbcid.data import CLASSES, read_cells
 from wbcid.evaluation import compute_metrics, flagged_metrics
 from wbcid.inference import predict_proba
 from wbcid.loading import resolve_model
-from wbcid.ood import QUANTILE, flagged
+from wbcid.ood import QUANTILE
 from wbcid.training_statistics import refit_training_statistics
 
 SOURCES = (TRAIN_SOURCE, *OTHER_SOURCES)

@@ -31,9 +31,10 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from sklearn.metrics import f1_score, roc_auc_score
 
 from wbcid.benchmark import OTHER_SOURCES, TRAIN_SOURCE
+from wbcid.contract import BUNDLED_ONNX
 from wbcid.data import load_images, read_cells, sample_per_class
 from wbcid.loading import resolve_model
-from wbcid.models import BUNDLED_ONNX, create_model
+from wbcid.models import create_model
 from wbcid.preprocess import Preprocess, as_input
 
 

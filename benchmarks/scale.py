@@ -21,54 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-from common import parser, setup, write_results
+from common import parser, setup, smear_sources, write_results
 from PIL import Image
 
 from wbcid.smear.counting import DEFAULT_CELL_DIAMETER, estimate_scale
-from wbcid.smear.detect import detect_cells, match_boxes, read_voc_boxes, read_yolo_boxes
-from wbcid.smear.scale import annotated_rbc_diameter, rbc_diameter
+from wbcid.smear.detect import detect_cells, match_boxes
+from wbcid.smear.scale import rbc_diameter
 
 WITHIN = 0.15
-
-
-def yolo_boxes(path: Path, width: int, height: int) -> tuple[list[tuple[int, int, int, int]], float]:
-    """(WBC boxes in pixels, the annotated red-cell diameter) of a YOLO label file."""
-    wbc = [tuple(int(round(v)) for v in box) for box in read_yolo_boxes(path, (width, height), 0)]
-    return wbc, annotated_rbc_diameter(read_yolo_boxes(path, (width, height), 1), (width, height))
-
-
-def voc_boxes(path: Path, width: int, height: int) -> tuple[list[tuple[int, int, int, int]], float]:
-    """:func:`yolo_boxes` for a Pascal VOC annotation file."""
-    return read_voc_boxes(path, "WBC"), annotated_rbc_diameter(read_voc_boxes(path, "RBC"), (width, height))
-
-
-def datasets(data: Path):
-    """(name, [(image path, width, height, boxes function)]) per source."""
-    root = data / "smears" / "txl_pbc"
-    fields = pd.read_csv(root / "fields.csv")
-    for source, group in fields.groupby("source"):
-        yield (
-            source,
-            [
-                (
-                    root / "images" / r.image,
-                    r.width,
-                    r.height,
-                    root / "labels" / f"{Path(r.image).stem}.txt",
-                    yolo_boxes,
-                )
-                for r in group.itertuples()
-            ],
-        )
-    bccd = data / "smears" / "bccd"
-    yield (
-        "bccd (VOC)",
-        [
-            (p, 640, 480, bccd / "annotations" / f"{p.stem}.xml", voc_boxes)
-            for p in sorted((bccd / "images").glob("*.jpg"))
-        ],
-    )
 
 
 def main() -> None:
@@ -77,7 +37,7 @@ def main() -> None:
     args = options.parse_args()
     command = setup()
     result: dict = {"command": command, "within": WITHIN, "sources": {}}
-    for source, group in datasets(args.data):
+    for source, group in smear_sources(args.data):
         paths = [path for path, *_ in group]
         began = time.perf_counter()
         run_scale = estimate_scale(paths)

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from common import parser, setup
 
+from wbcid.contract import BUNDLED
 from wbcid.data import read_cells
 from wbcid.export import export_onnx
 from wbcid.inference import predict
 from wbcid.loading import resolve_model
-from wbcid.models import BUNDLED, create_model, save_model
+from wbcid.models import create_model, save_model
 from wbcid.train import TrainConfig, fit
 
 

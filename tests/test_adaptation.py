@@ -18,9 +18,10 @@ from wbcid.adaptation import AdaptConfig, adapt
 from wbcid.data import CLASSES, draw_per_class, read_cells
 from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
-from wbcid.export import OnnxModel, export_onnx
+from wbcid.export import export_onnx
 from wbcid.inference import agreement
 from wbcid.models import load_checkpoint
+from wbcid.serving import OnnxModel
 from wbcid.smear.counting import count
 from wbcid.train import TrainConfig, fit
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from wbcid.contract import BUNDLED
 from wbcid.data import CLASSES, read_cells
 from wbcid.errors import WbcidError
-from wbcid.export import OnnxModel
 from wbcid.inference import UNREADABLE_MESSAGE, predict
 from wbcid.loading import resolve_model
-from wbcid.models import BUNDLED
 from wbcid.preprocess import Preprocess
+from wbcid.serving import OnnxModel
 
 
 def test_bundled_model_is_small_and_carries_its_contract():
@@ -82,3 +82,17 @@ def test_evaluating_on_training_cells_says_so(data_root, tmp_path, caplog):
     metrics = evaluate(None, cells.subset(range(12)), tmp_path)
     assert metrics["training_overlap"] == 12 and "not a test score" in caplog.text
     assert (tmp_path / "report.md").read_text().splitlines()[0].startswith("# Evaluation of bundled model")
+
+
+def test_serving_the_bundled_model_never_imports_pytorch(data_root, tmp_path):
+    """Issue 14: predict and count run on ONNX Runtime and start without PyTorch's ~2 s import."""
+    cell = next((data_root / "cells" / "lisc" / "monocyte").iterdir())
+    field = data_root / "smears" / "bccd" / "images" / "BloodImage_00000.jpg"
+    code = (
+        "import sys; from wbcid.inference import predict; from wbcid.smear.counting import count; "
+        f"table = predict(None, [{str(cell)!r}]); counted = count(None, [{str(field)!r}], {str(tmp_path / 'c')!r}); "
+        "assert table.label[0] and counted['totals']['detected'] > 0; print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"

@@ -136,8 +136,9 @@ def test_an_interrupted_count_resumes_without_redoing_finished_fields(data_root,
         counting.count(None, fields, tmp_path / "out")
     with pytest.raises(WbcidError, match="counted with"):
         counting.count(None, fields, tmp_path / "out", cell_diameter=150, resume=True)
+    before = len(calls)  # 3, or 4 when the last field was already under way in the other thread
     resumed = counting.count(None, fields, tmp_path / "out", resume=True)
-    assert len(calls) == 3 + 2  # only the two unfinished fields were classified again
+    assert len(calls) - before == 2  # only the two unfinished fields were classified again
     assert resumed["totals"] == straight["totals"]
     written = [json.loads((tmp_path / run / "counts.json").read_text())["images"] for run in ("out", "straight")]
     assert [e["detections"] for e in written[0]] == [e["detections"] for e in written[1]]

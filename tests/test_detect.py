@@ -58,3 +58,16 @@ def test_matching_counts_each_box_once():
 def test_bad_scale_is_a_clear_error(smears):
     with pytest.raises(WbcidError, match="cell_diameter"):
         detect_cells(field(smears, "BloodImage_00000"), cell_diameter=0)
+
+
+@pytest.mark.parametrize("gain", [(1.0, 0.72, 0.85), (0.85, 0.65, 1.0)], ids=["pink", "purple"])
+def test_a_tinted_background_is_not_mistaken_for_a_cell(smears, gain):
+    """Issue 12: fields from a camera whose background is pink or purple came out as one field-sized WBC."""
+    tp = fp = fn = 0
+    for name in FIELDS:
+        rgb = np.asarray(field(smears, name), dtype=np.float32)
+        for tinted in (rgb * np.array(gain), rgb * np.linspace((1.0, 0.72, 0.85), gain, rgb.shape[1])[None]):
+            found = [d.box for d in detect_cells(np.clip(tinted, 0, 255).astype(np.uint8))]
+            counts = match_boxes(found, read_voc_boxes(smears / "annotations" / f"{name}.xml"))
+            tp, fp, fn = tp + counts[0], fp + counts[1], fn + counts[2]
+    assert tp >= 13 and fp <= 1  # 14 = the 7 WBCs twice: evenly tinted and tinted pink to this colour across

@@ -52,8 +52,8 @@ def test_two_inputs_with_one_name_get_two_files(data_root, tmp_path):
 
 def test_an_onnx_model_is_refused_with_a_reason(data_root, tmp_path):
     """Issue 13.3: explain with --model x.onnx failed with an AttributeError."""
+    from wbcid.contract import BUNDLED_ONNX
     from wbcid.errors import WbcidError
-    from wbcid.models import BUNDLED_ONNX
 
     cell = next((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))
     with pytest.raises(WbcidError, match="PyTorch model"):

@@ -12,10 +12,11 @@ import pytest
 import wbcid
 from wbcid.data import read_cells
 from wbcid.errors import WbcidError
-from wbcid.export import METADATA_KEY, OnnxModel, export_onnx
+from wbcid.export import export_onnx
 from wbcid.inference import agreement, predict
 from wbcid.loading import resolve_model
 from wbcid.models import create_model
+from wbcid.serving import METADATA_KEY, OnnxModel
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_foreign_onnx_files_are_refused(tmp_path):
 
 def test_exporting_an_onnx_model_is_refused_and_export_is_quiet(tmp_path):
     """Issue 13.3 and 13.15: export of an ONNX model crashed; export printed ~90 lines; no --version."""
-    from wbcid.models import BUNDLED_ONNX
+    from wbcid.contract import BUNDLED_ONNX
 
     with pytest.raises(WbcidError, match="already ONNX"):
         export_onnx(OnnxModel(BUNDLED_ONNX), tmp_path / "x.onnx")

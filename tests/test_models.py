@@ -116,7 +116,7 @@ def test_model_config_is_one_frozen_contract_read_back_from_any_stored_dict():
     """Issue 13 (structure): a typed, frozen ModelConfig replaces the untyped dict."""
     import dataclasses
 
-    from wbcid.models import ModelConfig
+    from wbcid.contract import ModelConfig
 
     config = create_model("seed-cnn").config
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -128,9 +128,10 @@ def test_model_config_is_one_frozen_contract_read_back_from_any_stored_dict():
 
 
 def test_resolve_model_serves_the_bundled_model_by_onnx_unless_pytorch_is_needed():
-    from wbcid.export import OnnxModel
+    from wbcid.contract import BUNDLED_ONNX
     from wbcid.loading import resolve_model
-    from wbcid.models import BUNDLED_ONNX, WBCNet
+    from wbcid.models import WBCNet
+    from wbcid.serving import OnnxModel
 
     assert isinstance(resolve_model(), OnnxModel)
     torch_model = resolve_model(needs_torch="Grad-CAM")

@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
+from wbcid.contract import flagged
 from wbcid.data import load_images, read_cells
 from wbcid.inference import predict
 from wbcid.loading import resolve_model
 from wbcid.models import create_model
-from wbcid.ood import MahalanobisScore, flagged, image_features, ood_groups
+from wbcid.ood import MahalanobisScore, image_features, ood_groups
 from wbcid.preprocess import Preprocess
 
 

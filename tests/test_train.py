@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from wbcid.contract import ModelConfig
 from wbcid.data import CLASSES, load_images, read_cells, split_train_val
 from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
 from wbcid.inference import predict
-from wbcid.models import ModelConfig, load_checkpoint
+from wbcid.models import load_checkpoint
 from wbcid.preprocess import Preprocess
 from wbcid.train import TrainConfig, fit, shard, train_one_epoch
 

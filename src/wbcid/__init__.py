@@ -1,7 +1,7 @@
 """wbcid: white-blood-cell identification that says how well it travels to a new lab.
 
 The public API is imported on first use (PEP 562), so ``wbcid predict`` does not load the
-training stack (kornia, scikit-learn, matplotlib) it never needs. No implementation module has
+training stack (PyTorch, kornia, scikit-learn, matplotlib) it never needs. No implementation module has
 the name of a function exported here (``wbcid.evaluation`` holds ``evaluate``), so
 ``from wbcid import evaluate`` is always the function, whatever was imported before.
 """
@@ -11,7 +11,7 @@ from importlib import import_module
 __version__ = "0.3.0"
 
 _API = {
-    "CLASSES": "data",
+    "CLASSES": "contract",
     "Cell": "data",
     "CellSet": "data",
     "read_cells": "data",
@@ -22,7 +22,8 @@ _API = {
     "create_model": "models",
     "list_models": "models",
     "save_model": "models",
-    "ModelConfig": "models",
+    "ModelConfig": "contract",
+    "OnnxModel": "serving",
     "resolve_model": "loading",
     "predict": "inference",
     "count": "smear.counting",

@@ -214,7 +214,7 @@ def _cross_fitted_stretch(
             continue
         half = _fine_tune(base, [(images[~held_out], labels[~held_out], config.views)], config, replay)
         scores.append(predict_scores(half, [images[held_out]])[1])
-    factor = float(torch.quantile(torch.cat(scores).double(), QUANTILE)) if scores else float("nan")
+    factor = float(np.quantile(np.concatenate(scores), QUANTILE)) if scores else float("nan")
     return factor if factor > 1 else 1.0  # NaN (no scorer, or nothing held out): unchanged
 
 
@@ -229,7 +229,7 @@ def pseudo_label(model: WBCNet, images: torch.Tensor, share: float = PSEUDO_SHAR
     """The unflagged cells among the most confident ``share`` of each predicted class, with their labels."""
     from .inference import predict_scores
 
-    logits, ood = predict_scores(model, images.split(128))
+    logits, ood = map(torch.from_numpy, predict_scores(model, images.split(128)))
     probs = logits.softmax(1)
     confidence, predicted = probs.max(1)
     keep = torch.zeros(len(images), dtype=torch.bool)
@@ -342,8 +342,7 @@ def adapt(
     Nothing is written to ``out_dir`` until the model is complete, so an interrupted adaptation
     leaves no half-written run that later commands would load.
     """
-    from .loading import resolve_model
-    from .models import describe_model
+    from .loading import describe_model, resolve_model
     from .testtime import batchnorm_statistics
 
     started = time.perf_counter()

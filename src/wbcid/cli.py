@@ -396,9 +396,10 @@ def export(
     ] = None,
 ) -> None:
     """Export a model to ONNX (preprocessing contract in its metadata); optionally check it."""
-    from .export import OnnxModel, export_onnx
+    from .export import export_onnx
     from .inference import agreement
     from .loading import resolve_model
+    from .serving import OnnxModel
 
     torch_model = resolve_model(model, needs_torch="export")
     export_onnx(torch_model, out)

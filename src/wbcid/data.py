@@ -13,30 +13,36 @@ Problems are collected per reason and reported once, with counts, before any wor
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import re
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
+from .contract import CLASSES
 from .errors import WbcidError
-from .preprocess import Preprocess, to_tensor
+from .preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("wbcid")
 
-CLASSES: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a bad file
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DATA_ENV = "WBCID_DATA"
+AHEAD = 2  # batches decoded ahead of the network in image_batches
+T, R = TypeVar("T"), TypeVar("R")
 
 # Abbreviations and typos seen in public WBC datasets (PBC file prefixes, Kaggle folders, ...).
 _ALIASES = {
@@ -322,29 +328,42 @@ def decode_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
         return prep(img)
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Decodes images for a DataLoader; unreadable files come back flagged instead of raising."""
+def map_ahead(
+    function: Callable[[T], R], items: Iterable[T], workers: int | None = None, ahead: int = 8
+) -> Iterator[R]:
+    """``map(function, items)`` in ``workers`` threads (default: one per core), results in order.
 
-    def __init__(self, paths: Sequence[Path], prep: Preprocess):
-        self.paths, self.prep = list(paths), prep
+    At most ``ahead`` items are in flight, so memory stays bounded however many there are, and an
+    interruption cancels what has not started. Threads suffice: Pillow, NumPy, SciPy and ONNX
+    Runtime release the GIL in the work that dominates.
+    """
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) > ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
-    def __len__(self) -> int:
-        return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        array = try_decode(self.paths[i], self.prep)
-        if array is None:
-            return torch.zeros(3, self.prep.size, self.prep.size, dtype=torch.uint8), False
-        return to_tensor(array), True
+def image_batches(
+    paths: Sequence[Path], prep: Preprocess, batch_size: int = 64, workers: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(uint8 NCHW batch, ok mask)`` in order, unreadable images as zeros with ``ok`` False.
 
-
-def image_batches(paths: Sequence[Path], prep: Preprocess, batch_size: int = 64, workers: int | None = None):
-    """Yield ``(uint8 NCHW batch, ok mask)`` in order; decoding runs in worker processes."""
-    workers = min(2, os.cpu_count() or 1) if workers is None else workers
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(paths, prep), batch_size=batch_size, num_workers=workers, shuffle=False
-    )
-    yield from loader
+    Decoding runs in threads up to ``AHEAD`` batches in front of the consumer, so it overlaps
+    the network.
+    """
+    blank = np.zeros((prep.size, prep.size, 3), np.uint8)
+    decoded = map_ahead(lambda path: try_decode(path, prep), paths, workers, AHEAD * batch_size)
+    while arrays := list(itertools.islice(decoded, batch_size)):
+        ok = np.array([a is not None for a in arrays])
+        yield np.stack([blank if a is None else a for a in arrays]).transpose(0, 3, 1, 2), ok
 
 
 def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> tuple[torch.Tensor, CellSet]:
@@ -352,19 +371,20 @@ def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> t
 
     Unreadable images are dropped from the returned set and counted in its ``skipped``.
     """
+    import torch
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        results = list(
-            tqdm(
-                pool.map(lambda p: try_decode(p, prep), cellset.paths),
-                total=len(cellset),
-                desc=desc,
-                leave=False,
-                disable=None,
-            )
+    batch_size = 64
+    batches = list(
+        tqdm(
+            image_batches(cellset.paths, prep, batch_size),
+            total=-(-len(cellset) // batch_size),
+            desc=desc,
+            leave=False,
+            disable=None,
         )
-    ok = [r is not None for r in results]
+    )
+    ok = [bool(k) for _, readable in batches for k in readable]
     kept = cellset.subset(ok)
     bad = ok.count(False)
     if bad:
@@ -377,8 +397,8 @@ def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> t
         )
     if not kept.cells:
         raise WbcidError(f"{cellset.origin}: none of the {len(cellset)} images could be read")
-    array = np.stack([r for r in results if r is not None])
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(), kept
+    images = np.concatenate([batch[readable] for batch, readable in batches])
+    return torch.from_numpy(np.ascontiguousarray(images)), kept
 
 
 def try_decode(path: Path, prep: Preprocess) -> np.ndarray | None:

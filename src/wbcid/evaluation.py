@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
+from .contract import ModelConfig, flagged
 from .data import CLASSES, CellSet, read_cells, recorded_training_cells
 from .errors import WbcidError
 from .inference import predict_proba
-from .loading import resolve_model
-from .models import ModelConfig, WBCNet, describe_model
-from .ood import flagged
+from .loading import Model, describe_model, resolve_model
 from .reports import write_evaluation_report
 
 log = logging.getLogger("wbcid")
@@ -93,7 +92,7 @@ def bootstrap_intervals(
 
 
 def evaluate(
-    model: WBCNet | str | os.PathLike | None,
+    model: Model | str | os.PathLike | None,
     data: CellSet | str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
     sources: list[str] | None = None,

@@ -4,45 +4,75 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
+from .contract import flagged
 from .data import CLASSES, image_batches, list_images
 from .errors import WbcidError
 from .loading import Model, resolve_model
-from .ood import flagged
 from .preprocess import Preprocess, as_input
-from .testtime import adapt_batchnorm, dihedral_scores
+from .serving import OnnxModel
+
+if TYPE_CHECKING:
+    from .models import WBCNet
 
 log = logging.getLogger("wbcid")
 UNREADABLE_MESSAGE = "could not be read as an image"
 
 
-@torch.inference_mode()
-def predict_scores(
-    model: Model, batches: Iterable[torch.Tensor], tta: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_scores(model: Model, batches: Iterable, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``(n, 5)`` and out-of-distribution scores ``(n,)`` for uint8 NCHW batches, in order.
 
-    With ``tta`` the logits are averaged over rotations and flips; the OOD score is always that
-    of the image as given (see :func:`wbcid.testtime.dihedral_scores`).
+    Batches may be NumPy arrays or tensors; an ONNX model runs on NumPy without PyTorch. With
+    ``tta`` the logits are averaged over the eight rotations and flips of each cell, which has no
+    preferred orientation; the OOD score is that of the image as given (the scorer's threshold
+    was calibrated on plain images).
     """
-    model.eval()
-    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    run = _onnx_runner(model) if isinstance(model, OnnxModel) else _torch_runner(model)
     logits, ood = [], []
     for batch in batches:
-        x = as_input(batch, device)
-        batch_logits, batch_ood = dihedral_scores(model, x) if tta else model.scores(x)
-        logits.append(batch_logits.cpu())
-        ood.append(batch_ood.cpu())
+        views = dihedral_views(np.asarray(batch)) if tta else [batch]
+        scores = [run(view) for view in views]
+        logits.append(np.mean([view_logits for view_logits, _ in scores], axis=0))
+        ood.append(scores[0][1])
     if not logits:
-        return torch.empty(0, len(CLASSES)), torch.empty(0)
-    return torch.cat(logits), torch.cat(ood)
+        return np.empty((0, len(CLASSES)), np.float32), np.empty(0, np.float32)
+    return np.concatenate(logits), np.concatenate(ood)
+
+
+def dihedral_views(batch: np.ndarray) -> list[np.ndarray]:
+    """The eight rotations and reflections of each NCHW image; the first is the image as given."""
+    return [np.ascontiguousarray(np.rot90(v, k, axes=(2, 3))) for v in (batch, batch[..., ::-1]) for k in range(4)]
+
+
+def _onnx_runner(model: OnnxModel) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    return lambda batch: model.scores(np.multiply(batch, 1 / 255, dtype=np.float32))
+
+
+def _torch_runner(model: WBCNet) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+
+    def run(batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            logits, ood = model.scores(as_input(torch.as_tensor(batch), device))
+        return logits.float().cpu().numpy(), ood.float().cpu().numpy()
+
+    return run
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities from logits, row by row."""
+    exp = np.exp(logits - logits.max(1, keepdims=True))
+    return exp / exp.sum(1, keepdims=True)
 
 
 def predict_proba(
@@ -62,18 +92,22 @@ def predict_proba(
     """
     batches = image_batches(paths, Preprocess.of(model.config), batch_size, workers)
     if adabn:
-        if not isinstance(model, torch.nn.Module):
+        if isinstance(model, OnnxModel):
             raise WbcidError("test-time AdaBN (--adabn) needs the PyTorch model, not an ONNX export")
+        import torch
+
+        from .testtime import adapt_batchnorm
+
         batches = list(batches)
-        model = adapt_batchnorm(model, [images[readable] for images, readable in batches])
+        model = adapt_batchnorm(model, [torch.from_numpy(images[readable]) for images, readable in batches])
     probs, ood, ok = [], [], []
     for images, readable in tqdm(
         batches, total=-(-len(paths) // batch_size), desc="predicting", disable=None if progress else True, leave=False
     ):
         logits, scores = predict_scores(model, [images], tta)
-        probs.append(logits.softmax(1).numpy())
-        ood.append(scores.numpy())
-        ok.append(readable.numpy())
+        probs.append(softmax(logits))
+        ood.append(scores)
+        ok.append(readable)
     probs_all, ood_all, ok_all = np.concatenate(probs), np.concatenate(ood).astype(np.float64), np.concatenate(ok)
     probs_all[~ok_all], ood_all[~ok_all] = np.nan, np.nan
     if not ok_all.all():

@@ -1,8 +1,8 @@
 """The one way every command turns what a user names into a model.
 
 ``None`` is the bundled model, a directory is a training run (its ``model.pt``), ``.pt`` a
-checkpoint, ``.onnx`` an export served by ONNX Runtime; a model object passes through. Lives
-apart from :mod:`wbcid.models` and :mod:`wbcid.export` because it needs both.
+checkpoint, ``.onnx`` an export served by ONNX Runtime; a model object passes through. PyTorch is
+imported only for a PyTorch model, so serving an ONNX model never pays its start-up (about 2 s).
 """
 
 from __future__ import annotations
@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
+from .contract import BUNDLED, BUNDLED_ONNX, BUNDLED_TRAINING
 from .errors import WbcidError
-from .export import OnnxModel
-from .models import BUNDLED, BUNDLED_ONNX, BUNDLED_TRAINING, WBCNet, load_checkpoint
+from .serving import OnnxModel
 
-Model = WBCNet | OnnxModel
+if TYPE_CHECKING:
+    from .models import WBCNet
+
+Model: TypeAlias = "WBCNet | OnnxModel"
 
 
 def resolve_model(model: Model | str | os.PathLike | None = None, needs_torch: str | None = None) -> Model:
@@ -24,9 +28,16 @@ def resolve_model(model: Model | str | os.PathLike | None = None, needs_torch: s
     ``needs_torch`` names what needs PyTorch (Grad-CAM, adaptation, AdaBN, export): the bundled
     model is then read from its ``.pt`` and an ONNX export is refused with that reason.
     """
-    if isinstance(model, (WBCNet, OnnxModel)):
-        if needs_torch and not isinstance(model, WBCNet):
-            raise WbcidError(f"{needs_torch} needs the PyTorch model (a run directory or .pt file), not ONNX")
+    refusal = f"{needs_torch} needs the PyTorch model (a run directory or .pt file), not ONNX"
+    if isinstance(model, OnnxModel):
+        if needs_torch:
+            raise WbcidError(refusal)
+        return model
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        from .models import WBCNet
+
+        if not isinstance(model, WBCNet):
+            raise WbcidError(f"expected a model, a run directory or a model file, not {type(model).__name__}")
         return model
     if model is None:
         path = BUNDLED_ONNX if not needs_torch and BUNDLED_ONNX.is_file() else BUNDLED
@@ -36,13 +47,22 @@ def resolve_model(model: Model | str | os.PathLike | None = None, needs_torch: s
         path = Path(model)
     if path.suffix == ".onnx" and path.is_file():
         if needs_torch:
-            raise WbcidError(
-                f"{needs_torch} needs the PyTorch model (a run directory or .pt file), not the ONNX export {path}"
-            )
+            raise WbcidError(f"{refusal}: {path}")
         loaded: Model = OnnxModel(path)
     else:
+        from .models import load_checkpoint
+
         loaded = load_checkpoint(path)
     if path.resolve() in (BUNDLED.resolve(), BUNDLED_ONNX.resolve()) and loaded.config.training_data is None:
         # the bundled model saw every five-class cell of the five labs in wbcid's data folder (model card)
         loaded.config = replace(loaded.config, training_data=BUNDLED_TRAINING)
     return loaded
+
+
+def describe_model(model: Model | str | os.PathLike | None) -> str:
+    """How reports name a model: its path, the bundled one, or its architecture."""
+    if model is None:
+        return "bundled model (wbcid-default)"
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return model.config.model

@@ -19,13 +19,13 @@ import importlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .data import CLASSES
+from .contract import CLASSES, Freeze, ModelConfig
 from .errors import WbcidError
 from .ood import MahalanobisScore
 
@@ -34,48 +34,6 @@ log = logging.getLogger("wbcid")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT = "wbcid-model/1"
-BUNDLED = Path(__file__).parent / "weights" / "wbcid-default.pt"  # see weights/MODEL_CARD.md
-BUNDLED_ONNX = BUNDLED.with_suffix(".onnx")  # the same model for ONNX Runtime: 2x faster on CPU
-BUNDLED_TRAINING = {"origin": None, "sources": ["pbc", "lisc", "tecom", "cellavision", "bccd"], "all_splits": True}
-Freeze = str | int  # "none", "backbone", or the number of leading backbone layer groups to freeze
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The contract a model file keeps with its users: architecture, input, provenance.
-
-    Stored as a plain dict (:meth:`to_dict`) inside ``model.pt`` and the ONNX metadata, so either
-    file alone says how to feed the model. Frozen: a change is a new config (``dataclasses.replace``).
-    """
-
-    model: str  # registry name
-    input_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes: tuple[str, ...] = CLASSES
-    freeze: Freeze = "none"
-    crop: bool = False  # canonical cell-centred crop before resizing (set by training)
-    colour: str = "none"  # colour normalisation (set by training; see wbcid.preprocess)
-    frozen_bn: bool = False
-    stain_reference: dict | None = None  # for colour="macenko"
-    training_data: dict | None = None  # {"origin", "sources"[, "all_splits"]}: what evaluate warns about
-    adaptation: dict | None = None  # {"base", "cells"} for a model from wbcid adapt
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> ModelConfig:
-        """Read a stored config; keys this version does not know are ignored (newer files still load)."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in saved.items() if k in known}
-        for key in ("mean", "std", "classes"):
-            if key in values:
-                values[key] = tuple(values[key])
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise WbcidError(f"model config is incomplete ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -296,15 +254,6 @@ def load_checkpoint(path: str | os.PathLike) -> WBCNet:
     if "source_statistics" in saved:  # for test-time adaptation, see wbcid.testtime
         model.source_statistics = {k: (m.float(), v.float()) for k, (m, v) in saved["source_statistics"].items()}
     return model.eval()
-
-
-def describe_model(model: object) -> str:
-    """How reports name a model: its path, the bundled one, or its architecture."""
-    if model is None:
-        return "bundled model (wbcid-default)"
-    if isinstance(model, (str, os.PathLike)):
-        return str(model)
-    return model.config.model
 
 
 def _linear_head(num_features: int, dropout: float = 0.2) -> nn.Module:

@@ -32,11 +32,6 @@ QUANTILE = 0.95
 MIN_GROUP = 20  # fewest cells of one type from one lab that get their own cluster
 
 
-def flagged(ood_score: np.ndarray) -> np.ndarray:
-    """Which predictions to check by eye: score above the threshold (NaN, i.e. no scorer: never)."""
-    return np.asarray(ood_score, dtype=np.float64) > 1.0
-
-
 class MahalanobisScore(nn.Module):
     """Features ``(n, d)`` -> distance to the nearest class mean / threshold, ``(n,)``.
 

@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .crop import canonical_crop
 from .errors import WbcidError
 
 if TYPE_CHECKING:
-    from .models import ModelConfig
+    import torch
+
+    from .contract import ModelConfig
 
 COLOURS = ("none", "white-balance", "macenko")
 WHITE_PERCENTILE = 99.0  # robust "brightest pixels": ignores a few saturated or dust pixels
@@ -52,11 +53,15 @@ def upright_rgb(image: Image.Image) -> Image.Image:
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """A decoded HWC uint8 image as the CHW uint8 tensor every batch is stacked from."""
+    import torch  # here, not at the top: serving an ONNX model never imports PyTorch
+
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # a copy: decoded arrays may be read-only
 
 
 def as_input(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 NCHW images -> the network's float input in [0, 1], channels-last (fast for CPU convolutions)."""
+    import torch
+
     return (images.to(device).float() / 255).contiguous(memory_format=torch.channels_last)
 
 

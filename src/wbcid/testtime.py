@@ -8,8 +8,9 @@
   statistics onto those: ``x -> (x - mu_T) / s_T * s_S + mu_S`` folded into the layer. On the
   training lab itself this is the identity; where the statistics are missing it is plain AdaBN.
   It needs a batch of images from one lab (a folder, a slide, a test set), not one cell.
-* Test-time augmentation: average the logits over the eight rotations and flips of each cell,
-  which has no preferred orientation.
+
+Test-time augmentation (the eight rotations and flips) is :func:`wbcid.inference.predict_scores`'
+``tta``: it needs no PyTorch, so ONNX models have it too.
 """
 
 from __future__ import annotations
@@ -69,11 +70,3 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Mod
         bn.running_mean.copy_(mean_t - ratio.sqrt() * (mean_s - bn.running_mean))
         bn.running_var.copy_(ratio * (bn.running_var + bn.eps) - bn.eps)
     return adapted
-
-
-def dihedral_scores(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean logits over the 8 rotations/reflections of each image, and the OOD score of the
-    image as given (the first view; the scorer's threshold was calibrated on plain images)."""
-    views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
-    scores = [model.scores(v.contiguous(memory_format=torch.channels_last)) for v in views]
-    return torch.stack([logits for logits, _ in scores]).mean(0), scores[0][1]

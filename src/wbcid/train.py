@@ -277,7 +277,7 @@ def train_one_epoch(
 
 def validate(model: WBCNet, images: torch.Tensor, labels: np.ndarray) -> dict:
     """Validation loss, accuracy and macro-F1 (what early stopping and model.pt follow)."""
-    logits = predict_scores(model, images.split(128))[0]
+    logits = torch.from_numpy(predict_scores(model, images.split(128))[0])
     metrics = compute_metrics(labels, logits.argmax(1).numpy())
     return {
         "val_loss": nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item(),
@@ -344,7 +344,7 @@ def _finish_run(
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "history.png")
     best = record_training_statistics(out / "model.pt", train_images, train_set, val_images)  # OOD, AdaBN
-    val = compute_metrics(val_set.labels, predict_scores(best, val_images.split(128))[0].argmax(1).numpy())
+    val = compute_metrics(val_set.labels, predict_scores(best, val_images.split(128))[0].argmax(1))
     (out / "val").mkdir(exist_ok=True)
     _write_json(out / "val" / "metrics.json", val)
     write_evaluation_report(val, out / "val", "Validation (best epoch)")

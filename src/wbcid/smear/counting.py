@@ -17,18 +17,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from scipy.stats import binomtest
 from tqdm.auto import tqdm
 
-from ..data import CLASSES, UNREADABLE, list_images
+from ..contract import flagged
+from ..data import CLASSES, UNREADABLE, list_images, map_ahead
 from ..errors import WbcidError
-from ..inference import predict_scores
-from ..loading import resolve_model
-from ..models import WBCNet, describe_model
-from ..ood import flagged
-from ..preprocess import Preprocess, to_tensor, upright_rgb
+from ..inference import predict_scores, softmax
+from ..loading import Model, describe_model, resolve_model
+from ..preprocess import Preprocess, upright_rgb
 from .detect import Box, detect_cells
 from .scale import rbc_diameter, wbc_diameter
 from .specimens import cells_short, group_fields, specimen_table
@@ -171,19 +169,19 @@ def cell_patch(image: Image.Image, box: Box, prep: Preprocess) -> np.ndarray:
     return prep(image.crop(window))
 
 
-def classify_field(model: WBCNet, image: Image.Image, cell_diameter: float = DEFAULT_CELL_DIAMETER) -> list[CellCall]:
+def classify_field(model: Model, image: Image.Image, cell_diameter: float = DEFAULT_CELL_DIAMETER) -> list[CellCall]:
     """Detect and classify every WBC in one RGB smear field."""
     boxes = [d.box for d in detect_cells(image, cell_diameter)]
     if not boxes:
         return []
     prep = Preprocess.of(model.config)
-    patches = torch.stack([to_tensor(cell_patch(image, b, prep)) for b in boxes])
-    logits, ood = predict_scores(model, patches.split(64))
-    probs = logits.softmax(1).numpy()
+    patches = np.stack([cell_patch(image, b, prep) for b in boxes]).transpose(0, 3, 1, 2)
+    logits, ood = predict_scores(model, [patches])
+    probs = softmax(logits)
     edges = [on_edge(box, image.size) for box in boxes]
     return [
         CellCall(box, CLASSES[int(p.argmax())], float(p.max()), float(o), bool(f or e), e)
-        for box, p, o, f, e in zip(boxes, probs, ood.numpy(), flagged(ood.numpy()), edges)
+        for box, p, o, f, e in zip(boxes, probs, ood, flagged(ood), edges)
     ]
 
 
@@ -199,7 +197,7 @@ def on_edge(box: Box, size: tuple[int, int], margin: int = 1) -> bool:
 
 
 def count(
-    model: WBCNet | str | os.PathLike | None,
+    model: Model | str | os.PathLike | None,
     paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     cell_diameter: float | None = None,
@@ -237,16 +235,22 @@ def count(
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
     settings = {"model": name, "scales": scales}
     done = _finished_fields(out_dir / FIELDS, settings, resume)
+
+    def work(index: int) -> tuple[dict, bool]:
+        """A field's entry, and whether it is new (not already in the log of a resumed count)."""
+        path = fields[index]
+        if str(path) in done:
+            return done[str(path)], False
+        entry = count_field(model, path, scales[specimen_of[path]]["cell_diameter"], out_dir, index + 1)
+        return entry | {"specimen": specimen_of[path]}, True
+
     images = []
     with (out_dir / FIELDS).open("a") as field_log:
         if not done:
             field_log.write(json.dumps(settings) + "\n")
-        for path in tqdm(fields, desc="counting", disable=None, leave=False):
-            entry = done.get(str(path))
-            if entry is None:
-                specimen = specimen_of[path]
-                entry = count_field(model, path, scales[specimen]["cell_diameter"], out_dir, len(images) + 1)
-                entry["specimen"] = specimen
+        counted = map_ahead(work, range(len(fields)))  # fields in parallel threads, the log written in order
+        for entry, new in tqdm(counted, total=len(fields), desc="counting", disable=None, leave=False):
+            if new:
                 field_log.write(json.dumps(entry) + "\n")
                 field_log.flush()
             images.append(entry)
@@ -302,13 +306,14 @@ def estimate_scale(fields: Sequence[Path], sample: int = SCALE_FIELDS) -> dict:
     them (one microscope and camera per run; the median is robust to a few odd fields).
     Falls back to ``DEFAULT_CELL_DIAMETER`` with a warning when no field shows red cells."""
     picked = [fields[int(i)] for i in np.unique(np.linspace(0, len(fields) - 1, min(sample, len(fields))).round())]
-    measured = []
-    for path in picked:
+
+    def measure(path: Path) -> float | None:
         try:
-            measured.append(rbc_diameter(open_field(path)[0]))
+            return rbc_diameter(open_field(path)[0])
         except UNREADABLE:
-            measured.append(None)
-    found = [m for m in measured if m is not None]
+            return None
+
+    found = [m for m in map_ahead(measure, picked) if m is not None]
     if not found:
         log.warning(
             "no red cells to measure the scale in %d sampled field(s); assuming WBCs %g px across "
@@ -331,7 +336,7 @@ def estimate_scale(fields: Sequence[Path], sample: int = SCALE_FIELDS) -> dict:
     }
 
 
-def count_field(model: WBCNet, path: Path, cell_diameter: float, out_dir: Path, index: int) -> dict:
+def count_field(model: Model, path: Path, cell_diameter: float, out_dir: Path, index: int) -> dict:
     """Detect and classify one field; its entry in counts.json (an ``error`` if it cannot be read)."""
     entry: dict = {"path": str(path), "detections": [], "warnings": []}
     try:

@@ -8,7 +8,9 @@ illumination's brightness. A three-class Otsu splits it into background and red 
 purple (cytoplasm, platelets' halo) and strongly purple (nuclei, platelets). Each WBC is the
 connected region of pale-or-stronger purple (hysteresis at a third of the nucleus threshold)
 that holds a nucleus at least a quarter of a WBC's diameter across; smaller purple objects are
-platelets. Lobes of one nucleus lie in one cell region, so a neutrophil counts once.
+platelets. Lobes of one nucleus lie in one cell region, so a neutrophil counts once. The field is
+measured from its own background where that is tinted (:func:`stain`), so a purple lamp or camera
+is not mistaken for stain.
 
 Scale is the one thing the image cannot tell us, so it is an input: ``cell_diameter``, the
 typical WBC diameter in pixels (about 200 in BCCD's 640x480 fields). The image is resized so
@@ -22,11 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from scipy import ndimage
 from skimage.filters import threshold_multiotsu
-from torchvision.ops import box_iou
 
 from ..errors import WbcidError
 
@@ -34,6 +34,7 @@ WORK_DIAMETER = 100  # pixels a WBC spans in the resized copy the detector works
 MIN_NUCLEUS = 0.25  # smallest nucleus, as a fraction of a WBC's diameter (platelets are smaller)
 CYTOPLASM = 1 / 3  # cell threshold as a fraction of the nucleus threshold (hysteresis)
 MIN_PURPLE = 0.1  # optical-density difference below which nothing in the image is stained purple
+BACKGROUND_WINDOW = 2 * WORK_DIAMETER  # wider than any cell, so every window holds background
 
 Box = tuple[int, int, int, int]
 
@@ -52,6 +53,23 @@ def purple(rgb: np.ndarray) -> np.ndarray:
     return od[..., 0] - od[..., 1]
 
 
+def stain(rgb: np.ndarray, window: int) -> np.ndarray:
+    """:func:`purple`, measured from the field's own background where that background is purple.
+
+    Glass and plasma take no stain, so a background more purple than grey is the light's colour
+    (a lamp, a camera's white balance, uneven illumination): its purple, estimated locally as the
+    colour of the brightest light within ``window`` pixels, is subtracted. Without this a pink or
+    purple background looked like one field-sized cell. A background less purple than grey (a
+    warm, yellow lamp) is left alone: the thresholds are relative to grey, as they were chosen.
+    """
+    step = max(1, window // 25)  # the background is smooth: estimate it on a small copy (block means,
+    small = np.asarray(Image.fromarray(rgb).reduce(step), dtype=np.float32)  # so a dust speck is not the lamp)
+    size = max(1, round(window / step))
+    background = ndimage.gaussian_filter(ndimage.maximum_filter(small, (size, size, 1)), (size / 4, size / 4, 0))
+    tint = Image.fromarray(np.maximum(purple(background), 0)).resize(rgb.shape[1::-1], Image.Resampling.BILINEAR)
+    return purple(rgb) - np.asarray(tint)
+
+
 def detect_cells(image: Image.Image | np.ndarray, cell_diameter: float = 200) -> list[Detection]:
     """WBCs in an RGB smear image, largest first; ``[]`` for a field without any (or without colour)."""
     if cell_diameter <= 0:
@@ -60,7 +78,7 @@ def detect_cells(image: Image.Image | np.ndarray, cell_diameter: float = 200) ->
     scale = WORK_DIAMETER / cell_diameter
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     work = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
-    feature = ndimage.gaussian_filter(purple(work), 1)
+    feature = ndimage.gaussian_filter(stain(work, BACKGROUND_WINDOW), 1)
     if feature.max() < MIN_PURPLE:
         return []
     try:
@@ -114,6 +132,9 @@ def match_boxes(predicted: list[Box], truth: list[Box], min_iou: float = 0.5) ->
     """``(true positives, false positives, false negatives)``: greedy one-to-one matching by IoU."""
     if not predicted or not truth:
         return 0, len(predicted), len(truth)
+    import torch  # only the benchmark and tests match boxes; counting never imports PyTorch
+    from torchvision.ops import box_iou
+
     iou = box_iou(torch.tensor(predicted, dtype=torch.float32), torch.tensor(truth, dtype=torch.float32)).numpy()
     matched = 0
     while iou.size and iou.max() >= min_iou:

@@ -1,0 +1,137 @@
+"""Serving speed as a user meets it: whole commands, Python start-up and imports included.
+
+Side by side in one run, the bundled model served by ONNX Runtime (the default, which never
+imports PyTorch) and the same model in PyTorch (``--model .../wbcid-default.pt``): ``wbcid --help``,
+``wbcid predict`` on 10 and on N PBC test images, ``wbcid count`` on the BCCD smear fields; and,
+to show where the time goes, the network alone and decoding alone. Each command runs ``--repeats``
+times, alternating the two paths; the table gives the median and the range. Writes
+``docs/serving.md`` and ``docs/serving.json``.
+
+    python benchmarks/serving.py [--data ../shared/data] [--images 2000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import parser, setup, write_results
+
+from wbcid.contract import BUNDLED, BUNDLED_ONNX
+from wbcid.data import image_batches, read_cells
+from wbcid.preprocess import Preprocess
+from wbcid.serving import OnnxModel
+
+WBCID = [sys.executable, "-m", "wbcid"]
+
+
+def seconds(args: list[str]) -> float:
+    """Wall time of one whole command (it must succeed), its ``--out`` removed first."""
+    out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+    if out is not None and out.is_dir():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def repeated(commands: dict[str, list[str]], repeats: int) -> dict[str, list[float]]:
+    """Each command ``repeats`` times, interleaved so that drift in the machine hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, args in commands.items():
+            times[name].append(seconds(args))
+    return times
+
+
+def component_rates(files: list[Path], batch: int = 64) -> dict[str, float]:
+    """Images/s of the network alone (ONNX Runtime, one decoded batch, repeated) and of decoding alone."""
+    model = OnnxModel(BUNDLED_ONNX)
+    prep = Preprocess.of(model.config)
+    start = time.perf_counter()
+    decoded = [images for images, _ in image_batches(files, prep, batch)]
+    decode_rate = len(files) / (time.perf_counter() - start)
+    x = decoded[0].astype(np.float32) / 255
+    model.scores(x)  # warm-up
+    start = time.perf_counter()
+    for _ in range(20):
+        model.scores(x)
+    return {"network_batch64": 20 * len(x) / (time.perf_counter() - start), "decode_and_crop": decode_rate}
+
+
+def main() -> None:
+    options = parser(__doc__)
+    options.add_argument("--images", type=int, default=2000)
+    options.add_argument("--repeats", type=int, default=3)
+    options.add_argument("--out", type=Path, default=Path("docs/serving"))
+    args = options.parse_args()
+    command = setup()
+    tmp = Path(tempfile.mkdtemp())
+    files = [str(p) for p in read_cells(args.data, ["pbc"]).select(splits=["test"]).paths[: args.images]]
+    fields = args.data / "smears" / "bccd" / "images"
+    n_fields = len(list(fields.iterdir()))
+    paths = {"ONNX Runtime (default)": [], "PyTorch": ["--model", str(BUNDLED)]}
+    rows = []
+    tasks = [
+        ("`wbcid --help`", None, lambda model: ["--help"]),
+        ("`wbcid predict`, 10 images", 10, lambda model: ["predict", "--out", str(tmp / "p.csv"), *model, *files[:10]]),
+        (
+            f"`wbcid predict`, {len(files)} images",
+            len(files),
+            lambda model: ["predict", "--out", str(tmp / "p.csv"), *model, *files],
+        ),
+        (
+            f"`wbcid count`, {n_fields} BCCD fields",
+            n_fields,
+            lambda model: ["count", str(fields), "--out", str(tmp / "count"), *model],
+        ),
+    ]
+    for task, items, build in tasks:
+        variants = {"": build([])} if items is None else {name: build(flag) for name, flag in paths.items()}
+        times = repeated({name: WBCID + cmd for name, cmd in variants.items()}, args.repeats)
+        for name, values in times.items():
+            median = statistics.median(values)
+            rows.append(
+                {
+                    "task": task,
+                    "path": name or "-",
+                    "seconds_median": median,
+                    "seconds": values,
+                    "per_second": items / median if items else None,
+                }
+            )
+            print(rows[-1], flush=True)
+    components = component_rates([Path(f) for f in files[:640]])
+    lines = [
+        "# Serving speed: whole commands",
+        f"`{command}`",
+        f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}; nothing else ran. Each command "
+        f"ran {args.repeats} times, the two model paths interleaved; wall time of the whole process (Python "
+        "start-up, imports, model loading, writing included): median and range.",
+        "| command | model | seconds (median) | range | per second |\n|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        rate = f"{r['per_second']:.1f}" if r["per_second"] else ""
+        lines[-1] += (
+            f"\n| {r['task']} | {r['path']} | {r['seconds_median']:.2f} | "
+            f"{min(r['seconds']):.2f}-{max(r['seconds']):.2f} | {rate} |"
+        )
+    lines.append(
+        f"Where the time goes (in one process, 640 PBC test images): decoding, canonical crop and colour "
+        f"in threads {components['decode_and_crop']:.0f} images/s; the network alone (ONNX Runtime, "
+        f"batch 64, fp32) {components['network_batch64']:.0f} images/s."
+    )
+    write_results(args.out, {"command": command, "rows": rows, "components": components}, "\n\n".join(lines))
+    print("\n\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""What a model promises its users, importable without PyTorch: classes, config, outputs.
+
+A model file (``model.pt`` or its ONNX export) carries a :class:`ModelConfig`; its outputs are
+five logits in :data:`CLASSES` order and an ``ood_score`` whose meaning, :func:`flagged`, is the
+same for every model (see :mod:`wbcid.ood`). Serving an ONNX model needs only this module,
+so ``wbcid predict`` and ``wbcid count`` start without loading PyTorch (about 2 s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from .errors import WbcidError
+
+CLASSES: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
+BUNDLED = Path(__file__).parent / "weights" / "wbcid-default.pt"  # see weights/MODEL_CARD.md
+BUNDLED_ONNX = BUNDLED.with_suffix(".onnx")  # the same model for ONNX Runtime: 2x faster on CPU
+BUNDLED_TRAINING = {"origin": None, "sources": ["pbc", "lisc", "tecom", "cellavision", "bccd"], "all_splits": True}
+Freeze = str | int  # "none", "backbone", or the number of leading backbone layer groups to freeze
+
+
+def flagged(ood_score: np.ndarray) -> np.ndarray:
+    """Which predictions to check by eye: score above the threshold (NaN, i.e. no scorer: never)."""
+    return np.asarray(ood_score, dtype=np.float64) > 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The contract a model file keeps with its users: architecture, input, provenance.
+
+    Stored as a plain dict (:meth:`to_dict`) inside ``model.pt`` and the ONNX metadata, so either
+    file alone says how to feed the model. Frozen: a change is a new config (``dataclasses.replace``).
+    """
+
+    model: str  # registry name
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...] = CLASSES
+    freeze: Freeze = "none"
+    crop: bool = False  # canonical cell-centred crop before resizing (set by training)
+    colour: str = "none"  # colour normalisation (set by training; see wbcid.preprocess)
+    frozen_bn: bool = False
+    stain_reference: dict | None = None  # for colour="macenko"
+    training_data: dict | None = None  # {"origin", "sources"[, "all_splits"]}: what evaluate warns about
+    adaptation: dict | None = None  # {"base", "cells"} for a model from wbcid adapt
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ModelConfig:
+        """Read a stored config; keys this version does not know are ignored (newer files still load)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in saved.items() if k in known}
+        for key in ("mean", "std", "classes"):
+            if key in values:
+                values[key] = tuple(values[key])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise WbcidError(f"model config is incomplete ({exc})") from exc

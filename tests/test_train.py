@@ -18,9 +18,9 @@ from wbcid.data import CLASSES, load_images, read_cells, split_train_val
 from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
 from wbcid.inference import predict
-from wbcid.models import load_checkpoint
+from wbcid.models import create_model, load_checkpoint
 from wbcid.preprocess import Preprocess
-from wbcid.train import TrainConfig, fit, shard, train_one_epoch
+from wbcid.train import TrainConfig, fit, resolve_precision, shard, train_one_epoch
 
 FAST = dict(model="efficientnet_lite0", input_size=96, epochs=3, batch_size=16, lr=3e-3)
 
@@ -45,6 +45,7 @@ def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["input_size"] == 96 and config["model"]["classes"] == list(CLASSES)
     assert config["train"]["data"]["train"] == {c: 24 for c in CLASSES}  # the manifest's own split
+    assert config["train"]["precision"] == "fp32"  # what "auto" chose on a CPU, recorded
     assert Preprocess.of(load_checkpoint(run).config) == Preprocess.of(ModelConfig.from_dict(config["model"]))
     assert (
         Preprocess.of(ModelConfig.from_dict(config["model"])).colour == "macenko" and config["model"]["stain_reference"]
@@ -255,3 +256,34 @@ def test_data_parallel_steps_equal_one_process_on_the_same_global_batch(pbc_smal
         torch.testing.assert_close(ddp[key], single8[key], rtol=1e-5, atol=1e-6, msg=key)
     assert not torch.allclose(ddp["1.weight"], single4["1.weight"], atol=1e-4)
     assert sum(len(b) for b in shard(order, 4, 0, 2)) + sum(len(b) for b in shard(order, 4, 1, 2)) == 30
+
+
+def test_bf16_runs_the_forward_pass_in_bf16_and_auto_keeps_a_cpu_in_fp32():
+    """Issue 14: the precision is chosen per device and can be forced; weights and loss stay fp32."""
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    images = torch.randint(0, 256, (16, 3, 50, 50), dtype=torch.uint8)
+    labels = torch.arange(16) % len(CLASSES)
+    head_dtype = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        net = create_model("seed-cnn")
+        net.head.register_forward_hook(lambda module, args, out, p=precision: head_dtype.__setitem__(p, out.dtype))
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        totals = train_one_epoch(
+            net,
+            [torch.arange(16)],
+            images,
+            labels,
+            nn.Identity(),
+            nn.CrossEntropyLoss(),
+            optimizer,
+            scheduler,
+            precision,
+        )
+        assert torch.isfinite(totals).all() and totals[2] == 16
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert head_dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    with pytest.raises(WbcidError, match="precision"):
+        TrainConfig(precision="fp16")

@@ -49,6 +49,7 @@ from .errors import WbcidError
 from .models import WBCNet, save_model
 from .ood import QUANTILE, MahalanobisScore, group_means
 from .preprocess import Preprocess, as_input
+from .train import PRECISIONS, autocast, resolve_precision
 
 log = logging.getLogger("wbcid")
 PSEUDO_SHARE = 0.5  # most confident share of each predicted class kept as pseudo-labels (CBST; not tuned here)
@@ -70,6 +71,7 @@ class AdaptConfig:
     replay_views: int = 2
     augment: str = "domain"
     cross_fit: bool = True  # calibrate the new lab's flag threshold on cells a half-model was not tuned on
+    precision: str = "auto"  # auto, fp32 or bf16 (autocast), as in training (wbcid.train.resolve_precision)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,6 +84,8 @@ class AdaptConfig:
         ]
         if not 0 <= self.label_smoothing < 1:
             bad.append(f"label_smoothing={self.label_smoothing!r}")
+        if self.precision not in PRECISIONS:
+            bad.append(f"precision={self.precision!r} (one of {', '.join(PRECISIONS)})")
         if bad:
             raise WbcidError(f"invalid adaptation settings: {', '.join(bad)} (counts must be >= 1, rates >= 0)")
         train_augmentation(self.augment)  # a bad policy fails here, before any work
@@ -264,6 +268,8 @@ def _fine_tune(
     new_share = config.batch_size // 2 if replay is not None else config.batch_size
     suffix.train()
     model.head.train()
+    device = acts.device
+    precision = resolve_precision(config.precision, device)
     for _ in range(config.steps):
         picks = torch.randint(len(by_class), (new_share,))
         idx = torch.stack([by_class[c][torch.randint(len(by_class[c]), ())] for c in picks.tolist()])
@@ -271,7 +277,9 @@ def _fine_tune(
         if replay is not None:
             r = torch.randint(len(replay.labels), (config.batch_size - new_share,))
             x, y = torch.cat([x, replay.acts[r]]), torch.cat([y, replay.labels[r]])
-        loss = loss_fn(model.head(suffix(x)), y)
+        with autocast(precision, device):
+            logits = model.head(suffix(x))
+        loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -347,6 +355,7 @@ def adapt(
 
     started = time.perf_counter()
     config = config or AdaptConfig()
+    config = replace(config, precision=resolve_precision(config.precision, torch.device("cpu")))  # adapts on CPU
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise WbcidError(f"{out} already exists and is not empty; choose another --out (a run is never overwritten)")

@@ -38,6 +38,13 @@ Colour = Annotated[
 ]
 Pretrained = Annotated[bool, typer.Option(help="Start from ImageNet weights.")]
 FrozenBn = Annotated[bool, typer.Option(help="Keep ImageNet batch-norm statistics in every layer.")]
+Precision = Annotated[
+    str,
+    typer.Option(
+        help="Forward pass in fp32 or bf16 (autocast); auto: bf16 on a GPU that supports it, fp32 on a CPU "
+        "(bf16 was slower on the CPU measured, see docs/precision.md). The run records what was used."
+    ),
+]
 Weights = Annotated[Path | None, typer.Option(help="Local ImageNet weights file for the backbone.")]
 DownloadWeights = Annotated[bool, typer.Option(help="Allow downloading ImageNet weights (timm:<name> backbones).")]
 Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")]
@@ -108,6 +115,7 @@ def train(
     crop: Crop = True,
     colour: Colour = "none",
     frozen_bn: FrozenBn = False,
+    precision: Precision = "auto",
     pretrained: Pretrained = True,
     weights: Weights = None,
     download_weights: DownloadWeights = False,
@@ -135,6 +143,7 @@ def train(
         crop=crop,
         colour=colour,
         frozen_bn=frozen_bn,
+        precision=precision,
         seed=seed,
     )
     with _resumable("finished epochs are saved"):
@@ -284,13 +293,16 @@ def adapt(
             "cells themselves (flags more ordinary cells, and more non-WBCs)."
         ),
     ] = True,
+    precision: Precision = "auto",
     seed: int = 0,
 ) -> None:
     """Learn a new lab from a few verified cells (few-shot fine-tuning with replay); writes a run directory."""
     from .adaptation import AdaptConfig
     from .adaptation import adapt as run_adaptation
 
-    config = AdaptConfig(trainable_groups=trainable_groups, steps=steps, cross_fit=cross_fit, seed=seed)
+    config = AdaptConfig(
+        trainable_groups=trainable_groups, steps=steps, cross_fit=cross_fit, precision=precision, seed=seed
+    )
     with _interrupted("nothing was written; the base model is unchanged"):
         run = run_adaptation(data, out, model, config, replay, unlabelled)
     record = json.loads((run / "config.json").read_text())

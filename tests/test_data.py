@@ -196,3 +196,28 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped_white(data_root, tmp_pat
     prep = Preprocess(128, crop=False)
     deep, flat = decode_image(tmp_path / "deep.png", prep), decode_image(tmp_path / "flat.png", prep)
     assert deep.mean() < 250 and np.abs(deep.astype(int) - flat.astype(int)).max() <= 1
+
+
+def test_map_ahead_keeps_order_bounds_work_in_flight_and_stops_when_dropped():
+    """Decoding and counting run through it: results in input order, never more than ``ahead``
+    items started beyond what was consumed, and nothing new started once the consumer stops."""
+    import threading
+    import time
+
+    from wbcid.data import map_ahead
+
+    started, lock = [], threading.Lock()
+
+    def slow_square(x: int) -> int:
+        with lock:
+            started.append(x)
+        time.sleep(0.01 * (x % 3))  # finishing out of order
+        return x * x
+
+    assert list(map_ahead(slow_square, range(20), workers=3, ahead=4)) == [x * x for x in range(20)]
+    started.clear()
+    results = map_ahead(slow_square, range(1000), workers=2, ahead=4)
+    assert [next(results) for _ in range(3)] == [0, 1, 4]
+    assert len(started) <= 3 + 4 + 1
+    results.close()  # what an interruption or an early break does
+    assert len(started) <= 3 + 4 + 1

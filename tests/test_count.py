@@ -29,6 +29,11 @@ def test_exact_binomial_intervals_match_closed_forms():
         low, high = proportion_interval(n // 4, n)
         widths.append(high - low)
     assert widths[0] > widths[1] > widths[2]
+    from scipy.stats import binomtest  # the reference implementation, too slow to import for every count
+
+    for k, n in [(0, 7), (1, 7), (3, 10), (17, 230), (229, 230), (230, 230)]:
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        assert proportion_interval(k, n) == pytest.approx((ci.low, ci.high), rel=1e-12, abs=1e-15)
 
 
 def test_differential_counts_percentages_and_reference_flags():

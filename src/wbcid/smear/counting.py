@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy.stats import binomtest
+from scipy.special import betaincinv
 from tqdm.auto import tqdm
 
 from ..contract import flagged
@@ -76,9 +76,15 @@ class CellCall:
 
 
 def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Exact (Clopper-Pearson) interval for a proportion ``k / n``, as fractions."""
-    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
-    return float(ci.low), float(ci.high)
+    """Exact (Clopper-Pearson) interval for a proportion ``k / n``, as fractions.
+
+    The beta quantiles that ``scipy.stats.binomtest(k, n).proportion_ci(method="exact")`` returns,
+    taken from ``scipy.special`` directly: importing scipy.stats cost ``wbcid count`` 0.9 s.
+    """
+    tail = (1 - confidence) / 2
+    low = betaincinv(k, n - k + 1, tail) if k > 0 else 0.0
+    high = betaincinv(k + 1, n - k, 1 - tail) if k < n else 1.0
+    return float(low), float(high)
 
 
 def differential(labels: Sequence[str], reference: dict[str, tuple[float, float]] | None = None) -> dict:

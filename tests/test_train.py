@@ -210,6 +210,15 @@ def test_bad_options_stop_before_any_work_and_the_config_is_not_changed(pbc_smal
     assert config.data == {} and config.epochs == 1
 
 
+def _plain_epoch(net, model, batches, images, labels, precision: str = "fp32") -> torch.Tensor:
+    """``train_one_epoch`` without augmentation, with AdamW at a constant rate on ``model``'s weights
+    (``net`` may wrap it for data parallelism)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss_fn = nn.CrossEntropyLoss()
+    return train_one_epoch(net, batches, images, labels, nn.Identity(), loss_fn, optimizer, scheduler, precision)
+
+
 def _steps(rank: int, world: int, port: int, batch: int, images, labels, order, state: dict, out: str) -> None:
     """One epoch of wbcid's training step on ``world`` gloo processes (or one, unwrapped)."""
     if world > 1:
@@ -219,18 +228,7 @@ def _steps(rank: int, world: int, port: int, batch: int, images, labels, order, 
     model = nn.Sequential(nn.Flatten(), nn.Linear(images[0].numel(), len(CLASSES)))
     model.load_state_dict(state)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train_one_epoch(
-        net,
-        shard(order, batch, rank, world),
-        images,
-        labels,
-        nn.Identity(),
-        nn.CrossEntropyLoss(),
-        optimizer,
-        scheduler,
-    )
+    _plain_epoch(net, model, shard(order, batch, rank, world), images, labels)
     if rank == 0:
         torch.save(model.state_dict(), out)
     if world > 1:
@@ -269,19 +267,7 @@ def test_bf16_runs_the_forward_pass_in_bf16_and_auto_keeps_a_cpu_in_fp32():
         torch.manual_seed(0)
         net = create_model("seed-cnn")
         net.head.register_forward_hook(lambda module, args, out, p=precision: head_dtype.__setitem__(p, out.dtype))
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        totals = train_one_epoch(
-            net,
-            [torch.arange(16)],
-            images,
-            labels,
-            nn.Identity(),
-            nn.CrossEntropyLoss(),
-            optimizer,
-            scheduler,
-            precision,
-        )
+        totals = _plain_epoch(net, net, [torch.arange(16)], images, labels, precision)
         assert torch.isfinite(totals).all() and totals[2] == 16
         assert all(p.dtype == torch.float32 for p in net.parameters())
     assert head_dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -49,7 +49,7 @@ from .errors import WbcidError
 from .models import WBCNet, save_model
 from .ood import QUANTILE, MahalanobisScore, group_means
 from .preprocess import Preprocess, as_input
-from .train import PRECISIONS, autocast, resolve_precision
+from .train import autocast, precision_problems, resolve_precision
 
 log = logging.getLogger("wbcid")
 PSEUDO_SHARE = 0.5  # most confident share of each predicted class kept as pseudo-labels (CBST; not tuned here)
@@ -84,8 +84,7 @@ class AdaptConfig:
         ]
         if not 0 <= self.label_smoothing < 1:
             bad.append(f"label_smoothing={self.label_smoothing!r}")
-        if self.precision not in PRECISIONS:
-            bad.append(f"precision={self.precision!r} (one of {', '.join(PRECISIONS)})")
+        bad += precision_problems(self.precision)
         if bad:
             raise WbcidError(f"invalid adaptation settings: {', '.join(bad)} (counts must be >= 1, rates >= 0)")
         train_augmentation(self.augment)  # a bad policy fails here, before any work

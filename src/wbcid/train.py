@@ -81,13 +81,17 @@ class TrainConfig:
             bad.append(f"label_smoothing={self.label_smoothing!r}")
         if self.input_size is not None and self.input_size < 16:
             bad.append(f"input_size={self.input_size!r}")
-        if self.precision not in PRECISIONS:
-            bad.append(f"precision={self.precision!r} (one of {', '.join(PRECISIONS)})")
+        bad += precision_problems(self.precision)
         if bad:
             raise WbcidError(
                 f"invalid training options: {', '.join(bad)} (counts must be >= 1, rates >= 0, "
                 "fractions between 0 and 1)"
             )
+
+
+def precision_problems(precision: str) -> list[str]:
+    """What is wrong with a ``precision`` option, for a config's list of invalid settings."""
+    return [] if precision in PRECISIONS else [f"precision={precision!r} (one of {', '.join(PRECISIONS)})"]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -62,8 +62,10 @@ def stain(rgb: np.ndarray, window: int) -> np.ndarray:
     purple background looked like one field-sized cell. A background less purple than grey (a
     warm, yellow lamp) is left alone: the thresholds are relative to grey, as they were chosen.
     """
-    step = max(1, window // 25)  # the background is smooth: estimate it on a small copy (block means,
-    small = np.asarray(Image.fromarray(rgb).reduce(step), dtype=np.float32)  # so a dust speck is not the lamp)
+    # The background is smooth, so it is estimated on a copy reduced by block means (25 blocks per
+    # window), which also keeps a dust speck from passing for the lamp.
+    step = max(1, window // 25)
+    small = np.asarray(Image.fromarray(rgb).reduce(step), dtype=np.float32)
     size = max(1, round(window / step))
     background = ndimage.gaussian_filter(ndimage.maximum_filter(small, (size, size, 1)), (size / 4, size / 4, 0))
     tint = Image.fromarray(np.maximum(purple(background), 0)).resize(rgb.shape[1::-1], Image.Resampling.BILINEAR)

@@ -32,7 +32,7 @@ from torch import nn
 
 from wbcid.adaptation import AdaptConfig, adapt_model, make_replay, suffix_scores
 from wbcid.benchmark import OTHER_SOURCES
-from wbcid.data import draw_per_class, load_images, read_cells, sample_per_class
+from wbcid.data import CLASSES, draw_per_class, load_images, read_cells, sample_per_class
 from wbcid.evaluation import compute_metrics
 from wbcid.inference import predict_scores
 from wbcid.loading import resolve_model
@@ -214,7 +214,13 @@ def _score(model, suffix, lab, lab_labels, test, test_labels, other, full: bool 
 
 def _lab_metrics(labels: np.ndarray, logits: torch.Tensor) -> dict:
     metrics = compute_metrics(labels, logits.argmax(1).numpy())
-    return {"macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"]}
+    per_class = {name: scores["f1"] for name, scores in metrics["per_class"].items() if scores["f1"] is not None}
+    return {
+        "macro_f1": metrics["macro_f1"],
+        "accuracy": metrics["accuracy"],
+        "f1": per_class,
+        "confusion_matrix": metrics["confusion_matrix"],
+    }
 
 
 def write_report() -> None:
@@ -262,10 +268,32 @@ def write_report() -> None:
                 f"{min(pbc) if pbc else nan:.3f} | {min(auroc) if auroc else nan:.3f} | {np.mean(other) if other else nan:.1%} | "
                 f"{np.mean([r['verified'] for r in rows]):.0f} | {len(rows)} |"
             )
-        lines.append("")
+        lines += ["", *_per_class_table(groups)]
         _plot(result["rows"], OUT / f"{path.stem}.png", plt)
         lines += [f"![{path.stem}](adaptation/{path.stem}.png)", ""]
     Path("docs/adaptation.md").write_text("\n".join(lines) + "\n")
+
+
+def _per_class_table(groups: dict[tuple, list[dict]]) -> list[str]:
+    """Mean F1 of each class over the draws (rows that recorded it): which types the macro-F1 loses."""
+    recorded = {key: rows for key, rows in groups.items() if all("f1" in r for r in rows)}
+    if not recorded:
+        return []
+    lines = [
+        "F1 per class (mean over the draws; `-`: the class is not among the lab's scored cells):",
+        "",
+        f"| lab | K | unlabelled | {' | '.join(CLASSES)} | scored cells per class (draw 0) |",
+        f"|---|---:|---|{'---:|' * len(CLASSES)}---|",
+    ]
+    for (lab, k, unl), rows in recorded.items():
+        cells = [np.mean([r["f1"][c] for r in rows]) if c in rows[0]["f1"] else None for c in CLASSES]
+        support = np.sum(rows[0]["confusion_matrix"], axis=1).tolist()
+        lines.append(
+            f"| {lab} | {k} | {unl} | "
+            + " | ".join("-" if v is None else f"{v:.3f}" for v in cells)
+            + f" | {'/'.join(map(str, support))} |"
+        )
+    return [*lines, ""]
 
 
 def _plot(rows: list[dict], path: Path, plt) -> None:

@@ -7,6 +7,7 @@ Markdown page under docs/, with the command that produced them, so anyone can re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -64,7 +65,13 @@ def voc_boxes(path: Path, width: int, height: int) -> tuple[list[tuple[int, int,
 
 
 def smear_sources(data: Path):
-    """``(source, [(image path, width, height, label file, boxes function)])`` for each TXL-PBC lab and BCCD (VOC)."""
+    """``(source, [(image path, width, height, label file, boxes function, split)])`` for each TXL-PBC lab
+    and BCCD (VOC).
+
+    ``split`` is TXL-PBC's own train / val / test. A BCCD (VOC) field has the split of the identical
+    TXL-PBC file (TXL's bccd fields are BCCD's pictures, byte for byte), or ``none`` where TXL-PBC
+    left it out; the learned detector trained on TXL's train split must not be scored on those.
+    """
     root = data / "smears" / "txl_pbc"
     fields = pd.read_csv(root / "fields.csv")
     for source, group in fields.groupby("source"):
@@ -77,15 +84,21 @@ def smear_sources(data: Path):
                     r.height,
                     root / "labels" / f"{Path(r.image).stem}.txt",
                     yolo_boxes,
+                    r.split,
                 )
                 for r in group.itertuples()
             ],
         )
+    txl_split = {_md5(root / "images" / r.image): r.split for r in fields[fields.source == "bccd"].itertuples()}
     bccd = data / "smears" / "bccd"
     yield (
         "bccd (VOC)",
         [
-            (p, 640, 480, bccd / "annotations" / f"{p.stem}.xml", voc_boxes)
+            (p, 640, 480, bccd / "annotations" / f"{p.stem}.xml", voc_boxes, txl_split.get(_md5(p), "none"))
             for p in sorted((bccd / "images").glob("*.jpg"))
         ],
     )
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()

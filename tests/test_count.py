@@ -103,8 +103,10 @@ def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
         assert (out / images[str(f)]["annotated"]).is_file()
     assert list(counts["specimens"]) == ["all fields"]  # files given one by one: the run is one specimen
     scale = counts["specimens"]["all fields"]["scale"]
-    assert scale["how"] == "from the red cells" and 100 < scale["cell_diameter"] < 320  # 5 fields
+    assert scale["how"] == "from the red cells, boxed by the detector" and 100 < scale["cell_diameter"] < 320
     assert scale["fields_without_red_cells"] == 1  # the corrupt file; the grey copy still shows cells
+    for f in fields:  # each field's own red cells, as found by the detector: the same microscope
+        assert images[str(f)]["rbc_diameter"] == pytest.approx(scale["rbc_diameter"], rel=0.15)
     html = (out / "report.html").read_text()
     assert "95 % interval" in html and "corrupt.jpg" in html and "Reference ranges" in html and "red cells" in html
     assert "scale: WBCs about" in result.stdout
@@ -141,6 +143,8 @@ def test_an_interrupted_count_resumes_without_redoing_finished_fields(data_root,
         counting.count(None, fields, tmp_path / "out")
     with pytest.raises(WbcidError, match="counted with"):
         counting.count(None, fields, tmp_path / "out", cell_diameter=150, resume=True)
+    with pytest.raises(WbcidError, match="counted with"):
+        counting.count(None, fields, tmp_path / "out", resume=True, detector="stain")
     before = len(calls)  # 3, or 4 when the last field was already under way in the other thread
     resumed = counting.count(None, fields, tmp_path / "out", resume=True)
     assert len(calls) - before == 2  # only the two unfinished fields were classified again
@@ -206,13 +210,25 @@ def test_reference_ranges_are_validated_and_explained(tmp_path, ranges, message)
 
 def test_count_summary_says_inconclusive_and_asks_for_more_cells(data_root, tmp_path):
     """Issue 13.14: the terminal summary lacked 'inconclusive' and the fewer-than-100-cells warning."""
-    fields = [str(data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg") for i in range(4)]
+    fields = [str(data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg") for i in (0, 10, 34, 100)]
     run = subprocess.run(
         [sys.executable, "-m", "wbcid", "count", *fields, "--out", str(tmp_path / "o")], capture_output=True, text=True
     )
     assert run.returncode == 0 and "a 100-cell differential needs" in run.stdout
     assert "inconclusive" in run.stdout  # a few cells: the flags they raise cannot be conclusive
     assert "issue 3" not in (tmp_path / "o" / "report.html").read_text()
+
+
+def test_either_detector_counts_and_an_unknown_one_is_refused(data_root, tmp_path):
+    from wbcid.smear.counting import DETECTORS, count
+
+    fields = [data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg" for i in (0, 10, 34, 100)]
+    for detector in DETECTORS:
+        result = count(None, fields, tmp_path / detector, detector=detector)
+        assert result["detector"] == detector
+        assert [len(e["detections"]) for e in result["images"]] == [1, 2, 2, 1]  # as annotated
+    with pytest.raises(WbcidError, match="--detector must be one of learned, stain"):
+        count(None, fields, tmp_path / "other", detector="yolo")
 
 
 def test_an_absurd_cell_diameter_gets_a_hint_and_nan_a_clear_error(data_root, tmp_path):
@@ -262,7 +278,7 @@ def test_a_folder_of_folders_is_counted_per_specimen(data_root, tmp_path):
     for key in ("detected", "counted", "flagged"):
         assert sum(s["totals"][key] for s in specimens.values()) == counts["totals"][key]
     for s in specimens.values():
-        assert s["scale"]["how"] == "from the red cells"
+        assert s["scale"]["how"].startswith("from the red cells")
         assert s["warnings"] == [
             f"only {s['totals']['counted']} cells counted; a 100-cell differential needs "
             f"{100 - s['totals']['counted']} more (count more fields of this slide)"

@@ -21,6 +21,8 @@ FIELDS = [
     "BloodImage_00005.jpg",
     "BloodImage_00006.jpg",
     "BloodImage_00010.jpg",
+    "BloodImage_00034.jpg",
+    "BloodImage_00100.jpg",
 ]
 
 

@@ -29,6 +29,8 @@ _API = {
     "count": "smear.counting",
     "differential": "smear.counting",
     "detect_cells": "smear.detect",
+    "detect_cells_learned": "smear.learned",
+    "train_detector": "smear.train_detector",
     "explain": "gradcam",
     "TrainConfig": "train",
     "fit": "train",

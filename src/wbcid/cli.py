@@ -216,13 +216,19 @@ def count(
         typer.Option(help='Reference ranges JSON, {"neutrophil": [40, 75], ...}; default: adult ranges (see report).'),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted count in --out.")] = False,
+    detector: Annotated[
+        str,
+        typer.Option(help="How WBCs are found: 'learned' (a network trained on annotated fields) or 'stain' (colour)."),
+    ] = "learned",
 ) -> None:
     """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
     from .smear.counting import count as run_count
     from .smear.counting import read_reference
 
     with _resumable(f"finished fields are in {out / 'fields.jsonl'}"):
-        result = run_count(model, paths, out, cell_diameter, read_reference(reference) if reference else None, resume)
+        result = run_count(
+            model, paths, out, cell_diameter, read_reference(reference) if reference else None, resume, detector
+        )
     specimens = result["specimens"]
     for name, specimen in specimens.items():
         scale = specimen["scale"]

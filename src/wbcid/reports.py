@@ -174,6 +174,7 @@ def write_count_report(result: dict, flagged_cells: list[tuple[dict, CellCall, I
         n_images=len(result["images"]),
         totals=result["totals"],
         model=result["model"],
+        detector=result["detector"],
         specimens=result["specimens"],
         warnings=result["warnings"],
         images=result["images"],

@@ -12,8 +12,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ from ..errors import WbcidError
 from ..inference import predict_scores, softmax
 from ..loading import Model, describe_model, resolve_model
 from ..preprocess import Preprocess, upright_rgb
-from .detect import Box, detect_cells
+from .detect import Box, FieldObjects, detect_cells
+from .learned import find_objects
 from .scale import rbc_diameter, wbc_diameter
 from .specimens import cells_short, group_fields, specimen_table
 
@@ -47,11 +49,20 @@ REFERENCE_SOURCE = (
     "reference intervals: replace them with your laboratory's own (--reference)"
 )
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-DEFAULT_CELL_DIAMETER = 200.0  # px: BCCD's 640x480 fields, where the detector was tuned; used without red cells
+DEFAULT_CELL_DIAMETER = 200.0  # px: BCCD's 640x480 fields at 100x; used when no field shows red cells
 SCALE_FIELDS = 20  # fields sampled to measure the scale (16 ms each)
+REFINE_ROUNDS = 3  # at most; each runs the sampled fields through the detector again (~10 ms each)
 FIELDS = "fields.jsonl"  # one line per finished field, written as it is done (for --resume)
 MAX_CELLS_ACROSS = 40  # a field wider than 40 WBCs is not a smear field at WBC magnification (reasoned)
 MIN_FIELD = 16  # pixels: a smaller image cannot show a WBC at any magnification (reasoned, not fitted)
+
+
+def _stain_objects(image: Image.Image, cell_diameter: float) -> FieldObjects:
+    return FieldObjects(detect_cells(image, cell_diameter))
+
+
+DETECTORS = {"learned": find_objects, "stain": _stain_objects}  # docs/detection.md compares them
+RED_CELL_BOXES = {"learned": find_objects}  # the detectors that also box red cells (refine the scale)
 CONTEXT = 1.5  # side of the patch cut around a detection, as a multiple of the box's longer side
 BOX_COLOURS = {
     "neutrophil": "#1f77b4",
@@ -175,20 +186,25 @@ def cell_patch(image: Image.Image, box: Box, prep: Preprocess) -> np.ndarray:
     return prep(image.crop(window))
 
 
-def classify_field(model: Model, image: Image.Image, cell_diameter: float = DEFAULT_CELL_DIAMETER) -> list[CellCall]:
-    """Detect and classify every WBC in one RGB smear field."""
-    boxes = [d.box for d in detect_cells(image, cell_diameter)]
+def classify_field(
+    model: Model, image: Image.Image, cell_diameter: float = DEFAULT_CELL_DIAMETER, detector: str = "learned"
+) -> tuple[list[CellCall], float | None]:
+    """Detect (with one of :data:`DETECTORS`) and classify every WBC in one RGB smear field; also the
+    field's red-cell diameter where the detector measures it."""
+    found = DETECTORS[detector](image, cell_diameter)
+    boxes = [d.box for d in found.wbcs]
     if not boxes:
-        return []
+        return [], found.rbc_diameter
     prep = Preprocess.of(model.config)
     patches = np.stack([cell_patch(image, b, prep) for b in boxes]).transpose(0, 3, 1, 2)
     logits, ood = predict_scores(model, [patches])
     probs = softmax(logits)
     edges = [on_edge(box, image.size) for box in boxes]
-    return [
+    calls = [
         CellCall(box, CLASSES[int(p.argmax())], float(p.max()), float(o), bool(f or e), e)
         for box, p, o, f, e in zip(boxes, probs, ood, flagged(ood), edges)
     ]
+    return calls, found.rbc_diameter
 
 
 def on_edge(box: Box, size: tuple[int, int], margin: int = 1) -> bool:
@@ -209,6 +225,7 @@ def count(
     cell_diameter: float | None = None,
     reference: dict[str, tuple[float, float]] | None = None,
     resume: bool = False,
+    detector: str = "learned",
 ) -> dict:
     """Count WBCs in smear fields; writes counts.json, annotated fields, flagged cells and report.html.
 
@@ -218,7 +235,7 @@ def count(
     ``cell_diameter`` (the WBC diameter in pixels) is measured from each specimen's red cells when
     not given (:func:`estimate_scale`); counts.json says which and how. A folder of folders is one
     specimen per subfolder (:mod:`wbcid.smear.specimens`): counts.json, ``specimens.csv`` and the
-    report give each its differential.
+    report give each its differential. ``detector``: one of :data:`DETECTORS`.
     """
     from ..reports import write_count_report
 
@@ -230,16 +247,21 @@ def count(
         isinstance(cell_diameter, (int, float)) and math.isfinite(cell_diameter) and cell_diameter > 0
     ):
         raise WbcidError(f"--cell-diameter must be a positive number of pixels, not {cell_diameter}")
+    if detector not in DETECTORS:
+        raise WbcidError(f"--detector must be one of {', '.join(DETECTORS)}, not {detector!r}")
     fields = list_images(paths)  # missing or empty inputs fail before the model loads
     groups, notes = group_fields(paths, fields)
     for note in notes:
         log.warning(note)
     given = {"cell_diameter": cell_diameter, "how": "given"}
-    scales = {specimen: given if cell_diameter else estimate_scale(members) for specimen, members in groups.items()}
+    scales = {
+        specimen: given if cell_diameter else estimate_scale(members, refine=RED_CELL_BOXES.get(detector))
+        for specimen, members in groups.items()
+    }
     specimen_of = {field: specimen for specimen, members in groups.items() for field in members}
     model = resolve_model(model)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
-    settings = {"model": name, "scales": scales}
+    settings = {"model": name, "scales": scales, "detector": detector}
     done = _finished_fields(out_dir / FIELDS, settings, resume)
 
     def work(index: int) -> tuple[dict, bool]:
@@ -247,7 +269,7 @@ def count(
         path = fields[index]
         if str(path) in done:
             return done[str(path)], False
-        entry = count_field(model, path, scales[specimen_of[path]]["cell_diameter"], out_dir, index + 1)
+        entry = count_field(model, path, scales[specimen_of[path]]["cell_diameter"], out_dir, index + 1, detector)
         return entry | {"specimen": specimen_of[path]}, True
 
     images = []
@@ -275,6 +297,7 @@ def count(
         }
     result = {
         "model": name,
+        "detector": detector,
         "images": images,
         "totals": summarise(images, reference),
         "specimens": specimens,
@@ -307,17 +330,26 @@ def _calls(entry: dict) -> list[CellCall]:
     return [CellCall(**{**d, "box": tuple(d["box"])}) for d in entry["detections"]]
 
 
-def estimate_scale(fields: Sequence[Path], sample: int = SCALE_FIELDS) -> dict:
+def estimate_scale(
+    fields: Sequence[Path], sample: int = SCALE_FIELDS, refine: Callable[..., FieldObjects] | None = None
+) -> dict:
     """The WBC diameter for these fields, from the red cells of up to ``sample`` fields spread over
     them (one microscope and camera per run; the median is robust to a few odd fields).
-    Falls back to ``DEFAULT_CELL_DIAMETER`` with a warning when no field shows red cells."""
+    Falls back to ``DEFAULT_CELL_DIAMETER`` with a warning when no field shows red cells.
+
+    The red cells are measured by granulometry (:mod:`wbcid.smear.scale`). ``refine``, a detector
+    that boxes red cells (:func:`wbcid.smear.learned.find_objects`), then refines that estimate:
+    run at it on the same fields, it boxes the red cells as an annotator would, and their median
+    size becomes the scale; again at the new scale, until it moves by less than 2 % (docs/scale.md
+    compares the two against annotated boxes)."""
     picked = [fields[int(i)] for i in np.unique(np.linspace(0, len(fields) - 1, min(sample, len(fields))).round())]
 
-    def measure(path: Path) -> float | None:
+    def measure(path: Path, diameter: float | None = None) -> float | None:
         try:
-            return rbc_diameter(open_field(path)[0])
+            image = open_field(path)[0]
         except UNREADABLE:
             return None
+        return rbc_diameter(image) if diameter is None else refine(image, diameter).rbc_diameter
 
     found = [m for m in map_ahead(measure, picked) if m is not None]
     if not found:
@@ -328,35 +360,49 @@ def estimate_scale(fields: Sequence[Path], sample: int = SCALE_FIELDS) -> dict:
             DEFAULT_CELL_DIAMETER,
         )
         return {"cell_diameter": DEFAULT_CELL_DIAMETER, "how": "default: no red cells found", "fields_measured": 0}
-    rbc = float(np.median(found))
+    rbc = granulometry = float(np.median(found))
+    how = "from the red cells"
+    for _ in range(REFINE_ROUNDS if refine is not None else 0):
+        boxed = [m for m in map_ahead(partial(measure, diameter=wbc_diameter(rbc)), picked) if m is not None]
+        if not boxed:
+            break
+        rbc, previous, how = float(np.median(boxed)), rbc, "from the red cells, boxed by the detector"
+        if abs(rbc / previous - 1) < 0.02:  # settled: the detector sees the cells at the size it was trained on
+            break
     diameter = round(wbc_diameter(rbc), 1)
     log.info(
         "scale from the red cells of %d field(s): red cells %.0f px, WBCs about %.0f px", len(found), rbc, diameter
     )
     return {
         "cell_diameter": diameter,
-        "how": "from the red cells",
+        "how": how,
         "rbc_diameter": round(rbc, 1),
+        "rbc_granulometry": round(granulometry, 1),
         "fields_measured": len(found),
         "fields_without_red_cells": len(picked) - len(found),
     }
 
 
-def count_field(model: Model, path: Path, cell_diameter: float, out_dir: Path, index: int) -> dict:
+def count_field(
+    model: Model, path: Path, cell_diameter: float, out_dir: Path, index: int, detector: str = "learned"
+) -> dict:
     """Detect and classify one field; its entry in counts.json (an ``error`` if it cannot be read)."""
     entry: dict = {"path": str(path), "detections": [], "warnings": []}
     try:
         image, mode = open_field(path)
-        if mode in GREY_MODES:
-            entry["warnings"].append("grey-scale image: WBCs are found by their stain, which needs colour")
     except UNREADABLE as exc:
         entry["error"] = f"could not read the image ({exc.__class__.__name__}: {exc})"
         log.warning("%s: %s", path, entry["error"])
         return entry
     entry["size"] = list(image.size)
+    if mode in GREY_MODES:  # a detector may still find cells, but their types could not be told
+        entry["warnings"].append("grey-scale image: not counted, WBC types are told apart by their stain colours")
+        return entry
     entry["warnings"] += field_problems(image, cell_diameter)
-    calls = classify_field(model, image, cell_diameter)
+    calls, rbc = classify_field(model, image, cell_diameter, detector)
     entry["detections"] = [asdict(c) for c in calls]
+    if rbc is not None:  # this field's own scale, beside the specimen's that was used
+        entry["rbc_diameter"] = round(rbc, 1)
     if not calls:
         entry["warnings"].append("no WBC found in this field")
     entry["annotated"] = str(Path("annotated") / f"{index:04d}_{path.stem}.jpg")

@@ -47,6 +47,15 @@ class Detection:
     nucleus_area: int
 
 
+@dataclass(frozen=True)
+class FieldObjects:
+    """What a detector found in one field: its WBCs, and where it measures them, its red cells'
+    typical diameter in pixels (the median longer side of their boxes clear of the border)."""
+
+    wbcs: list[Detection]
+    rbc_diameter: float | None = None
+
+
 def purple(rgb: np.ndarray) -> np.ndarray:
     """Optical density of green minus blue: high for stained nuclei, ~0 for grey and pink."""
     od = -np.log((rgb[..., 1:3].astype(np.float32) + 1) / 256)
@@ -94,7 +103,7 @@ def detect_cells(image: Image.Image | np.ndarray, cell_diameter: float = 200) ->
     min_area = np.pi / 4 * (MIN_NUCLEUS * WORK_DIAMETER) ** 2
     found = [
         Detection(
-            _rescale((region[1].start, region[0].start, region[1].stop, region[0].stop), scale, image.size),
+            rescale_box((region[1].start, region[0].start, region[1].stop, region[0].stop), scale, image.size),
             int(area / scale**2),
         )
         for region, area in zip(ndimage.find_objects(regions), areas)
@@ -103,7 +112,8 @@ def detect_cells(image: Image.Image | np.ndarray, cell_diameter: float = 200) ->
     return sorted(found, key=lambda d: -d.nucleus_area)
 
 
-def _rescale(box: tuple[int, int, int, int], scale: float, size: tuple[int, int]) -> Box:
+def rescale_box(box: tuple[float, float, float, float], scale: float, size: tuple[int, int]) -> Box:
+    """A box found in a copy resized by ``scale``, in the original's pixels, clipped to its ``size``."""
     x0, y0, x1, y1 = (round(v / scale) for v in box)
     return max(0, x0), max(0, y0), min(size[0], x1), min(size[1], y1)
 

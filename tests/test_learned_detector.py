@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from wbcid.errors import WbcidError
 from wbcid.smear.counting import estimate_scale
 from wbcid.smear.detect import match_boxes, read_yolo_boxes
 from wbcid.smear.learned import (
@@ -80,9 +81,12 @@ def test_a_tinted_background_is_not_a_cell(held_out, gain):
     assert fn <= 1 and fp <= 1, (tp, fp, fn)
 
 
-def test_nothing_in_blank_or_tiny_images():
+def test_nothing_in_blank_or_tiny_images_and_a_bad_scale_is_a_clear_error():
     assert detect_cells_learned(Image.new("RGB", (640, 480), "white"), 200) == []
     assert detect_cells_learned(Image.new("RGB", (3, 2), "purple"), 200) == []
+    for bad in (0, -5, float("nan")):
+        with pytest.raises(WbcidError, match="cell_diameter"):
+            detect_cells_learned(Image.new("RGB", (64, 64), "white"), bad)
 
 
 def test_one_cell_per_peak_cluster():

@@ -58,6 +58,7 @@ MIN_FIELD = 16  # pixels: a smaller image cannot show a WBC at any magnification
 
 
 def _stain_objects(image: Image.Image, cell_diameter: float) -> FieldObjects:
+    """The stain detector's WBCs; it boxes no red cells, so the scale stays the granulometric one."""
     return FieldObjects(detect_cells(image, cell_diameter))
 
 

@@ -50,6 +50,8 @@ def _session(path: Path):
 
 def network_input(image: Image.Image, cell_diameter: float) -> tuple[np.ndarray, float]:
     """The field as the network sees it (1x3xHxW float32 in [0, 1], zero-padded) and the scale used."""
+    if not cell_diameter > 0:
+        raise WbcidError(f"cell_diameter must be a positive number of pixels, not {cell_diameter}")
     scale = WORK_DIAMETER / cell_diameter
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     work = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255

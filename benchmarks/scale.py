@@ -49,10 +49,9 @@ def main() -> None:
         errors, truths, scale_seconds = [], [], 0.0
         counts = {"auto": np.zeros(3), "default": np.zeros(3)}
         held_out = [path for path, *_, split in group if split != "train"]
-        boxed = {path: find_objects(Image.open(path).convert("RGB"), run_scale["cell_diameter"]) for path in held_out}
         learned_run = estimate_scale(held_out, refine=find_objects)
         learned_errors, held_out_truths = [], []
-        for path, width, height, label, boxes, _ in group:
+        for path, width, height, label, boxes, split in group:
             wbc, truth = boxes(label, width, height)
             with Image.open(path) as image:
                 image = image.convert("RGB")
@@ -61,12 +60,12 @@ def main() -> None:
                 scale_seconds += time.perf_counter() - start
                 for name, diameter in (("auto", run_scale["cell_diameter"]), ("default", DEFAULT_CELL_DIAMETER)):
                     counts[name] += match_boxes([d.box for d in detect_cells(image, diameter)], wbc)
+                boxed = find_objects(image, run_scale["cell_diameter"]).rbc_diameter if split != "train" else None
             truths.append(truth)
             errors.append(np.nan if measured is None else measured / truth - 1)
-            if path in boxed and np.isfinite(truth):
+            if split != "train" and np.isfinite(truth):
                 held_out_truths.append(truth)
-                found = boxed[path].rbc_diameter
-                learned_errors.append(np.nan if found is None else found / truth - 1)
+                learned_errors.append(np.nan if boxed is None else boxed / truth - 1)
         errors = np.array(errors)[~np.isnan(truths)]
         truth = float(np.nanmedian(truths))
         result["sources"][source] = {

@@ -56,6 +56,12 @@ class FieldObjects:
     rbc_diameter: float | None = None
 
 
+def check_cell_diameter(cell_diameter: float) -> None:
+    """Both detectors resize by it: it must be a positive number of pixels (NaN is not)."""
+    if not cell_diameter > 0:
+        raise WbcidError(f"cell_diameter must be a positive number of pixels, not {cell_diameter}")
+
+
 def purple(rgb: np.ndarray) -> np.ndarray:
     """Optical density of green minus blue: high for stained nuclei, ~0 for grey and pink."""
     od = -np.log((rgb[..., 1:3].astype(np.float32) + 1) / 256)
@@ -83,8 +89,7 @@ def stain(rgb: np.ndarray, window: int) -> np.ndarray:
 
 def detect_cells(image: Image.Image | np.ndarray, cell_diameter: float = 200) -> list[Detection]:
     """WBCs in an RGB smear image, largest first; ``[]`` for a field without any (or without colour)."""
-    if cell_diameter <= 0:
-        raise WbcidError(f"cell_diameter must be a positive number of pixels, not {cell_diameter}")
+    check_cell_diameter(cell_diameter)
     image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
     scale = WORK_DIAMETER / cell_diameter
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

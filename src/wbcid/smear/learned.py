@@ -2,7 +2,7 @@
 
 The stain detector (:mod:`wbcid.smear.detect`) thresholds one colour feature, and on fields where
 the red cells are bluish or the cytoplasm pale its boxes run into neighbours or stop at the
-nucleus (docs/detection.md). This detector learned what a WBC box is from TXL-PBC's annotated
+nucleus (docs/detection_stain.md). This detector learned what a WBC box is from TXL-PBC's annotated
 fields of four labs (:mod:`wbcid.smear.train_detector`). It is a CenterNet (Zhou et al., 2019,
 "Objects as points"): for every location of a quarter-resolution grid, the probability that a
 WBC's centre lies there and that a red cell's does, the box's width and height and the centre's
@@ -28,7 +28,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..errors import WbcidError
-from .detect import Detection, FieldObjects, rescale_box
+from .detect import Detection, FieldObjects, check_cell_diameter, rescale_box
 from .scale import annotated_rbc_diameter
 
 WORK_DIAMETER = 48  # pixels a WBC spans in the copy the network sees
@@ -50,8 +50,7 @@ def _session(path: Path):
 
 def network_input(image: Image.Image, cell_diameter: float) -> tuple[np.ndarray, float]:
     """The field as the network sees it (1x3xHxW float32 in [0, 1], zero-padded) and the scale used."""
-    if not cell_diameter > 0:
-        raise WbcidError(f"cell_diameter must be a positive number of pixels, not {cell_diameter}")
+    check_cell_diameter(cell_diameter)
     scale = WORK_DIAMETER / cell_diameter
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     work = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255

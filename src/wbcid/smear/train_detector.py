@@ -71,16 +71,17 @@ def txl_fields(root: str | Path, sources: list[str] | None = None, splits: list[
     for row in table.itertuples():
         size = (row.width, row.height)
         labels = root / "labels" / f"{Path(row.image).stem}.txt"
-        rbc = annotated_rbc_diameter(read_yolo_boxes(labels, size, 1), size)
+        # TXL-PBC's YOLO classes 0 and 1 are WBC and RBC, the network's score channels
+        boxes = {c: read_yolo_boxes(labels, size, c) for c in (WBC, RBC)}
+        rbc = annotated_rbc_diameter(boxes[RBC], size)
         if not math.isfinite(rbc):
             continue  # no whole red cell: the field's scale is unknown
         scale = MAX_JITTER * WORK_DIAMETER / wbc_diameter(rbc)
         with Image.open(root / "images" / row.image) as image:
             work = image.convert("RGB").resize((round(row.width * scale), round(row.height * scale)), Image.BILINEAR)
-        # TXL-PBC's YOLO classes 0 and 1 are WBC and RBC, the network's score channels
-        boxes = {c: np.array(read_yolo_boxes(labels, size, c), np.float32).reshape(-1, 4) * scale for c in (WBC, RBC)}
-        classes = np.repeat([WBC, RBC], [len(boxes[WBC]), len(boxes[RBC])])
-        fields.append(Field(np.asarray(work), np.concatenate([boxes[WBC], boxes[RBC]]), classes))
+        scaled = [np.array(boxes[c], np.float32).reshape(-1, 4) * scale for c in (WBC, RBC)]
+        classes = np.repeat([WBC, RBC], [len(b) for b in scaled])
+        fields.append(Field(np.asarray(work), np.concatenate(scaled), classes))
     return fields
 
 

@@ -28,7 +28,8 @@ def find_nucleus(rgb: np.ndarray) -> tuple[float, float, float] | None:
     green = rgb[..., 1].astype(np.float32)
     height, width = green.shape
     artefact = rgb.max(axis=2) < 25  # black scanner borders and padding are not nuclei
-    green[artefact] = np.median(green[~artefact]) if (~artefact).any() else 0
+    if artefact.any():
+        green[artefact] = np.median(green[~artefact]) if not artefact.all() else 0
     green = ndimage.gaussian_filter(green, sigma=max(1.0, min(height, width) / 100))
     if green.max() - green.min() < 10:  # a blank or uniform image
         return None
@@ -37,9 +38,11 @@ def find_nucleus(rgb: np.ndarray) -> tuple[float, float, float] | None:
     labels, count = ndimage.label(mask)
     if count == 0:
         return None
-    index = np.arange(1, count + 1)
-    areas = ndimage.sum_labels(mask, labels, index)
-    centres = np.array(ndimage.center_of_mass(mask, labels, index))
+    # the sums ndimage.sum_labels and center_of_mass take, without their per-call overhead (a third of the crop)
+    flat = labels.ravel()
+    areas = np.bincount(flat, minlength=count + 1)[1:].astype(np.float64)
+    grid = np.indices(labels.shape).reshape(2, -1)
+    centres = np.stack([np.bincount(flat, axis, count + 1)[1:] for axis in grid], 1) / areas[:, None]
     distance = np.hypot(centres[:, 0] - height / 2, centres[:, 1] - width / 2) / max(height, width)
     main = int(np.argmax(areas * np.exp(-4 * distance)))  # large and central
     if areas[main] < 0.005 * height * width:
@@ -47,7 +50,7 @@ def find_nucleus(rgb: np.ndarray) -> tuple[float, float, float] | None:
     rows, cols = np.nonzero(labels == main + 1)
     reach = 0.75 * max(np.ptp(rows), np.ptp(cols), 1)
     near = np.hypot(*(centres - centres[main]).T) < reach + 1e-6
-    keep = np.isin(labels, index[near & (areas > 0.1 * areas[main])])
+    keep = np.r_[False, near & (areas > 0.1 * areas[main])][labels]  # the lobes, as a label lookup
     rows, cols = np.nonzero(keep)
     extent = max(np.ptp(rows), np.ptp(cols)) + 1
     return (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2, float(extent)

@@ -6,11 +6,15 @@
   frozen, batch 32, AdamW) timed in fp32, with the frozen prefix in bf16 (it needs no gradient),
   and with the whole step under ``torch.autocast("cpu", dtype=torch.bfloat16)``; median of
   ``--steps`` steps after 2 warm-up steps, the three modes interleaved twice.
-* Inference: the bundled ONNX model quantized with ONNX Runtime's static quantization (QDQ,
-  per-channel int8 weights, uint8 activations, convolutions only so the head and the OOD scorer
-  stay fp32), calibrated on ``--calibration-per-class`` PBC *training* cells per class. Compared
-  with fp32 on PBC test and every other lab (label agreement, macro-F1) and on the OOD task
-  (AUROC of ``ood_score``, PBC's non-WBC cells vs PBC test); both timed on one batch of 64.
+* Inference: the bundled ONNX model as ``wbcid`` serves it (ONNX Runtime, fp32) against
+  - the same model quantized with ONNX Runtime's static quantization (QDQ, per-channel int8
+    weights, uint8 activations, convolutions only so the head and the OOD scorer stay fp32),
+    calibrated on ``--calibration-per-class`` PBC *training* cells per class;
+  - where OpenVINO is installed (``pip install openvino==2026.4.1``; not a wbcid dependency), the
+    same ONNX file run by OpenVINO in fp32 and with bf16 inference precision (AMX on this CPU).
+  Each is compared with ONNX Runtime fp32 on PBC test and every other lab (label agreement,
+  macro-F1) and on the OOD task (AUROC of ``ood_score``, PBC's non-WBC cells vs PBC test), and
+  timed on one batch of 64, 2 threads.
 
 Writes ``docs/precision.json`` and ``docs/precision.md``. Run it with nothing else running.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +97,36 @@ def quantize(source: Path, target: Path, calibration: torch.Tensor) -> Path:
     return target
 
 
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # a batch -> (logits, ood_score)
+
+
+def runtimes(int8_path: Path) -> dict[str, Runner]:
+    """Every way of running the bundled model measured here, by name; the first is the reference."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+
+    def onnxruntime(path: Path) -> Runner:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda x: tuple(session.run(["logits", "ood_score"], {"image": x}))
+
+    found = {"ONNX Runtime fp32": onnxruntime(BUNDLED_ONNX), "ONNX Runtime int8": onnxruntime(int8_path)}
+    try:
+        import openvino
+    except ImportError:
+        return found
+    core = openvino.Core()
+    for precision in ("f32", "bf16"):
+        config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": 2}
+        request = core.compile_model(str(BUNDLED_ONNX), "CPU", config).create_infer_request()
+
+        def run(x: np.ndarray, request=request) -> tuple[np.ndarray, np.ndarray]:
+            out = request.infer({0: x})  # views of OpenVINO's buffers, overwritten by the next call
+            return np.array(out["logits"]), np.array(out["ood_score"])
+
+        found[f"OpenVINO {precision.replace('f32', 'fp32')}"] = run
+    return found
+
+
 def main() -> None:
     options = parser(__doc__)
     options.add_argument("--steps", type=int, default=12)
@@ -107,27 +142,20 @@ def main() -> None:
     calibration, _ = load_images(
         sample_per_class(cells.select([TRAIN_SOURCE], ["train"]).known(), args.calibration_per_class), prep
     )
-    int8_path = quantize(BUNDLED_ONNX, Path(tempfile.mkdtemp()) / "int8.onnx", calibration)
-    options_ = ort.SessionOptions()
-    options_.intra_op_num_threads = 2
-    sessions = {
-        name: ort.InferenceSession(str(path), options_, providers=["CPUExecutionProvider"])
-        for name, path in (("fp32", BUNDLED_ONNX), ("int8", int8_path))
-    }
+    runners = runtimes(quantize(BUNDLED_ONNX, Path(tempfile.mkdtemp()) / "int8.onnx", calibration))
+    reference = next(iter(runners))
 
-    def run(session, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        out = [
-            session.run(["logits", "ood_score"], {"image": as_input(b).contiguous().numpy()}) for b in images.split(64)
-        ]
+    def run(runner: Runner, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        out = [runner(as_input(b).contiguous().numpy()) for b in images.split(64)]
         return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
     batch = calibration[:64]
     result["images_per_second_batch64"] = {}
-    for name, session in sessions.items():
-        run(session, batch)
+    for name, runner in runners.items():
+        run(runner, batch)
         start = time.perf_counter()
         for _ in range(10):
-            run(session, batch)
+            run(runner, batch)
         result["images_per_second_batch64"][name] = 640 / (time.perf_counter() - start)
 
     scored = {}
@@ -136,18 +164,17 @@ def main() -> None:
         subset = cells.select([source], ["test"] if source == TRAIN_SOURCE else None)
         subset = subset if source == "pbc_other" else subset.known()
         images, subset = load_images(subset, prep)
-        scored[source] = {name: run(session, images) for name, session in sessions.items()}
+        scored[source] = {name: run(runner, images) for name, runner in runners.items()}
         if source == "pbc_other":
             continue
-        (l32, _), (l8, _) = scored[source]["fp32"], scored[source]["int8"]
+        labels = {name: logits.argmax(1) for name, (logits, _) in scored[source].items()}
         result["sources"][source] = {
             "cells": len(subset),
-            "label_agreement": float((l32.argmax(1) == l8.argmax(1)).mean()),
-            "macro_f1_fp32": float(f1_score(subset.labels, l32.argmax(1), average="macro")),
-            "macro_f1_int8": float(f1_score(subset.labels, l8.argmax(1), average="macro")),
+            "label_agreement": {name: float((got == labels[reference]).mean()) for name, got in labels.items()},
+            "macro_f1": {name: float(f1_score(subset.labels, got, average="macro")) for name, got in labels.items()},
         }
     result["ood_auroc"] = {}
-    for name in sessions:
+    for name in runners:
         inside, outside = scored[TRAIN_SOURCE][name][1], scored["pbc_other"][name][1]
         truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
         result["ood_auroc"][name] = float(roc_auc_score(truth, np.r_[inside, outside]))
@@ -157,12 +184,16 @@ def main() -> None:
 
 def report(r: dict) -> str:
     steps = r["training_step_ms"]
+    names = list(r["ood_auroc"])
+    others = names[1:]
     rows = "\n".join(
-        f"| {s} | {v['cells']} | {v['label_agreement']:.4f} | {v['macro_f1_fp32']:.4f} | {v['macro_f1_int8']:.4f} |"
+        f"| {s} | {v['cells']} | {v['macro_f1'][names[0]]:.4f} |"
+        + "".join(f" {v['label_agreement'][n]:.4f} | {v['macro_f1'][n]:.4f} |" for n in others)
         for s, v in r["sources"].items()
     )
-    speed = r["images_per_second_batch64"]
-    return f"""# Lower precision on this CPU: bf16 training, int8 inference
+    speed = " | ".join(f"{r['images_per_second_batch64'][n]:.0f}" for n in names)
+    auroc = " | ".join(f"{r['ood_auroc'][n]:.4f}" for n in names)
+    return f"""# Lower precision on this CPU: bf16 training, int8 and bf16 inference
 
 Command: `{r["command"]}` (this project's 2-core machine, nothing else running; its CPU has
 AVX-512 VNNI, AVX-512 BF16 and AMX). See the script's docstring for what each number is.
@@ -173,13 +204,17 @@ AVX-512 VNNI, AVX-512 BF16 and AMX). See the script's docstring for what each nu
 |---:|---:|---:|
 | {steps["fp32"]:.0f} | {steps["bf16 frozen prefix"]:.0f} | {steps["bf16 autocast"]:.0f} |
 
-## int8 (static QDQ, convolutions) against fp32, bundled model
+## Inference: the bundled model run in lower precision, against {names[0]} (what wbcid serves)
 
-ONNX Runtime, batch 64, 2 threads: fp32 {speed["fp32"]:.0f} images/s, int8 {speed["int8"]:.0f} images/s.
-OOD AUROC (PBC non-WBC cells vs PBC test): fp32 {r["ood_auroc"]["fp32"]:.4f}, int8 {r["ood_auroc"]["int8"]:.4f}.
+| | {" | ".join(names)} |
+|---|{"---:|" * len(names)}
+| images/s, batch 64, 2 threads | {speed} |
+| OOD AUROC (PBC non-WBC cells vs PBC test) | {auroc} |
 
-| source | cells | label agreement | macro-F1 fp32 | macro-F1 int8 |
-|---|---:|---:|---:|---:|
+Label agreement with {names[0]} and macro-F1, per source:
+
+| source | cells | macro-F1 {names[0]} |{"".join(f" agreement {n} | macro-F1 {n} |" for n in others)}
+|---|---:|---:|{"---:|---:|" * len(others)}
 {rows}
 """
 

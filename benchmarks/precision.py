@@ -105,11 +105,11 @@ def runtimes(int8_path: Path) -> dict[str, Runner]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
 
-    def onnxruntime(path: Path) -> Runner:
+    def with_onnxruntime(path: Path) -> Runner:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda x: tuple(session.run(["logits", "ood_score"], {"image": x}))
 
-    found = {"ONNX Runtime fp32": onnxruntime(BUNDLED_ONNX), "ONNX Runtime int8": onnxruntime(int8_path)}
+    found = {"ONNX Runtime fp32": with_onnxruntime(BUNDLED_ONNX), "ONNX Runtime int8": with_onnxruntime(int8_path)}
     try:
         import openvino
     except ImportError:

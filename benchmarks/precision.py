@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from common import parser, setup, write_results
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -41,6 +40,7 @@ from wbcid.data import load_images, read_cells, sample_per_class
 from wbcid.loading import resolve_model
 from wbcid.models import create_model
 from wbcid.preprocess import Preprocess, as_input
+from wbcid.serving import OUTPUTS, session
 
 
 def training_steps(steps: int) -> dict[str, float]:
@@ -102,12 +102,10 @@ Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # a batch -> (lo
 
 def runtimes(int8_path: Path) -> dict[str, Runner]:
     """Every way of running the bundled model measured here, by name; the first is the reference."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
 
     def with_onnxruntime(path: Path) -> Runner:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return lambda x: tuple(session.run(["logits", "ood_score"], {"image": x}))
+        runtime = session(path, threads=2)  # as wbcid serves, on both cores
+        return lambda x: tuple(runtime.run(OUTPUTS, {"image": x}))
 
     found = {"ONNX Runtime fp32": with_onnxruntime(BUNDLED_ONNX), "ONNX Runtime int8": with_onnxruntime(int8_path)}
     try:

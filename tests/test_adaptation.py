@@ -96,6 +96,21 @@ def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
     assert result["totals"]["detected"] >= 3
 
 
+def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(
+    pbc_model: Path, adapted: Path, bccd, tmp_path: Path
+):
+    from wbcid.inference import predict
+
+    assert not load_checkpoint(pbc_model).config.tta and load_checkpoint(adapted).config.tta
+    paths = read_cells(bccd[1]).paths[:24]
+    probs = [f"p_{c}" for c in CLASSES]
+    default, tta, plain = (predict(adapted, paths, tta=t)[probs].to_numpy() for t in (None, True, False))
+    np.testing.assert_allclose(default, tta)
+    assert not np.allclose(default, plain, atol=1e-3)
+    onnx = export_onnx(load_checkpoint(adapted), tmp_path / "adapted.onnx")
+    np.testing.assert_allclose(predict(onnx, paths)[probs].to_numpy(), tta, atol=2e-3)  # the export keeps it
+
+
 def test_missing_classes_and_single_cells_work(pbc_model: Path, bccd, tmp_path: Path):
     table = pd.read_csv(bccd[0])
     few = pd.concat([table[table.label == "neutrophil"].head(3), table[table.label == "eosinophil"].head(1)])

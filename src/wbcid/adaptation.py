@@ -16,6 +16,9 @@ How (the choices were measured against each other: docs/adaptation.md):
 * The OOD scorer (:mod:`wbcid.ood`) is refitted: the new lab's cells get clusters of their own
   beside the replay cells', and the threshold is calibrated on held-out replay cells and the new
   lab's views together, so the lab's ordinary cells stop being flagged while non-WBCs still are.
+* The adapted model predicts over the eight rotations and flips of each cell by default
+  (``ModelConfig.tta``; ``--no-tta`` at prediction turns it off): over 40 paired draws it raised
+  macro-F1 by 0.010 on average (30 up, 10 down; K = 10: +0.017, 18 of 20 up; docs/adaptation.md).
 * ``unlabelled`` cells of the lab may add pseudo-labels: after adapting on the verified cells,
   the most confident half of the unflagged predictions of each class (class-balanced
   self-training, Zou et al., ECCV 2018) join the verified cells for a second adaptation from
@@ -72,6 +75,7 @@ class AdaptConfig:
     augment: str = "domain"
     cross_fit: bool = True  # calibrate the new lab's flag threshold on cells a half-model was not tuned on
     precision: str = "auto"  # auto, fp32 or bf16 (autocast), as in training (wbcid.train.resolve_precision)
+    tta: bool = True  # the adapted model predicts over rotations and flips by default (+0.010 macro-F1, 40 draws)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -174,18 +178,20 @@ def adapt_model(
             replay = make_replay(base, replay.images, replay.image_labels, replay.calibration_images, config)
     model = _fine_tune(base, [(images, labels, config.views)], config, replay) if len(images) else base
     stretch = _cross_fitted_stretch(base, images, labels, config, replay) if config.cross_fit else 1.0
-    if unlabelled is None or not len(unlabelled):
-        return _stretch_threshold(model, stretch)
-    pseudo_images, pseudo_labels = pseudo_label(model, unlabelled)
-    log.info("pseudo-labels: %d of %d unlabelled cells", len(pseudo_labels), len(unlabelled))
-    if len(pseudo_labels) + len(images) == 0:
-        log.warning(
-            "every unlabelled cell is flagged, so none can be a pseudo-label: only AdaBN was applied; "
-            "verify a few cells (wbcid review) to adapt further"
-        )
-        return _stretch_threshold(model, stretch)
-    parts = [(images, labels, config.views), (pseudo_images, pseudo_labels, config.pseudo_views)]
-    return _stretch_threshold(_fine_tune(base, parts, config, replay), stretch)
+    if unlabelled is not None and len(unlabelled):
+        pseudo_images, pseudo_labels = pseudo_label(model, unlabelled)
+        log.info("pseudo-labels: %d of %d unlabelled cells", len(pseudo_labels), len(unlabelled))
+        if len(pseudo_labels) + len(images) == 0:
+            log.warning(
+                "every unlabelled cell is flagged, so none can be a pseudo-label: only AdaBN was applied; "
+                "verify a few cells (wbcid review) to adapt further"
+            )
+        else:
+            parts = [(images, labels, config.views), (pseudo_images, pseudo_labels, config.pseudo_views)]
+            model = _fine_tune(base, parts, config, replay)
+    model = _stretch_threshold(copy.deepcopy(base) if model is base else model, stretch)
+    model.config = replace(model.config, tta=config.tta)
+    return model
 
 
 def _cross_fitted_stretch(

@@ -47,6 +47,7 @@ class ModelConfig:
     stain_reference: dict | None = None  # for colour="macenko"
     training_data: dict | None = None  # {"origin", "sources"[, "all_splits"]}: what evaluate warns about
     adaptation: dict | None = None  # {"base", "cells"} for a model from wbcid adapt
+    tta: bool = False  # predict over the 8 rotations and flips unless told not to (adapted models: wbcid.adaptation)
 
     def to_dict(self) -> dict:
         return asdict(self)

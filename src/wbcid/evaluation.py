@@ -99,7 +99,7 @@ def evaluate(
     splits: list[str] | None = None,
     title: str | None = None,
     adabn: bool = False,
-    tta: bool = False,
+    tta: bool | None = None,
 ) -> dict:
     """Score a model on labelled cells; with ``out_dir``, write metrics.json, figures and report.md.
 

@@ -26,14 +26,17 @@ log = logging.getLogger("wbcid")
 UNREADABLE_MESSAGE = "could not be read as an image"
 
 
-def predict_scores(model: Model, batches: Iterable, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict_scores(model: Model, batches: Iterable, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``(n, 5)`` and out-of-distribution scores ``(n,)`` for uint8 NCHW batches, in order.
 
     Batches may be NumPy arrays or tensors; an ONNX model runs on NumPy without PyTorch. With
     ``tta`` the logits are averaged over the eight rotations and flips of each cell, which has no
     preferred orientation; the OOD score is that of the image as given (the scorer's threshold
-    was calibrated on plain images).
+    was calibrated on plain images). ``None``: as the model's config says (on for adapted models,
+    where it was measured to help: docs/adaptation.md).
     """
+    if tta is None:
+        tta = model.config.tta
     run = _onnx_runner(model) if isinstance(model, OnnxModel) else _torch_runner(model)
     logits, ood = [], []
     for batch in batches:
@@ -82,12 +85,13 @@ def predict_proba(
     workers: int | None = None,
     progress: bool = True,
     adabn: bool = False,
-    tta: bool = False,
+    tta: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class probabilities ``(n, 5)``, OOD scores ``(n,)`` and a mask of which files could be read.
 
     Unreadable files get NaN. ``adabn`` re-estimates batch-norm statistics on these images first
-    (they should come from one lab); ``tta`` averages over rotations and flips. See
+    (they should come from one lab); ``tta`` averages over rotations and flips (``None``: the
+    model's own setting). See
     :mod:`wbcid.testtime` and :mod:`wbcid.ood`.
     """
     batches = image_batches(paths, Preprocess.of(model.config), batch_size, workers)
@@ -154,7 +158,7 @@ def predict(
     out_csv: str | os.PathLike | None = None,
     batch_size: int = 64,
     adabn: bool = False,
-    tta: bool = False,
+    tta: bool | None = None,
 ) -> pd.DataFrame:
     """Classify image files (folders are searched recursively); one row per image.
 

@@ -106,6 +106,7 @@ def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(
     probs = [f"p_{c}" for c in CLASSES]
     default, tta, plain = (predict(adapted, paths, tta=t)[probs].to_numpy() for t in (None, True, False))
     np.testing.assert_allclose(default, tta)
+    assert evaluate(adapted, bccd[1])["tta"] is True and evaluate(adapted, bccd[1], tta=False)["tta"] is False
     assert not np.allclose(default, plain, atol=1e-3)
     onnx = export_onnx(load_checkpoint(adapted), tmp_path / "adapted.onnx")
     np.testing.assert_allclose(predict(onnx, paths)[probs].to_numpy(), tta, atol=2e-3)  # the export keeps it

@@ -115,6 +115,7 @@ def evaluate(
             seen,
             len(cells),
         )
+    tta = model.config.tta if tta is None else tta
     probs, ood, ok = predict_proba(model, cells.paths, adabn=adabn, tta=tta)
     if not ok.any():
         raise WbcidError(f"{cells.origin}: none of the {len(cells)} images could be read")
@@ -125,6 +126,7 @@ def evaluate(
     metrics["unreadable"] = int((~ok).sum())
     metrics["skipped"] = dict(cells.skipped)
     metrics["model"], metrics["data"], metrics["training_overlap"] = name, cells.origin, seen
+    metrics["tta"] = tta  # a score over rotations and flips is not comparable with a single-view one
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

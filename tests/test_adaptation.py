@@ -97,7 +97,7 @@ def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
 
 
 def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(
-    pbc_model: Path, adapted: Path, bccd, tmp_path: Path
+    pbc_model: Path, adapted: Path, bccd, data_root: Path, tmp_path: Path
 ):
     from wbcid.inference import predict
 
@@ -110,6 +110,11 @@ def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(
     assert not np.allclose(default, plain, atol=1e-3)
     onnx = export_onnx(load_checkpoint(adapted), tmp_path / "adapted.onnx")
     np.testing.assert_allclose(predict(onnx, paths)[probs].to_numpy(), tta, atol=2e-3)  # the export keeps it
+    fields = sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:2]
+    assert count(adapted, fields, tmp_path / "count")["tta"] is True
+    assert count(adapted, fields, tmp_path / "single", tta=False)["tta"] is False
+    with pytest.raises(WbcidError, match="counted with"):  # a resumed count never mixes the two
+        count(adapted, fields, tmp_path / "count", resume=True, tta=False)
 
 
 def test_missing_classes_and_single_cells_work(pbc_model: Path, bccd, tmp_path: Path):

@@ -227,6 +227,7 @@ def count(
         str,
         typer.Option(help="How WBCs are found: 'learned' (a network trained on annotated fields) or 'stain' (colour)."),
     ] = "learned",
+    tta: Tta = None,
 ) -> None:
     """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
     from .smear.counting import count as run_count
@@ -234,7 +235,7 @@ def count(
 
     with _resumable(f"finished fields are in {out / 'fields.jsonl'}"):
         result = run_count(
-            model, paths, out, cell_diameter, read_reference(reference) if reference else None, resume, detector
+            model, paths, out, cell_diameter, read_reference(reference) if reference else None, resume, detector, tta
         )
     specimens = result["specimens"]
     for name, specimen in specimens.items():

@@ -188,17 +188,21 @@ def cell_patch(image: Image.Image, box: Box, prep: Preprocess) -> np.ndarray:
 
 
 def classify_field(
-    model: Model, image: Image.Image, cell_diameter: float = DEFAULT_CELL_DIAMETER, detector: str = "learned"
+    model: Model,
+    image: Image.Image,
+    cell_diameter: float = DEFAULT_CELL_DIAMETER,
+    detector: str = "learned",
+    tta: bool | None = None,
 ) -> tuple[list[CellCall], float | None]:
     """Detect (with one of :data:`DETECTORS`) and classify every WBC in one RGB smear field; also the
-    field's red-cell diameter where the detector measures it."""
+    field's red-cell diameter where the detector measures it. ``tta``: as in :func:`predict_scores`."""
     found = DETECTORS[detector](image, cell_diameter)
     boxes = [d.box for d in found.wbcs]
     if not boxes:
         return [], found.rbc_diameter
     prep = Preprocess.of(model.config)
     patches = np.stack([cell_patch(image, b, prep) for b in boxes]).transpose(0, 3, 1, 2)
-    logits, ood = predict_scores(model, [patches])
+    logits, ood = predict_scores(model, [patches], tta)
     probs = softmax(logits)
     edges = [on_edge(box, image.size) for box in boxes]
     calls = [
@@ -227,6 +231,7 @@ def count(
     reference: dict[str, tuple[float, float]] | None = None,
     resume: bool = False,
     detector: str = "learned",
+    tta: bool | None = None,
 ) -> dict:
     """Count WBCs in smear fields; writes counts.json, annotated fields, flagged cells and report.html.
 
@@ -236,7 +241,8 @@ def count(
     ``cell_diameter`` (the WBC diameter in pixels) is measured from each specimen's red cells when
     not given (:func:`estimate_scale`); counts.json says which and how. A folder of folders is one
     specimen per subfolder (:mod:`wbcid.smear.specimens`): counts.json, ``specimens.csv`` and the
-    report give each its differential. ``detector``: one of :data:`DETECTORS`.
+    report give each its differential. ``detector``: one of :data:`DETECTORS`. ``tta``: classify
+    over rotations and flips (``None``: as the model's config says; adapted models do).
     """
     from ..reports import write_count_report
 
@@ -261,8 +267,9 @@ def count(
     }
     specimen_of = {field: specimen for specimen, members in groups.items() for field in members}
     model = resolve_model(model)
+    tta = model.config.tta if tta is None else tta
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
-    settings = {"model": name, "scales": scales, "detector": detector}
+    settings = {"model": name, "scales": scales, "detector": detector, "tta": tta}
     done = _finished_fields(out_dir / FIELDS, settings, resume)
 
     def work(index: int) -> tuple[dict, bool]:
@@ -270,7 +277,8 @@ def count(
         path = fields[index]
         if str(path) in done:
             return done[str(path)], False
-        entry = count_field(model, path, scales[specimen_of[path]]["cell_diameter"], out_dir, index + 1, detector)
+        diameter = scales[specimen_of[path]]["cell_diameter"]
+        entry = count_field(model, path, diameter, out_dir, index + 1, detector, tta)
         return entry | {"specimen": specimen_of[path]}, True
 
     images = []
@@ -299,6 +307,7 @@ def count(
     result = {
         "model": name,
         "detector": detector,
+        "tta": tta,
         "images": images,
         "totals": summarise(images, reference),
         "specimens": specimens,
@@ -385,7 +394,13 @@ def estimate_scale(
 
 
 def count_field(
-    model: Model, path: Path, cell_diameter: float, out_dir: Path, index: int, detector: str = "learned"
+    model: Model,
+    path: Path,
+    cell_diameter: float,
+    out_dir: Path,
+    index: int,
+    detector: str = "learned",
+    tta: bool | None = None,
 ) -> dict:
     """Detect and classify one field; its entry in counts.json (an ``error`` if it cannot be read)."""
     entry: dict = {"path": str(path), "detections": [], "warnings": []}
@@ -400,7 +415,7 @@ def count_field(
         entry["warnings"].append("grey-scale image: not counted, WBC types are told apart by their stain colours")
         return entry
     entry["warnings"] += field_problems(image, cell_diameter)
-    calls, rbc = classify_field(model, image, cell_diameter, detector)
+    calls, rbc = classify_field(model, image, cell_diameter, detector, tta)
     entry["detections"] = [asdict(c) for c in calls]
     if rbc is not None:  # this field's own scale, beside the specimen's that was used
         entry["rbc_diameter"] = round(rbc, 1)
@@ -453,7 +468,7 @@ def _finished_fields(log_path: Path, settings: dict, resume: bool) -> dict[str, 
                 raise WbcidError(f"{log_path}: line {number + 1} is damaged; count into a new --out") from None
             log.warning("%s: the last field was cut short by an interruption; counting it again", log_path)
             log_path.write_text(text[: len(text) - len(line)])
-    if lines and lines[0] != settings:
+    if lines and {"tta": False, **lines[0]} != settings:  # counts from before the tta setting were single-view
         raise WbcidError(f"{log_path} was counted with {lines[0]}, not {settings}; use another --out")
     return {entry["path"]: entry for entry in lines[1:]}
 

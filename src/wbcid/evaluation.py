@@ -17,7 +17,7 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from .contract import ModelConfig, flagged
 from .data import CLASSES, CellSet, read_cells, recorded_training_cells
 from .errors import WbcidError
-from .inference import predict_proba
+from .inference import predict_proba, resolve_tta
 from .loading import Model, describe_model, resolve_model
 from .reports import write_evaluation_report
 
@@ -115,7 +115,7 @@ def evaluate(
             seen,
             len(cells),
         )
-    tta = model.config.tta if tta is None else tta
+    tta = resolve_tta(model, tta)
     probs, ood, ok = predict_proba(model, cells.paths, adabn=adabn, tta=tta)
     if not ok.any():
         raise WbcidError(f"{cells.origin}: none of the {len(cells)} images could be read")

@@ -35,8 +35,7 @@ def predict_scores(model: Model, batches: Iterable, tta: bool | None = None) -> 
     was calibrated on plain images). ``None``: as the model's config says (on for adapted models,
     where it was measured to help: docs/adaptation.md).
     """
-    if tta is None:
-        tta = model.config.tta
+    tta = resolve_tta(model, tta)
     run = _onnx_runner(model) if isinstance(model, OnnxModel) else _torch_runner(model)
     logits, ood = [], []
     for batch in batches:
@@ -47,6 +46,11 @@ def predict_scores(model: Model, batches: Iterable, tta: bool | None = None) -> 
     if not logits:
         return np.empty((0, len(CLASSES)), np.float32), np.empty(0, np.float32)
     return np.concatenate(logits), np.concatenate(ood)
+
+
+def resolve_tta(model: Model, tta: bool | None) -> bool:
+    """``tta`` if given, else the model's own setting (on for adapted models): one rule for every command."""
+    return model.config.tta if tta is None else tta
 
 
 def dihedral_views(batch: np.ndarray) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..contract import flagged
 from ..data import CLASSES, UNREADABLE, list_images, map_ahead
 from ..errors import WbcidError
-from ..inference import predict_scores, softmax
+from ..inference import predict_scores, resolve_tta, softmax
 from ..loading import Model, describe_model, resolve_model
 from ..preprocess import Preprocess, upright_rgb
 from .detect import Box, FieldObjects, detect_cells
@@ -267,7 +267,7 @@ def count(
     }
     specimen_of = {field: specimen for specimen, members in groups.items() for field in members}
     model = resolve_model(model)
-    tta = model.config.tta if tta is None else tta
+    tta = resolve_tta(model, tta)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
     settings = {"model": name, "scales": scales, "detector": detector, "tta": tta}
     done = _finished_fields(out_dir / FIELDS, settings, resume)

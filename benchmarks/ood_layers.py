@@ -1,0 +1,188 @@
+"""Why adaptation lowers the OOD AUROC, and whether scoring several layers keeps it.
+
+    python benchmarks/ood_layers.py --model runs/pbc [--labs lisc tecom cellavision bccd] [--draws 3] [--k 10]
+
+The OOD task is the one of docs/adaptation.md: PBC's non-WBC cells (pbc_other) against PBC's test
+split, scored by ``ood_score``. For the base model and for models adapted to each lab (K verified
+cells per class, ``wbcid.adaptation.adapt_model`` with its default settings but ``cross_fit=False``:
+cross-fitting moves only the threshold, so the AUROC is the same), it compares:
+
+- ``replay``: the score the adapted model ships (its penultimate scorer refitted by
+  ``_refit_ood`` on the replay cells: 100 per class, 2 views);
+- ``all_train``: the same features, the scorer fitted on *all* PBC training cells through the
+  adapted model (what the refit would give with unlimited replay; PBC clusters only);
+- ``+stage4``, ``+stage5``: the mean of a penultimate score and Mahalanobis scores (each over its
+  own 95 % threshold) on the pooled mean and standard deviation of earlier stages' outputs (Lee
+  et al., NeurIPS 2018, feature ensemble, here unweighted: no OOD data is used). Those stages are
+  in the frozen prefix, so their PBC statistics hold exactly after adaptation; the lab's verified
+  cells' views are added as clusters and their scatter averaged into the covariance, as
+  ``_refit_ood`` does for the penultimate layer. For the base model ``replay`` and ``all_train``
+  are the same score.
+
+Writes docs/ood_layers.json and docs/ood_layers.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import parser, setup, write_results
+from sklearn.metrics import roc_auc_score
+
+from wbcid.adaptation import AdaptConfig, adapt_model, make_replay
+from wbcid.adaptation import _features as suffix_features
+from wbcid.augment import train_augmentation
+from wbcid.data import draw_per_class, load_images, read_cells, sample_per_class
+from wbcid.loading import resolve_model
+from wbcid.ood import QUANTILE, MahalanobisScore, group_means
+from wbcid.preprocess import Preprocess, as_input
+
+OUT = Path("docs/ood_layers")
+features = torch.no_grad()(suffix_features)  # penultimate features of cached prefix outputs
+TAPS = {"stage4": 4, "stage5": 5}  # backbone units (stem = 0) whose pooled outputs are scored
+COMBOS = [
+    ["replay"],
+    ["all_train"],
+    ["replay", "stage5"],
+    ["replay", "stage4", "stage5"],
+    ["all_train", "stage4", "stage5"],
+]
+
+
+@torch.no_grad()
+def layer_outputs(model, images: torch.Tensor, views: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Pooled (mean, std) outputs of the tapped units, and the prefix output, of ``views`` views each."""
+    units, _ = model._units()
+    cut = len(units) - AdaptConfig.trainable_groups
+    augment = train_augmentation(AdaptConfig.augment)
+    torch.manual_seed(seed)
+    out: dict[str, list] = {name: [] for name in [*TAPS, "prefix"]}
+    for view in range(views):
+        for batch in images.split(128):
+            x = as_input(batch)
+            x = (augment(x) if view else x).contiguous(memory_format=torch.channels_last)
+            x = (x - model.mean) / model.std
+            for i, unit in enumerate(units[:cut]):
+                x = unit(x)
+                for name, tap in TAPS.items():
+                    if tap == i:
+                        out[name].append(torch.cat([x.mean((2, 3)), x.std((2, 3))], 1))
+            out["prefix"].append(x)
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def auroc(test: torch.Tensor, other: torch.Tensor) -> float:
+    return float(roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(other))], np.r_[test.numpy(), other.numpy()]))
+
+
+def with_lab(scorer: MahalanobisScore, views: torch.Tensor, labels: np.ndarray, calibration: torch.Tensor):
+    """``scorer`` with the lab's clusters added and its scatter averaged in (as ``_refit_ood`` does)."""
+    new_means, centred = group_means(views, labels)
+    covariance = (scorer.covariance() + centred.T @ centred / len(centred)) / 2
+    means = np.concatenate([scorer.means.double().numpy(), new_means])
+    refit = MahalanobisScore.from_covariance(means, covariance, calibration)
+    lab_threshold = torch.quantile(refit.distance(views), QUANTILE).item()
+    refit.threshold.fill_(max(refit.threshold.item(), lab_threshold))
+    return refit
+
+
+def combos(scores: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    return {
+        "+".join(keys): auroc(*(torch.stack([scores[k][i] for k in keys]).mean(0) for i in (0, 1))) for keys in COMBOS
+    }
+
+
+def main() -> None:
+    options = parser(__doc__)
+    options.add_argument("--model", type=Path, required=True)
+    options.add_argument("--labs", nargs="+", default=["lisc", "tecom", "cellavision", "bccd"])
+    options.add_argument("--draws", type=int, default=3)
+    options.add_argument("--k", type=int, default=10)
+    args = options.parse_args()
+    command = setup(logging.WARNING)
+    torch.set_num_threads(2)
+    base = resolve_model(args.model, needs_torch="OOD layers").eval()
+    prep = Preprocess.of(base.config)
+    cells = read_cells(args.data / "cells.csv", known_only=False)
+    pbc = cells.select(["pbc"]).known()
+    decoded = {
+        "train": load_images(pbc.select(splits=["train"]), prep, "train"),
+        "val": load_images(pbc.select(splits=["val"]), prep, "val"),
+        "test": load_images(pbc.select(splits=["test"]), prep, "test"),
+        "other": load_images(cells.select(["pbc_other"]), prep, "other"),
+    }
+    layers = {name: layer_outputs(base, images) for name, (images, _) in decoded.items()}
+    train_labels = np.asarray(decoded["train"][1].labels)
+    taps = {name: MahalanobisScore.fit(layers["train"][name], train_labels, layers["val"][name]) for name in TAPS}
+    suffix = base.split(AdaptConfig.trainable_groups)[1]
+    penultimate = tuple(base.ood(features(base, suffix, layers[s]["prefix"])) for s in ("test", "other"))
+    base_scores = {"replay": penultimate, "all_train": penultimate}  # the base scorer was fitted on all of them
+    base_scores |= {name: tuple(taps[name](layers[s][name]) for s in ("test", "other")) for name in TAPS}
+    result = {
+        "command": command,
+        "model": str(args.model),
+        "base": {name: auroc(*base_scores[name]) for name in TAPS} | combos(base_scores),
+        "rows": [],
+    }
+    print(result["base"], flush=True)
+    replay_images, replay_cells = load_images(sample_per_class(pbc.select(splits=["train"]), 100), prep, "replay")
+    calibration = load_images(sample_per_class(pbc.select(splits=["val"]), 100), prep, "calibration")[0]
+    config = AdaptConfig(cross_fit=False)
+    replay = make_replay(base, replay_images, replay_cells.labels, calibration, config)
+    for lab in args.labs:
+        lab_images, lab_cells = load_images(cells.select([lab]).known(), prep, lab)
+        for draw in range(args.draws):
+            picked, _ = draw_per_class(lab_cells, args.k, seed=draw)
+            model = adapt_model(base, lab_images[picked], lab_cells.labels[picked], config, replay)
+            adapted_suffix = model.split(config.trainable_groups)[1]
+            adapted = {
+                s: features(model, adapted_suffix, layers[s]["prefix"]) for s in ("train", "val", "test", "other")
+            }
+            full = MahalanobisScore.fit(adapted["train"], train_labels, adapted["val"])
+            scores = {
+                "replay": tuple(model.ood(adapted[s]) for s in ("test", "other")),
+                "all_train": tuple(full(adapted[s]) for s in ("test", "other")),
+            }
+            views = layer_outputs(base, lab_images[picked], config.views, config.seed)
+            view_labels = np.tile(lab_cells.labels[picked], config.views)
+            for name in TAPS:
+                refit = with_lab(taps[name], views[name], view_labels, layers["val"][name])
+                scores[name] = tuple(refit(layers[s][name]) for s in ("test", "other"))
+            row = {
+                "lab": lab,
+                "draw": draw,
+                "verified": len(picked),
+                **combos(scores),
+            }
+            result["rows"].append(row)
+            print(row, flush=True)
+    write_results(OUT, result, _markdown(result))
+
+
+def _markdown(result: dict) -> str:
+    rows = result["rows"]
+    keys = [k for k in rows[0] if k not in ("lab", "draw", "verified")]
+    lines = [
+        "# OOD AUROC after adaptation: the replay refit, and several layers",
+        "",
+        f"Command: `{result['command']}`. PBC's non-WBC cells against PBC test; see the script's docstring.",
+        "",
+        "Base model: " + ", ".join(f"{k} {v:.4f}" for k, v in result["base"].items()) + ".",
+        "",
+        "| lab | draw | verified | " + " | ".join(keys) + " |",
+        "|---|---:|---:|" + "---:|" * len(keys),
+    ]
+    lines += [
+        f"| {r['lab']} | {r['draw']} | {r['verified']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |"
+        for r in rows
+    ]
+    lines += ["", "| mean | | | " + " | ".join(f"{np.mean([r[k] for r in rows]):.4f}" for k in keys) + " |"]
+    lines += ["| worst | | | " + " | ".join(f"{np.min([r[k] for r in rows]):.4f}" for k in keys) + " |"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,6 @@ from common import parser, setup, write_results
 from sklearn.metrics import roc_auc_score
 
 from wbcid.adaptation import AdaptConfig, adapt_model, make_replay
-from wbcid.adaptation import _features as suffix_features
 from wbcid.augment import train_augmentation
 from wbcid.data import draw_per_class, load_images, read_cells, sample_per_class
 from wbcid.loading import resolve_model
@@ -41,8 +40,7 @@ from wbcid.ood import QUANTILE, MahalanobisScore, group_means
 from wbcid.preprocess import Preprocess, as_input
 
 OUT = Path("docs/ood_layers")
-features = torch.no_grad()(suffix_features)  # penultimate features of cached prefix outputs
-TAPS = {"stage4": 4, "stage5": 5}  # backbone units (stem = 0) whose pooled outputs are scored
+TAPS = {"stage4": 4, "stage5": 5}  # layer groups of WBCNet.split (stem = 0) whose pooled outputs are scored
 COMBOS = [
     ["replay"],
     ["all_train"],
@@ -55,8 +53,7 @@ COMBOS = [
 @torch.no_grad()
 def layer_outputs(model, images: torch.Tensor, views: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
     """Pooled (mean, std) outputs of the tapped units, and the prefix output, of ``views`` views each."""
-    units, _ = model._units()
-    cut = len(units) - AdaptConfig.trainable_groups
+    prefix, _ = model.split(AdaptConfig.trainable_groups)  # normalisation, then one module per layer group
     augment = train_augmentation(AdaptConfig.augment)
     torch.manual_seed(seed)
     out: dict[str, list] = {name: [] for name in [*TAPS, "prefix"]}
@@ -64,14 +61,19 @@ def layer_outputs(model, images: torch.Tensor, views: int = 1, seed: int = 0) ->
         for batch in images.split(128):
             x = as_input(batch)
             x = (augment(x) if view else x).contiguous(memory_format=torch.channels_last)
-            x = (x - model.mean) / model.std
-            for i, unit in enumerate(units[:cut]):
-                x = unit(x)
+            for i, module in enumerate(prefix):
+                x = module(x)
                 for name, tap in TAPS.items():
-                    if tap == i:
+                    if tap == i - 1:
                         out[name].append(torch.cat([x.mean((2, 3)), x.std((2, 3))], 1))
             out["prefix"].append(x)
     return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+@torch.no_grad()
+def features(suffix: torch.nn.Module, acts: torch.Tensor) -> torch.Tensor:
+    """Penultimate features of cached prefix outputs."""
+    return torch.cat([suffix(batch) for batch in acts.split(256)])
 
 
 def auroc(test: torch.Tensor, other: torch.Tensor) -> float:
@@ -118,7 +120,7 @@ def main() -> None:
     train_labels = np.asarray(decoded["train"][1].labels)
     taps = {name: MahalanobisScore.fit(layers["train"][name], train_labels, layers["val"][name]) for name in TAPS}
     suffix = base.split(AdaptConfig.trainable_groups)[1]
-    penultimate = tuple(base.ood(features(base, suffix, layers[s]["prefix"])) for s in ("test", "other"))
+    penultimate = tuple(base.ood(features(suffix, layers[s]["prefix"])) for s in ("test", "other"))
     base_scores = {"replay": penultimate, "all_train": penultimate}  # the base scorer was fitted on all of them
     base_scores |= {name: tuple(taps[name](layers[s][name]) for s in ("test", "other")) for name in TAPS}
     result = {
@@ -138,9 +140,7 @@ def main() -> None:
             picked, _ = draw_per_class(lab_cells, args.k, seed=draw)
             model = adapt_model(base, lab_images[picked], lab_cells.labels[picked], config, replay)
             adapted_suffix = model.split(config.trainable_groups)[1]
-            adapted = {
-                s: features(model, adapted_suffix, layers[s]["prefix"]) for s in ("train", "val", "test", "other")
-            }
+            adapted = {s: features(adapted_suffix, layers[s]["prefix"]) for s in ("train", "val", "test", "other")}
             full = MahalanobisScore.fit(adapted["train"], train_labels, adapted["val"])
             scores = {
                 "replay": tuple(model.ood(adapted[s]) for s in ("test", "other")),

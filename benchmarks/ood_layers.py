@@ -34,11 +34,11 @@ import torch
 from common import parser, setup, write_results
 from sklearn.metrics import roc_auc_score
 
-from wbcid.adaptation import AdaptConfig, adapt_model, make_replay
+from wbcid.adaptation import AdaptConfig, adapt_model, make_replay, with_lab_clusters
 from wbcid.augment import train_augmentation
 from wbcid.data import draw_per_class, load_images, read_cells, sample_per_class
 from wbcid.loading import resolve_model
-from wbcid.ood import QUANTILE, MahalanobisScore, group_means
+from wbcid.ood import MahalanobisScore
 from wbcid.preprocess import Preprocess, as_input
 
 OUT = Path("docs/ood_layers")
@@ -82,17 +82,6 @@ def features(suffix: torch.nn.Module, acts: torch.Tensor) -> torch.Tensor:
 
 def auroc(test: torch.Tensor, other: torch.Tensor) -> float:
     return float(roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(other))], np.r_[test.numpy(), other.numpy()]))
-
-
-def with_lab(scorer: MahalanobisScore, views: torch.Tensor, labels: np.ndarray, calibration: torch.Tensor):
-    """``scorer`` with the lab's clusters added and its scatter averaged in (as ``_refit_ood`` does)."""
-    new_means, centred = group_means(views, labels)
-    covariance = (scorer.covariance() + centred.T @ centred / len(centred)) / 2
-    means = np.concatenate([scorer.means.double().numpy(), new_means])
-    refit = MahalanobisScore.from_covariance(means, covariance, calibration)
-    lab_threshold = torch.quantile(refit.distance(views), QUANTILE).item()
-    refit.threshold.fill_(max(refit.threshold.item(), lab_threshold))
-    return refit
 
 
 def combos(scores: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -157,7 +146,10 @@ def main() -> None:
             views = layer_outputs(base, lab_images[picked], config.views, config.seed)
             view_labels = np.tile(lab_cells.labels[picked], config.views)
             for name in TAPS:
-                refit = with_lab(taps[name], views[name], view_labels, layers["val"][name])
+                scorer = taps[name]
+                refit = with_lab_clusters(
+                    scorer.means.double().numpy(), scorer.covariance(), views[name], view_labels, layers["val"][name]
+                )
                 scores[name] = tuple(refit(layers[s][name]) for s in ("test", "other"))
             row = {
                 "lab": lab,

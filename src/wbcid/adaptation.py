@@ -319,19 +319,34 @@ def _refit_ood(
     base = model.ood
     if base is None:
         return
-    features = _features(model, suffix, acts)
-    new_means, new_centred = group_means(features, labels.numpy())
     if trainable_groups == 0 or replay is None:
         old_means, old_covariance = base.means.double().numpy(), base.covariance()
     else:
         old_means, old_centred = group_means(_features(model, suffix, replay.acts), replay.labels.numpy())
         old_covariance = LedoitWolf(assume_centered=True).fit(old_centred).covariance_
+    calibration = _features(model, suffix, replay.calibration) if replay is not None else None
+    model.ood = with_lab_clusters(
+        old_means, old_covariance, _features(model, suffix, acts), labels.numpy(), calibration
+    )
+
+
+def with_lab_clusters(
+    old_means: np.ndarray,
+    old_covariance: np.ndarray,
+    features: torch.Tensor,
+    labels: np.ndarray,
+    calibration: torch.Tensor | None = None,
+) -> MahalanobisScore:
+    """A scorer with the new lab's class clusters (``features``, ``labels``) beside ``old_means``, and
+    the mean of ``old_covariance`` and the lab's within-class scatter as its covariance; its threshold
+    keeps the lab's cells and ``calibration`` cells each at most 5 % flagged."""
+    new_means, new_centred = group_means(features, labels)
     covariance = (old_covariance + new_centred.T @ new_centred / len(new_centred)) / 2
     scorer = MahalanobisScore.from_covariance(np.concatenate([old_means, new_means]), covariance, features)
-    if replay is not None:
-        held_out = scorer.distance(_features(model, suffix, replay.calibration))
+    if calibration is not None:
+        held_out = scorer.distance(calibration)
         scorer.threshold.fill_(max(scorer.threshold.item(), torch.quantile(held_out, QUANTILE).item()))
-    model.ood = scorer
+    return scorer
 
 
 def _features(model: WBCNet, suffix: nn.Module, acts: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -12,7 +12,7 @@ cross-fitting moves only the threshold, so the AUROC is the same), it compares:
 - ``all_train``: the same features, the scorer fitted on *all* PBC training cells through the
   adapted model (what the refit would give with unlimited replay; PBC clusters only);
 - ``train400``: likewise on 400 training cells per class, one view each (a larger replay for the
-  refit alone: about 11 ms per extra cell to decode and run through the frozen layers here);
+  refit alone);
 - ``+stage4``, ``+stage5``: the mean of a penultimate score and Mahalanobis scores (each over its
   own 95 % threshold) on the pooled mean and standard deviation of earlier stages' outputs (Lee
   et al., NeurIPS 2018, feature ensemble, here unweighted: no OOD data is used). Those stages are

@@ -30,7 +30,7 @@ from common import parser, setup, write_results
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from wbcid.adaptation import AdaptConfig, adapt_model, make_replay, suffix_scores
+from wbcid.adaptation import AdaptConfig, adapt_model, make_replay, prefix_views, stage_taps, suffix_scores
 from wbcid.benchmark import OTHER_SOURCES
 from wbcid.data import CLASSES, draw_per_class, load_images, read_cells, sample_per_class
 from wbcid.evaluation import compute_metrics
@@ -128,13 +128,12 @@ def run_curve(base, config: AdaptConfig, data: dict, labs: dict, args) -> list[d
     replay_images, replay_labels, calibration = data["replay"]
     replay = None if args.no_replay else make_replay(base, replay_images, replay_labels, calibration, config)
     prefix, _ = base.split(config.trainable_groups)
-    with torch.no_grad():
-        cached_test = torch.cat([prefix(_input(b)) for b in data["test"][0].split(256)])
-        cached_other = torch.cat([prefix(_input(b)) for b in data["other"].split(256)])
+    taps = stage_taps(base, config.trainable_groups) if replay is not None else ()  # what the adapted scorer reads
+    cached_test = prefix_views(prefix, data["test"][0], 1, taps=taps)
+    cached_other = prefix_views(prefix, data["other"], 1, taps=taps)
     rows = []
     for lab, (lab_images, lab_cells) in labs.items():
-        with torch.no_grad():
-            cached_lab = torch.cat([prefix(_input(b)) for b in lab_images.split(256)])
+        cached_lab = prefix_views(prefix, lab_images, 1, taps=taps)
         for k in args.ks:
             for draw in range(args.draws if k else 1):
                 picked, rest = draw_per_class(lab_cells, k, seed=draw)
@@ -156,7 +155,7 @@ def run_curve(base, config: AdaptConfig, data: dict, labs: dict, args) -> list[d
                         inputs = [lab_images[rest], data["test"][0], data["other"]]
                         model_suffix = nn.Identity()
                     else:
-                        inputs = [cached_lab[rest], cached_test, cached_other]
+                        inputs = [(cached_lab[0][rest], [x[rest] for x in cached_lab[1]]), cached_test, cached_other]
                         model_suffix = model.split(config.trainable_groups)[1]
                     row = {
                         "lab": lab,
@@ -199,14 +198,9 @@ def run_curve(base, config: AdaptConfig, data: dict, labs: dict, args) -> list[d
     return rows
 
 
-def _input(batch: torch.Tensor) -> torch.Tensor:
-    from wbcid.preprocess import as_input
-
-    return as_input(batch)
-
-
 def _score(model, suffix, lab, lab_labels, test, test_labels, other, full: bool = False) -> dict:
-    """Scores from cached prefix outputs, or (``full``) from uint8 images through the whole model."""
+    """Scores from cached ``(prefix outputs, tapped outputs)``, or (``full``) from uint8 images
+    through the whole model."""
     if full:
 
         def run(x):
@@ -214,7 +208,7 @@ def _score(model, suffix, lab, lab_labels, test, test_labels, other, full: bool 
     else:
 
         def run(x):
-            return suffix_scores(model, suffix, x)
+            return suffix_scores(model, suffix, *x)
 
     logits, ood = run(lab)
     test_logits, test_ood = run(test)

@@ -7,19 +7,27 @@ split, scored by ``ood_score``. For the base model and for models adapted to eac
 cells per class, ``wbcid.adaptation.adapt_model`` with its default settings but ``cross_fit=False``:
 cross-fitting moves only the threshold, so the AUROC is the same), it compares:
 
-- ``replay``: the score the adapted model ships (its penultimate scorer refitted by
-  ``_refit_ood`` on the replay cells: 100 per class, 2 views);
+- ``replay``: the adapted model's penultimate scorer (refitted by ``_refit_ood`` on the replay
+  cells: 100 per class, 2 views); what adapted models shipped before they scored the frozen
+  layer groups too (``LayeredScore``, fitted on the replay cells: measured in docs/adaptation.md,
+  ``musts-layered``);
 - ``all_train``: the same features, the scorer fitted on *all* PBC training cells through the
   adapted model (what the refit would give with unlimited replay; PBC clusters only);
 - ``train400``: likewise on 400 training cells per class, one view each (a larger replay for the
   refit alone);
+- ``shipped``: the score adapted models ship now (``LayeredScore``: ``replay`` averaged with the
+  two frozen stages, their scorers fitted on the replay cells);
+- ``base_net``: the *base* model's penultimate scorer (fitted on all training cells) on the base
+  model's features, with the lab's verified views added as clusters (``with_lab_clusters``):
+  flags from the unadapted network, which an adapted model would have to run beside its own
+  last layer groups;
 - ``+stage4``, ``+stage5``: the mean of a penultimate score and Mahalanobis scores (each over its
   own 95 % threshold) on the pooled mean and standard deviation of earlier stages' outputs (Lee
   et al., NeurIPS 2018, feature ensemble, here unweighted: no OOD data is used). Those stages are
   in the frozen prefix, so their PBC statistics hold exactly after adaptation; the lab's verified
   cells' views are added as clusters and their scatter averaged into the covariance, as
-  ``_refit_ood`` does for the penultimate layer. For the base model ``replay``, ``all_train`` and
-  ``train400`` are the same score.
+  ``_refit_ood`` does for the penultimate layer. For the base model ``shipped``, ``replay``,
+  ``all_train``, ``train400`` and ``base_net`` are the same score: its own.
 
 Writes docs/ood_layers.json and docs/ood_layers.md.
 """
@@ -34,16 +42,17 @@ import torch
 from common import parser, setup, write_results
 from sklearn.metrics import roc_auc_score
 
-from wbcid.adaptation import AdaptConfig, adapt_model, make_replay, with_lab_clusters
+from wbcid.adaptation import AdaptConfig, adapt_model, make_replay, prefix_views, with_lab_clusters
 from wbcid.augment import train_augmentation
 from wbcid.data import draw_per_class, load_images, read_cells, sample_per_class
 from wbcid.loading import resolve_model
 from wbcid.ood import MahalanobisScore
-from wbcid.preprocess import Preprocess, as_input
+from wbcid.preprocess import Preprocess
 
 OUT = Path("docs/ood_layers")
 TAPS = {"stage4": 4, "stage5": 5}  # layer groups of WBCNet.split (stem = 0) whose pooled outputs are scored
 COMBOS = [
+    ["shipped"],
     ["replay"],
     ["all_train"],
     ["train400"],
@@ -51,27 +60,17 @@ COMBOS = [
     ["replay", "stage4", "stage5"],
     ["all_train", "stage4", "stage5"],
     ["train400", "stage4", "stage5"],
+    ["base_net"],
+    ["base_net", "stage4", "stage5"],
 ]
 
 
-@torch.no_grad()
 def layer_outputs(model, images: torch.Tensor, views: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
     """Pooled (mean, std) outputs of the tapped units, and the prefix output, of ``views`` views each."""
-    prefix, _ = model.split(AdaptConfig.trainable_groups)  # normalisation, then one module per layer group
-    augment = train_augmentation(AdaptConfig.augment)
     torch.manual_seed(seed)
-    out: dict[str, list] = {name: [] for name in [*TAPS, "prefix"]}
-    for view in range(views):
-        for batch in images.split(128):
-            x = as_input(batch)
-            x = (augment(x) if view else x).contiguous(memory_format=torch.channels_last)
-            for i, module in enumerate(prefix):
-                x = module(x)
-                for name, tap in TAPS.items():
-                    if tap == i - 1:
-                        out[name].append(torch.cat([x.mean((2, 3)), x.std((2, 3))], 1))
-            out["prefix"].append(x)
-    return {name: torch.cat(parts) for name, parts in out.items()}
+    prefix, _ = model.split(AdaptConfig.trainable_groups)
+    acts, tapped = prefix_views(prefix, images, views, train_augmentation(AdaptConfig.augment), tuple(TAPS.values()))
+    return dict(zip(TAPS, tapped)) | {"prefix": acts}
 
 
 @torch.no_grad()
@@ -115,8 +114,10 @@ def main() -> None:
     subset = np.concatenate([rng.permutation(np.flatnonzero(train_labels == c))[:400] for c in np.unique(train_labels)])
     taps = {name: MahalanobisScore.fit(layers["train"][name], train_labels, layers["val"][name]) for name in TAPS}
     suffix = base.split(AdaptConfig.trainable_groups)[1]
-    penultimate = tuple(base.ood(features(suffix, layers[s]["prefix"])) for s in ("test", "other"))
-    base_scores = dict.fromkeys(["replay", "all_train", "train400"], penultimate)  # the base scorer saw them all
+    base_features = {s: features(suffix, layers[s]["prefix"]) for s in ("val", "test", "other")}
+    penultimate = tuple(base.ood(base_features[s]) for s in ("test", "other"))
+    # the base scorer saw all training cells; the base model has no layered score of its own
+    base_scores = dict.fromkeys(["shipped", "replay", "all_train", "train400", "base_net"], penultimate)
     base_scores |= {name: tuple(taps[name](layers[s][name]) for s in ("test", "other")) for name in TAPS}
     result = {
         "command": command,
@@ -138,13 +139,23 @@ def main() -> None:
             adapted = {s: features(adapted_suffix, layers[s]["prefix"]) for s in ("train", "val", "test", "other")}
             full = MahalanobisScore.fit(adapted["train"], train_labels, adapted["val"])
             larger = MahalanobisScore.fit(adapted["train"][subset], train_labels[subset], adapted["val"])
+            assert model.ood.taps == tuple(TAPS.values())
             scores = {
-                "replay": tuple(model.ood(adapted[s]) for s in ("test", "other")),
+                "shipped": tuple(model.ood(adapted[s], [layers[s][t] for t in TAPS]) for s in ("test", "other")),
+                "replay": tuple(model.ood.penultimate(adapted[s]) for s in ("test", "other")),
                 "all_train": tuple(full(adapted[s]) for s in ("test", "other")),
                 "train400": tuple(larger(adapted[s]) for s in ("test", "other")),
             }
             views = layer_outputs(base, lab_images[picked], config.views, config.seed)
             view_labels = np.tile(lab_cells.labels[picked], config.views)
+            base_net = with_lab_clusters(
+                base.ood.means.double().numpy(),
+                base.ood.covariance(),
+                features(suffix, views["prefix"]),
+                view_labels,
+                base_features["val"],
+            )
+            scores["base_net"] = tuple(base_net(base_features[s]) for s in ("test", "other"))
             for name in TAPS:
                 scorer = taps[name]
                 refit = with_lab_clusters(

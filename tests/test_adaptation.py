@@ -96,6 +96,25 @@ def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
     assert result["totals"]["detected"] >= 3
 
 
+def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(adapted: Path, bccd, tmp_path: Path):
+    """The adapted scorer averages the penultimate score with those of the two frozen layer groups
+    before the tuned ones, and every way of running the model computes it alike."""
+    from wbcid.inference import predict
+    from wbcid.ood import LayeredScore
+
+    model = load_checkpoint(adapted)
+    assert isinstance(model.ood, LayeredScore)
+    assert model.ood.taps == adaptation.stage_taps(model, QUICK.trainable_groups) and len(model.ood.taps) == 2
+    assert all(len(scorer.means) > len(CLASSES) for scorer in model.ood.stages.values())  # PBC's and the lab's
+    paths = read_cells(bccd[1]).paths[:32]
+    torch_scores = predict(adapted, paths, tta=False).ood_score.to_numpy()
+    onnx_scores = predict(export_onnx(model, tmp_path / "adapted.onnx"), paths, tta=False).ood_score.to_numpy()
+    np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-3)
+    penultimate_only = load_checkpoint(adapted)
+    penultimate_only.ood = penultimate_only.ood.penultimate
+    assert not np.allclose(predict(penultimate_only, paths, tta=False).ood_score.to_numpy(), torch_scores, rtol=0.05)
+
+
 def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(
     pbc_model: Path, adapted: Path, bccd, data_root: Path, tmp_path: Path
 ):

@@ -16,6 +16,10 @@ How (the choices were measured against each other: docs/adaptation.md):
 * The OOD scorer (:mod:`wbcid.ood`) is refitted: the new lab's cells get clusters of their own
   beside the replay cells', and the threshold is calibrated on held-out replay cells and the new
   lab's views together, so the lab's ordinary cells stop being flagged while non-WBCs still are.
+  With replay it becomes a :class:`wbcid.ood.LayeredScore`: the penultimate scorer, re-estimated
+  on the few replay cells, is averaged with scorers of the two frozen layer groups just before the
+  fine-tuned ones, which raised the AUROC for PBC's non-WBC cells after adaptation
+  (docs/ood_layers.md).
 * The adapted model predicts over the eight rotations and flips of each cell by default
   (``ModelConfig.tta``; ``--no-tta`` at prediction turns it off): over 40 paired draws it raised
   macro-F1 by 0.010 on average (30 up, 10 down; K = 10: +0.017, 18 of 20 up; docs/adaptation.md).
@@ -49,13 +53,14 @@ from torch import nn
 from .augment import train_augmentation
 from .data import CLASSES, Cell, CellSet, list_images, load_images, read_cells, sample_per_class
 from .errors import WbcidError
-from .models import WBCNet, save_model
-from .ood import QUANTILE, MahalanobisScore, group_means
+from .models import WBCNet, run_tapped, save_model
+from .ood import QUANTILE, LayeredScore, MahalanobisScore, group_means
 from .preprocess import Preprocess, as_input
 from .train import autocast, precision_problems, resolve_precision
 
 log = logging.getLogger("wbcid")
 PSEUDO_SHARE = 0.5  # most confident share of each predicted class kept as pseudo-labels (CBST; not tuned here)
+SCORED_STAGES = 2  # frozen layer groups the adapted OOD score adds (1 or 2 measured: docs/ood_layers.md)
 
 
 @dataclass(frozen=True)
@@ -96,31 +101,54 @@ class AdaptConfig:
 
 @dataclass
 class Replay:
-    """The base model's training cells as prefix outputs (``acts``), and held-out ones for calibration.
+    """The base model's training cells as prefix outputs (``acts``) and the pooled outputs of the
+    scored frozen layer groups (``tapped``, :func:`stage_taps`), and held-out ones for calibration.
 
     The decoded images are kept too, so the cache can be remade when the prefix changes (AdaBN).
     """
 
     acts: torch.Tensor
+    tapped: list[torch.Tensor]
     labels: torch.Tensor
     calibration: torch.Tensor
+    calibration_tapped: list[torch.Tensor]
     images: torch.Tensor
     image_labels: np.ndarray
     calibration_images: torch.Tensor
 
 
+def stage_taps(model: WBCNet, trainable_groups: int) -> tuple[int, ...]:
+    """The frozen layer groups just before the fine-tuned ones that the adapted OOD score also weighs
+    (:class:`wbcid.ood.LayeredScore`); none when only the head is tuned (the base scorer then holds)."""
+    if trainable_groups == 0:
+        return ()
+    cut = len(model.split(trainable_groups)[0]) - 1  # the prefix is the normalisation, then the frozen groups
+    return tuple(range(max(cut - SCORED_STAGES, 0), cut))
+
+
 @torch.no_grad()
 def prefix_views(
-    prefix: nn.Module, images: torch.Tensor, views: int, augment: nn.Module, batch_size: int = 128
-) -> torch.Tensor:
-    """Prefix outputs of ``views`` versions of each uint8 image: as it is, then augmented; view-major."""
+    prefix: nn.Module,
+    images: torch.Tensor,
+    views: int,
+    augment: nn.Module | None = None,
+    taps: tuple[int, ...] = (),
+    batch_size: int = 128,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Prefix outputs of ``views`` versions of each uint8 image (as it is, then augmented; view-major),
+    and the pooled outputs of the layer groups ``taps`` (numbered as in :meth:`WBCNet.split`)."""
     prefix.eval()
-    out = []
+    acts, tapped = [], []
     for view in range(views):
         for batch in images.split(batch_size):
             x = as_input(batch)
-            out.append(prefix(augment(x).contiguous(memory_format=torch.channels_last) if view else x))
-    return torch.cat(out) if out else torch.empty(0)
+            x = augment(x).contiguous(memory_format=torch.channels_last) if view else x
+            x, pooled = run_tapped(prefix, x, taps)
+            acts.append(x)
+            tapped.append(pooled)
+    if not acts:
+        return torch.empty(0), [torch.empty(0) for _ in taps]
+    return torch.cat(acts), [torch.cat(parts) for parts in zip(*tapped)]
 
 
 def make_replay(
@@ -130,10 +158,15 @@ def make_replay(
     torch.manual_seed(config.seed)
     prefix, _ = model.split(config.trainable_groups)
     augment = train_augmentation(config.augment)
+    taps = stage_taps(model, config.trainable_groups)
+    acts, tapped = prefix_views(prefix, images, config.replay_views, augment, taps)
+    calibration_acts, calibration_tapped = prefix_views(prefix, calibration, 1, augment, taps)
     return Replay(
-        prefix_views(prefix, images, config.replay_views, augment),
+        acts,
+        tapped,
         torch.from_numpy(np.tile(labels, config.replay_views)),
-        prefix_views(prefix, calibration, 1, augment),
+        calibration_acts,
+        calibration_tapped,
         images,
         labels,
         calibration,
@@ -142,11 +175,13 @@ def make_replay(
 
 @torch.no_grad()
 def suffix_scores(
-    model: WBCNet, suffix: nn.Module, acts: torch.Tensor, batch_size: int = 256
+    model: WBCNet, suffix: nn.Module, acts: torch.Tensor, tapped: list[torch.Tensor], batch_size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and OOD scores from cached prefix outputs (what :meth:`WBCNet.scores` returns)."""
     model.eval()
     features = _features(model, suffix, acts, batch_size)
+    if isinstance(model.ood, LayeredScore):
+        return model.head(features), model.ood(features, tapped)
     return model.head(features), model.ood(features) if model.ood is not None else features[:, 0] * float("nan")
 
 
@@ -258,7 +293,10 @@ def _fine_tune(
     model = copy.deepcopy(base).eval()
     prefix, suffix = model.split(config.trainable_groups)
     augment = train_augmentation(config.augment)
-    acts = torch.cat([prefix_views(prefix, images, views, augment) for images, _, views in parts])
+    taps = stage_taps(model, config.trainable_groups) if replay is not None else ()
+    cached = [prefix_views(prefix, images, views, augment, taps) for images, _, views in parts]
+    acts = torch.cat([part_acts for part_acts, _ in cached])
+    tapped = [torch.cat(outputs) for outputs in zip(*(part_tapped for _, part_tapped in cached))]
     labels = torch.from_numpy(np.concatenate([np.tile(y, views) for _, y, views in parts]))
     trainable = [*suffix.parameters(), *model.head.parameters()]
     for p in model.parameters():
@@ -293,7 +331,7 @@ def _fine_tune(
         p.requires_grad_(False)
     model.set_freeze(model.config.freeze)  # restores requires_grad as the base model had it
     model.eval()
-    _refit_ood(model, suffix, acts, labels, replay, config.trainable_groups)
+    _refit_ood(model, suffix, acts, tapped, labels, replay, config.trainable_groups)
     return model
 
 
@@ -302,6 +340,7 @@ def _refit_ood(
     model: WBCNet,
     suffix: nn.Module,
     acts: torch.Tensor,
+    tapped: list[torch.Tensor],
     labels: torch.Tensor,
     replay: Replay | None,
     trainable_groups: int,
@@ -314,20 +353,34 @@ def _refit_ood(
     lab's within-class scatter (its views around its class means): the new lab's ordinary variation
     is not unusual any more, while the training lab's still shapes what is. The threshold keeps
     each lab's calibration cells (held-out replay cells; the new lab's views) at most 5 % flagged:
-    the larger of the two labs' 95th percentiles.
+    the larger of the two labs' 95th percentiles. With replay, the frozen layer groups in ``tapped``
+    get scorers made the same way, averaged with the penultimate one (:class:`LayeredScore`).
     """
-    base = model.ood
+    base = model.ood.penultimate if isinstance(model.ood, LayeredScore) else model.ood
     if base is None:
         return
     if trainable_groups == 0 or replay is None:
         old_means, old_covariance = base.means.double().numpy(), base.covariance()
     else:
-        old_means, old_centred = group_means(_features(model, suffix, replay.acts), replay.labels.numpy())
-        old_covariance = LedoitWolf(assume_centered=True).fit(old_centred).covariance_
+        old_means, old_covariance = _statistics(_features(model, suffix, replay.acts), replay.labels)
+    features = _features(model, suffix, acts)
     calibration = _features(model, suffix, replay.calibration) if replay is not None else None
-    model.ood = with_lab_clusters(
-        old_means, old_covariance, _features(model, suffix, acts), labels.numpy(), calibration
-    )
+    model.ood = with_lab_clusters(old_means, old_covariance, features, labels.numpy(), calibration)
+    if replay is None or not tapped:
+        return
+    stages = {
+        tap: with_lab_clusters(*_statistics(replay_x, replay.labels), lab_x, labels.numpy(), calibration_x)
+        for tap, lab_x, replay_x, calibration_x in zip(
+            stage_taps(model, trainable_groups), tapped, replay.tapped, replay.calibration_tapped
+        )
+    }
+    model.ood = LayeredScore(model.ood, stages).calibrate((features, tapped), (calibration, replay.calibration_tapped))
+
+
+def _statistics(features: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Class means and the shared (Ledoit-Wolf) covariance of ``features``."""
+    means, centred = group_means(features, labels.numpy())
+    return means, LedoitWolf(assume_centered=True).fit(centred).covariance_
 
 
 def with_lab_clusters(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from .contract import CLASSES, Freeze, ModelConfig
 from .errors import WbcidError
-from .ood import MahalanobisScore
+from .ood import LayeredScore, MahalanobisScore, pooled, scorer_for
 
 log = logging.getLogger("wbcid")
 
@@ -96,7 +96,7 @@ class WBCNet(nn.Module):
         self.backbone, self.head, self.config = backbone, head, config
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
-        self.ood: MahalanobisScore | None = None  # fitted after training, see wbcid.ood
+        self.ood: MahalanobisScore | LayeredScore | None = None  # fitted after training, see wbcid.ood
         self._frozen: list[nn.Module] = []
         self.set_freeze(config.freeze)
 
@@ -108,10 +108,19 @@ class WBCNet(nn.Module):
 
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and out-of-distribution score in one pass (NaN scores if none was fitted)."""
+        if isinstance(self.ood, LayeredScore):
+            features, tapped = self.tapped_features(x, self.ood.taps)
+            return self.head(features), self.ood(features, tapped)
         features = self.features(x)
         # NaN computed from the features, not a constant, so an ONNX export keeps a dynamic batch size
         ood = self.ood(features) if self.ood is not None else features.flatten(1)[:, 0] * float("nan")
         return self.head(features), ood
+
+    def tapped_features(self, x: torch.Tensor, taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Penultimate features, and the pooled outputs (:func:`wbcid.ood.pooled`) of the layer
+        groups numbered ``taps`` (0: the stem, as in :meth:`split`)."""
+        units, tail = self._units()
+        return run_tapped([_Normalise(self.mean, self.std), *units, *tail], x, taps)
 
     def split(self, trainable_groups: int) -> tuple[nn.Module, nn.Module]:
         """``(prefix, suffix)`` with ``features(x) == suffix(prefix(x))``, cut before the last
@@ -187,6 +196,19 @@ class WBCNet(nn.Module):
         return self
 
 
+def run_tapped(
+    modules: Sequence[nn.Module], x: torch.Tensor, taps: Sequence[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``x`` through ``modules`` (the normalisation, then layer groups in order, as :meth:`WBCNet.split`'s
+    prefix), with the pooled outputs of the layer groups numbered ``taps`` (0: the stem)."""
+    tapped = []
+    for position, module in enumerate(modules):
+        x = module(x)
+        if position - 1 in taps:
+            tapped.append(pooled(x))
+    return x, tapped
+
+
 def create_model(
     name: str = "efficientnet_lite0",
     pretrained: bool = True,
@@ -248,8 +270,7 @@ def load_checkpoint(path: str | os.PathLike) -> WBCNet:
     model = create_model(config.model, pretrained=False, freeze=config.freeze, input_size=config.input_size)
     model.config = config
     state = {k: v.float() if v.is_floating_point() else v for k, v in saved["state_dict"].items()}
-    if "ood.means" in state:
-        model.ood = MahalanobisScore(state["ood.means"], state["ood.whitener"])
+    model.ood = scorer_for(state)
     model.load_state_dict(state)
     if "source_statistics" in saved:  # for test-time adaptation, see wbcid.testtime
         model.source_statistics = {k: (m.float(), v.float()) for k, (m, v) in saved["source_statistics"].items()}

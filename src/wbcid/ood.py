@@ -17,6 +17,7 @@ the training lab is therefore about 5 % by construction, and everything else is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -86,6 +87,61 @@ class MahalanobisScore(nn.Module):
         """The shared covariance this scorer whitens with (the inverse of ``W^T W``)."""
         w = self.whitener.double().numpy()
         return np.linalg.inv(w.T @ w)
+
+
+class LayeredScore(nn.Module):
+    """The penultimate score averaged with scores of earlier layer groups' pooled outputs, over a threshold.
+
+    Lee et al. (2018) score several layers and average them (their feature ensemble; here
+    unweighted, as no OOD data is used). Adapted models use it: their last layer groups were
+    fine-tuned on a few hundred cells, so their penultimate scorer is re-estimated on too few
+    cells, while the layer groups just before them (``taps``, indices of
+    :meth:`wbcid.models.WBCNet.tapped_features`) were frozen and keep the base model's view of
+    what a blood cell looks like (docs/ood_layers.md measures both). Each part is divided by its
+    own 95 % threshold first, so none dominates by scale.
+    """
+
+    def __init__(self, penultimate: MahalanobisScore, stages: dict[int, MahalanobisScore], threshold: float = 1.0):
+        super().__init__()
+        self.penultimate = penultimate
+        self.stages = nn.ModuleDict({str(tap): scorer for tap, scorer in sorted(stages.items())})  # input order
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        return tuple(int(tap) for tap in self.stages)
+
+    def distance(self, features: torch.Tensor, tapped: Sequence[torch.Tensor]) -> torch.Tensor:
+        parts = [self.penultimate(features), *(scorer(x) for scorer, x in zip(self.stages.values(), tapped))]
+        return torch.stack(parts).mean(0)
+
+    def forward(self, features: torch.Tensor, tapped: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.distance(features, tapped) / self.threshold
+
+    def calibrate(
+        self, *cells: tuple[torch.Tensor, Sequence[torch.Tensor]], quantile: float = QUANTILE
+    ) -> LayeredScore:
+        """Set the threshold so that each ``(features, tapped)`` set is at most ``1 - quantile`` flagged."""
+        with torch.no_grad():
+            self.threshold.fill_(max(torch.quantile(self.distance(*c), quantile).item() for c in cells))
+        return self
+
+
+def pooled(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean and standard deviation of feature maps ``(n, c, h, w)`` -> ``(n, 2c)``: what a
+    :class:`LayeredScore` scores an earlier layer group by (its "style": stain and texture show here)."""
+    return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+def scorer_for(state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """An empty scorer of the kind and shapes that a saved state dict holds (None: the model has none)."""
+    if "ood.means" in state:
+        return MahalanobisScore(state["ood.means"], state["ood.whitener"])
+    if "ood.penultimate.means" not in state:
+        return None
+    taps = sorted({int(k.split(".")[2]) for k in state if k.startswith("ood.stages.")})
+    stages = {t: MahalanobisScore(state[f"ood.stages.{t}.means"], state[f"ood.stages.{t}.whitener"]) for t in taps}
+    return LayeredScore(MahalanobisScore(state["ood.penultimate.means"], state["ood.penultimate.whitener"]), stages)
 
 
 def group_means(features: torch.Tensor, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -180,9 +180,7 @@ def suffix_scores(
     """Logits and OOD scores from cached prefix outputs (what :meth:`WBCNet.scores` returns)."""
     model.eval()
     features = _features(model, suffix, acts, batch_size)
-    if isinstance(model.ood, LayeredScore):
-        return model.head(features), model.ood(features, tapped)
-    return model.head(features), model.ood(features) if model.ood is not None else features[:, 0] * float("nan")
+    return model.head(features), model.ood_score(features, tapped)
 
 
 def adapt_model(

@@ -108,13 +108,17 @@ class WBCNet(nn.Module):
 
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and out-of-distribution score in one pass (NaN scores if none was fitted)."""
+        taps = self.ood.taps if isinstance(self.ood, LayeredScore) else ()
+        features, tapped = self.tapped_features(x, taps) if taps else (self.features(x), [])
+        return self.head(features), self.ood_score(features, tapped)
+
+    def ood_score(self, features: torch.Tensor, tapped: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """The OOD score of penultimate ``features`` (and, for a :class:`LayeredScore`, the ``tapped``
+        outputs of :meth:`tapped_features`); NaN if no scorer was fitted."""
         if isinstance(self.ood, LayeredScore):
-            features, tapped = self.tapped_features(x, self.ood.taps)
-            return self.head(features), self.ood(features, tapped)
-        features = self.features(x)
+            return self.ood(features, tapped)
         # NaN computed from the features, not a constant, so an ONNX export keeps a dynamic batch size
-        ood = self.ood(features) if self.ood is not None else features.flatten(1)[:, 0] * float("nan")
-        return self.head(features), ood
+        return self.ood(features) if self.ood is not None else features.flatten(1)[:, 0] * float("nan")
 
     def tapped_features(self, x: torch.Tensor, taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Penultimate features, and the pooled outputs (:func:`wbcid.ood.pooled`) of the layer

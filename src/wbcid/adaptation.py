@@ -47,14 +47,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from .augment import train_augmentation
 from .data import CLASSES, Cell, CellSet, list_images, load_images, read_cells, sample_per_class
 from .errors import WbcidError
 from .models import WBCNet, run_tapped, save_model
-from .ood import QUANTILE, LayeredScore, MahalanobisScore, group_means
+from .ood import QUANTILE, LayeredScore, MahalanobisScore, class_statistics, group_means
 from .preprocess import Preprocess, as_input
 from .train import autocast, precision_problems, resolve_precision
 
@@ -360,25 +359,19 @@ def _refit_ood(
     if trainable_groups == 0 or replay is None:
         old_means, old_covariance = base.means.double().numpy(), base.covariance()
     else:
-        old_means, old_covariance = _statistics(_features(model, suffix, replay.acts), replay.labels)
+        old_means, old_covariance = class_statistics(_features(model, suffix, replay.acts), replay.labels.numpy())
     features = _features(model, suffix, acts)
     calibration = _features(model, suffix, replay.calibration) if replay is not None else None
     model.ood = with_lab_clusters(old_means, old_covariance, features, labels.numpy(), calibration)
     if replay is None or not tapped:
         return
     stages = {
-        tap: with_lab_clusters(*_statistics(replay_x, replay.labels), lab_x, labels.numpy(), calibration_x)
+        tap: with_lab_clusters(*class_statistics(replay_x, replay.labels.numpy()), lab_x, labels.numpy(), calibration_x)
         for tap, lab_x, replay_x, calibration_x in zip(
             stage_taps(model, trainable_groups), tapped, replay.tapped, replay.calibration_tapped
         )
     }
     model.ood = LayeredScore(model.ood, stages).calibrate((features, tapped), (calibration, replay.calibration_tapped))
-
-
-def _statistics(features: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Class means and the shared (Ledoit-Wolf) covariance of ``features``."""
-    means, centred = group_means(features, labels.numpy())
-    return means, LedoitWolf(assume_centered=True).fit(centred).covariance_
 
 
 def with_lab_clusters(

@@ -65,11 +65,7 @@ class MahalanobisScore(nn.Module):
         ``groups`` are the clusters of the training data: the class labels, or one id per class
         and lab when training pooled several labs (:func:`ood_groups`).
         """
-        from sklearn.covariance import LedoitWolf
-
-        means, centred = group_means(features, groups)
-        covariance = LedoitWolf(assume_centered=True).fit(centred).covariance_
-        return cls.from_covariance(means, covariance, calibration, quantile)
+        return cls.from_covariance(*class_statistics(features, groups), calibration, quantile)
 
     @classmethod
     def from_covariance(
@@ -142,6 +138,15 @@ def scorer_for(state: dict[str, torch.Tensor]) -> nn.Module | None:
     taps = sorted({int(k.split(".")[2]) for k in state if k.startswith("ood.stages.")})
     stages = {t: MahalanobisScore(state[f"ood.stages.{t}.means"], state[f"ood.stages.{t}.whitener"]) for t in taps}
     return LayeredScore(MahalanobisScore(state["ood.penultimate.means"], state["ood.penultimate.whitener"]), stages)
+
+
+def class_statistics(features: torch.Tensor, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's mean and the shared covariance around them (Ledoit-Wolf shrinkage, which keeps a
+    covariance of more dimensions than a few hundred cells well conditioned)."""
+    from sklearn.covariance import LedoitWolf
+
+    means, centred = group_means(features, groups)
+    return means, LedoitWolf(assume_centered=True).fit(centred).covariance_
 
 
 def group_means(features: torch.Tensor, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,15 @@ from common import parser, setup, write_results
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from wbcid.adaptation import AdaptConfig, adapt_model, make_replay, prefix_views, stage_taps, suffix_scores
+from wbcid.adaptation import (
+    AdaptConfig,
+    adapt_model,
+    class_shares,
+    make_replay,
+    prefix_views,
+    stage_taps,
+    suffix_scores,
+)
 from wbcid.benchmark import OTHER_SOURCES
 from wbcid.data import CLASSES, draw_per_class, load_images, read_cells, sample_per_class
 from wbcid.evaluation import compute_metrics
@@ -83,15 +91,17 @@ def main() -> None:
 
     pbc = cells.select(["pbc"]).known()
     test_images, test_cells = decode(pbc.select(splits=["test"]))
-    replay_images, replay_cells = decode(sample_per_class(pbc.select(splits=["train"]), AdaptConfig.replay_per_class))
+    train = pbc.select(splits=["train"])
+    replay_images, replay_cells = decode(sample_per_class(train, AdaptConfig.replay_per_class))
     data = {
         "test": (test_images, test_cells.labels),
         "other": decode(cells.select(["pbc_other"]))[0],
-        "replay": (
-            replay_images,
-            replay_cells.labels,
-            decode(sample_per_class(pbc.select(splits=["val"]), AdaptConfig.replay_per_class))[0],
-        ),
+        "replay": {  # make_replay's arguments
+            "images": replay_images,
+            "labels": replay_cells.labels,
+            "calibration": decode(sample_per_class(pbc.select(splits=["val"]), AdaptConfig.replay_per_class))[0],
+            "class_shares": class_shares(train.labels),
+        },
     }
     labs = {lab: decode(cells.select([lab]).known()) for lab in args.labs}
     for groups in args.trainable_groups:
@@ -125,8 +135,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 def run_curve(base, config: AdaptConfig, data: dict, labs: dict, args) -> list[dict]:
     """Every (lab, K, draw[, unlabelled]) adaptation of ``base`` with ``config``, scored; one row each."""
-    replay_images, replay_labels, calibration = data["replay"]
-    replay = None if args.no_replay else make_replay(base, replay_images, replay_labels, calibration, config)
+    replay = None if args.no_replay else make_replay(base, config=config, **data["replay"])
     prefix, _ = base.split(config.trainable_groups)
     taps = stage_taps(base, config.trainable_groups) if replay is not None else ()  # what the adapted scorer reads
     cached_test = prefix_views(prefix, data["test"][0], 1, taps=taps)

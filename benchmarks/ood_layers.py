@@ -8,15 +8,16 @@ cells per class, ``wbcid.adaptation.adapt_model`` with its default settings but 
 cross-fitting moves only the threshold, so the AUROC is the same), it compares:
 
 - ``replay``: the adapted model's penultimate scorer (refitted by ``_refit_ood`` on the replay
-  cells: 100 per class, 2 views); what adapted models shipped before they scored the frozen
-  layer groups too (``LayeredScore``, fitted on the replay cells: measured in docs/adaptation.md,
-  ``musts-layered``);
+  cells: 100 per class, 2 views, weighted back to the training cells' class mix);
+- ``replay_even``: the same with the replay's classes counted evenly, as they are drawn (what
+  adapted models did before the weighting);
 - ``all_train``: the same features, the scorer fitted on *all* PBC training cells through the
   adapted model (what the refit would give with unlimited replay; PBC clusters only);
 - ``train400``: likewise on 400 training cells per class, one view each (a larger replay for the
   refit alone);
 - ``shipped``: the score adapted models ship now (``LayeredScore``: ``replay`` averaged with the
-  two frozen stages, their scorers fitted on the replay cells);
+  two frozen stages, their scorers started from the statistics the base model recorded of all its
+  training cells; fitted on the replay where it recorded none);
 - ``base_net``: the *base* model's penultimate scorer (fitted on all training cells) on the base
   model's features, with the lab's verified views added as clusters (``with_lab_clusters``):
   flags from the unadapted network, which an adapted model would have to run beside its own
@@ -42,11 +43,11 @@ import torch
 from common import parser, setup, write_results
 from sklearn.metrics import roc_auc_score
 
-from wbcid.adaptation import AdaptConfig, adapt_model, make_replay, prefix_views, with_lab_clusters
+from wbcid.adaptation import AdaptConfig, adapt_model, class_shares, make_replay, prefix_views, with_lab_clusters
 from wbcid.augment import train_augmentation
 from wbcid.data import draw_per_class, load_images, read_cells, sample_per_class
 from wbcid.loading import resolve_model
-from wbcid.ood import MahalanobisScore
+from wbcid.ood import MahalanobisScore, class_statistics
 from wbcid.preprocess import Preprocess
 
 OUT = Path("docs/ood_layers")
@@ -57,7 +58,9 @@ COMBOS = [
     ["all_train"],
     ["train400"],
     ["replay", "stage5"],
+    ["replay_even"],
     ["replay", "stage4", "stage5"],
+    ["replay_even", "stage4", "stage5"],
     ["all_train", "stage4", "stage5"],
     ["train400", "stage4", "stage5"],
     ["base_net"],
@@ -117,7 +120,7 @@ def main() -> None:
     base_features = {s: features(suffix, layers[s]["prefix"]) for s in ("val", "test", "other")}
     penultimate = tuple(base.ood(base_features[s]) for s in ("test", "other"))
     # the base scorer saw all training cells; the base model has no layered score of its own
-    base_scores = dict.fromkeys(["shipped", "replay", "all_train", "train400", "base_net"], penultimate)
+    base_scores = dict.fromkeys(["shipped", "replay", "replay_even", "all_train", "train400", "base_net"], penultimate)
     base_scores |= {name: tuple(taps[name](layers[s][name]) for s in ("test", "other")) for name in TAPS}
     result = {
         "command": command,
@@ -129,7 +132,7 @@ def main() -> None:
     replay_images, replay_cells = load_images(sample_per_class(pbc.select(splits=["train"]), 100), prep, "replay")
     calibration = load_images(sample_per_class(pbc.select(splits=["val"]), 100), prep, "calibration")[0]
     config = AdaptConfig(cross_fit=False)
-    replay = make_replay(base, replay_images, replay_cells.labels, calibration, config)
+    replay = make_replay(base, replay_images, replay_cells.labels, calibration, config, class_shares(train_labels))
     for lab in args.labs:
         lab_images, lab_cells = load_images(cells.select([lab]).known(), prep, lab)
         for draw in range(args.draws):
@@ -148,6 +151,13 @@ def main() -> None:
             }
             views = layer_outputs(base, lab_images[picked], config.views, config.seed)
             view_labels = np.tile(lab_cells.labels[picked], config.views)
+            even = with_lab_clusters(
+                *class_statistics(features(adapted_suffix, replay.acts), replay.labels.numpy()),
+                features(adapted_suffix, views["prefix"]),
+                view_labels,
+                features(adapted_suffix, replay.calibration),
+            )
+            scores["replay_even"] = tuple(even(adapted[s]) for s in ("test", "other"))
             base_net = with_lab_clusters(
                 base.ood.means.double().numpy(),
                 base.ood.covariance(),

@@ -6,6 +6,9 @@ PBC's test split and each other source split 85/15 into train/val). The fp16 cop
 their agreement with the fp32 model and the training data's composition go to
 ``docs/bundled_model.json`` (quoted by the model card). ``--skip-training`` redoes only the
 training statistics (batch-norm, OOD scorer), the export and the checks from an existing run.
+``--stage-statistics-only`` records in the shipped file only the layer groups' statistics that
+``wbcid adapt`` scores (:func:`wbcid.training_statistics.record_stage_statistics`), for a model
+shipped before training recorded them; its weights, scorer and ONNX export stay as they are.
 
     python scripts/train_bundled_model.py [--data ../shared/data] [--run runs/bundled]
 """
@@ -20,11 +23,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from wbcid.benchmark import training_pool
+from wbcid.contract import BUNDLED, BUNDLED_ONNX
 from wbcid.data import default_data_root, read_cells
 from wbcid.export import export_onnx
 from wbcid.inference import agreement
-from wbcid.models import BUNDLED, BUNDLED_ONNX, load_model, save_model
-from wbcid.train import TrainConfig, fit, refit_training_statistics
+from wbcid.loading import resolve_model
+from wbcid.models import load_checkpoint, save_model
+from wbcid.train import TrainConfig, fit
+from wbcid.training_statistics import record_stage_statistics, refit_training_statistics
 
 
 def main() -> None:
@@ -33,11 +39,19 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/bundled"))
     parser.add_argument("--report", type=Path, default=Path("docs/bundled_model.json"))
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument(
+        "--stage-statistics-only",
+        action="store_true",
+        help="only record the layer groups' statistics (for adaptation) in the shipped model; nothing else changes",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     cells = read_cells(args.data)
     pool = training_pool(cells)
+    if args.stage_statistics_only:
+        record_stage_statistics(BUNDLED, pool.select(splits=["train"]))
+        return
     config = TrainConfig()
     report = json.loads(args.report.read_text()) if args.skip_training else {}
     if not args.skip_training:
@@ -46,11 +60,11 @@ def main() -> None:
         report["train_minutes"] = (time.perf_counter() - start) / 60
     else:  # what training records after the epochs (batch-norm statistics, OOD scorer) may have changed
         refit_training_statistics(args.run, pool.select(splits=["train"]), pool.select(splits=["val"]))
-    full = load_model(args.run)
+    full = load_checkpoint(args.run)
     save_model(
         full, BUNDLED, half=True, trained_on={s: _counts(pool, s) for s in sorted({c.source for c in pool.cells})}
     )
-    bundled = load_model()
+    bundled = resolve_model(needs_torch="the fp16 checks")
     export_onnx(bundled, BUNDLED_ONNX)
 
     report.update(
@@ -62,7 +76,7 @@ def main() -> None:
             "onnx_file_mb": BUNDLED_ONNX.stat().st_size / 2**20,
             "fp16_vs_fp32": report.get("fp16_vs_fp32") or agreement(full, bundled, cells.paths),
             "onnx_vs_pytorch_pbc_test": agreement(
-                bundled, load_model(BUNDLED_ONNX), cells.select(["pbc"], ["test"]).paths
+                bundled, resolve_model(BUNDLED_ONNX), cells.select(["pbc"], ["test"]).paths
             ),
         }
     )

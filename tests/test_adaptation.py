@@ -96,7 +96,9 @@ def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
     assert result["totals"]["detected"] >= 3
 
 
-def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(adapted: Path, bccd, tmp_path: Path):
+def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(
+    pbc_model: Path, adapted: Path, bccd, tmp_path: Path
+):
     """The adapted scorer averages the penultimate score with those of the two frozen layer groups
     before the tuned ones, and every way of running the model computes it alike."""
     from wbcid.inference import predict
@@ -106,6 +108,14 @@ def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(a
     assert isinstance(model.ood, LayeredScore)
     assert model.ood.taps == adaptation.stage_taps(model, QUICK.trainable_groups) and len(model.ood.taps) == 2
     assert all(len(scorer.means) > len(CLASSES) for scorer in model.ood.stages.values())  # PBC's and the lab's
+    # training recorded every layer group but the last; the stage scorers start from those statistics
+    recorded = load_checkpoint(pbc_model).stage_statistics
+    frozen = model.group_count - QUICK.trainable_groups
+    assert sorted(recorded) == list(range(model.group_count - 1))
+    assert sorted(model.stage_statistics) == list(range(frozen))  # the tuned groups' no longer hold
+    for tap, scorer in zip(model.ood.taps, model.ood.stages.values()):
+        means, _ = recorded[tap]
+        torch.testing.assert_close(scorer.means[: len(means)], means)
     paths = read_cells(bccd[1]).paths[:32]
     torch_scores = predict(adapted, paths, tta=False).ood_score.to_numpy()
     onnx_scores = predict(export_onnx(model, tmp_path / "adapted.onnx"), paths, tta=False).ood_score.to_numpy()
@@ -113,6 +123,23 @@ def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(a
     penultimate_only = load_checkpoint(adapted)
     penultimate_only.ood = penultimate_only.ood.penultimate
     assert not np.allclose(predict(penultimate_only, paths, tta=False).ood_score.to_numpy(), torch_scores, rtol=0.05)
+
+
+def test_layer_group_statistics_can_be_added_to_a_model_saved_without_them(pbc_model: Path, pbc_small, tmp_path):
+    """What scripts/train_bundled_model.py --stage-statistics-only did to the bundled model."""
+    from wbcid.training_statistics import record_stage_statistics
+
+    saved = torch.load(pbc_model / "model.pt", weights_only=True)
+    recorded_in_training = saved.pop("stage_statistics")
+    torch.save(saved, tmp_path / "model.pt")
+    record_stage_statistics(tmp_path, read_cells(pbc_small).select(splits=["train"]))
+    again = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert again.keys() == {*saved, "stage_statistics"} and again["config"] == saved["config"]
+    assert all(torch.equal(v, again["state_dict"][k]) for k, v in saved["state_dict"].items())  # scorer included
+    assert again["stage_statistics"].keys() == recorded_in_training.keys()
+    for tap, (means, covariance) in recorded_in_training.items():
+        torch.testing.assert_close(again["stage_statistics"][tap][0], means, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(again["stage_statistics"][tap][1], covariance, rtol=1e-3, atol=1e-5)
 
 
 def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from wbcid.contract import flagged
+from wbcid.contract import CLASSES, flagged
 from wbcid.data import load_images, read_cells
 from wbcid.inference import predict
 from wbcid.loading import resolve_model
 from wbcid.models import create_model
-from wbcid.ood import MahalanobisScore, image_features, ood_groups
+from wbcid.ood import MahalanobisScore, class_statistics, image_features, ood_groups, stage_statistics
 from wbcid.preprocess import Preprocess
 
 
@@ -40,6 +40,21 @@ def test_threshold_flags_the_calibration_quantile(bundled, pbc_small):
     assert 0.1 < share <= 0.2 + 1 / len(calibration)  # about 1 - quantile, by construction
 
 
+@pytest.mark.parametrize(
+    ("name", "recorded"),
+    [("efficientnet_lite0", list(range(7))), ("vgg16", [0]), ("timm:resnet18", [])],  # VGG's pooling is 1 x 1
+)
+def test_training_records_every_layer_group_but_the_last_where_it_can(pbc_small, name, recorded):
+    model = create_model(name, pretrained=False, input_size=64)
+    images, cells = load_images(read_cells(pbc_small).select(splits=["train"]), Preprocess.of(model.config))
+    features, statistics = stage_statistics(model, images, cells.labels)
+    torch.testing.assert_close(features, image_features(model, images))
+    assert sorted(statistics) == recorded
+    for means, covariance in statistics.values():
+        assert means.shape[0] == len(CLASSES) and covariance.shape == (means.shape[1],) * 2
+        assert torch.linalg.eigvalsh(covariance.double()).min() > 0  # invertible, as a scorer needs
+
+
 def test_platelets_are_flagged_and_wbcs_mostly_not(bundled, platelets_and_wbcs):
     platelets, wbcs = platelets_and_wbcs
     table = predict(bundled, platelets + wbcs)
@@ -65,6 +80,20 @@ def test_a_model_without_scorer_flags_nothing(platelets_and_wbcs):
     table = predict(model, platelets_and_wbcs[0][:2])
     assert not table.flagged.any() and table.ood_score.isna().all()
     assert isinstance(table, pd.DataFrame)
+
+
+def test_weights_count_a_cell_as_often_as_its_weight():
+    """Adaptation weighs a class-balanced replay back to the training data's class mix this way."""
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(6, 6))  # correlated features, as a network's are
+    features = torch.from_numpy(np.r_[rng.normal(0, 1, (300, 6)), rng.normal(5, 3, (300, 6))] @ mixing)
+    groups = np.repeat([0, 1], 300)
+    means, even = class_statistics(features, groups)
+    weighted_means, weighted = class_statistics(features, groups, np.where(groups == 1, 4.0, 1.0))
+    repeated = class_statistics(torch.cat([features, *[features[300:]] * 3]), np.r_[groups, np.ones(900, int)])[1]
+    np.testing.assert_allclose(weighted_means, means)  # only how the scatter is pooled changes
+    distance = np.linalg.norm(weighted - repeated) / np.linalg.norm(repeated)
+    assert distance < 0.05 < 0.3 < np.linalg.norm(even - repeated) / np.linalg.norm(repeated)
 
 
 def test_each_lab_gets_its_own_clusters_unless_it_is_too_small(data_root):

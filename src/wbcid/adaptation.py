@@ -17,9 +17,10 @@ How (the choices were measured against each other: docs/adaptation.md):
   beside the replay cells', and the threshold is calibrated on held-out replay cells and the new
   lab's views together, so the lab's ordinary cells stop being flagged while non-WBCs still are.
   With replay it becomes a :class:`wbcid.ood.LayeredScore`: the penultimate scorer, re-estimated
-  on the few replay cells, is averaged with scorers of the two frozen layer groups just before the
-  fine-tuned ones, which raised the AUROC for PBC's non-WBC cells after adaptation
-  (docs/ood_layers.md).
+  on the few replay cells (each class counted as often as in the training data), is averaged with
+  scorers of the two frozen layer groups just before the fine-tuned ones, which start from the
+  statistics training recorded of them on all its cells. Together they keep the AUROC for PBC's
+  non-WBC cells above what the base model had (docs/ood_layers.md, docs/adaptation.md).
 * The adapted model predicts over the eight rotations and flips of each cell by default
   (``ModelConfig.tta``; ``--no-tta`` at prediction turns it off): over 40 paired draws it raised
   macro-F1 by 0.010 on average (30 up, 10 down; K = 10: +0.017, 18 of 20 up; docs/adaptation.md).
@@ -104,6 +105,8 @@ class Replay:
     scored frozen layer groups (``tapped``, :func:`stage_taps`), and held-out ones for calibration.
 
     The decoded images are kept too, so the cache can be remade when the prefix changes (AdaBN).
+    ``class_shares``: each class's share of all the training cells the replay was drawn from
+    (None: as drawn), so that statistics fitted on the replay describe the training data's mix.
     """
 
     acts: torch.Tensor
@@ -114,6 +117,23 @@ class Replay:
     images: torch.Tensor
     image_labels: np.ndarray
     calibration_images: torch.Tensor
+    class_shares: np.ndarray | None = None
+
+    def statistics(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Class means and shared covariance of the replay cells' ``features`` (:func:`class_statistics`),
+        each cell weighted so that the classes count as in the training data, as in the base model's own
+        scorer: the replay draws the classes evenly, and the even mix scored PBC's non-WBC cells worse
+        after adaptation (docs/ood_layers.md)."""
+        labels = self.labels.numpy()
+        if self.class_shares is None:
+            return class_statistics(features, labels)
+        drawn = np.bincount(labels, minlength=len(self.class_shares))
+        return class_statistics(features, labels, self.class_shares[labels] / drawn[labels])
+
+
+def class_shares(labels: np.ndarray) -> np.ndarray:
+    """Each class's share of cells with these class indices (:class:`Replay`'s ``class_shares``)."""
+    return np.bincount(labels, minlength=len(CLASSES)) / len(labels)
 
 
 def stage_taps(model: WBCNet, trainable_groups: int) -> tuple[int, ...]:
@@ -121,7 +141,7 @@ def stage_taps(model: WBCNet, trainable_groups: int) -> tuple[int, ...]:
     (:class:`wbcid.ood.LayeredScore`); none when only the head is tuned (the base scorer then holds)."""
     if trainable_groups == 0:
         return ()
-    cut = len(model.split(trainable_groups)[0]) - 1  # the prefix is the normalisation, then the frozen groups
+    cut = model.group_count - trainable_groups
     return tuple(range(max(cut - SCORED_STAGES, 0), cut))
 
 
@@ -151,9 +171,15 @@ def prefix_views(
 
 
 def make_replay(
-    model: WBCNet, images: torch.Tensor, labels: np.ndarray, calibration: torch.Tensor, config: AdaptConfig
+    model: WBCNet,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    calibration: torch.Tensor,
+    config: AdaptConfig,
+    class_shares: np.ndarray | None = None,
 ) -> Replay:
-    """Cache the replay cells (and the held-out calibration cells) through ``model``'s frozen prefix."""
+    """Cache the replay cells (and the held-out calibration cells) through ``model``'s frozen prefix;
+    ``class_shares`` as in :class:`Replay`."""
     torch.manual_seed(config.seed)
     prefix, _ = model.split(config.trainable_groups)
     augment = train_augmentation(config.augment)
@@ -169,6 +195,7 @@ def make_replay(
         images,
         labels,
         calibration,
+        class_shares,
     )
 
 
@@ -207,7 +234,9 @@ def adapt_model(
 
         base = adapt_batchnorm(base, torch.cat([images, unlabelled]).split(128))
         if replay is not None:
-            replay = make_replay(base, replay.images, replay.image_labels, replay.calibration_images, config)
+            replay = make_replay(
+                base, replay.images, replay.image_labels, replay.calibration_images, config, replay.class_shares
+            )
     model = _fine_tune(base, [(images, labels, config.views)], config, replay) if len(images) else base
     stretch = _cross_fitted_stretch(base, images, labels, config, replay) if config.cross_fit else 1.0
     if unlabelled is not None and len(unlabelled):
@@ -289,6 +318,8 @@ def _fine_tune(
     torch.manual_seed(config.seed)
     model = copy.deepcopy(base).eval()
     prefix, suffix = model.split(config.trainable_groups)
+    cut = model.group_count - config.trainable_groups  # recorded statistics of the tuned groups no longer hold
+    model.stage_statistics = {t: s for t, s in (model.stage_statistics or {}).items() if t < cut} or None
     augment = train_augmentation(config.augment)
     taps = stage_taps(model, config.trainable_groups) if replay is not None else ()
     cached = [prefix_views(prefix, images, views, augment, taps) for images, _, views in parts]
@@ -346,12 +377,14 @@ def _refit_ood(
 
     The base scorer's covariance was estimated on all its training cells; with a frozen backbone
     (``trainable_groups == 0``) it and its cluster means still hold exactly. Otherwise they are
-    re-estimated on the replay cells. The shared covariance is then the mean of that and the new
-    lab's within-class scatter (its views around its class means): the new lab's ordinary variation
-    is not unusual any more, while the training lab's still shapes what is. The threshold keeps
-    each lab's calibration cells (held-out replay cells; the new lab's views) at most 5 % flagged:
-    the larger of the two labs' 95th percentiles. With replay, the frozen layer groups in ``tapped``
-    get scorers made the same way, averaged with the penultimate one (:class:`LayeredScore`).
+    re-estimated on the replay cells (:meth:`Replay.statistics`). The shared covariance is then the
+    mean of that and the new lab's within-class scatter (its views around its class means): the new
+    lab's ordinary variation is not unusual any more, while the training lab's still shapes what is.
+    The threshold keeps each lab's calibration cells (held-out replay cells; the new lab's views) at
+    most 5 % flagged: the larger of the two labs' 95th percentiles. With replay, the frozen layer
+    groups in ``tapped`` get scorers made the same way from the statistics the base model recorded
+    of all its training cells (from the replay where it recorded none), averaged with the
+    penultimate one (:class:`LayeredScore`).
     """
     base = model.ood.penultimate if isinstance(model.ood, LayeredScore) else model.ood
     if base is None:
@@ -359,14 +392,20 @@ def _refit_ood(
     if trainable_groups == 0 or replay is None:
         old_means, old_covariance = base.means.double().numpy(), base.covariance()
     else:
-        old_means, old_covariance = class_statistics(_features(model, suffix, replay.acts), replay.labels.numpy())
+        old_means, old_covariance = replay.statistics(_features(model, suffix, replay.acts))
     features = _features(model, suffix, acts)
     calibration = _features(model, suffix, replay.calibration) if replay is not None else None
     model.ood = with_lab_clusters(old_means, old_covariance, features, labels.numpy(), calibration)
     if replay is None or not tapped:
         return
+    recorded = {t: (m.double().numpy(), c.double().numpy()) for t, (m, c) in (model.stage_statistics or {}).items()}
     stages = {
-        tap: with_lab_clusters(*class_statistics(replay_x, replay.labels.numpy()), lab_x, labels.numpy(), calibration_x)
+        tap: with_lab_clusters(
+            *(recorded[tap] if tap in recorded else replay.statistics(replay_x)),
+            lab_x,
+            labels.numpy(),
+            calibration_x,
+        )
         for tap, lab_x, replay_x, calibration_x in zip(
             stage_taps(model, trainable_groups), tapped, replay.tapped, replay.calibration_tapped
         )
@@ -442,7 +481,7 @@ def adapt(
         calibration_images, _ = load_images(
             sample_per_class(calibration, config.replay_per_class, config.seed), prep, "decoding calibration cells"
         )
-        bank = make_replay(base, train_images, train.labels, calibration_images, config)
+        bank = make_replay(base, train_images, train.labels, calibration_images, config, class_shares(train.labels))
     else:
         log.warning(
             "no training cells of the base model to replay (pass --replay DATA): the adapted model "

@@ -97,6 +97,9 @@ class WBCNet(nn.Module):
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self.ood: MahalanobisScore | LayeredScore | None = None  # fitted after training, see wbcid.ood
+        # recorded from the training cells after training (wbcid.training_statistics), saved beside the weights
+        self.source_statistics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.stage_statistics: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._frozen: list[nn.Module] = []
         self.set_freeze(config.freeze)
 
@@ -143,6 +146,11 @@ class WBCNet(nn.Module):
         if trainable_groups == 0:
             return nn.Sequential(normalise, *units, *tail), nn.Identity()
         return nn.Sequential(normalise, *units[:cut]), nn.Sequential(*units[cut:], *tail)
+
+    @property
+    def group_count(self) -> int:
+        """How many layer groups :meth:`split` cuts between (raises where it cannot split the backbone)."""
+        return len(self._units()[0])
 
     def _units(self) -> tuple[list[nn.Module], list[nn.Module]]:
         """The backbone as forward-ordered modules, one per layer group, and what follows them."""
@@ -248,8 +256,9 @@ def save_model(model: WBCNet, path: str | os.PathLike, half: bool = False, **ext
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
-    if getattr(model, "source_statistics", None) is not None:
-        extra = {"source_statistics": model.source_statistics, **extra}
+    for name in ("source_statistics", "stage_statistics"):  # what training records beside the weights
+        if getattr(model, name) is not None:
+            extra = {name: getattr(model, name), **extra}
     partial = path.with_suffix(path.suffix + ".partial")
     torch.save({"format": FORMAT, "config": model.config.to_dict(), "state_dict": state, **extra}, partial)
     os.replace(partial, path)
@@ -276,8 +285,9 @@ def load_checkpoint(path: str | os.PathLike) -> WBCNet:
     state = {k: v.float() if v.is_floating_point() else v for k, v in saved["state_dict"].items()}
     model.ood = scorer_for(state)
     model.load_state_dict(state)
-    if "source_statistics" in saved:  # for test-time adaptation, see wbcid.testtime
-        model.source_statistics = {k: (m.float(), v.float()) for k, (m, v) in saved["source_statistics"].items()}
+    for name in ("source_statistics", "stage_statistics"):  # for wbcid.testtime and wbcid.adaptation
+        if name in saved:
+            setattr(model, name, {k: (m.float(), v.float()) for k, (m, v) in saved[name].items()})
     return model.eval()
 
 

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import WbcidError
 from .preprocess import as_input
 
 if TYPE_CHECKING:
     from .data import CellSet
+    from .models import WBCNet
 
 QUANTILE = 0.95
 MIN_GROUP = 20  # fewest cells of one type from one lab that get their own cluster
@@ -140,13 +142,23 @@ def scorer_for(state: dict[str, torch.Tensor]) -> nn.Module | None:
     return LayeredScore(MahalanobisScore(state["ood.penultimate.means"], state["ood.penultimate.whitener"]), stages)
 
 
-def class_statistics(features: torch.Tensor, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def class_statistics(
+    features: torch.Tensor, groups: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Each group's mean and the shared covariance around them (Ledoit-Wolf shrinkage, which keeps a
-    covariance of more dimensions than a few hundred cells well conditioned)."""
-    from sklearn.covariance import LedoitWolf
+    covariance of more dimensions than a few hundred cells well conditioned).
+
+    ``weights``: how much each cell counts in the covariance; the shrinkage stays the one Ledoit-Wolf
+    finds for the cells as they are (weighting rows would read as noise and shrink far more).
+    """
+    from sklearn.covariance import LedoitWolf, shrunk_covariance
 
     means, centred = group_means(features, groups)
-    return means, LedoitWolf(assume_centered=True).fit(centred).covariance_
+    fitted = LedoitWolf(assume_centered=True).fit(centred)
+    if weights is None:
+        return means, fitted.covariance_
+    weighted = (centred * (weights / weights.sum())[:, None]).T @ centred
+    return means, shrunk_covariance(weighted, fitted.shrinkage_)
 
 
 def group_means(features: torch.Tensor, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,3 +188,36 @@ def image_features(model: nn.Module, images: torch.Tensor, batch_size: int = 128
     """Penultimate features of uint8 NCHW images (what the OOD scorer works on)."""
     model.eval()
     return torch.cat([model.features(as_input(b)) for b in images.split(batch_size)])
+
+
+@torch.inference_mode()
+def tapped_image_features(
+    model: WBCNet, images: torch.Tensor, taps: Sequence[int], batch_size: int = 128
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`image_features` and, from the same pass, the pooled outputs of the layer groups ``taps``."""
+    model.eval()
+    parts = [model.tapped_features(as_input(b), taps) for b in images.split(batch_size)]
+    return torch.cat([f for f, _ in parts]), [torch.cat(outputs) for outputs in zip(*(t for _, t in parts))]
+
+
+def stage_statistics(
+    model: WBCNet, images: torch.Tensor, groups: np.ndarray
+) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Penultimate features of the training ``images``, and each cluster's mean and the shared
+    covariance (:func:`class_statistics`) of every layer group's pooled outputs but the last.
+
+    Recorded with a trained model: an adaptation that freezes those groups scores them with the
+    statistics of *all* the training cells (:class:`LayeredScore`), which no replay of a few
+    hundred cells matches (docs/ood_layers.md).
+    """
+    try:
+        taps = range(model.group_count - 1)
+    except WbcidError:  # a backbone that cannot be split is adapted head-only, which scores no layer group
+        return image_features(model, images), {}
+    features, tapped = tapped_image_features(model, images, taps)
+    statistics = {
+        t: tuple(torch.from_numpy(a).float() for a in class_statistics(x, groups))
+        for t, x in zip(taps, tapped)
+        if x.isfinite().all()  # a 1 x 1 output (VGG's pooling) has no spread to pool
+    }
+    return features, statistics

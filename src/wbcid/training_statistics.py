@@ -1,8 +1,9 @@
 """What a saved model keeps from its training data, so later commands need not have it.
 
-The batch-norm statistics of the training images (for test-time adaptation, :mod:`wbcid.testtime`)
-and the OOD scorer (:mod:`wbcid.ood`), fitted on the training cells' features and calibrated on
-the validation cells. Training records them at its end; :func:`refit_training_statistics`
+The batch-norm statistics of the training images (for test-time adaptation, :mod:`wbcid.testtime`),
+the OOD scorer (:mod:`wbcid.ood`), fitted on the training cells' features and calibrated on the
+validation cells, and the statistics of earlier layer groups that adapted models score
+(:mod:`wbcid.adaptation`). Training records them at its end; :func:`refit_training_statistics`
 does it again for a model trained earlier.
 """
 
@@ -15,7 +16,7 @@ import torch
 
 from .data import CellSet, load_images
 from .models import WBCNet, load_checkpoint, save_model
-from .ood import MahalanobisScore, image_features, ood_groups
+from .ood import MahalanobisScore, image_features, ood_groups, stage_statistics
 from .preprocess import Preprocess
 from .testtime import batchnorm_statistics
 
@@ -24,15 +25,36 @@ def record_training_statistics(
     model_path: Path, train_images: torch.Tensor, train_set: CellSet, val_images: torch.Tensor
 ) -> WBCNet:
     """Store in a saved model what later needs the training data: the batch-norm statistics of the
-    training images (for :mod:`wbcid.testtime`) and the OOD scorer, fitted on the training cells'
-    features and calibrated on the validation cells (:mod:`wbcid.ood`)."""
+    training images (for :mod:`wbcid.testtime`), the OOD scorer, fitted on the training cells'
+    features and calibrated on the validation cells (:mod:`wbcid.ood`), and the layer groups'
+    statistics that adapted models score (:func:`wbcid.ood.stage_statistics`)."""
     model = load_checkpoint(model_path)
     model.source_statistics = batchnorm_statistics(model, train_images.split(128))
-    model.ood = MahalanobisScore.fit(
-        image_features(model, train_images), ood_groups(train_set), image_features(model, val_images)
-    )
-    saved = torch.load(model_path, map_location="cpu", weights_only=True)
-    save_model(model, model_path, **{k: v for k, v in saved.items() if k not in ("format", "config", "state_dict")})
+    groups = ood_groups(train_set)
+    features, model.stage_statistics = stage_statistics(model, train_images, groups)
+    model.ood = MahalanobisScore.fit(features, groups, image_features(model, val_images))
+    return _save_in_place(model, model_path)
+
+
+def record_stage_statistics(model_path: str | os.PathLike, train_set: CellSet) -> WBCNet:
+    """Only the layer groups' statistics (:func:`wbcid.ood.stage_statistics`), for a model saved before
+    training recorded them; its weights, scorer and everything else stay as they are, so its ONNX
+    export and every flag measured with it still hold (the bundled model)."""
+    path = Path(model_path)
+    path = path / "model.pt" if path.is_dir() else path
+    model = load_checkpoint(path)
+    images, cells = load_images(train_set.known(), Preprocess.of(model.config), "decoding training cells")
+    _, model.stage_statistics = stage_statistics(model, images, ood_groups(cells))
+    return _save_in_place(model, path)
+
+
+def _save_in_place(model: WBCNet, path: Path) -> WBCNet:
+    """Write ``model`` over the file it came from, in its precision and with its other records."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    half = any(v.dtype == torch.float16 for v in saved["state_dict"].values())
+    recorded = ("format", "config", "state_dict", "source_statistics", "stage_statistics")  # the model's own win
+    extra = {k: v for k, v in saved.items() if k not in recorded}
+    save_model(model, path, half=half, **extra)
     return model
 
 

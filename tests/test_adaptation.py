@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
 from wbcid.export import export_onnx
 from wbcid.inference import agreement
-from wbcid.models import load_checkpoint
+from wbcid.models import create_model, load_checkpoint, save_model
 from wbcid.serving import OnnxModel
 from wbcid.smear.counting import count
 from wbcid.train import TrainConfig, fit
@@ -171,6 +172,17 @@ def test_missing_classes_and_single_cells_work(pbc_model: Path, bccd, tmp_path: 
     record = json.loads((run / "config.json").read_text())
     assert record["verified_cells"] == {"neutrophil": 3, "lymphocyte": 0, "monocyte": 0, "eosinophil": 1, "basophil": 0}
     assert load_checkpoint(run).head[1].out_features == len(CLASSES)  # still all five classes
+
+
+def test_a_backbone_without_layer_groups_is_adapted_head_only(bccd, tmp_path: Path):
+    """What the refusal to split such a backbone recommends must work."""
+    base_path = save_model(create_model("timm:resnet18", pretrained=False, input_size=64), tmp_path / "base.pt")
+    config = AdaptConfig(trainable_groups=0, steps=5, views=2, cross_fit=False)
+    base, adapted = load_checkpoint(base_path), load_checkpoint(adapt(bccd[0], tmp_path / "run", base_path, config))
+    assert all(torch.equal(v, adapted.backbone.state_dict()[k]) for k, v in base.backbone.state_dict().items())
+    assert not torch.equal(base.head[1].weight, adapted.head[1].weight)
+    with pytest.raises(WbcidError, match="trainable_groups=0"):
+        adapt(bccd[0], tmp_path / "deeper", base_path, replace(config, trainable_groups=2))
 
 
 def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, tmp_path: Path):

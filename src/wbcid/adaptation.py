@@ -318,8 +318,9 @@ def _fine_tune(
     torch.manual_seed(config.seed)
     model = copy.deepcopy(base).eval()
     prefix, suffix = model.split(config.trainable_groups)
-    cut = model.group_count - config.trainable_groups  # recorded statistics of the tuned groups no longer hold
-    model.stage_statistics = {t: s for t, s in (model.stage_statistics or {}).items() if t < cut} or None
+    if config.trainable_groups:  # recorded statistics of the tuned groups no longer hold
+        cut = model.group_count - config.trainable_groups
+        model.stage_statistics = {t: s for t, s in (model.stage_statistics or {}).items() if t < cut} or None
     augment = train_augmentation(config.augment)
     taps = stage_taps(model, config.trainable_groups) if replay is not None else ()
     cached = [prefix_views(prefix, images, views, augment, taps) for images, _, views in parts]

@@ -136,15 +136,15 @@ class WBCNet(nn.Module):
         What the prefix computes can then be cached while only the suffix and head are trained
         (few-shot lab adaptation, :mod:`wbcid.adaptation`). Both share this model's parameters.
         """
+        normalise = _Normalise(self.mean, self.std)
+        if trainable_groups == 0:  # every backbone, whether or not its layer groups can be told apart
+            return nn.Sequential(normalise, self.backbone), nn.Identity()
         units, tail = self._units()
-        if not 0 <= trainable_groups <= len(units):
+        if not 0 < trainable_groups <= len(units):
             raise WbcidError(
                 f"{self.config.model} has {len(units)} layer groups; cannot train the last {trainable_groups}"
             )
         cut = len(units) - trainable_groups
-        normalise = _Normalise(self.mean, self.std)
-        if trainable_groups == 0:
-            return nn.Sequential(normalise, *units, *tail), nn.Identity()
         return nn.Sequential(normalise, *units[:cut]), nn.Sequential(*units[cut:], *tail)
 
     @property

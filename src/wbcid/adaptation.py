@@ -54,7 +54,7 @@ from .augment import train_augmentation
 from .data import CLASSES, Cell, CellSet, list_images, load_images, read_cells, sample_per_class
 from .errors import WbcidError
 from .models import WBCNet, run_tapped, save_model
-from .ood import QUANTILE, LayeredScore, MahalanobisScore, class_statistics, group_means
+from .ood import QUANTILE, LayeredScore, MahalanobisScore, cat_tapped, class_statistics, group_means
 from .preprocess import Preprocess, as_input
 from .train import autocast, precision_problems, resolve_precision
 
@@ -157,17 +157,15 @@ def prefix_views(
     """Prefix outputs of ``views`` versions of each uint8 image (as it is, then augmented; view-major),
     and the pooled outputs of the layer groups ``taps`` (numbered as in :meth:`WBCNet.split`)."""
     prefix.eval()
-    acts, tapped = [], []
+    parts = []
     for view in range(views):
         for batch in images.split(batch_size):
             x = as_input(batch)
             x = augment(x).contiguous(memory_format=torch.channels_last) if view else x
-            x, pooled = run_tapped(prefix, x, taps)
-            acts.append(x)
-            tapped.append(pooled)
-    if not acts:
+            parts.append(run_tapped(prefix, x, taps))
+    if not parts:
         return torch.empty(0), [torch.empty(0) for _ in taps]
-    return torch.cat(acts), [torch.cat(parts) for parts in zip(*tapped)]
+    return cat_tapped(parts)
 
 
 def make_replay(
@@ -323,9 +321,7 @@ def _fine_tune(
         model.stage_statistics = {t: s for t, s in (model.stage_statistics or {}).items() if t < cut} or None
     augment = train_augmentation(config.augment)
     taps = stage_taps(model, config.trainable_groups) if replay is not None else ()
-    cached = [prefix_views(prefix, images, views, augment, taps) for images, _, views in parts]
-    acts = torch.cat([part_acts for part_acts, _ in cached])
-    tapped = [torch.cat(outputs) for outputs in zip(*(part_tapped for _, part_tapped in cached))]
+    acts, tapped = cat_tapped([prefix_views(prefix, images, views, augment, taps) for images, _, views in parts])
     labels = torch.from_numpy(np.concatenate([np.tile(y, views) for _, y, views in parts]))
     trainable = [*suffix.parameters(), *model.head.parameters()]
     for p in model.parameters():

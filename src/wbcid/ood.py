@@ -131,6 +131,11 @@ def pooled(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
 
 
+def cat_tapped(parts: Sequence[tuple[torch.Tensor, list[torch.Tensor]]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Batches of ``(x, tapped)`` (:func:`wbcid.models.run_tapped`'s outputs) joined into one."""
+    return torch.cat([x for x, _ in parts]), [torch.cat(outputs) for outputs in zip(*(t for _, t in parts))]
+
+
 def scorer_for(state: dict[str, torch.Tensor]) -> nn.Module | None:
     """An empty scorer of the kind and shapes that a saved state dict holds (None: the model has none)."""
     if "ood.means" in state:
@@ -196,8 +201,7 @@ def tapped_image_features(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`image_features` and, from the same pass, the pooled outputs of the layer groups ``taps``."""
     model.eval()
-    parts = [model.tapped_features(as_input(b), taps) for b in images.split(batch_size)]
-    return torch.cat([f for f, _ in parts]), [torch.cat(outputs) for outputs in zip(*(t for _, t in parts))]
+    return cat_tapped([model.tapped_features(as_input(b), taps) for b in images.split(batch_size)])
 
 
 def stage_statistics(

@@ -6,15 +6,20 @@
   frozen, batch 32, AdamW) timed in fp32, with the frozen prefix in bf16 (it needs no gradient),
   and with the whole step under ``torch.autocast("cpu", dtype=torch.bfloat16)``; median of
   ``--steps`` steps after 2 warm-up steps, the three modes interleaved twice.
-* Inference: the bundled ONNX model as ``wbcid`` serves it (ONNX Runtime, fp32) against
+* Inference: the bundled ONNX model in ONNX Runtime fp32 (``wbcid --precision fp32``) against
   - the same model quantized with ONNX Runtime's static quantization (QDQ, per-channel int8
     weights, uint8 activations, convolutions only so the head and the OOD scorer stay fp32),
-    calibrated on ``--calibration-per-class`` PBC *training* cells per class;
-  - where OpenVINO is installed (``pip install openvino==2026.4.1``; not a wbcid dependency), the
-    same ONNX file run by OpenVINO in fp32 and with bf16 inference precision (AMX on this CPU).
+    calibrated on ``--calibration-per-class`` PBC *training* cells per class; once with every
+    convolution quantized, once with the depthwise ones (and the first) left in fp32;
+  - the same ONNX file run by OpenVINO in fp32 and with bf16 inference precision (AMX on this
+    CPU), and as ``wbcid`` serves bf16 (:class:`wbcid.serving.OnnxModel` with ``precision="bf16"``:
+    OpenVINO bf16, cells whose two best logits are closer than ``RECHECK_MARGIN`` or whose OOD
+    score is within ``RECHECK_OOD`` (in log) of the flag threshold rerun in fp32).
   Each is compared with ONNX Runtime fp32 on PBC test and every other lab (label agreement,
-  macro-F1) and on the OOD task (AUROC of ``ood_score``, PBC's non-WBC cells vs PBC test), and
-  timed on one batch of 64, 2 threads.
+  macro-F1, agreement of the flag) and on the OOD task (AUROC of ``ood_score``, PBC's non-WBC
+  cells vs PBC test), and timed on one batch of 64 PBC training cells, 2 threads. The largest
+  bf16-fp32 differences of the logits and of the log OOD score on ``--calibration-per-class`` PBC
+  training cells per class are what ``RECHECK_MARGIN`` and ``RECHECK_OOD`` were set from.
 
 Writes ``docs/precision.json`` and ``docs/precision.md``. Run it with nothing else running.
 """
@@ -28,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from common import parser, setup, write_results
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -35,12 +41,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from sklearn.metrics import f1_score, roc_auc_score
 
 from wbcid.benchmark import OTHER_SOURCES, TRAIN_SOURCE
-from wbcid.contract import BUNDLED_ONNX
+from wbcid.contract import BUNDLED_ONNX, flagged
 from wbcid.data import load_images, read_cells, sample_per_class
 from wbcid.loading import resolve_model
 from wbcid.models import create_model
 from wbcid.preprocess import Preprocess, as_input
-from wbcid.serving import OUTPUTS, session
+from wbcid.serving import OUTPUTS, OnnxModel, bf16_missing, session
 
 
 def training_steps(steps: int) -> dict[str, float]:
@@ -74,7 +80,10 @@ def training_steps(steps: int) -> dict[str, float]:
     return {mode: statistics.median(t) for mode, t in times.items()}
 
 
-def quantize(source: Path, target: Path, calibration: torch.Tensor) -> Path:
+def quantize(source: Path, target: Path, calibration: torch.Tensor, skip_depthwise: bool = False) -> Path:
+    """An int8 copy of ``source`` calibrated on ``calibration``; ``skip_depthwise``: those convolutions
+    (and the first, which sees the raw image) stay fp32."""
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.batches = iter([{"image": as_input(b).contiguous().numpy()} for b in calibration.split(32)])
@@ -84,6 +93,8 @@ def quantize(source: Path, target: Path, calibration: torch.Tensor) -> Path:
 
     prepared = target.with_name("prepared.onnx")
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    convolutions = [n for n in onnx.load(prepared).graph.node if n.op_type == "Conv"]
+    depthwise = [n.name for n in convolutions if any(a.name == "group" and a.i > 1 for a in n.attribute)]
     quantize_static(
         str(prepared),
         str(target),
@@ -93,6 +104,7 @@ def quantize(source: Path, target: Path, calibration: torch.Tensor) -> Path:
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["Conv"],
+        nodes_to_exclude=[convolutions[0].name, *depthwise] if skip_depthwise else None,
     )
     return target
 
@@ -100,18 +112,20 @@ def quantize(source: Path, target: Path, calibration: torch.Tensor) -> Path:
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # a batch -> (logits, ood_score)
 
 
-def runtimes(int8_path: Path) -> dict[str, Runner]:
+def runtimes(int8_paths: dict[str, Path]) -> dict[str, Runner]:
     """Every way of running the bundled model measured here, by name; the first is the reference."""
 
     def with_onnxruntime(path: Path) -> Runner:
-        runtime = session(path, threads=2)  # as wbcid serves, on both cores
+        runtime = session(path, threads=2)  # on both cores
         return lambda x: tuple(runtime.run(OUTPUTS, {"image": x}))
 
-    found = {"ONNX Runtime fp32": with_onnxruntime(BUNDLED_ONNX), "ONNX Runtime int8": with_onnxruntime(int8_path)}
-    try:
-        import openvino
-    except ImportError:
+    found = {"ONNX Runtime fp32": with_onnxruntime(BUNDLED_ONNX)}
+    found |= {f"ONNX Runtime {name}": with_onnxruntime(path) for name, path in int8_paths.items()}
+    if bf16_missing():
         return found
+    found["wbcid bf16"] = OnnxModel(BUNDLED_ONNX, threads=2, precision="bf16").scores
+    import openvino
+
     core = openvino.Core()
     for precision in ("f32", "bf16"):
         config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": 2}
@@ -140,7 +154,13 @@ def main() -> None:
     calibration, _ = load_images(
         sample_per_class(cells.select([TRAIN_SOURCE], ["train"]).known(), args.calibration_per_class), prep
     )
-    runners = runtimes(quantize(BUNDLED_ONNX, Path(tempfile.mkdtemp()) / "int8.onnx", calibration))
+    result["calibration_cells"] = len(calibration)
+    tmp = Path(tempfile.mkdtemp())
+    int8 = {
+        "int8": quantize(BUNDLED_ONNX, tmp / "int8.onnx", calibration),
+        "int8 but depthwise": quantize(BUNDLED_ONNX, tmp / "int8_dw.onnx", calibration, skip_depthwise=True),
+    }
+    runners = runtimes(int8)
     reference = next(iter(runners))
 
     def run(runner: Runner, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +176,14 @@ def main() -> None:
             run(runner, batch)
         result["images_per_second_batch64"][name] = 640 / (time.perf_counter() - start)
 
+    if "wbcid bf16" in runners:  # what RECHECK_MARGIN was set from: training cells only
+        (logits32, ood32), (logits16, ood16) = (
+            run(runners[reference], calibration),
+            run(runners["OpenVINO bf16"], calibration),
+        )
+        result["bf16_logit_error_on_training_cells"] = float(np.abs(logits16 - logits32).max())
+        result["bf16_log_ood_error_on_training_cells"] = float(np.abs(np.log(ood16 / ood32)).max())
+
     scored = {}
     result["sources"] = {}
     for source in (TRAIN_SOURCE, *OTHER_SOURCES, "pbc_other"):
@@ -166,9 +194,14 @@ def main() -> None:
         if source == "pbc_other":
             continue
         labels = {name: logits.argmax(1) for name, (logits, _) in scored[source].items()}
+        flags = {name: flagged(ood) for name, (_, ood) in scored[source].items()}
+        if "wbcid bf16" in runners:  # a recomputed cell's logits are fp32's to the bit
+            served = scored[source]["wbcid bf16"][0] == scored[source][reference][0]
+            result.setdefault("rechecked_share", {})[source] = float(served.all(1).mean())
         result["sources"][source] = {
             "cells": len(subset),
             "label_agreement": {name: float((got == labels[reference]).mean()) for name, got in labels.items()},
+            "flag_agreement": {name: float((got == flags[reference]).mean()) for name, got in flags.items()},
             "macro_f1": {name: float(f1_score(subset.labels, got, average="macro")) for name, got in labels.items()},
         }
     result["ood_auroc"] = {}
@@ -184,13 +217,33 @@ def report(r: dict) -> str:
     steps = r["training_step_ms"]
     names = list(r["ood_auroc"])
     others = names[1:]
-    rows = "\n".join(
-        f"| {s} | {v['cells']} | {v['macro_f1'][names[0]]:.4f} |"
-        + "".join(f" {v['label_agreement'][n]:.4f} | {v['macro_f1'][n]:.4f} |" for n in others)
-        for s, v in r["sources"].items()
-    )
+
+    def per_source(key: str) -> str:
+        head = f"| source | cells | {' | '.join(names if key == 'macro_f1' else others)} |"
+        rule = "|---|---:|" + "---:|" * len(names if key == "macro_f1" else others)
+        rows = [
+            f"| {s} | {v['cells']} | "
+            + " | ".join(f"{v[key][n]:.4f}" for n in (names if key == "macro_f1" else others))
+            + " |"
+            for s, v in r["sources"].items()
+        ]
+        return "\n".join([head, rule, *rows])
+
     speed = " | ".join(f"{r['images_per_second_batch64'][n]:.0f}" for n in names)
     auroc = " | ".join(f"{r['ood_auroc'][n]:.4f}" for n in names)
+    rechecked = ", ".join(f"{s} {v:.1%}" for s, v in r.get("rechecked_share", {}).items())
+    served = (
+        f"""
+`wbcid bf16` is what `--precision bf16` (and `auto` from 512 images) serves: OpenVINO bf16, with
+every cell whose two best logits are closer than `RECHECK_MARGIN` (0.5), or whose OOD score is
+within a factor exp(`RECHECK_OOD`) = exp(0.25) of the flag threshold, recomputed in fp32. Share of
+cells recomputed: {rechecked}. The largest bf16-fp32 differences on the {r["calibration_cells"]}
+PBC training cells: logits {r["bf16_logit_error_on_training_cells"]:.3f}, log OOD score
+{r["bf16_log_ood_error_on_training_cells"]:.3f} (the two bands are 2.5x these, rounded).
+"""
+        if rechecked
+        else ""
+    )
     return f"""# Lower precision on this CPU: bf16 training, int8 and bf16 inference
 
 Command: `{r["command"]}` (this project's 2-core machine, nothing else running; its CPU has
@@ -202,18 +255,24 @@ AVX-512 VNNI, AVX-512 BF16 and AMX). See the script's docstring for what each nu
 |---:|---:|---:|
 | {steps["fp32"]:.0f} | {steps["bf16 frozen prefix"]:.0f} | {steps["bf16 autocast"]:.0f} |
 
-## Inference: the bundled model run in lower precision, against {names[0]} (what wbcid serves)
+## Inference: the bundled model run in lower precision, against {names[0]}
 
 | | {" | ".join(names)} |
 |---|{"---:|" * len(names)}
 | images/s, batch 64, 2 threads | {speed} |
 | OOD AUROC (PBC non-WBC cells vs PBC test) | {auroc} |
+{served}
+Label agreement with {names[0]}, per source:
 
-Label agreement with {names[0]} and macro-F1, per source:
+{per_source("label_agreement")}
 
-| source | cells | macro-F1 {names[0]} |{"".join(f" agreement {n} | macro-F1 {n} |" for n in others)}
-|---|---:|---:|{"---:|---:|" * len(others)}
-{rows}
+Agreement of the flag (OOD score above its threshold) with {names[0]}:
+
+{per_source("flag_agreement")}
+
+Macro-F1:
+
+{per_source("macro_f1")}
 """
 
 

@@ -1,11 +1,13 @@
 """Serving speed as a user meets it: whole commands, Python start-up and imports included.
 
-Side by side in one run, the bundled model served by ONNX Runtime (the default, which never
-imports PyTorch) and the same model in PyTorch (``--model .../wbcid-default.pt``): ``wbcid --help``,
-``wbcid predict`` on 10 and on N PBC test images, ``wbcid count`` on the BCCD smear fields; and,
-to show where the time goes, the network alone and decoding alone. Each command runs ``--repeats``
-times, alternating the two paths; the table gives the median and the range. Writes
-``docs/serving.md`` and ``docs/serving.json``.
+Side by side in one run, the bundled model served from its ONNX file in fp32 (ONNX Runtime,
+``--precision fp32``), as served by default (``auto``: bf16 in OpenVINO with close calls rechecked
+in fp32, from 512 images on a CPU with bf16 units; see :mod:`wbcid.serving`), in bf16 where
+``auto`` keeps fp32 (``--precision bf16``), and in PyTorch (``--model .../wbcid-default.pt``, which
+never uses bf16 here): ``wbcid --help``, ``wbcid predict`` on 10 and on N PBC test images,
+``wbcid count`` on the BCCD smear fields; and, to show where the time goes, the network alone and
+decoding alone. Each command runs ``--repeats`` times, alternating the paths; the table gives the
+median and the range. Writes ``docs/serving.md`` and ``docs/serving.json``.
 
     python benchmarks/serving.py [--data ../shared/data] [--images 2000] [--repeats 3]
 """
@@ -28,7 +30,7 @@ from common import parser, setup, write_results
 from wbcid.contract import BUNDLED, BUNDLED_ONNX
 from wbcid.data import image_batches, read_cells
 from wbcid.preprocess import Preprocess
-from wbcid.serving import OnnxModel
+from wbcid.serving import OnnxModel, bf16_missing
 
 WBCID = [sys.executable, "-m", "wbcid"]
 
@@ -53,18 +55,21 @@ def repeated(commands: dict[str, list[str]], repeats: int) -> dict[str, list[flo
 
 
 def component_rates(files: list[Path], batch: int = 64) -> dict[str, float]:
-    """Images/s of the network alone (ONNX Runtime, one decoded batch, repeated) and of decoding alone."""
-    model = OnnxModel(BUNDLED_ONNX, threads=os.cpu_count())  # the network's own rate, on every core
-    prep = Preprocess.of(model.config)
+    """Images/s of decoding alone and of the network alone (one decoded batch, repeated, every core),
+    in each precision this machine serves."""
+    prep = Preprocess.of(OnnxModel(BUNDLED_ONNX).config)
     start = time.perf_counter()
     decoded = [images for images, _ in image_batches(files, prep, batch)]
-    decode_rate = len(files) / (time.perf_counter() - start)
+    rates = {"decode_and_crop": len(files) / (time.perf_counter() - start)}
     x = decoded[0].astype(np.float32) / 255
-    model.scores(x)  # warm-up
-    start = time.perf_counter()
-    for _ in range(20):
-        model.scores(x)
-    return {"network_batch64": 20 * len(x) / (time.perf_counter() - start), "decode_and_crop": decode_rate}
+    for precision in ("fp32", "bf16")[: 1 + (bf16_missing() is None)]:
+        model = OnnxModel(BUNDLED_ONNX, threads=os.cpu_count(), precision=precision)
+        model.scores(x)  # warm-up
+        start = time.perf_counter()
+        for _ in range(20):
+            model.scores(x)
+        rates[f"network_batch64_{precision}"] = 20 * len(x) / (time.perf_counter() - start)
+    return rates
 
 
 def main() -> None:
@@ -78,24 +83,33 @@ def main() -> None:
     files = [str(p) for p in read_cells(args.data, ["pbc"]).select(splits=["test"]).paths[: args.images]]
     fields = args.data / "smears" / "bccd" / "images"
     n_fields = len(list(fields.iterdir()))
-    paths = {"ONNX Runtime (default)": [], "PyTorch": ["--model", str(BUNDLED)]}
+    fp32, auto, bf16 = ["--precision", "fp32"], [], ["--precision", "bf16"]
+    paths = {"fp32 (ONNX Runtime)": fp32, "auto (default)": auto, "PyTorch": ["--model", str(BUNDLED)]}
+    forced = {"fp32 (ONNX Runtime)": fp32, "auto (default)": auto, "bf16 (forced)": bf16}  # auto = fp32 here
     rows = []
     tasks = [
-        ("`wbcid --help`", None, lambda model: ["--help"]),
-        ("`wbcid predict`, 10 images", 10, lambda model: ["predict", "--out", str(tmp / "p.csv"), *model, *files[:10]]),
+        ("`wbcid --help`", None, {"": []}, lambda model: ["--help"]),
+        (
+            "`wbcid predict`, 10 images",
+            10,
+            {k: v for k, v in paths.items() if k != "PyTorch"} | {"PyTorch": paths["PyTorch"]},
+            lambda model: ["predict", "--out", str(tmp / "p.csv"), *model, *files[:10]],
+        ),
         (
             f"`wbcid predict`, {len(files)} images",
             len(files),
+            paths,
             lambda model: ["predict", "--out", str(tmp / "p.csv"), *model, *files],
         ),
         (
             f"`wbcid count`, {n_fields} BCCD fields",
             n_fields,
+            forced | {"PyTorch": paths["PyTorch"]},
             lambda model: ["count", str(fields), "--out", str(tmp / "count"), *model],
         ),
     ]
-    for task, items, build in tasks:
-        variants = {"": build([])} if items is None else {name: build(flag) for name, flag in paths.items()}
+    for task, items, flags, build in tasks:
+        variants = {name: build(flag) for name, flag in flags.items()}
         times = repeated({name: WBCID + cmd for name, cmd in variants.items()}, args.repeats)
         for name, values in times.items():
             median = statistics.median(values)
@@ -114,8 +128,10 @@ def main() -> None:
         "# Serving speed: whole commands",
         f"`{command}`",
         f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}; nothing else ran. Each command "
-        f"ran {args.repeats} times, the two model paths interleaved; wall time of the whole process (Python "
-        "start-up, imports, model loading, writing included): median and range.",
+        f"ran {args.repeats} times, the model paths interleaved; wall time of the whole process (Python "
+        "start-up, imports, model loading, writing included): median and range. `auto` serves bf16 from "
+        "512 images where the CPU has bf16 units (this one does), so it is fp32 for 10 images and for the "
+        "count (fewer fields); `bf16 (forced)` shows what bf16 would do there.",
         "| command | model | seconds (median) | range | per second |\n|---|---|---:|---:|---:|",
     ]
     for r in rows:
@@ -124,10 +140,13 @@ def main() -> None:
             f"\n| {r['task']} | {r['path']} | {r['seconds_median']:.2f} | "
             f"{min(r['seconds']):.2f}-{max(r['seconds']):.2f} | {rate} |"
         )
+    network = ", ".join(
+        f"{k.rsplit('_', 1)[1]} {v:.0f} images/s" for k, v in components.items() if k.startswith("network")
+    )
     lines.append(
         f"Where the time goes (in one process, 640 PBC test images): decoding, canonical crop and colour "
-        f"in threads {components['decode_and_crop']:.0f} images/s; the network alone (ONNX Runtime, "
-        f"batch 64, fp32, on all cores) {components['network_batch64']:.0f} images/s."
+        f"in threads {components['decode_and_crop']:.0f} images/s; the network alone (batch 64, on all "
+        f"cores; bf16 as served, close calls rechecked in fp32): {network}."
     )
     write_results(args.out, {"command": command, "rows": rows, "components": components}, "\n\n".join(lines))
     print("\n\n".join(lines))

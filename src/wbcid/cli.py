@@ -45,6 +45,15 @@ Precision = Annotated[
         "(bf16 was slower on the CPU measured, see docs/precision.md). The run records what was used."
     ),
 ]
+ServePrecision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Arithmetic of an ONNX model (the bundled one, or a `wbcid export`): fp32 (ONNX Runtime) or bf16 "
+        "(OpenVINO on a CPU with bf16 units, 2x faster; cells whose two best classes are close are rechecked in "
+        "fp32, so labels agree with fp32); auto: bf16 where available for 512 or more images.",
+    ),
+]
 Weights = Annotated[Path | None, typer.Option(help="Local ImageNet weights file for the backbone.")]
 DownloadWeights = Annotated[bool, typer.Option(help="Allow downloading ImageNet weights (timm:<name> backbones).")]
 Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")]
@@ -167,11 +176,12 @@ def evaluate(
     split: Splits = None,
     adabn: AdaBN = False,
     tta: Tta = None,
+    precision: ServePrecision = "auto",
 ) -> None:
     """Score a model on labelled images (any layout); writes metrics.json and report.md."""
     from .evaluation import evaluate as run_evaluation
 
-    metrics = run_evaluation(model, data, out, source, split, adabn=adabn, tta=tta)
+    metrics = run_evaluation(model, data, out, source, split, adabn=adabn, tta=tta, precision=precision)
     typer.echo(
         f"n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
         f"balanced_accuracy={metrics['balanced_accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f}"
@@ -191,11 +201,12 @@ def predict(
     model: ModelPath = None,
     adabn: AdaBN = False,
     tta: Tta = None,
+    precision: ServePrecision = "auto",
 ) -> None:
     """Classify images; writes one CSV row per image with all five class probabilities."""
     from .inference import predict as run_prediction
 
-    table = run_prediction(model, paths, out, adabn=adabn, tta=tta)
+    table = run_prediction(model, paths, out, adabn=adabn, tta=tta, precision=precision)
     counts = table["label"].replace("", "(unreadable)").value_counts()
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
     if table["flagged"].any():
@@ -228,15 +239,15 @@ def count(
         typer.Option(help="How WBCs are found: 'learned' (a network trained on annotated fields) or 'stain' (colour)."),
     ] = "learned",
     tta: Tta = None,
+    precision: ServePrecision = "auto",
 ) -> None:
     """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
     from .smear.counting import count as run_count
     from .smear.counting import read_reference
 
     with _resumable(f"finished fields are in {out / 'fields.jsonl'}"):
-        result = run_count(
-            model, paths, out, cell_diameter, read_reference(reference) if reference else None, resume, detector, tta
-        )
+        ranges = read_reference(reference) if reference else None
+        result = run_count(model, paths, out, cell_diameter, ranges, resume, detector, tta, precision)
     specimens = result["specimens"]
     for name, specimen in specimens.items():
         scale = specimen["scale"]

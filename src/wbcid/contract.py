@@ -18,6 +18,7 @@ from .errors import WbcidError
 CLASSES: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 BUNDLED = Path(__file__).parent / "weights" / "wbcid-default.pt"  # see weights/MODEL_CARD.md
 BUNDLED_ONNX = BUNDLED.with_suffix(".onnx")  # the same model for ONNX Runtime: 2x faster on CPU
+PRECISIONS = ("auto", "fp32", "bf16")  # arithmetic options of training, adaptation and serving
 BUNDLED_TRAINING = {"origin": None, "sources": ["pbc", "lisc", "tecom", "cellavision", "bccd"], "all_splits": True}
 Freeze = str | int  # "none", "backbone", or the number of leading backbone layer groups to freeze
 

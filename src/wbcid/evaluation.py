@@ -20,6 +20,7 @@ from .errors import WbcidError
 from .inference import predict_proba, resolve_tta
 from .loading import Model, describe_model, resolve_model
 from .reports import write_evaluation_report
+from .serving import choose_precision, served_precision
 
 log = logging.getLogger("wbcid")
 
@@ -100,14 +101,16 @@ def evaluate(
     title: str | None = None,
     adabn: bool = False,
     tta: bool | None = None,
+    precision: str = "auto",
 ) -> dict:
     """Score a model on labelled cells; with ``out_dir``, write metrics.json, figures and report.md.
 
-    ``adabn``/``tta``: test-time adaptation on these (unlabelled) images, see :mod:`wbcid.testtime`.
+    ``adabn``/``tta``: test-time adaptation on these (unlabelled) images, see :mod:`wbcid.testtime`;
+    ``precision``: see :func:`wbcid.serving.choose_precision` (recorded in the metrics).
     """
     name = describe_model(model)
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
-    model = resolve_model(model, needs_torch="AdaBN" if adabn else None)
+    model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(cells)))
     seen = training_overlap(model.config, cells)
     if seen:
         log.warning(
@@ -127,6 +130,7 @@ def evaluate(
     metrics["skipped"] = dict(cells.skipped)
     metrics["model"], metrics["data"], metrics["training_overlap"] = name, cells.origin, seen
     metrics["tta"] = tta  # a score over rotations and flips is not comparable with a single-view one
+    metrics["precision"] = served_precision(model)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

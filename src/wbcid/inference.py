@@ -17,7 +17,7 @@ from .data import CLASSES, image_batches, list_images
 from .errors import WbcidError
 from .loading import Model, resolve_model
 from .preprocess import Preprocess, as_input
-from .serving import OnnxModel
+from .serving import OnnxModel, choose_precision
 
 if TYPE_CHECKING:
     from .models import WBCNet
@@ -163,6 +163,7 @@ def predict(
     batch_size: int = 64,
     adabn: bool = False,
     tta: bool | None = None,
+    precision: str = "auto",
 ) -> pd.DataFrame:
     """Classify image files (folders are searched recursively); one row per image.
 
@@ -170,14 +171,14 @@ def predict(
     the model knows, or unreadable: check by eye, see :mod:`wbcid.ood`), ``error`` and
     ``p_<class>`` for each class. Unreadable images keep their row with an empty label and an
     ``error``, so no input silently disappears; if none could be read the CSV is still written
-    and :class:`WbcidError` is raised.
+    and :class:`WbcidError` is raised. ``precision``: see :func:`wbcid.serving.choose_precision`.
     """
     if out_csv is not None and Path(out_csv).is_dir():
         raise WbcidError(
             f"{out_csv} is a folder; --out takes the CSV file to write, e.g. {Path(out_csv) / 'predictions.csv'}"
         )
     files = list_images(paths)  # missing or empty inputs fail before the model loads
-    model = resolve_model(model, needs_torch="AdaBN" if adabn else None)
+    model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(files)))
     probs, ood, ok = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
     table = prediction_table(probs, ood, ok)
     table.insert(0, "path", [str(f) for f in files])

@@ -22,11 +22,14 @@ if TYPE_CHECKING:
 Model: TypeAlias = "WBCNet | OnnxModel"
 
 
-def resolve_model(model: Model | str | os.PathLike | None = None, needs_torch: str | None = None) -> Model:
-    """A model ready for inference; the bundled one is served by ONNX Runtime (2x faster on CPU).
+def resolve_model(
+    model: Model | str | os.PathLike | None = None, needs_torch: str | None = None, precision: str = "fp32"
+) -> Model:
+    """A model ready for inference; the bundled one is served from ONNX (2x faster on CPU).
 
     ``needs_torch`` names what needs PyTorch (Grad-CAM, adaptation, AdaBN, export): the bundled
     model is then read from its ``.pt`` and an ONNX export is refused with that reason.
+    ``precision`` (``fp32`` or ``bf16``, see :mod:`wbcid.serving`) applies to ONNX models.
     """
     refusal = f"{needs_torch} needs the PyTorch model (a run directory or .pt file), not ONNX"
     if isinstance(model, OnnxModel):
@@ -48,7 +51,7 @@ def resolve_model(model: Model | str | os.PathLike | None = None, needs_torch: s
     if path.suffix == ".onnx" and path.is_file():
         if needs_torch:
             raise WbcidError(f"{refusal}: {path}")
-        loaded: Model = OnnxModel(path)
+        loaded: Model = OnnxModel(path, precision=precision)
     else:
         from .models import load_checkpoint
 

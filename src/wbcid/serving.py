@@ -5,20 +5,47 @@ takes, an RGB float batch in [0, 1] at the model's input size, and returns ``log
 ``ood_score``; normalisation is part of the graph. The rest of the contract (input size,
 canonical crop, colour normalisation, class order) is the :class:`~wbcid.contract.ModelConfig`
 stored as ONNX metadata under ``wbcid_config``.
+
+Precision: ONNX Runtime runs the graph in fp32. Where OpenVINO is installed and the CPU has bf16
+units (AVX-512 BF16 or AMX), the same file can run in bf16, about twice as fast
+(docs/serving.md). bf16 moves the logits by up to about 0.2 and the OOD score by up to about 10 %
+(docs/precision.md), so a cell whose two best classes are closer than :data:`RECHECK_MARGIN`, or
+whose OOD score is near the flag threshold (:data:`RECHECK_OOD`), is run again in fp32: labels and
+flags then agree with fp32 whatever the CPU, and both bands are properties of the arithmetic, not
+of any lab's cells.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import threading
 
 import numpy as np
 
-from .contract import ModelConfig
+from .contract import PRECISIONS, ModelConfig
 from .errors import WbcidError
 
 METADATA_KEY = "wbcid_config"
 OUTPUTS = ["logits", "ood_score"]
+# A bf16 result is recomputed in fp32 where its two best logits are closer than RECHECK_MARGIN or
+# its OOD score is within a factor exp(RECHECK_OOD) of the threshold (1): each 2.5x the largest
+# bf16-fp32 difference of the bundled model on 500 PBC training cells (logits 0.19, log OOD score
+# 0.10; benchmarks/precision.py).
+RECHECK_MARGIN = 0.5
+RECHECK_OOD = 0.25
+# ``auto`` turns to bf16 from this many images: below it, OpenVINO's start-up (about 0.4 s) costs
+# more than bf16 saves (about 1 ms per image on one core; docs/serving.md).
+BF16_MIN_IMAGES = 512
+log = logging.getLogger("wbcid")
+
+
+def _threads(threads: int | None) -> int:
+    # Half the cores by default: the rest decode images (predict) or run other fields (count) at
+    # the same time. On 2 cores, 1 thread made count 20 % faster than 2 and predict no slower.
+    return threads or max(1, (os.cpu_count() or 2) // 2)
 
 
 def session(path: str | os.PathLike, threads: int | None = None):
@@ -26,9 +53,7 @@ def session(path: str | os.PathLike, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    # Half the cores by default: the rest decode images (predict) or run other fields (count) at
-    # the same time. On 2 cores, 1 thread made count 20 % faster than 2 and predict no slower.
-    options.intra_op_num_threads = threads or max(1, (os.cpu_count() or 2) // 2)
+    options.intra_op_num_threads = _threads(threads)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -36,17 +61,87 @@ def session(path: str | os.PathLike, threads: int | None = None):
         raise WbcidError(f"{path} is not a readable ONNX model ({exc})") from exc
 
 
-class OnnxModel:
-    """An ONNX Runtime session with a WBCNet's ``config`` and ``scores``, on NumPy arrays."""
+@functools.cache
+def bf16_missing() -> str | None:
+    """Why bf16 serving is not available here, or ``None`` when it is."""
+    try:
+        import openvino
+    except ImportError:
+        return "bf16 serving needs OpenVINO (pip install openvino)"
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return "this CPU has no bf16 units (AVX-512 BF16 or AMX)"
+    return None
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+
+def choose_precision(requested: str, images: int) -> str:
+    """``fp32`` or ``bf16`` for a job of ``images`` images; ``auto`` takes bf16 where it pays."""
+    if requested not in PRECISIONS:
+        raise WbcidError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    if requested == "fp32" or (requested == "auto" and images < BF16_MIN_IMAGES):
+        return "fp32"
+    missing = bf16_missing()  # imports OpenVINO: only asked where bf16 would be used
+    if missing is None:
+        return "bf16"
+    if requested == "bf16":
+        raise WbcidError(f"--precision bf16: {missing}; use --precision fp32")
+    return "fp32"
+
+
+def _openvino_bf16(path: str | os.PathLike, threads: int | None):
+    """A function running the ONNX file in OpenVINO with bf16 arithmetic: float batch -> (logits, ood)."""
+    import openvino
+
+    config = {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": _threads(threads)}
+    request = openvino.Core().compile_model(str(path), "CPU", config).create_infer_request()
+    lock = threading.Lock()  # one request serves one batch at a time (ONNX Runtime sessions need no lock)
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with lock:
+            out = request.infer({0: x})  # views of OpenVINO's buffers, overwritten by the next call
+            return np.array(out[OUTPUTS[0]]), np.array(out[OUTPUTS[1]])
+
+    return run
+
+
+class OnnxModel:
+    """An exported model with a WBCNet's ``config`` and ``scores``, on NumPy arrays.
+
+    ``precision``: ``fp32`` (ONNX Runtime) or ``bf16`` (OpenVINO, close calls rechecked in fp32);
+    ``rechecked`` counts the images recomputed so.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, precision: str = "fp32"):
         self.session = session(path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise WbcidError(f"{path} was not exported by wbcid (no {METADATA_KEY} metadata)")
         self.config = ModelConfig.from_dict(json.loads(meta[METADATA_KEY]))
+        self.precision = choose_precision(precision, BF16_MIN_IMAGES)
+        self._bf16 = _openvino_bf16(path, threads) if self.precision == "bf16" else None
+        self.rechecked = 0
 
     def scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits ``(n, 5)`` and OOD scores ``(n,)`` for a float NCHW batch in [0, 1]."""
-        logits, ood = self.session.run(OUTPUTS, {"image": np.ascontiguousarray(x, dtype=np.float32)})
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self._bf16 is None:
+            return self._fp32(x)
+        logits, ood = self._bf16(x)
+        top2 = np.partition(logits, -2, axis=1)[:, -2:]
+        with np.errstate(divide="ignore", invalid="ignore"):  # NaN (no scorer) is never near the threshold
+            near_threshold = np.abs(np.log(ood)) < RECHECK_OOD
+        close = (top2[:, 1] - top2[:, 0] < RECHECK_MARGIN) | near_threshold
+        if close.any():
+            logits[close], ood[close] = self._fp32(x[close])
+            self.rechecked += int(close.sum())
         return logits, ood
+
+    def _fp32(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, ood = self.session.run(OUTPUTS, {"image": x})
+        return logits, ood
+
+
+def served_precision(model: object) -> dict:
+    """What a model's results were computed in, for the record (PyTorch models: fp32)."""
+    if isinstance(model, OnnxModel) and model.precision == "bf16":
+        return {"arithmetic": "bf16", "rechecked_in_fp32": model.rechecked}  # network evaluations, TTA views too
+    return {"arithmetic": "fp32"}

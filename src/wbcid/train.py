@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import train_augmentation
-from .contract import Freeze
+from .contract import PRECISIONS, Freeze
 from .data import CLASSES, CellSet, load_images, split_train_val, try_decode
 from .errors import WbcidError
 from .evaluation import compute_metrics
@@ -42,7 +42,6 @@ from .reports import plot_history, write_evaluation_report, write_run_report
 from .training_statistics import record_training_statistics
 
 log = logging.getLogger("wbcid")
-PRECISIONS = ("auto", "fp32", "bf16")  # of the forward pass in training and adaptation
 
 
 @dataclass

@@ -28,6 +28,7 @@ from ..errors import WbcidError
 from ..inference import predict_scores, resolve_tta, softmax
 from ..loading import Model, describe_model, resolve_model
 from ..preprocess import Preprocess, upright_rgb
+from ..serving import choose_precision, served_precision
 from .detect import Box, FieldObjects, detect_cells
 from .learned import find_objects
 from .scale import rbc_diameter, wbc_diameter
@@ -232,6 +233,7 @@ def count(
     resume: bool = False,
     detector: str = "learned",
     tta: bool | None = None,
+    precision: str = "auto",
 ) -> dict:
     """Count WBCs in smear fields; writes counts.json, annotated fields, flagged cells and report.html.
 
@@ -243,6 +245,7 @@ def count(
     specimen per subfolder (:mod:`wbcid.smear.specimens`): counts.json, ``specimens.csv`` and the
     report give each its differential. ``detector``: one of :data:`DETECTORS`. ``tta``: classify
     over rotations and flips (``None``: as the model's config says; adapted models do).
+    ``precision``: see :func:`wbcid.serving.choose_precision` (each field holds at least one cell).
     """
     from ..reports import write_count_report
 
@@ -266,7 +269,7 @@ def count(
         for specimen, members in groups.items()
     }
     specimen_of = {field: specimen for specimen, members in groups.items() for field in members}
-    model = resolve_model(model)
+    model = resolve_model(model, precision=choose_precision(precision, len(fields)))
     tta = resolve_tta(model, tta)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
     settings = {"model": name, "scales": scales, "detector": detector, "tta": tta}
@@ -308,6 +311,7 @@ def count(
         "model": name,
         "detector": detector,
         "tta": tta,
+        "precision": served_precision(model),
         "images": images,
         "totals": summarise(images, reference),
         "specimens": specimens,

@@ -1,0 +1,61 @@
+"""Serving precision: bf16 (OpenVINO) against fp32 (ONNX Runtime) on real cells, and how it is chosen."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from wbcid import serving
+from wbcid.cli import app
+from wbcid.contract import BUNDLED_ONNX, flagged
+from wbcid.data import load_images, read_cells
+from wbcid.errors import WbcidError
+from wbcid.preprocess import Preprocess
+from wbcid.serving import RECHECK_MARGIN, RECHECK_OOD, OnnxModel, choose_precision
+
+
+def test_bf16_labels_and_flags_agree_with_fp32_because_close_calls_are_rechecked(data_root):
+    if serving.bf16_missing():
+        pytest.skip(serving.bf16_missing())
+    fp32, bf16 = OnnxModel(BUNDLED_ONNX), OnnxModel(BUNDLED_ONNX, precision="bf16")
+    cells = read_cells(data_root / "cells.csv", ["bccd", "lisc"])  # other labs: more close calls than PBC
+    images, _ = load_images(cells.subset(range(0, len(cells), 4)), Preprocess.of(fp32.config))
+    x = images.numpy().astype(np.float32) / 255
+    logits32, ood32 = fp32.scores(x)
+    logits16, ood16 = bf16.scores(x)
+    rechecked = np.all(logits16 == logits32, axis=1)
+    assert 0 < rechecked.sum() == bf16.rechecked < len(x)  # some, not all, were close calls
+    np.testing.assert_array_equal(logits16.argmax(1), logits32.argmax(1))
+    np.testing.assert_array_equal(flagged(ood16), flagged(ood32))
+    top2 = np.sort(logits16[~rechecked], axis=1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0] >= RECHECK_MARGIN).all()  # the rest were clear: bf16 cannot flip them
+    assert (np.abs(np.log(ood16[~rechecked])) >= RECHECK_OOD).all()
+    assert np.abs(logits16 - logits32).max() < RECHECK_MARGIN
+    assert np.abs(np.log(ood16 / ood32)).max() < RECHECK_OOD
+
+
+def test_precision_is_chosen_by_job_size_and_refused_clearly_where_missing(monkeypatch):
+    assert choose_precision("fp32", 10**6) == "fp32"
+    assert choose_precision("auto", 10) == "fp32"  # OpenVINO's start-up would cost more than it saves
+    expected = "fp32" if serving.bf16_missing() else "bf16"
+    assert choose_precision("auto", serving.BF16_MIN_IMAGES) == expected
+    with pytest.raises(WbcidError, match="one of auto, fp32, bf16"):
+        choose_precision("half", 10)
+    monkeypatch.setattr(serving, "bf16_missing", lambda: "this CPU has no bf16 units (AVX-512 BF16 or AMX)")
+    assert choose_precision("auto", 10**6) == "fp32"  # a CPU without bf16 gets the fp32 path
+    with pytest.raises(WbcidError, match="no bf16 units.*--precision fp32"):
+        choose_precision("bf16", 10**6)
+
+
+def test_evaluate_records_the_precision_it_ran_in(pbc_small, tmp_path):
+    precision = "fp32" if serving.bf16_missing() else "bf16"
+    out = tmp_path / "eval"
+    args = ["evaluate", "--data", str(pbc_small), "--split", "test", "--out", str(out), "--precision", precision]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "metrics.json").read_text())["precision"]
+    assert recorded["arithmetic"] == precision
+    assert ("rechecked_in_fp32" in recorded) == (precision == "bf16")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,8 +21,8 @@ from wbcid.adaptation import AdaptConfig, adapt
 from wbcid.data import CLASSES, draw_per_class, read_cells
 from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
-from wbcid.export import export_onnx
 from wbcid.inference import agreement
+from wbcid.loading import resolve_model
 from wbcid.models import create_model, load_checkpoint, save_model
 from wbcid.serving import OnnxModel
 from wbcid.smear.counting import count
@@ -89,17 +91,25 @@ def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
         torch.load(pbc_model / "model.pt", weights_only=True)["state_dict"]["head.1.weight"],
         base.state_dict()["head.1.weight"],
     )
-    onnx = export_onnx(load_checkpoint(adapted), tmp_path / "adapted.onnx")
+    served = resolve_model(adapted)  # the run's own ONNX export serves predict and count
+    assert isinstance(served, OnnxModel) and served.config == load_checkpoint(adapted).config
     cells = sorted((data_root / "cells/bccd").rglob("*.jpg"))[:16]
-    check = agreement(load_checkpoint(adapted), OnnxModel(onnx), cells)
+    check = agreement(load_checkpoint(adapted), served, cells)
     assert check["label_agreement"] == 1.0
     result = count(adapted, sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:3], tmp_path / "count")
     assert result["totals"]["detected"] >= 3
+    assert isinstance(resolve_model(adapted, needs_torch="Grad-CAM"), torch.nn.Module)
 
 
-def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(
-    pbc_model: Path, adapted: Path, bccd, tmp_path: Path
-):
+def test_a_run_whose_checkpoint_changed_after_its_export_is_served_by_the_checkpoint(adapted: Path, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(adapted, run)
+    os.utime(run / "model.onnx", (0, 0))  # exported long before model.pt was written
+    assert isinstance(resolve_model(run), torch.nn.Module)
+    assert "older than model.pt" in caplog.text
+
+
+def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(pbc_model: Path, adapted: Path, bccd):
     """The adapted scorer averages the penultimate score with those of the two frozen layer groups
     before the tuned ones, and every way of running the model computes it alike."""
     from wbcid.inference import predict
@@ -118,8 +128,8 @@ def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(
         means, _ = recorded[tap]
         torch.testing.assert_close(scorer.means[: len(means)], means)
     paths = read_cells(bccd[1]).paths[:32]
-    torch_scores = predict(adapted, paths, tta=False).ood_score.to_numpy()
-    onnx_scores = predict(export_onnx(model, tmp_path / "adapted.onnx"), paths, tta=False).ood_score.to_numpy()
+    torch_scores = predict(model, paths, tta=False).ood_score.to_numpy()
+    onnx_scores = predict(adapted, paths, tta=False).ood_score.to_numpy()  # served by the run's model.onnx
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-3)
     penultimate_only = load_checkpoint(adapted)
     penultimate_only.ood = penultimate_only.ood.penultimate
@@ -155,8 +165,8 @@ def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(
     np.testing.assert_allclose(default, tta)
     assert evaluate(adapted, bccd[1])["tta"] is True and evaluate(adapted, bccd[1], tta=False)["tta"] is False
     assert not np.allclose(default, plain, atol=1e-3)
-    onnx = export_onnx(load_checkpoint(adapted), tmp_path / "adapted.onnx")
-    np.testing.assert_allclose(predict(onnx, paths)[probs].to_numpy(), tta, atol=2e-3)  # the export keeps it
+    in_torch = predict(load_checkpoint(adapted), paths)[probs].to_numpy()
+    np.testing.assert_allclose(in_torch, tta, atol=2e-3)  # the run's ONNX export keeps the TTA
     fields = sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:2]
     assert count(adapted, fields, tmp_path / "count")["tta"] is True
     assert count(adapted, fields, tmp_path / "single", tta=False)["tta"] is False

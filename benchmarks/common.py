@@ -45,6 +45,20 @@ def command() -> str:
     return shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
 
 
+def cpu_description() -> str:
+    """The CPU a benchmark ran on, with the instruction sets low precision depends on: the machine
+    behind this project changes between sessions, so every page says which one it measured."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = {"avx512_vnni": "AVX-512 VNNI", "avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX"}
+    present = [label for flag, label in units.items() if flag in flags]
+    missing = [label for flag, label in units.items() if flag not in flags]
+    return f"{name or 'unknown CPU'}, {os.cpu_count()} cores; has {', '.join(present) or 'none of'}" + (
+        f" (not {', '.join(missing)})" if missing else ""
+    )
+
+
 def write_results(stem: Path, result: dict, markdown: str | None = None) -> None:
     """``STEM.json`` (the numbers) and, if given, ``STEM.md`` (the page)."""
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@
     weights, uint8 activations, convolutions only so the head and the OOD scorer stay fp32),
     calibrated on ``--calibration-per-class`` PBC *training* cells per class; once with every
     convolution quantized, once with the depthwise ones (and the first) left in fp32;
-  - the same ONNX file run by OpenVINO in fp32 and with bf16 inference precision (AMX on this
-    CPU), and as ``wbcid`` serves bf16 (:class:`wbcid.serving.OnnxModel` with ``precision="bf16"``:
+  - the same ONNX file run by OpenVINO in fp32 and with bf16 inference precision (AVX-512 BF16 or AMX,
+    where the CPU has them), and as ``wbcid`` serves bf16 (:class:`wbcid.serving.OnnxModel` with ``precision="bf16"``:
     OpenVINO bf16, cells whose two best logits are closer than ``RECHECK_MARGIN`` or whose OOD
     score is within ``RECHECK_OOD`` (in log) of the flag threshold rerun in fp32).
   Each is compared with ONNX Runtime fp32 on PBC test and every other lab (label agreement,
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from common import parser, setup, write_results
+from common import cpu_description, parser, setup, write_results
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from sklearn.metrics import f1_score, roc_auc_score
@@ -155,6 +155,7 @@ def main() -> None:
         sample_per_class(cells.select([TRAIN_SOURCE], ["train"]).known(), args.calibration_per_class), prep
     )
     result["calibration_cells"] = len(calibration)
+    result["cpu"] = cpu_description()
     tmp = Path(tempfile.mkdtemp())
     int8 = {
         "int8": quantize(BUNDLED_ONNX, tmp / "int8.onnx", calibration),
@@ -246,8 +247,8 @@ PBC training cells: logits {r["bf16_logit_error_on_training_cells"]:.3f}, log OO
     )
     return f"""# Lower precision on this CPU: bf16 training, int8 and bf16 inference
 
-Command: `{r["command"]}` (this project's 2-core machine, nothing else running; its CPU has
-AVX-512 VNNI, AVX-512 BF16 and AMX). See the script's docstring for what each number is.
+Command: `{r["command"]}` (nothing else running). CPU: {r["cpu"]}. See the script's docstring
+for what each number is.
 
 ## Training step (default recipe, batch 32, 128 px), median ms
 

@@ -18,7 +18,6 @@ range. Writes ``docs/serving.md`` and ``docs/serving.json``.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import parser, setup, write_results
+from common import cpu_description, parser, setup, write_results
 
 from wbcid.contract import BUNDLED, BUNDLED_ONNX
 from wbcid.data import CLASSES, draw_per_class, image_batches, read_cells
@@ -150,7 +149,7 @@ def main() -> None:
     lines = [
         "# Serving speed: whole commands",
         f"`{command}`",
-        f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}; nothing else ran. Each command "
+        f"Machine: {cpu_description()}; nothing else ran. Each command "
         f"ran {args.repeats} times, the model paths interleaved; wall time of the whole process (Python "
         "start-up, imports, model loading, writing included): median and range. `auto` serves bf16 from "
         "512 images where the CPU has bf16 units (this one does), so it is fp32 for 10 images and for the "

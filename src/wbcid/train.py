@@ -96,9 +96,9 @@ def precision_problems(precision: str) -> list[str]:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """What ``auto`` means on ``device``: bf16 on a GPU that supports it, else fp32.
 
-    On this project's CPU (AVX-512 and AMX), bf16 autocast made a training step 38 % slower, its
-    depthwise convolutions' backward being the cost (docs/precision.md), so a CPU gets bf16 only
-    when asked for.
+    On both CPUs this project has run on, bf16 autocast made a training step slower (an Intel CPU
+    with AMX: 38 %; an AMD EPYC with AVX-512 BF16: 216 against 189 ms, docs/precision.md), its
+    depthwise convolutions' backward being the cost, so a CPU gets bf16 only when asked for.
     """
     if precision != "auto":
         return precision

@@ -1,4 +1,4 @@
-"""ONNX Runtime serving: an exported model file alone is a usable model, without PyTorch.
+"""Serving an exported model (ONNX Runtime; OpenVINO for bf16): the file alone is a usable model, without PyTorch.
 
 The graph (written by :func:`wbcid.export.export_onnx`) takes what :class:`~wbcid.models.WBCNet`
 takes, an RGB float batch in [0, 1] at the model's input size, and returns ``logits`` and
@@ -7,19 +7,18 @@ canonical crop, colour normalisation, class order) is the :class:`~wbcid.contrac
 stored as ONNX metadata under ``wbcid_config``.
 
 Precision: ONNX Runtime runs the graph in fp32. Where OpenVINO is installed and the CPU has bf16
-units (AVX-512 BF16 or AMX), the same file can run in bf16, about twice as fast
-(docs/serving.md). bf16 moves the logits by up to about 0.2 and the OOD score by up to about 10 %
-(docs/precision.md), so a cell whose two best classes are closer than :data:`RECHECK_MARGIN`, or
-whose OOD score is near the flag threshold (:data:`RECHECK_OOD`), is run again in fp32: labels and
-flags then agree with fp32 whatever the CPU, and both bands are properties of the arithmetic, not
-of any lab's cells.
+units (AVX-512 BF16 or AMX), the same file can run in bf16, the network 1.7-2.5x as fast on the
+two CPUs measured (docs/precision.md). bf16 moves the logits by up to about 0.2 and the OOD score
+by up to about 10 %, so a cell whose two best classes are closer than :data:`RECHECK_MARGIN`, or
+whose OOD score is near the flag threshold (:data:`RECHECK_OOD`), is run again in fp32: labels
+and flags then agree with fp32 whatever the CPU, and both bands are properties of the arithmetic,
+not of any lab's cells.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import threading
 
@@ -31,15 +30,14 @@ from .errors import WbcidError
 METADATA_KEY = "wbcid_config"
 OUTPUTS = ["logits", "ood_score"]
 # A bf16 result is recomputed in fp32 where its two best logits are closer than RECHECK_MARGIN or
-# its OOD score is within a factor exp(RECHECK_OOD) of the threshold (1): each 2.5x the largest
-# bf16-fp32 difference of the bundled model on 500 PBC training cells (logits 0.19, log OOD score
-# 0.10; benchmarks/precision.py).
+# its OOD score is within a factor exp(RECHECK_OOD) of the threshold (1): each about 2.5x the
+# largest bf16-fp32 difference of the bundled model on 500 PBC training cells (logits 0.19, log
+# OOD score 0.10; benchmarks/precision.py).
 RECHECK_MARGIN = 0.5
 RECHECK_OOD = 0.25
-# ``auto`` turns to bf16 from this many images: below it, OpenVINO's start-up (about 0.4 s) costs
-# more than bf16 saves (about 1 ms per image on one core; docs/serving.md).
+# ``auto`` turns to bf16 from this many images: below it, OpenVINO's start-up (about 0.4 s measured
+# here) costs more than bf16 saves (about 1 ms per image on one core).
 BF16_MIN_IMAGES = 512
-log = logging.getLogger("wbcid")
 
 
 def _threads(threads: int | None) -> int:
@@ -116,9 +114,10 @@ class OnnxModel:
         if METADATA_KEY not in meta:
             raise WbcidError(f"{path} was not exported by wbcid (no {METADATA_KEY} metadata)")
         self.config = ModelConfig.from_dict(json.loads(meta[METADATA_KEY]))
-        self.precision = choose_precision(precision, BF16_MIN_IMAGES)
+        self.precision = choose_precision(precision, BF16_MIN_IMAGES)  # a model alone: ``auto`` as for a big job
         self._bf16 = _openvino_bf16(path, threads) if self.precision == "bf16" else None
         self.rechecked = 0
+        self._counting = threading.Lock()  # count's fields call scores from several threads
 
     def scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits ``(n, 5)`` and OOD scores ``(n,)`` for a float NCHW batch in [0, 1]."""
@@ -132,7 +131,8 @@ class OnnxModel:
         close = (top2[:, 1] - top2[:, 0] < RECHECK_MARGIN) | near_threshold
         if close.any():
             logits[close], ood[close] = self._fp32(x[close])
-            self.rechecked += int(close.sum())
+            with self._counting:
+                self.rechecked += int(close.sum())
         return logits, ood
 
     def _fp32(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

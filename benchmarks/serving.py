@@ -7,8 +7,9 @@ in fp32, from 512 images on a CPU with bf16 units; see :mod:`wbcid.serving`), in
 never uses bf16 here): ``wbcid --help``, ``wbcid predict`` on 10 and on N PBC test images,
 ``wbcid count`` on the BCCD smear fields; and, to show where the time goes, the network alone and
 decoding alone. With ``--adapt-lab LAB`` (default lisc), the bundled model is first adapted to 10
-verified cells per class of that lab (``wbcid adapt``, timed as a whole command), and ``count`` is
-timed with the adapted run as served (its ``model.onnx``) and with its ``model.pt`` (PyTorch).
+verified cells per class of that lab (``wbcid adapt``, timed as a whole command); ``predict`` is
+timed with the adapted run (which averages 8 rotations and flips) in fp32 and as served by
+default, and ``count`` with the run as served (its ``model.onnx``) and with its ``model.pt``.
 Each command runs ``--repeats`` times, alternating the paths; the table gives the median and the
 range. Writes ``docs/serving.md`` and ``docs/serving.json``.
 
@@ -122,14 +123,21 @@ def main() -> None:
         verified = pd.DataFrame({"path": [str(cells.cells[i].path) for i in picked], "label": cells.labels[picked]})
         verified.assign(label=[CLASSES[i] for i in verified.label]).to_csv(tmp / "verified.csv", index=False)
         adapt_seconds = seconds(WBCID + ["adapt", "--data", str(tmp / "verified.csv"), "--out", str(run)])
-        tasks.append(
+        served, checkpoint = ["--model", str(run)], ["--model", str(run / "model.pt")]
+        tasks += [
+            (
+                f"`wbcid predict`, {len(files)} images, adapted to {args.adapt_lab}",
+                len(files),
+                {"run, fp32": [*served, *fp32], "run, auto (default)": served},
+                lambda model: ["predict", "--out", str(tmp / "p.csv"), *model, *files],
+            ),
             (
                 f"`wbcid count`, {n_fields} BCCD fields, adapted to {args.adapt_lab}",
                 n_fields,
-                {"run (its model.onnx)": ["--model", str(run)], "run's model.pt": ["--model", str(run / "model.pt")]},
+                {"run (its model.onnx)": served, "run's model.pt": checkpoint},
                 lambda model: ["count", str(fields), "--out", str(tmp / "count"), *model],
-            )
-        )
+            ),
+        ]
     for task, items, flags, build in tasks:
         variants = {name: build(flag) for name, flag in flags.items()}
         times = repeated({name: WBCID + cmd for name, cmd in variants.items()}, args.repeats)

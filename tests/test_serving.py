@@ -13,6 +13,7 @@ from wbcid.cli import app
 from wbcid.contract import BUNDLED_ONNX, flagged
 from wbcid.data import load_images, read_cells
 from wbcid.errors import WbcidError
+from wbcid.inference import predict_scores
 from wbcid.preprocess import Preprocess
 from wbcid.serving import RECHECK_MARGIN, RECHECK_OOD, OnnxModel, choose_precision
 
@@ -35,6 +36,23 @@ def test_bf16_labels_and_flags_agree_with_fp32_because_close_calls_are_rechecked
     assert (np.abs(np.log(ood16[~rechecked])) >= RECHECK_OOD).all()
     assert np.abs(logits16 - logits32).max() < RECHECK_MARGIN
     assert np.abs(np.log(ood16 / ood32)).max() < RECHECK_OOD
+
+
+def test_bf16_averages_over_rotations_and_flips_recheck_their_own_close_calls(data_root):
+    """Each view's bf16 error is small, but they add up in the average: its close calls are fp32's."""
+    if serving.bf16_missing():
+        pytest.skip(serving.bf16_missing())
+    fp32, bf16 = OnnxModel(BUNDLED_ONNX), OnnxModel(BUNDLED_ONNX, precision="bf16")
+    cells = read_cells(data_root / "cells.csv", ["bccd", "tecom"])
+    images, _ = load_images(cells.subset(range(0, len(cells), 3)), Preprocess.of(fp32.config))
+    logits32, ood32 = predict_scores(fp32, [images.numpy()], tta=True)
+    logits16, ood16 = predict_scores(bf16, [images.numpy()], tta=True)
+    np.testing.assert_array_equal(logits16.argmax(1), logits32.argmax(1))
+    np.testing.assert_array_equal(flagged(ood16), flagged(ood32))
+    top2 = np.sort(logits32, axis=1)[:, -2:]
+    close = top2[:, 1] - top2[:, 0] < RECHECK_MARGIN / 4  # close in bf16 too, whose logits move by < 0.2
+    assert close.any()
+    np.testing.assert_allclose(logits16[close], logits32[close], rtol=0, atol=1e-5)  # every view redone in fp32
 
 
 def test_precision_is_chosen_by_job_size_and_refused_clearly_where_missing(monkeypatch):

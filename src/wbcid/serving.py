@@ -125,15 +125,29 @@ class OnnxModel:
         if self._bf16 is None:
             return self._fp32(x)
         logits, ood = self._bf16(x)
-        top2 = np.partition(logits, -2, axis=1)[:, -2:]
-        with np.errstate(divide="ignore", invalid="ignore"):  # NaN (no scorer) is never near the threshold
-            near_threshold = np.abs(np.log(ood)) < RECHECK_OOD
-        close = (top2[:, 1] - top2[:, 0] < RECHECK_MARGIN) | near_threshold
+        close = self.needs_fp32(logits, ood)
         if close.any():
-            logits[close], ood[close] = self._fp32(x[close])
-            with self._counting:
-                self.rechecked += int(close.sum())
+            logits[close], ood[close] = self.fp32_scores(x[close])
         return logits, ood
+
+    def needs_fp32(self, logits: np.ndarray, ood: np.ndarray | None = None) -> np.ndarray:
+        """Which bf16 results lie too close to a decision to keep: the two best logits within
+        :data:`RECHECK_MARGIN`, or the OOD score within :data:`RECHECK_OOD` of the threshold (none in fp32)."""
+        if self._bf16 is None:
+            return np.zeros(len(logits), bool)
+        top2 = np.partition(logits, -2, axis=1)[:, -2:]
+        close = top2[:, 1] - top2[:, 0] < RECHECK_MARGIN
+        if ood is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):  # NaN (no scorer) is never near the threshold
+                close |= np.abs(np.log(ood)) < RECHECK_OOD
+        return close
+
+    def fp32_scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`scores` in fp32 (ONNX Runtime); on a bf16 model, counted in ``rechecked``."""
+        if self._bf16 is not None:
+            with self._counting:
+                self.rechecked += len(x)
+        return self._fp32(np.ascontiguousarray(x, dtype=np.float32))
 
     def _fp32(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, ood = self.session.run(OUTPUTS, {"image": x})

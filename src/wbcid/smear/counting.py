@@ -245,7 +245,8 @@ def count(
     specimen per subfolder (:mod:`wbcid.smear.specimens`): counts.json, ``specimens.csv`` and the
     report give each its differential. ``detector``: one of :data:`DETECTORS`. ``tta``: classify
     over rotations and flips (``None``: as the model's config says; adapted models do).
-    ``precision``: see :func:`wbcid.serving.choose_precision` (each field holds at least one cell).
+    ``precision``: ``auto`` is fp32 here: each field sends a few cells at a time, where OpenVINO's
+    cost per call outweighs bf16 (docs/serving.md: forced bf16 counted slower); ``bf16`` forces it.
     """
     from ..reports import write_count_report
 
@@ -269,7 +270,7 @@ def count(
         for specimen, members in groups.items()
     }
     specimen_of = {field: specimen for specimen, members in groups.items() for field in members}
-    model = resolve_model(model, precision=choose_precision(precision, len(fields)))
+    model = resolve_model(model, precision=choose_precision("fp32" if precision == "auto" else precision, len(fields)))
     tta = resolve_tta(model, tta)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
     settings = {"model": name, "scales": scales, "detector": detector, "tta": tta}

@@ -17,9 +17,11 @@ from wbcid.contract import ModelConfig
 from wbcid.data import CLASSES, load_images, read_cells, split_train_val
 from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
-from wbcid.inference import predict
+from wbcid.inference import agreement, predict
+from wbcid.loading import resolve_model
 from wbcid.models import create_model, load_checkpoint
 from wbcid.preprocess import Preprocess
+from wbcid.serving import OnnxModel
 from wbcid.train import TrainConfig, fit, resolve_precision, shard, train_one_epoch
 
 FAST = dict(model="efficientnet_lite0", input_size=96, epochs=3, batch_size=16, lr=3e-3)
@@ -31,6 +33,7 @@ def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
     run = fit(read_cells(pbc_small), tmp_path / "run", TrainConfig(**FAST, colour="macenko"))
     for name in (
         "model.pt",
+        "model.onnx",
         "last.pt",
         "config.json",
         "history.csv",
@@ -72,6 +75,9 @@ def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
     assert probs.sum(1) == pytest.approx(1, abs=1e-3)
     assert written.probability.to_numpy() == pytest.approx(probs.max(1), abs=1e-4)
     assert table.label.tolist() == written.label.tolist()
+    served = resolve_model(run)  # the run's own ONNX export, with the same preprocessing contract
+    assert isinstance(served, OnnxModel) and served.config == load_checkpoint(run).config
+    assert agreement(load_checkpoint(run), served, test_images[:16])["label_agreement"] == 1.0
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ Images are decoded once into memory (every epoch reads all of them), augmented p
 the run directory receives everything needed to use or continue the run:
 
 ``model.pt`` (best validation macro-F1), ``last.pt`` (resume point, written every epoch),
-``config.json``, ``history.csv``, ``history.png``, ``val/`` (metrics of the best model), ``report.md``.
+``model.onnx`` (the best model exported, what predict and count serve), ``config.json``,
+``history.csv``, ``history.png``, ``val/`` (metrics of the best model), ``report.md``.
 
 Every epoch seeds its own shuffling, augmentation and dropout from ``seed + epoch``, so a run
 resumed after an interruption ends with the same weights as one that never stopped.
@@ -35,7 +36,9 @@ from .contract import PRECISIONS, Freeze
 from .data import CLASSES, CellSet, load_images, split_train_val, try_decode
 from .errors import WbcidError
 from .evaluation import compute_metrics
+from .export import export_onnx
 from .inference import predict_scores
+from .loading import RUN_ONNX
 from .models import WBCNet, create_model, save_model
 from .preprocess import REFERENCE_SAMPLE, Preprocess, fit_stain_reference
 from .reports import plot_history, write_evaluation_report, write_run_report
@@ -371,10 +374,15 @@ def _finish_run(
     val_images: torch.Tensor,
     val_set: CellSet,
 ) -> None:
-    """Training statistics (adaptation, OOD), history, validation metrics of the best model, report."""
+    """Training statistics (adaptation, OOD), the ONNX export that serves the run, history,
+    validation metrics of the best model, report."""
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "history.png")
     best = record_training_statistics(out / "model.pt", train_images, train_set, val_images)  # OOD, AdaBN
+    try:
+        export_onnx(best, out / RUN_ONNX)  # what predict, evaluate and count serve (wbcid.loading.served_file)
+    except Exception as exc:  # torch.onnx raises many types; the run itself is complete without it
+        log.warning("could not export %s to ONNX (%s); the run is served by PyTorch", out, exc)
     val = compute_metrics(val_set.labels, predict_scores(best, val_images.split(128))[0].argmax(1))
     (out / "val").mkdir(exist_ok=True)
     _write_json(out / "val" / "metrics.json", val)

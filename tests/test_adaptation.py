@@ -143,7 +143,10 @@ def test_layer_group_statistics_can_be_added_to_a_model_saved_without_them(pbc_m
     saved = torch.load(pbc_model / "model.pt", weights_only=True)
     recorded_in_training = saved.pop("stage_statistics")
     torch.save(saved, tmp_path / "model.pt")
+    shutil.copy(pbc_model / "model.onnx", tmp_path / "model.onnx")
+    os.utime(tmp_path / "model.onnx", (0, 0))
     record_stage_statistics(tmp_path, read_cells(pbc_small).select(splits=["train"]))
+    assert isinstance(resolve_model(tmp_path), OnnxModel)  # exported again with it: not stale
     again = torch.load(tmp_path / "model.pt", weights_only=True)
     assert again.keys() == {*saved, "stage_statistics"} and again["config"] == saved["config"]
     assert all(torch.equal(v, again["state_dict"][k]) for k, v in saved["state_dict"].items())  # scorer included

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .data import CellSet, load_images
+from .export import export_onnx
+from .loading import RUN_ONNX
 from .models import WBCNet, load_checkpoint, save_model
 from .ood import MahalanobisScore, image_features, ood_groups, stage_statistics
 from .preprocess import Preprocess
@@ -49,12 +51,15 @@ def record_stage_statistics(model_path: str | os.PathLike, train_set: CellSet) -
 
 
 def _save_in_place(model: WBCNet, path: Path) -> WBCNet:
-    """Write ``model`` over the file it came from, in its precision and with its other records."""
+    """Write ``model`` over the file it came from, in its precision and with its other records, and
+    the run's ONNX export beside it again, if it has one (else that export would be stale)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     half = any(v.dtype == torch.float16 for v in saved["state_dict"].values())
     recorded = ("format", "config", "state_dict", "source_statistics", "stage_statistics")  # the model's own win
     extra = {k: v for k, v in saved.items() if k not in recorded}
     save_model(model, path, half=half, **extra)
+    if (path.parent / RUN_ONNX).is_file():
+        export_onnx(model, path.parent / RUN_ONNX)
     return model
 
 

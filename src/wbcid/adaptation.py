@@ -450,8 +450,8 @@ def adapt(
     Nothing is written to ``out_dir`` until the model is complete, so an interrupted adaptation
     leaves no half-written run that later commands would load.
     """
-    from .export import export_onnx
-    from .loading import RUN_ONNX, describe_model, resolve_model
+    from .export import export_run
+    from .loading import describe_model, resolve_model
     from .testtime import batchnorm_statistics
 
     started = time.perf_counter()
@@ -496,7 +496,7 @@ def adapt(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_model(adapted, partial / "model.pt")
-    export_onnx(adapted, partial / RUN_ONNX)  # what predict and count serve: 4x faster than PyTorch
+    export_run(adapted, partial)  # what predict and count serve: 4x faster than PyTorch
     pd.DataFrame({"path": [str(p) for p in cells.paths], "label": [CLASSES[i] for i in cells.labels]}).to_csv(
         partial / "labelled.csv", index=False
     )

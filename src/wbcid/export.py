@@ -7,14 +7,18 @@ config goes into the ONNX metadata, so the file alone is a usable model (see :mo
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from .errors import WbcidError
+from .loading import RUN_ONNX
 from .models import WBCNet
 from .serving import METADATA_KEY, OUTPUTS
+
+log = logging.getLogger("wbcid")
 
 
 class _Scores(torch.nn.Module):
@@ -55,3 +59,12 @@ def export_onnx(model: WBCNet, path: str | os.PathLike, opset: int = 18) -> Path
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(model.config.to_dict())})
     onnx.save(proto, path)
     return path
+
+
+def export_run(model: WBCNet, run: Path) -> None:
+    """Write a run directory's ``model.onnx``, what predict, evaluate and count serve it from
+    (:func:`wbcid.loading.served_file`). A failure only warns: the run is complete without it."""
+    try:
+        export_onnx(model, run / RUN_ONNX)
+    except Exception as exc:  # torch.onnx raises many types
+        log.warning("could not export %s to ONNX (%s); the run is served by PyTorch", run, exc)

@@ -36,9 +36,7 @@ from .contract import PRECISIONS, Freeze
 from .data import CLASSES, CellSet, load_images, split_train_val, try_decode
 from .errors import WbcidError
 from .evaluation import compute_metrics
-from .export import export_onnx
 from .inference import predict_scores
-from .loading import RUN_ONNX
 from .models import WBCNet, create_model, save_model
 from .preprocess import REFERENCE_SAMPLE, Preprocess, fit_stain_reference
 from .reports import plot_history, write_evaluation_report, write_run_report
@@ -378,11 +376,7 @@ def _finish_run(
     validation metrics of the best model, report."""
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "history.png")
-    best = record_training_statistics(out / "model.pt", train_images, train_set, val_images)  # OOD, AdaBN
-    try:
-        export_onnx(best, out / RUN_ONNX)  # what predict, evaluate and count serve (wbcid.loading.served_file)
-    except Exception as exc:  # torch.onnx raises many types; the run itself is complete without it
-        log.warning("could not export %s to ONNX (%s); the run is served by PyTorch", out, exc)
+    best = record_training_statistics(out / "model.pt", train_images, train_set, val_images)  # OOD, AdaBN, ONNX
     val = compute_metrics(val_set.labels, predict_scores(best, val_images.split(128))[0].argmax(1))
     (out / "val").mkdir(exist_ok=True)
     _write_json(out / "val" / "metrics.json", val)

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from .data import CellSet, load_images
-from .export import export_onnx
-from .loading import RUN_ONNX
+from .export import export_run
 from .models import WBCNet, load_checkpoint, save_model
 from .ood import MahalanobisScore, image_features, ood_groups, stage_statistics
 from .preprocess import Preprocess
@@ -51,15 +50,15 @@ def record_stage_statistics(model_path: str | os.PathLike, train_set: CellSet) -
 
 
 def _save_in_place(model: WBCNet, path: Path) -> WBCNet:
-    """Write ``model`` over the file it came from, in its precision and with its other records, and
-    the run's ONNX export beside it again, if it has one (else that export would be stale)."""
+    """Write ``model`` over the file it came from, in its precision and with its other records; a
+    run's ``model.pt`` also gets its ONNX export written (again: an older one would be stale)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     half = any(v.dtype == torch.float16 for v in saved["state_dict"].values())
     recorded = ("format", "config", "state_dict", "source_statistics", "stage_statistics")  # the model's own win
     extra = {k: v for k, v in saved.items() if k not in recorded}
     save_model(model, path, half=half, **extra)
-    if (path.parent / RUN_ONNX).is_file():
-        export_onnx(model, path.parent / RUN_ONNX)
+    if path.name == "model.pt":  # a run directory's checkpoint (the bundled file keeps its own export)
+        export_run(model, path.parent)
     return model
 
 

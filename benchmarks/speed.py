@@ -1,17 +1,24 @@
-"""End-to-end inference speed (files on disk -> CSV, model loading included) and training time.
+"""Training and inference speed on this machine, side by side in one run.
 
-All in one run on one machine, side by side: the bundled model in PyTorch and in ONNX Runtime,
-the original project's seed CNN and VGG16 transfer model (their speed does not depend on their
-weights, so untrained copies are timed when no trained ones exist), each at batch 1 and batched;
-plus one epoch of the default training recipe on PBC. Writes ``docs/speed.md``.
+Training (issue 14): the default ``wbcid train --data DATA/cells.csv --source pbc`` (``--precision
+auto``: on a CPU with bf16 units, the frozen layer groups run in bf16, see ``wbcid.train.autocast``)
+and the same command with ``--precision fp32``, each timed as a whole command (Python start-up,
+decoding, the end-of-run statistics and the ONNX export included), then each scored under the
+single-source protocol (``wbcid.benchmark.run_benchmark``: PBC test and the four other labs) and set
+beside the run-to-run spread of the default recipe in docs/generalization.md.
+
+Inference: end to end, image files on disk -> predictions CSV, model loading included
+(``wbcid.inference.predict``): the bundled model in PyTorch and in ONNX Runtime (fp32), the
+original project's seed CNN and VGG16 transfer model (their speed does not depend on their weights,
+so untrained copies are timed), each at batch 1 and batched. Serving in bf16 and int8 has its own
+pages: docs/serving.md and docs/precision.md. Writes ``docs/speed.md`` and ``docs/speed.json``.
 
     python benchmarks/speed.py [--data ../shared/data] [--images 2000] [--vgg-images 300]
 """
 
 from __future__ import annotations
 
-import os
-import platform
+import json
 import subprocess
 import sys
 import tempfile
@@ -19,22 +26,42 @@ import time
 from pathlib import Path
 
 import torch
-from common import parser, setup
+from common import cpu_description, parser, setup, write_results
 
+from wbcid.benchmark import IN_DOMAIN, run_benchmark
 from wbcid.contract import BUNDLED
 from wbcid.data import read_cells
 from wbcid.export import export_onnx
 from wbcid.inference import predict
 from wbcid.loading import resolve_model
 from wbcid.models import create_model, save_model
-from wbcid.train import TrainConfig, fit
+
+SEED_RUNS = ("domain+crop", "domain+crop@seed1", "domain+crop@seed2")  # the default recipe, three seeds
 
 
 def time_predict(model_path: Path, files: list[Path], batch_size: int, out: Path) -> float:
     """Images per second for ``wbcid predict`` (loading the model included)."""
     start = time.perf_counter()
-    predict(model_path, files, out / "predictions.csv", batch_size=batch_size)
+    predict(model_path, files, out / "predictions.csv", batch_size=batch_size, precision="fp32")
     return len(files) / (time.perf_counter() - start)
+
+
+def time_training(data: Path, out: Path, precision: str) -> dict:
+    """One whole ``wbcid train`` command on PBC, then the run scored under the single-source protocol."""
+    command = [sys.executable, "-m", "wbcid", "train", "--data", str(data / "cells.csv"), "--source", "pbc"]
+    start = time.perf_counter()
+    subprocess.run([*command, "--out", str(out / "run"), "--precision", precision], check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    scored = run_benchmark(data, out / "benchmark", model=out / "run")
+    config = json.loads((out / "run" / "config.json").read_text())["train"]
+    return {
+        "seconds": seconds,
+        "precision": config["precision"],
+        "epochs": len((out / "run" / "history.csv").read_text().splitlines()) - 1,
+        "pbc_test_macro_f1": scored["sources"][IN_DOMAIN]["macro_f1"],
+        "out_of_domain": {k: v["macro_f1"] for k, v in scored["sources"].items() if k != IN_DOMAIN},
+        "mean_out_of_domain_macro_f1": scored["mean_out_of_domain_macro_f1"],
+    }
 
 
 def main() -> None:
@@ -45,12 +72,14 @@ def main() -> None:
     args = options.parse_args()
     command = setup()
     tmp = Path(tempfile.mkdtemp())
-    cells = read_cells(args.data, ["pbc"])
-    files = cells.select(splits=["test"]).paths[: args.images]
+    training = {p: time_training(args.data, tmp / p, p) for p in ("auto", "fp32")}
+    spread = [
+        json.loads((Path("docs/generalization") / f"{name}.json").read_text())["mean_out_of_domain_macro_f1"]
+        for name in SEED_RUNS
+    ]
 
-    start = time.perf_counter()
+    files = read_cells(args.data, ["pbc"]).select(splits=["test"]).paths[: args.images]
     onnx_path = export_onnx(resolve_model(BUNDLED), tmp / "bundled.onnx")
-    export_seconds = time.perf_counter() - start
     candidates = {
         "bundled model, PyTorch": (BUNDLED, files),
         "bundled model, ONNX Runtime": (onnx_path, files),
@@ -60,47 +89,76 @@ def main() -> None:
             files[: args.vgg_images],
         ),
     }
-    rows = {
+    rates = {
         name: {b: time_predict(path, subset, b, tmp) for b in (1, 64)} for name, (path, subset) in candidates.items()
     }
-    start = time.perf_counter()  # the command a user types, Python start-up and imports included
-    subprocess.run(
-        [sys.executable, "-m", "wbcid", "predict", "--out", str(tmp / "cli.csv"), *map(str, files)],
-        check=True,
-        capture_output=True,
+    write_results(
+        args.doc.with_suffix(""),
+        {"cpu": cpu_description(), "training": training, "seed_spread": spread, "inference": rates},
+        page(training, spread, rates, candidates, len(files), args.vgg_images, command),
     )
-    cli_rate = len(files) / (time.perf_counter() - start)
-
-    start = time.perf_counter()
-    fit(cells, tmp / "train", TrainConfig(epochs=1))
-    epoch_minutes = (time.perf_counter() - start) / 60
-    ratio = rows["bundled model, ONNX Runtime"][64] / rows["vgg16 (original transfer model)"][64]
-
-    lines = [
-        "# Speed",
-        f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads. End to end: image files on disk -> "
-        "predictions CSV, model loading included (`wbcid.inference.predict`, what `wbcid predict` runs). "
-        f"{len(files)} PBC test images ({args.vgg_images} for VGG16, whose rate is the same per image).",
-        "| model | input | images/s, batch 1 | images/s, batch 64 |",
-    ]
-    lines[-1] += "\n|---|---:|---:|---:|"
-    for name, (path, _) in candidates.items():
-        config = resolve_model(path).config
-        size = f"{config.input_size} px" + (" + canonical crop" if config.crop else "")
-        lines[-1] += f"\n| {name} | {size} | {rows[name][1]:.1f} | {rows[name][64]:.1f} |"
-    lines += [
-        f"`wbcid predict --out FILE.csv` on the same {len(files)} files with the bundled model (what it serves: "
-        f"ONNX Runtime, batch 64), timed as a whole command including Python start-up: {cli_rate:.1f} images/s.",
-        f"Bundled model (ONNX Runtime, batch 64) vs the original VGG16 transfer model: {ratio:.1f}x faster.",
-        f"ONNX export of the bundled model: {export_seconds:.0f} s. One epoch of the default training recipe "
-        f"on PBC ({sum(cells.select(splits=['train']).class_counts().values())} images; decoding, "
-        f"validation and the end-of-run steps included): {epoch_minutes:.1f} min (`TrainConfig(epochs=1)`, "
-        "written to a temporary folder).",
-        f"Produced by:\n\n```\n{command}\n```",
-    ]
-    args.doc.write_text("\n\n".join(lines) + "\n")
     print(args.doc.read_text())
+
+
+def page(
+    training: dict, spread: list[float], rates: dict, candidates: dict, images: int, vgg_images: int, command: str
+) -> str:
+    auto, fp32 = training["auto"], training["fp32"]
+    rows = "\n".join(
+        f"| `--precision {name}` ({run['precision']}) | {run['seconds']:.0f} s ({run['seconds'] / 60:.1f} min) | "
+        f"{run['epochs']} | {run['pbc_test_macro_f1']:.4f} | "
+        + " | ".join(f"{v:.3f}" for v in run["out_of_domain"].values())
+        + f" | {run['mean_out_of_domain_macro_f1']:.3f} |"
+        for name, run in training.items()
+    )
+    labs = " | ".join(auto["out_of_domain"])
+    models = "\n".join(
+        f"| {name} | {resolve_model(path).config.input_size} px"
+        f"{' + canonical crop' if resolve_model(path).config.crop else ''} | {rates[name][1]:.1f} | {rates[name][64]:.1f} |"
+        for name, (path, _) in candidates.items()
+    )
+    vgg = rates["bundled model, ONNX Runtime"][64] / rates["vgg16 (original transfer model)"][64]
+    return f"""# Speed
+
+CPU: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads. Everything on
+this page ran in one run, one thing at a time, nothing else running.
+
+## Training
+
+The default recipe on PBC (`wbcid train --data DATA/cells.csv --source pbc`), each timed as a whole
+command (start-up, decoding, six epochs at most, the end-of-run statistics and the ONNX export), then
+scored under the single-source protocol (macro-F1 over the classes present; the four other labs
+whole, served as `wbcid evaluate` serves them). `auto` runs the frozen layer groups in bf16 on a CPU
+with bf16 units (fp32 elsewhere); the trained layers stay fp32 on a CPU (slower in bf16 here,
+docs/precision.md).
+
+| command | time | epochs | PBC test | {labs} | mean out-of-domain |
+|---|---:|---:|---:|{"---:|" * len(auto["out_of_domain"])}---:|
+{rows}
+
+Default against fp32: {auto["seconds"] / fp32["seconds"]:.2f} of its time. Run-to-run spread of the
+default recipe's mean out-of-domain macro-F1 over three training seeds (docs/generalization.md):
+{min(spread):.3f}-{max(spread):.3f}.
+
+## Inference, the bundled model against the original project's
+
+End to end: image files on disk -> predictions CSV, model loading included (`wbcid.inference.predict`,
+what `wbcid predict` runs, here in fp32), {images} PBC test images ({vgg_images} for VGG16, whose rate
+is the same per image). Whole commands with bf16 serving: docs/serving.md; int8 and bf16 against
+fp32: docs/precision.md.
+
+| model | input | images/s, batch 1 | images/s, batch 64 |
+|---|---:|---:|---:|
+{models}
+
+Bundled model (ONNX Runtime, batch 64) vs the original VGG16 transfer model: {vgg:.1f}x faster.
+
+Produced by:
+
+```
+{command}
+```
+"""
 
 
 if __name__ == "__main__":

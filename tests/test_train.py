@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -22,7 +23,7 @@ from wbcid.loading import resolve_model
 from wbcid.models import create_model, load_checkpoint
 from wbcid.preprocess import Preprocess
 from wbcid.serving import OnnxModel
-from wbcid.train import TrainConfig, fit, resolve_precision, shard, train_one_epoch
+from wbcid.train import FrozenPrefix, TrainConfig, cpu_has_bf16, fit, resolve_precision, shard, train_one_epoch
 
 FAST = dict(model="efficientnet_lite0", input_size=96, epochs=3, batch_size=16, lr=3e-3)
 
@@ -48,7 +49,7 @@ def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["input_size"] == 96 and config["model"]["classes"] == list(CLASSES)
     assert config["train"]["data"]["train"] == {c: 24 for c in CLASSES}  # the manifest's own split
-    assert config["train"]["precision"] == "fp32"  # what "auto" chose on a CPU, recorded
+    assert config["train"]["precision"] == ("bf16" if cpu_has_bf16() else "fp32")  # what "auto" chose, recorded
     assert Preprocess.of(load_checkpoint(run).config) == Preprocess.of(ModelConfig.from_dict(config["model"]))
     assert (
         Preprocess.of(ModelConfig.from_dict(config["model"])).colour == "macenko" and config["model"]["stain_reference"]
@@ -58,7 +59,7 @@ def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"n", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix", "labels"} <= set(saved)
     assert saved["n"] == 40 and sum(map(sum, saved["confusion_matrix"])) == 40
-    assert metrics["accuracy"] > 0.5  # chance is 0.2; 120 training images suffice for ImageNet features
+    assert metrics["accuracy"] >= 0.4  # twice chance: 3 epochs on 120 images scored 0.50-0.78 (issue 14's note)
     assert (tmp_path / "eval" / "report.md").read_text().startswith("# Evaluation")
 
     test_images = [c.path for c in read_cells(pbc_small, splits=["test"]).cells]
@@ -216,13 +217,13 @@ def test_bad_options_stop_before_any_work_and_the_config_is_not_changed(pbc_smal
     assert config.data == {} and config.epochs == 1
 
 
-def _plain_epoch(net, model, batches, images, labels, precision: str = "fp32") -> torch.Tensor:
+def _plain_epoch(net, model, batches, images, labels) -> torch.Tensor:
     """``train_one_epoch`` without augmentation, with AdamW at a constant rate on ``model``'s weights
     (``net`` may wrap it for data parallelism)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss_fn = nn.CrossEntropyLoss()
-    return train_one_epoch(net, batches, images, labels, nn.Identity(), loss_fn, optimizer, scheduler, precision)
+    return train_one_epoch(net, batches, images, labels, nn.Identity(), loss_fn, optimizer, scheduler)
 
 
 def _steps(rank: int, world: int, port: int, batch: int, images, labels, order, state: dict, out: str) -> None:
@@ -262,20 +263,37 @@ def test_data_parallel_steps_equal_one_process_on_the_same_global_batch(pbc_smal
     assert sum(len(b) for b in shard(order, 4, 0, 2)) + sum(len(b) for b in shard(order, 4, 1, 2)) == 30
 
 
-def test_bf16_runs_the_forward_pass_in_bf16_and_auto_keeps_a_cpu_in_fp32():
-    """Issue 14: the precision is chosen per device and can be forced; weights and loss stay fp32."""
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    images = torch.randint(0, 256, (16, 3, 50, 50), dtype=torch.uint8)
+def test_bf16_runs_the_frozen_layers_in_bf16_and_the_trained_ones_in_fp32_on_a_cpu():
+    """Issue 14: the precision is chosen per device and can be forced; on a CPU bf16 is for the frozen
+    layer groups, which get no gradients and keep their weights and batch-norm statistics."""
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"  # nothing frozen to run: adaptation's cached prefix
+    assert resolve_precision("auto", cpu, cpu_bf16=True) == ("bf16" if cpu_has_bf16() else "fp32")
+    assert resolve_precision("bf16", cpu) == resolve_precision("bf16", cpu, cpu_bf16=True) == "bf16"
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     labels = torch.arange(16) % len(CLASSES)
-    head_dtype = {}
+    dtypes = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        net = create_model("seed-cnn")
-        net.head.register_forward_hook(lambda module, args, out, p=precision: head_dtype.__setitem__(p, out.dtype))
-        totals = _plain_epoch(net, net, [torch.arange(16)], images, labels, precision)
+        model = create_model("efficientnet_lite0", pretrained=False)  # its first 4 layer groups frozen
+        step = FrozenPrefix(model, precision)
+        x = images.float() / 255
+        torch.testing.assert_close(step.eval()(x), model(x), rtol=0.05 if precision == "bf16" else 1e-6, atol=0.02)
+        before = copy.deepcopy(model.state_dict())
+        step.frozen.register_forward_hook(lambda m, a, out, p=precision: dtypes.__setitem__(("frozen", p), out.dtype))
+        model.head.register_forward_hook(lambda m, a, out, p=precision: dtypes.__setitem__(("head", p), out.dtype))
+        totals = _plain_epoch(step, model, [torch.arange(16)], images, labels)
         assert torch.isfinite(totals).all() and totals[2] == 16
-        assert all(p.dtype == torch.float32 for p in net.parameters())
-    assert head_dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}
+        after = model.state_dict()
+        assert all(v.dtype == before[k].dtype for k, v in after.items())
+        frozen_keys = [k for k in before if k.startswith(("backbone.conv_stem", "backbone.bn1", "backbone.blocks.0."))]
+        assert frozen_keys and all(torch.equal(before[k], after[k]) for k in frozen_keys)  # weights and BN statistics
+        assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
+    assert dtypes == {
+        ("frozen", "fp32"): torch.float32,
+        ("frozen", "bf16"): torch.bfloat16,
+        ("head", "fp32"): torch.float32,
+        ("head", "bf16"): torch.float32,
+    }
     with pytest.raises(WbcidError, match="precision"):
         TrainConfig(precision="fp16")

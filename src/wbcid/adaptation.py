@@ -79,7 +79,7 @@ class AdaptConfig:
     replay_views: int = 2
     augment: str = "domain"
     cross_fit: bool = True  # calibrate the new lab's flag threshold on cells a half-model was not tuned on
-    precision: str = "auto"  # auto, fp32 or bf16 (autocast), as in training (wbcid.train.resolve_precision)
+    precision: str = "auto"  # fp32 or bf16 as in training (wbcid.train.autocast); auto: fp32 on a CPU (little to gain)
     tta: bool = True  # the adapted model predicts over rotations and flips by default (+0.010 macro-F1, 40 draws)
     seed: int = 0
 
@@ -152,17 +152,21 @@ def prefix_views(
     views: int,
     augment: nn.Module | None = None,
     taps: tuple[int, ...] = (),
+    precision: str = "fp32",
     batch_size: int = 128,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Prefix outputs of ``views`` versions of each uint8 image (as it is, then augmented; view-major),
-    and the pooled outputs of the layer groups ``taps`` (numbered as in :meth:`WBCNet.split`)."""
+    and the pooled outputs of the layer groups ``taps`` (numbered as in :meth:`WBCNet.split`), in
+    fp32; computed in bf16 under ``precision="bf16"`` (the prefix is frozen: see :func:`autocast`)."""
     prefix.eval()
     parts = []
     for view in range(views):
         for batch in images.split(batch_size):
             x = as_input(batch)
             x = augment(x).contiguous(memory_format=torch.channels_last) if view else x
-            parts.append(run_tapped(prefix, x, taps))
+            with autocast(precision, x.device, trained=False):
+                out, tapped = run_tapped(prefix, x, taps)
+            parts.append((out.float(), [t.float() for t in tapped]))
     if not parts:
         return torch.empty(0), [torch.empty(0) for _ in taps]
     return cat_tapped(parts)
@@ -182,8 +186,9 @@ def make_replay(
     prefix, _ = model.split(config.trainable_groups)
     augment = train_augmentation(config.augment)
     taps = stage_taps(model, config.trainable_groups)
-    acts, tapped = prefix_views(prefix, images, config.replay_views, augment, taps)
-    calibration_acts, calibration_tapped = prefix_views(prefix, calibration, 1, augment, taps)
+    precision = resolve_precision(config.precision, torch.device("cpu"))
+    acts, tapped = prefix_views(prefix, images, config.replay_views, augment, taps, precision)
+    calibration_acts, calibration_tapped = prefix_views(prefix, calibration, 1, augment, taps, precision)
     return Replay(
         acts,
         tapped,
@@ -321,7 +326,10 @@ def _fine_tune(
         model.stage_statistics = {t: s for t, s in (model.stage_statistics or {}).items() if t < cut} or None
     augment = train_augmentation(config.augment)
     taps = stage_taps(model, config.trainable_groups) if replay is not None else ()
-    acts, tapped = cat_tapped([prefix_views(prefix, images, views, augment, taps) for images, _, views in parts])
+    precision = resolve_precision(config.precision, torch.device("cpu"))
+    acts, tapped = cat_tapped(
+        [prefix_views(prefix, images, views, augment, taps, precision) for images, _, views in parts]
+    )
     labels = torch.from_numpy(np.concatenate([np.tile(y, views) for _, y, views in parts]))
     trainable = [*suffix.parameters(), *model.head.parameters()]
     for p in model.parameters():
@@ -337,7 +345,6 @@ def _fine_tune(
     suffix.train()
     model.head.train()
     device = acts.device
-    precision = resolve_precision(config.precision, device)
     for _ in range(config.steps):
         picks = torch.randint(len(by_class), (new_share,))
         idx = torch.stack([by_class[c][torch.randint(len(by_class[c]), ())] for c in picks.tolist()])

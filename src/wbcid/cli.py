@@ -41,8 +41,9 @@ FrozenBn = Annotated[bool, typer.Option(help="Keep ImageNet batch-norm statistic
 Precision = Annotated[
     str,
     typer.Option(
-        help="Forward pass in fp32 or bf16 (autocast); auto: bf16 on a GPU that supports it, fp32 on a CPU "
-        "(bf16 was slower on the CPU measured, see docs/precision.md). The run records what was used."
+        help="fp32 or bf16: the frozen layers (no gradients) in bf16, and on a GPU the trained ones too (a CPU "
+        "keeps those in fp32: slower in bf16, docs/precision.md); auto: bf16 on a GPU that supports it and, "
+        "for train, on a CPU with bf16 units, else fp32. The run records what was used."
     ),
 ]
 ServePrecision = Annotated[

@@ -16,7 +16,7 @@ from .contract import flagged
 from .data import CLASSES, image_batches, list_images
 from .errors import WbcidError
 from .loading import Model, resolve_model
-from .preprocess import Preprocess, as_input
+from .preprocess import TORCH_BATCH, Preprocess, as_input
 from .serving import OnnxModel, choose_precision
 
 if TYPE_CHECKING:
@@ -78,8 +78,9 @@ def _torch_runner(model: WBCNet) -> Callable[[np.ndarray], tuple[np.ndarray, np.
 
     def run(batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            logits, ood = model.scores(as_input(torch.as_tensor(batch), device))
-        return logits.float().cpu().numpy(), ood.float().cpu().numpy()
+            parts = [model.scores(as_input(b, device)) for b in torch.as_tensor(batch).split(TORCH_BATCH)]
+        logits, ood = (torch.cat(outputs).float().cpu().numpy() for outputs in zip(*parts))
+        return logits, ood
 
     return run
 

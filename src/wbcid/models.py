@@ -147,6 +147,10 @@ class WBCNet(nn.Module):
         cut = len(units) - trainable_groups
         return nn.Sequential(normalise, *units[:cut]), nn.Sequential(*units[cut:], *tail)
 
+    def split_frozen(self) -> tuple[nn.Module, nn.Module]:
+        """:meth:`split` where the frozen layer groups end: training need not differentiate the prefix."""
+        return self.split(self.group_count - self._frozen_groups)
+
     @property
     def group_count(self) -> int:
         """How many layer groups :meth:`split` cuts between (raises where it cannot split the backbone)."""
@@ -186,6 +190,7 @@ class WBCNet(nn.Module):
         else:
             raise WbcidError(f"freeze must be 'none', 'backbone' or a number of layer groups, not {freeze!r}")
         self._frozen = [m for group in groups[:count] for m in group]
+        self._frozen_groups = count
         for p in self.parameters():
             p.requires_grad_(True)
         for module in self._frozen:

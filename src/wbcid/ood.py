@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import WbcidError
-from .preprocess import as_input
+from .preprocess import TORCH_BATCH, as_input
 
 if TYPE_CHECKING:
     from .data import CellSet
@@ -189,7 +189,7 @@ def ood_groups(cells: CellSet, min_cells: int = MIN_GROUP) -> np.ndarray:
 
 
 @torch.inference_mode()
-def image_features(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+def image_features(model: nn.Module, images: torch.Tensor, batch_size: int = TORCH_BATCH) -> torch.Tensor:
     """Penultimate features of uint8 NCHW images (what the OOD scorer works on)."""
     model.eval()
     return torch.cat([model.features(as_input(b)) for b in images.split(batch_size)])
@@ -197,7 +197,7 @@ def image_features(model: nn.Module, images: torch.Tensor, batch_size: int = 128
 
 @torch.inference_mode()
 def tapped_image_features(
-    model: WBCNet, images: torch.Tensor, taps: Sequence[int], batch_size: int = 128
+    model: WBCNet, images: torch.Tensor, taps: Sequence[int], batch_size: int = TORCH_BATCH
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`image_features` and, from the same pass, the pooled outputs of the layer groups ``taps``."""
     model.eval()

@@ -67,7 +67,7 @@ class TrainConfig:
     crop: bool = True  # cell-centred canonical crop (wbcid.crop), at training and inference
     colour: str = "none"  # colour normalisation at training and inference: see wbcid.preprocess
     frozen_bn: bool = False  # keep every batch-norm layer's ImageNet statistics while fine-tuning
-    precision: str = "auto"  # auto, fp32 or bf16 (autocast); the run records what auto chose
+    precision: str = "auto"  # auto, fp32 or bf16 (see autocast); the run records what auto chose
     seed: int = 0
     data: dict = field(default_factory=dict)  # provenance, filled in by fit()
 
@@ -94,21 +94,53 @@ def precision_problems(precision: str) -> list[str]:
     return [] if precision in PRECISIONS else [f"precision={precision!r} (one of {', '.join(PRECISIONS)})"]
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """What ``auto`` means on ``device``: bf16 on a GPU that supports it, else fp32.
-
-    On both CPUs this project has run on, bf16 autocast made a training step slower (an Intel CPU
-    with AMX: 38 %; an AMD EPYC with AVX-512 BF16: 216 against 189 ms, docs/precision.md), its
-    depthwise convolutions' backward being the cost, so a CPU gets bf16 only when asked for.
+def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = False) -> str:
+    """What ``auto`` means on ``device``: bf16 on a GPU that supports it; on a CPU, bf16 only where
+    the caller has frozen layers to run in it (``cpu_bf16``: training, whose frozen layer groups see
+    new augmented images every step) and the CPU has bf16 units, else fp32. See :func:`autocast`.
     """
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_bf16 and cpu_has_bf16() else "fp32"
 
 
-def autocast(precision: str, device: torch.device) -> torch.autocast:
-    """The forward pass's autocast context for a resolved ``precision`` (a no-op for fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slower."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def autocast(precision: str, device: torch.device, trained: bool = True) -> torch.autocast:
+    """The autocast context for a resolved ``precision``: bf16 for layers without gradients
+    (``trained=False``), and for trained layers on a GPU only. On both CPUs this project has run
+    on, bf16 made the trained layers' step slower (their depthwise convolutions' backward; an AMD
+    EPYC with AVX-512 BF16: 216 against 189 ms for the whole step in bf16), while the frozen
+    layers' forward pass ran 3x faster (docs/precision.md)."""
+    enabled = precision == "bf16" and (not trained or device.type != "cpu")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+class FrozenPrefix(nn.Module):
+    """``model`` as a training step runs it: the frozen layer groups without gradients (and in bf16
+    under ``precision="bf16"``), the rest with them. Weights and buffers are ``model``'s own, and
+    ``train()`` is ``model``'s, so its frozen layers keep their batch-norm statistics."""
+
+    def __init__(self, model: WBCNet, precision: str):
+        super().__init__()
+        self.model, self.precision = model, precision
+        self.frozen, self.trained = model.split_frozen()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(self.precision, x.device, trained=False):
+            x = self.frozen(x)
+        with autocast(self.precision, x.device):
+            return self.model.head(self.trained(x.float()))
+
+    def train(self, mode: bool = True) -> FrozenPrefix:
+        self.training = mode
+        self.model.train(mode)
+        return self
 
 
 def check_classes(train: CellSet) -> None:
@@ -150,7 +182,7 @@ def fit(
     prep = Preprocess.of(model.config)
     train_images, train_set = load_images(train_set, prep, "decoding train images")
     val_images, val_set = load_images(val_set, prep, "decoding validation images")
-    config.precision = resolve_precision(config.precision, device)
+    config.precision = resolve_precision(config.precision, device, cpu_bf16=True)
     config.data = {
         "origin": cells.origin,
         "train": train_set.class_counts(),
@@ -168,7 +200,8 @@ def fit(
     )
 
     model = model.to(device, memory_format=torch.channels_last)
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    step_model = FrozenPrefix(model, config.precision)
+    net = nn.parallel.DistributedDataParallel(step_model) if world > 1 else step_model
     steps = len(shard(torch.arange(len(train_set)), config.batch_size, rank, world))
     optimizer, scheduler = _optimiser(model, config, steps_per_epoch=steps)
     weights = _class_weights(train_set.labels).to(device) if config.balanced else None
@@ -191,9 +224,7 @@ def fit(
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed + epoch))
         batches = shard(order, config.batch_size, rank, world)
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if writer else True)
-        totals = train_one_epoch(
-            net, bar, train_images, labels, augment, loss_fn, optimizer, scheduler, config.precision
-        )
+        totals = train_one_epoch(net, bar, train_images, labels, augment, loss_fn, optimizer, scheduler)
         if world > 1:
             torch.distributed.all_reduce(totals)
         record = {
@@ -283,19 +314,17 @@ def train_one_epoch(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    precision: str = "fp32",
 ) -> torch.Tensor:
     """One pass over ``batches`` (index tensors into the uint8 ``images``); returns
-    (loss sum, correct, seen) as float64 so processes can add them up. ``precision`` (resolved,
-    see :func:`resolve_precision`) is the forward pass's; weights and the loss stay fp32."""
+    (loss sum, correct, seen) as float64 so processes can add them up. ``net`` chooses its own
+    arithmetic (:class:`FrozenPrefix`); the loss is computed in fp32."""
     net.train()
     device = labels.device
     totals = torch.zeros(3, dtype=torch.float64)
     for idx in batches:
         with torch.no_grad():
             x = augment(images[idx].to(device).float() / 255).contiguous(memory_format=torch.channels_last)
-        with autocast(precision, device):
-            logits = net(x)
+        logits = net(x)
         loss = loss_fn(logits.float(), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -188,7 +188,7 @@ def run_curve(base, config: AdaptConfig, data: dict, labs: dict, args) -> list[d
                     rows.append(_with_tta(row, model, lab_images[rest], lab_cells.labels[rest]))
                     print(json.dumps(row), flush=True)
         if args.unlabelled:  # zero-shot AdaBN (test-time adaptation on the lab's images), for comparison
-            adabn = adapt_batchnorm(base, lab_images.split(128))
+            adabn = adapt_batchnorm(base, lab_images)
             logits, ood = map(torch.from_numpy, predict_scores(adabn, lab_images.split(128)))
             rows.append(
                 {

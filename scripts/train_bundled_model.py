@@ -6,9 +6,11 @@ PBC's test split and each other source split 85/15 into train/val). The fp16 cop
 their agreement with the fp32 model and the training data's composition go to
 ``docs/bundled_model.json`` (quoted by the model card). ``--skip-training`` redoes only the
 training statistics (batch-norm, OOD scorer), the export and the checks from an existing run.
-``--stage-statistics-only`` records in the shipped file only the layer groups' statistics that
-``wbcid adapt`` scores (:func:`wbcid.training_statistics.record_stage_statistics`), for a model
-shipped before training recorded them; its weights, scorer and ONNX export stay as they are.
+``--statistics-only`` (formerly ``--stage-statistics-only``) records again in the shipped file only
+the training cells' statistics that change none of its outputs, the batch-norm statistics (AdaBN)
+and the layer groups' that ``wbcid adapt`` scores
+(:func:`wbcid.training_statistics.record_data_statistics`), for a model shipped before training
+recorded them as it does now; its weights, scorer and ONNX export stay as they are.
 
     python scripts/train_bundled_model.py [--data ../shared/data] [--run runs/bundled]
 """
@@ -30,7 +32,7 @@ from wbcid.inference import agreement
 from wbcid.loading import resolve_model
 from wbcid.models import load_checkpoint, save_model
 from wbcid.train import TrainConfig, fit
-from wbcid.training_statistics import record_stage_statistics, refit_training_statistics
+from wbcid.training_statistics import record_data_statistics, refit_training_statistics
 
 
 def main() -> None:
@@ -40,17 +42,18 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=Path("docs/bundled_model.json"))
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument(
+        "--statistics-only",
         "--stage-statistics-only",
         action="store_true",
-        help="only record the layer groups' statistics (for adaptation) in the shipped model; nothing else changes",
+        help="only record the batch-norm and layer groups' statistics in the shipped model; nothing else changes",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     cells = read_cells(args.data)
     pool = training_pool(cells)
-    if args.stage_statistics_only:
-        record_stage_statistics(BUNDLED, pool.select(splits=["train"]))
+    if args.statistics_only:
+        record_data_statistics(BUNDLED, pool.select(splits=["train"]))
         return
     config = TrainConfig()
     report = json.loads(args.report.read_text()) if args.skip_training else {}

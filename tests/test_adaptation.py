@@ -136,24 +136,26 @@ def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(p
     assert not np.allclose(predict(penultimate_only, paths, tta=False).ood_score.to_numpy(), torch_scores, rtol=0.05)
 
 
-def test_layer_group_statistics_can_be_added_to_a_model_saved_without_them(pbc_model: Path, pbc_small, tmp_path):
-    """What scripts/train_bundled_model.py --stage-statistics-only did to the bundled model."""
-    from wbcid.training_statistics import record_stage_statistics
+def test_data_statistics_can_be_recorded_again_for_a_model_saved_without_them(pbc_model: Path, pbc_small, tmp_path):
+    """What scripts/train_bundled_model.py --statistics-only does to the bundled model: the batch-norm
+    and layer groups' statistics as training records them, and nothing else changed."""
+    from wbcid.training_statistics import record_data_statistics
 
     saved = torch.load(pbc_model / "model.pt", weights_only=True)
-    recorded_in_training = saved.pop("stage_statistics")
+    recorded_in_training = {k: saved.pop(k) for k in ("stage_statistics", "source_statistics")}
     torch.save(saved, tmp_path / "model.pt")
     shutil.copy(pbc_model / "model.onnx", tmp_path / "model.onnx")
     os.utime(tmp_path / "model.onnx", (0, 0))
-    record_stage_statistics(tmp_path, read_cells(pbc_small).select(splits=["train"]))
+    record_data_statistics(tmp_path, read_cells(pbc_small).select(splits=["train"]))
     assert isinstance(resolve_model(tmp_path), OnnxModel)  # exported again with it: not stale
     again = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert again.keys() == {*saved, "stage_statistics"} and again["config"] == saved["config"]
+    assert again.keys() == {*saved, *recorded_in_training} and again["config"] == saved["config"]
     assert all(torch.equal(v, again["state_dict"][k]) for k, v in saved["state_dict"].items())  # scorer included
-    assert again["stage_statistics"].keys() == recorded_in_training.keys()
-    for tap, (means, covariance) in recorded_in_training.items():
-        torch.testing.assert_close(again["stage_statistics"][tap][0], means, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(again["stage_statistics"][tap][1], covariance, rtol=1e-3, atol=1e-5)
+    for key, statistics in recorded_in_training.items():
+        assert again[key].keys() == statistics.keys()
+        for name, (means, spread) in statistics.items():
+            torch.testing.assert_close(again[key][name][0], means, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(again[key][name][1], spread, rtol=1e-3, atol=1e-5)
 
 
 def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(

@@ -127,7 +127,7 @@ def test_adabn_only_changes_normalisation_statistics(pbc_cells):
     model = create_model("efficientnet_lite0", input_size=64).eval()
     images = torch.stack([to_tensor(np.asarray(c.resize((64, 64)))) for c in pbc_cells])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    adapted = adapt_batchnorm(model, [images[:5], images[5:]])
+    adapted = adapt_batchnorm(model, images)
     for key, value in model.state_dict().items():  # the original model is untouched
         torch.testing.assert_close(value, before[key])
     for name, param in adapted.named_parameters():  # learned weights are unchanged
@@ -138,6 +138,21 @@ def test_adabn_only_changes_normalisation_statistics(pbc_cells):
     assert not adapted.training and not torch.allclose(
         adapted.backbone.bn1.running_mean, model.backbone.bn1.running_mean
     )
+
+
+def test_batchnorm_statistics_do_not_depend_on_files_being_sorted(pbc_cells):
+    """Files sorted by lab (or class) must not give batches of one group: their statistics would be
+    the within-group ones, and an evaluation's file order would leak into AdaBN."""
+    model = create_model("efficientnet_lite0", input_size=64).eval()
+    images = torch.stack([to_tensor(np.asarray(c.resize((64, 64)))) for c in pbc_cells])
+    two_labs = torch.cat([images, images.flip(1)])  # sorted: the first lab's 10 files, then the second's
+    with torch.no_grad():
+        stem = model.backbone.conv_stem(((two_labs.float() / 255) - model.mean) / model.std)
+    overall = stem.var((0, 2, 3))
+    per_lab = (stem[:10].var((0, 2, 3)) + stem[10:].var((0, 2, 3))) / 2  # what batches of one lab record
+    recorded = batchnorm_statistics(model, two_labs, batch_size=10)["backbone.bn1"][1]
+    assert (per_lab / overall).min() < 0.5  # the two orders differ a lot on some channels
+    torch.testing.assert_close(recorded, overall, rtol=0.1, atol=1e-6)
 
 
 def test_tta_is_invariant_to_rotating_the_input():
@@ -177,10 +192,10 @@ def test_source_aware_adabn_is_the_identity_on_the_training_lab(pbc_cells):
     """With the training lab's statistics recorded, adapting to that same lab changes nothing."""
     model = create_model("efficientnet_lite0", input_size=64).eval()
     images = torch.stack([to_tensor(np.asarray(c.resize((64, 64)))) for c in pbc_cells])
-    model.source_statistics = batchnorm_statistics(model, [images])
-    adapted = adapt_batchnorm(model, [images])
+    model.source_statistics = batchnorm_statistics(model, images)
+    adapted = adapt_batchnorm(model, images)
     x = images.float() / 255
     with torch.no_grad():
         torch.testing.assert_close(adapted(x), model(x), rtol=1e-3, atol=1e-3)
-        other = adapt_batchnorm(model, [images.flip(1)])(x)  # another "lab": channels swapped
+        other = adapt_batchnorm(model, images.flip(1))(x)  # another "lab": channels swapped
     assert not torch.allclose(other, model(x), atol=1e-2)

@@ -235,7 +235,7 @@ def adapt_model(
     if unlabelled is not None and len(unlabelled):
         from .testtime import adapt_batchnorm
 
-        base = adapt_batchnorm(base, torch.cat([images, unlabelled]).split(128))
+        base = adapt_batchnorm(base, torch.cat([images, unlabelled]))
         if replay is not None:
             replay = make_replay(
                 base, replay.images, replay.image_labels, replay.calibration_images, config, replay.class_shares
@@ -497,7 +497,7 @@ def adapt(
     )
     adapted = adapt_model(base, images, cells.labels, config, bank, unlabelled_images)
     statistics_images = images if replay_cells is None else torch.cat([images, train_images])
-    adapted.source_statistics = batchnorm_statistics(adapted, statistics_images.split(128))
+    adapted.source_statistics = batchnorm_statistics(adapted, statistics_images)
     adapted.config = replace(adapted.config, adaptation={"base": base_name, "cells": cells.class_counts()})
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

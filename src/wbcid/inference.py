@@ -116,7 +116,7 @@ def predict_proba(
         from .testtime import adapt_batchnorm
 
         batches = list(batches)
-        model = adapt_batchnorm(model, [torch.from_numpy(images[readable]) for images, readable in batches])
+        model = adapt_batchnorm(model, torch.cat([torch.from_numpy(images[readable]) for images, readable in batches]))
     probs, ood, ok = [], [], []
     for images, readable in tqdm(
         batches, total=-(-len(paths) // batch_size), desc="predicting", disable=None if progress else True, leave=False

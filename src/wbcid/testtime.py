@@ -16,7 +16,6 @@ Test-time augmentation (the eight rotations and flips) is :func:`wbcid.inference
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -30,12 +29,17 @@ def _norm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
+STATISTICS_BATCH = 128  # images per batch when BN statistics are gathered, training and new lab alike
+
+
 @torch.no_grad()
-def batchnorm_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> Statistics:
-    """Mean and variance of every BN layer's input over ``batches`` (uint8 NCHW), as AdaBN sees them.
+def batchnorm_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = STATISTICS_BATCH) -> Statistics:
+    """Mean and variance of every BN layer's input over uint8 NCHW ``images``, as AdaBN sees them.
 
     Each BN layer normalises with its batch statistics while they are averaged over all batches
-    (``momentum=None``); the model passed in is not changed.
+    (``momentum=None``); the model passed in is not changed. The batches draw the images in a fixed
+    random order: files are often sorted by class, and batches of one class record within-class
+    statistics (and let the class order of an evaluation's files leak into its result).
     """
     probe = copy.deepcopy(model).eval()
     norms = _norm_layers(probe)
@@ -43,20 +47,20 @@ def batchnorm_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> S
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
-    for batch in batches:
-        if len(batch):
-            probe(as_input(batch))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    for batch in order.split(batch_size):
+        probe(as_input(images[batch]))
     return {name: (bn.running_mean.clone(), bn.running_var.clone()) for name, bn in norms.items()}
 
 
 @torch.no_grad()
-def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` whose BN layers normalise ``batches``' lab as they did the training lab.
+def adapt_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose BN layers normalise ``images``' lab as they did the training lab.
 
     Uses ``model.source_statistics`` when training recorded them (see module docstring), else
     plain AdaBN. Only running means and variances change; learned weights stay as they are.
     """
-    target = batchnorm_statistics(model, batches)
+    target = batchnorm_statistics(model, images)
     source: Statistics | None = getattr(model, "source_statistics", None)
     adapted = copy.deepcopy(model).eval()
     for name, bn in _norm_layers(adapted).items():

@@ -30,21 +30,24 @@ def record_training_statistics(
     features and calibrated on the validation cells (:mod:`wbcid.ood`), and the layer groups'
     statistics that adapted models score (:func:`wbcid.ood.stage_statistics`)."""
     model = load_checkpoint(model_path)
-    model.source_statistics = batchnorm_statistics(model, train_images.split(128))
+    model.source_statistics = batchnorm_statistics(model, train_images)
     groups = ood_groups(train_set)
     features, model.stage_statistics = stage_statistics(model, train_images, groups)
     model.ood = MahalanobisScore.fit(features, groups, image_features(model, val_images))
     return _save_in_place(model, model_path)
 
 
-def record_stage_statistics(model_path: str | os.PathLike, train_set: CellSet) -> WBCNet:
-    """Only the layer groups' statistics (:func:`wbcid.ood.stage_statistics`), for a model saved before
-    training recorded them; its weights, scorer and everything else stay as they are, so its ONNX
-    export and every flag measured with it still hold (the bundled model)."""
+def record_data_statistics(model_path: str | os.PathLike, train_set: CellSet) -> WBCNet:
+    """The training cells' statistics that change none of the model's outputs: the batch-norm
+    statistics (test-time AdaBN) and the layer groups' (:func:`wbcid.ood.stage_statistics`, scored
+    by adapted models), for a model saved before training recorded them as it does now. Its
+    weights, scorer and everything else stay as they are, so its ONNX export and every flag
+    measured with it still hold (the bundled model)."""
     path = Path(model_path)
     path = path / "model.pt" if path.is_dir() else path
     model = load_checkpoint(path)
     images, cells = load_images(train_set.known(), Preprocess.of(model.config), "decoding training cells")
+    model.source_statistics = batchnorm_statistics(model, images)
     _, model.stage_statistics = stage_statistics(model, images, ood_groups(cells))
     return _save_in_place(model, path)
 

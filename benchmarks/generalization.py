@@ -58,10 +58,10 @@ CLASS_ORDER_NOTE = (
     "Then the batches followed the files, and `cells.csv` lists each lab's cells class by class: most "
     "batches, of the training cells and of each test lab alike, held one class, so AdaBN used each "
     "lab's within-class statistics, which a lab that does not know its cells' classes cannot have. "
-    "Rows without the mark were measured with random batches on both sides (the model's training "
+    "Rows without the mark were measured with random batches of 32, the training batch, on both sides (the model's training "
     "statistics recorded again the same way: `wbcid.training_statistics.record_data_statistics`). The "
-    "default recipe's row, measured again so with the same model: mean 0.655 against 0.660 before "
-    "(lisc 0.708 against 0.697, tecom 0.569 / 0.575, cellavision 0.731 / 0.729, bccd 0.613 / 0.638); "
+    "default recipe's row, measured again so with the same model: mean 0.650 against 0.660 before "
+    "(lisc 0.701 against 0.697, tecom 0.569 / 0.575, cellavision 0.719 / 0.729, bccd 0.611 / 0.638); "
     "the other marked rows may be off by as much. A user's files in any other order than the training "
     "cells' got the recorded within-class statistics mapped onto a mixed lab's, which is worse."
 )

@@ -103,6 +103,7 @@ def main() -> None:
 def page(
     training: dict, spread: list[float], rates: dict, candidates: dict, images: int, vgg_images: int, command: str
 ) -> str:
+    """docs/speed.md from the run's numbers."""
     auto, fp32 = training["auto"], training["fp32"]
     rows = "\n".join(
         f"| `--precision {name}` ({run['precision']}) | {run['seconds']:.0f} s ({run['seconds'] / 60:.1f} min) | "

@@ -29,7 +29,9 @@ def _norm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
-STATISTICS_BATCH = 128  # images per batch when BN statistics are gathered, training and new lab alike
+# Images per batch when BN statistics are gathered, of the training cells and of a new lab alike: the
+# default training batch, whose statistics the BN layers normalised with while the model learned.
+STATISTICS_BATCH = 32
 
 
 @torch.no_grad()
@@ -48,7 +50,7 @@ def batchnorm_statistics(model: nn.Module, images: torch.Tensor, batch_size: int
         bn.momentum = None
         bn.train()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    for batch in order.split(batch_size):
+    for batch in order.split(batch_size) if len(images) else ():
         probe(as_input(images[batch]))
     return {name: (bn.running_mean.clone(), bn.running_var.clone()) for name, bn in norms.items()}
 

@@ -115,8 +115,8 @@ def autocast(precision: str, device: torch.device, trained: bool = True) -> torc
     """The autocast context for a resolved ``precision``: bf16 for layers without gradients
     (``trained=False``), and for trained layers on a GPU only. On both CPUs this project has run
     on, bf16 made the trained layers' step slower (their depthwise convolutions' backward; an AMD
-    EPYC with AVX-512 BF16: 216 against 189 ms for the whole step in bf16), while the frozen
-    layers' forward pass ran 3x faster (docs/precision.md)."""
+    EPYC with AVX-512 BF16: 216 against 189 ms for the whole step in bf16), while bf16 in the
+    frozen layers alone made it faster (153 ms; docs/precision.md)."""
     enabled = precision == "bf16" and (not trained or device.type != "cpu")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 

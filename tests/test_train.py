@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from wbcid import train
 from wbcid.contract import ModelConfig
 from wbcid.data import CLASSES, load_images, read_cells, split_train_val
 from wbcid.errors import WbcidError
@@ -263,13 +264,19 @@ def test_data_parallel_steps_equal_one_process_on_the_same_global_batch(pbc_smal
     assert sum(len(b) for b in shard(order, 4, 0, 2)) + sum(len(b) for b in shard(order, 4, 1, 2)) == 30
 
 
-def test_bf16_runs_the_frozen_layers_in_bf16_and_the_trained_ones_in_fp32_on_a_cpu():
+def test_bf16_runs_the_frozen_layers_in_bf16_and_the_trained_ones_in_fp32_on_a_cpu(monkeypatch, pbc_small, tmp_path):
     """Issue 14: the precision is chosen per device and can be forced; on a CPU bf16 is for the frozen
     layer groups, which get no gradients and keep their weights and batch-norm statistics."""
     cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)  # a CPU without bf16 units
+    assert resolve_precision("auto", cpu, cpu_bf16=True) == "fp32"
+    with pytest.raises(WbcidError, match="no bf16 units.*--precision fp32"):
+        fit(read_cells(pbc_small), tmp_path / "run", TrainConfig(**FAST, precision="bf16"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written or decoded
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == "fp32"  # nothing frozen to run: adaptation's cached prefix
-    assert resolve_precision("auto", cpu, cpu_bf16=True) == ("bf16" if cpu_has_bf16() else "fp32")
-    assert resolve_precision("bf16", cpu) == resolve_precision("bf16", cpu, cpu_bf16=True) == "bf16"
+    assert resolve_precision("auto", cpu, cpu_bf16=True) == resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.undo()
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     labels = torch.arange(16) % len(CLASSES)
     dtypes = {}

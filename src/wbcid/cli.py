@@ -43,7 +43,8 @@ Precision = Annotated[
     typer.Option(
         help="fp32 or bf16: the frozen layers (no gradients) in bf16, and on a GPU the trained ones too (a CPU "
         "keeps those in fp32: slower in bf16, docs/precision.md); auto: bf16 on a GPU that supports it and, "
-        "for train, on a CPU with bf16 units, else fp32. The run records what was used."
+        "for train, on a CPU with bf16 units, else fp32 (bf16 is refused on a CPU without them). The run "
+        "records what was used."
     ),
 ]
 ServePrecision = Annotated[

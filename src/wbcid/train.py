@@ -98,7 +98,10 @@ def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = Fal
     """What ``auto`` means on ``device``: bf16 on a GPU that supports it; on a CPU, bf16 only where
     the caller has frozen layers to run in it (``cpu_bf16``: training, whose frozen layer groups see
     new augmented images every step) and the CPU has bf16 units, else fp32. See :func:`autocast`.
+    ``bf16`` asked of a CPU without bf16 units is refused: emulated, it would only be slower.
     """
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        raise WbcidError("--precision bf16: this CPU has no bf16 units (AVX-512 BF16 or AMX); use --precision fp32")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -172,6 +175,7 @@ def fit(
     if checkpoint is not None:
         config = TrainConfig(**checkpoint["train_config"])
     config = replace(config or TrainConfig())  # a copy: the caller's config is never changed
+    config.precision = resolve_precision(config.precision, device, cpu_bf16=True)
     if not resume and (out / "last.pt").exists():
         raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     writer = rank == 0
@@ -182,7 +186,6 @@ def fit(
     prep = Preprocess.of(model.config)
     train_images, train_set = load_images(train_set, prep, "decoding train images")
     val_images, val_set = load_images(val_set, prep, "decoding validation images")
-    config.precision = resolve_precision(config.precision, device, cpu_bf16=True)
     config.data = {
         "origin": cells.origin,
         "train": train_set.class_counts(),

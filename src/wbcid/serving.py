@@ -35,6 +35,7 @@ OUTPUTS = ["logits", "ood_score"]
 # OOD score 0.10; benchmarks/precision.py).
 RECHECK_MARGIN = 0.5
 RECHECK_OOD = 0.25
+NO_BF16_UNITS = "this CPU has no bf16 units (AVX-512 BF16 or AMX)"  # bf16 refused, serving and training alike
 # ``auto`` turns to bf16 from this many images: below it, OpenVINO's start-up (about 0.4 s measured
 # here) costs more than bf16 saves (about 1 ms per image on one core).
 BF16_MIN_IMAGES = 512
@@ -67,7 +68,7 @@ def bf16_missing() -> str | None:
     except ImportError:
         return "bf16 serving needs OpenVINO (pip install openvino)"
     if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        return "this CPU has no bf16 units (AVX-512 BF16 or AMX)"
+        return NO_BF16_UNITS
     return None
 
 

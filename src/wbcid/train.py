@@ -40,6 +40,7 @@ from .inference import predict_scores
 from .models import WBCNet, create_model, save_model
 from .preprocess import REFERENCE_SAMPLE, Preprocess, fit_stain_reference
 from .reports import plot_history, write_evaluation_report, write_run_report
+from .serving import NO_BF16_UNITS
 from .training_statistics import record_training_statistics
 
 log = logging.getLogger("wbcid")
@@ -101,7 +102,7 @@ def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = Fal
     ``bf16`` asked of a CPU without bf16 units is refused: emulated, it would only be slower.
     """
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        raise WbcidError("--precision bf16: this CPU has no bf16 units (AVX-512 BF16 or AMX); use --precision fp32")
+        raise WbcidError(f"--precision bf16: {NO_BF16_UNITS}; use --precision fp32")
     if precision != "auto":
         return precision
     if device.type == "cuda":

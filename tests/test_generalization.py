@@ -54,7 +54,7 @@ def test_canonical_crop_undoes_framing_and_image_size(pbc_cells):
 
 def test_canonical_crop_frames_the_whole_cell_an_expert_segmented(data_root):
     """Cellavision's expert masks (nucleus and cytoplasm), which the crop was never tuned on: the crop
-    box holds nearly the whole cell with room around it, in every class (docs/crop.md: all 400)."""
+    box holds nearly the whole cell with room around it, eight cells of each class (docs/crop.md: all 400)."""
     table = pd.read_csv(data_root / "cells.csv")
     inside, ratios = [], []
     for cell in table[table.source == "cellavision"].groupby("label").head(8).itertuples():

@@ -53,11 +53,9 @@ def main() -> None:
     sample = batchnorm_statistics(model, train)
     seconds_sample = time.perf_counter() - start
     rows = {f"{STATISTICS_CELLS} random training cells": deviation(sample, full)}
-    for source, split in (("pbc", ["test"]), *((s, None) for s in OTHER_SOURCES)):
+    for name, source, split in (("pbc test", "pbc", ["test"]), *((s, s, None) for s in OTHER_SOURCES)):
         images, _ = load_images(cells.select([source], split).known(), prep)
-        rows[f"{source} {'test' if split else ''} ({len(images)} cells)".replace("  ", " ")] = deviation(
-            batchnorm_statistics(model, images), full
-        )
+        rows[f"{name} ({len(images)} cells)"] = deviation(batchnorm_statistics(model, images), full)
     result = {"command": command, "training_cells": len(train), "seconds": [seconds_full, seconds_sample], "rows": rows}
     lines = [
         "# Batch-norm statistics: how many training cells",

@@ -20,26 +20,32 @@ from common import parser, setup, write_results
 from PIL import Image
 
 from wbcid.crop import MARGIN, crop_box, framing
-from wbcid.data import CLASSES
+from wbcid.data import CLASSES, CellSet, read_cells
 
 SOURCES = ("tecom", "cellavision")
 WHOLE = 0.95  # a cell counts as framed when this share of its pixels is inside the crop
 
 
-def measure(data: Path, source: str) -> pd.DataFrame:
-    """One row per cell of ``source``: label, nucleus found, share of the cell inside, side / extent."""
-    cells = pd.read_csv(data / "cells.csv")
+def measure(cells: CellSet, masks: Path, source: str) -> pd.DataFrame:
+    """One row per cell of ``source`` (its expert segmentations in ``masks/SOURCE``): label, nucleus
+    found, share of the cell inside the crop, crop side / cell extent, found / expert nucleus extent."""
     rows = []
-    for cell in cells[cells.source == source].itertuples():
-        with Image.open(data / cell.path) as image:
+    for cell in cells.select([source]).cells:
+        with Image.open(cell.path) as image:
             box = crop_box(image.convert("RGB"))
-        mask = np.asarray(Image.open(data / "masks" / source / f"{cell.group}.png"))
+        mask = np.asarray(Image.open(masks / source / f"{cell.group}.png"))
         inside, ratio = framing(box, mask > 0) if box is not None else (np.nan, np.nan)
         nucleus = np.nonzero(mask == mask.max())  # the nucleus is the brightest of the three grey levels
         expert = max(np.ptp(nucleus[0]), np.ptp(nucleus[1])) + 1
         found = box[2] / MARGIN / expert if box is not None else np.nan
         rows.append(
-            {"label": cell.label, "found": box is not None, "inside": inside, "side_over_cell": ratio, "nucleus": found}
+            {
+                "label": CLASSES[cell.label],
+                "found": box is not None,
+                "inside": inside,
+                "side_over_cell": ratio,
+                "nucleus": found,
+            }
         )
     return pd.DataFrame(rows)
 
@@ -91,8 +97,9 @@ def main() -> None:
     options.add_argument("--out", type=Path, default=Path("docs/crop"))
     args = options.parse_args()
     result: dict = {"command": setup(), "whole": WHOLE, "sources": {}}
+    cells = read_cells(args.data / "cells.csv")
     for source in SOURCES:
-        table = measure(args.data, source)
+        table = measure(cells, args.data / "masks", source)
         per_class = {label: summary(table[table.label == label]) for label in CLASSES if (table.label == label).any()}
         result["sources"][source] = {"all": summary(table), **per_class}
     write_results(args.out, result, page(result))

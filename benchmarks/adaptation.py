@@ -280,8 +280,9 @@ def write_report() -> None:
             f"Settings: `{json.dumps(result['config'])}`, replay {result['replay']}.",
             "",
             "| lab | K | unlabelled | macro-F1 mean | worst | single-view macro-F1 mean | accuracy mean "
-            "| flagged mean | PBC macro-F1 worst | OOD AUROC worst | non-WBCs flagged mean | verified cells | draws |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| flagged mean | PBC macro-F1 worst | OOD AUROC worst | non-WBCs flagged mean | verified cells | draws "
+            "| seconds per adaptation |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         groups: dict[tuple, list[dict]] = {}
         for row in result["rows"]:
@@ -293,12 +294,14 @@ def write_report() -> None:
             pbc = [r["pbc_macro_f1"] for r in rows if "pbc_macro_f1" in r]
             auroc = [r["ood_auroc"] for r in rows if "ood_auroc" in r]
             other = [r["non_wbc_flagged"] for r in rows if "non_wbc_flagged" in r]
+            seconds = [r["seconds"] for r in rows if r["seconds"]]  # K = 0 rows adapt nothing
             nan = float("nan")
             lines.append(
                 f"| {lab} | {k} | {unl} | {np.mean(f1):.3f} | {min(f1):.3f} | {np.mean(single):.3f} | "
                 f"{np.mean(accuracy) if accuracy else nan:.3f} | {np.mean([r['flagged'] for r in rows]):.1%} | "
                 f"{min(pbc) if pbc else nan:.3f} | {min(auroc) if auroc else nan:.3f} | {np.mean(other) if other else nan:.1%} | "
-                f"{np.mean([r['verified'] for r in rows]):.0f} | {len(rows)} |"
+                f"{np.mean([r['verified'] for r in rows]):.0f} | {len(rows)} | "
+                + (f"{min(seconds):.0f}-{max(seconds):.0f} |" if seconds else "- |")
             )
         lines += ["", *_per_class_table(groups)]
         _plot(result["rows"], OUT / f"{path.stem}.png", plt)

@@ -294,19 +294,26 @@ def write_report() -> None:
             pbc = [r["pbc_macro_f1"] for r in rows if "pbc_macro_f1" in r]
             auroc = [r["ood_auroc"] for r in rows if "ood_auroc" in r]
             other = [r["non_wbc_flagged"] for r in rows if "non_wbc_flagged" in r]
-            seconds = [r["seconds"] for r in rows if r["seconds"]]  # K = 0 rows adapt nothing
             nan = float("nan")
             lines.append(
                 f"| {lab} | {k} | {unl} | {np.mean(f1):.3f} | {min(f1):.3f} | {np.mean(single):.3f} | "
                 f"{np.mean(accuracy) if accuracy else nan:.3f} | {np.mean([r['flagged'] for r in rows]):.1%} | "
                 f"{min(pbc) if pbc else nan:.3f} | {min(auroc) if auroc else nan:.3f} | {np.mean(other) if other else nan:.1%} | "
                 f"{np.mean([r['verified'] for r in rows]):.0f} | {len(rows)} | "
-                + (f"{min(seconds):.0f}-{max(seconds):.0f} |" if seconds else "- |")
+                + f"{_span([r['seconds'] for r in rows if r['seconds']])} |"  # K = 0 rows adapt nothing
             )
         lines += ["", *_per_class_table(groups)]
         _plot(result["rows"], OUT / f"{path.stem}.png", plt)
         lines += [f"![{path.stem}](adaptation/{path.stem}.png)", ""]
     Path("docs/adaptation.md").write_text("\n".join(lines) + "\n")
+
+
+def _span(values: list[float]) -> str:
+    """``lo-hi`` in whole numbers, one number where they round alike, ``-`` for none."""
+    if not values:
+        return "-"
+    lo, hi = f"{min(values):.0f}", f"{max(values):.0f}"
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 def _per_class_table(groups: dict[tuple, list[dict]]) -> list[str]:

@@ -52,12 +52,11 @@ def test_canonical_crop_undoes_framing_and_image_size(pbc_cells):
     assert np.median(rescale_crop) < 5  # grey levels out of 255
 
 
-def test_canonical_crop_frames_the_whole_cell_an_expert_segmented(data_root):
+def test_canonical_crop_frames_the_whole_cell_an_expert_segmented(cells_table, data_root):
     """Cellavision's expert masks (nucleus and cytoplasm), which the crop was never tuned on: the crop
     box holds nearly the whole cell with room around it, eight cells of each class (docs/crop.md: all 400)."""
-    table = pd.read_csv(data_root / "cells.csv")
     inside, ratios = [], []
-    for cell in table[table.source == "cellavision"].groupby("label").head(8).itertuples():
+    for cell in cells_table[cells_table.source == "cellavision"].groupby("label").head(8).itertuples():
         box = crop_box(Image.open(data_root / cell.path).convert("RGB"))
         mask = np.asarray(Image.open(data_root / "masks" / "cellavision" / f"{cell.group}.png")) > 0
         share, ratio = framing(box, mask)

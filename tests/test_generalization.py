@@ -137,6 +137,14 @@ def test_augmentation_policies():
         train_augmentation("heavy")
 
 
+def test_stain_jitter_draws_on_the_batch_device():
+    """Training on a GPU runs the augmentation there: random draws made on the CPU stopped `wbcid train`
+    on CUDA (found on an H100). The meta device stands in for a GPU here: it too refuses CPU tensors."""
+    x = torch.rand(4, 3, 8, 8, device="meta")
+    out = RandomStainJitter().to("meta")(x)
+    assert out.device == x.device and out.shape == x.shape
+
+
 def test_adabn_only_changes_normalisation_statistics(pbc_cells):
     model = create_model("efficientnet_lite0", input_size=64).eval()
     images = torch.stack([to_tensor(np.asarray(c.resize((64, 64)))) for c in pbc_cells])

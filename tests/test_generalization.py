@@ -11,7 +11,7 @@ from PIL import Image
 
 from wbcid.augment import RandomLowResolution, RandomStainJitter, train_augmentation
 from wbcid.crop import MARGIN, canonical_crop, crop_box, find_nucleus, framing
-from wbcid.data import read_cells, training_pool
+from wbcid.data import read_cells, recorded_training_cells, split_train_val, training_pool, training_record
 from wbcid.errors import WbcidError
 from wbcid.evaluation import bootstrap_intervals, compute_metrics
 from wbcid.inference import predict_scores
@@ -211,6 +211,22 @@ def test_training_pool_keeps_splits_and_never_leaks_a_holdout(data_root):
     assert len(lisc) == 305 and 0.1 < sum(c.split == "val" for c in lisc) / len(lisc) < 0.2
     pbc_original = {c.path: c.split for c in cells.cells if c.source == "pbc"}
     assert all(pbc_original[c.path] == c.split for c in pool.cells if c.source == "pbc")
+
+
+def test_a_pooled_models_record_finds_every_cell_it_trained_on(data_root):
+    """The small labs have test-split rows only; a model trained on them pooled must say so, or
+    evaluation would not warn about them and adaptation would replay PBC alone."""
+    cells = read_cells(data_root / "cells.csv", sources=["pbc", "lisc", "tecom"])
+    rest = cells.subset([c.source != "tecom" and not (c.source == "pbc" and c.split == "test") for c in cells.cells])
+    train, val = split_train_val(training_pool(rest))
+    record = training_record(train.cells + val.cells, rest.origin)
+    assert record["sources"] == ["lisc", "pbc"] and record["all_splits"] == ["lisc"]
+    assert {c.path for c in recorded_training_cells(record).cells} == {c.path for c in train.cells + val.cells}
+    pbc = cells.select(["pbc"])  # all of PBC's rows; training uses its train and val splits only
+    train, val = split_train_val(pbc)
+    record = training_record(train.cells + val.cells, pbc.origin)
+    assert "all_splits" not in record
+    assert not any(c.split == "test" for c in recorded_training_cells(record).cells)
 
 
 def test_source_aware_adabn_is_the_identity_on_the_training_lab(pbc_cells):

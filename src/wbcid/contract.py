@@ -46,7 +46,7 @@ class ModelConfig:
     colour: str = "none"  # colour normalisation (set by training; see wbcid.preprocess)
     frozen_bn: bool = False
     stain_reference: dict | None = None  # for colour="macenko"
-    training_data: dict | None = None  # {"origin", "sources"[, "all_splits"]}: what evaluate warns about
+    training_data: dict | None = None  # {"origin", "sources"[, "all_splits": True or sources]}: data.training_record
     adaptation: dict | None = None  # {"base", "cells"} for a model from wbcid adapt
     tta: bool = False  # predict over the 8 rotations and flips unless told not to (adapted models: wbcid.adaptation)
 

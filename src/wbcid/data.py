@@ -222,13 +222,31 @@ def recorded_training_cells(recorded: dict | None) -> CellSet | None:
     except WbcidError:
         return None
     sources = set(recorded.get("sources") or [])
-    every_split = recorded.get("all_splits", False)
+    whole = recorded.get("all_splits", False)  # True: every source; a list: those sources
     return cells.subset(
         [
-            c.label >= 0 and (not sources or c.source in sources) and (every_split or c.split != "test")
+            c.label >= 0
+            and (not sources or c.source in sources)
+            and (whole is True or c.source in (whole or ()) or c.split != "test")
             for c in cells.cells
         ]
     )
+
+
+def training_record(cells: Sequence[Cell], origin: str) -> dict:
+    """What a model records of the ``cells`` it trained and validated on, read from ``origin``
+    (``ModelConfig.training_data``): the origin, the sources, and the sources whose test-split rows
+    it used (:func:`training_pool` trains on every row of a lab without a train/val split), checked
+    against the data itself. So :func:`recorded_training_cells` finds every one of them: evaluation
+    warns about all, and adaptation replays all, not PBC's alone."""
+    record: dict = {"origin": origin, "sources": sorted({c.source for c in cells})}
+    found = recorded_training_cells(record) if origin else None
+    if found is not None:
+        known = {c.path for c in found.cells}
+        whole = sorted({c.source for c in cells if c.path not in known})
+        if whole:
+            record["all_splits"] = whole
+    return record
 
 
 def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .augment import train_augmentation
 from .contract import PRECISIONS, Freeze
-from .data import CLASSES, CellSet, load_images, split_train_val, try_decode
+from .data import CLASSES, CellSet, load_images, split_train_val, training_record, try_decode
 from .errors import WbcidError
 from .evaluation import compute_metrics
 from .inference import predict_scores
@@ -282,7 +282,7 @@ def _prepare(cells: CellSet, config: TrainConfig) -> tuple[WBCNet, CellSet, Cell
         colour=config.colour,
         frozen_bn=config.frozen_bn,
         stain_reference=stain_reference,
-        training_data={"origin": cells.origin, "sources": sorted({c.source for c in cells.cells})},
+        training_data=training_record(train_set.cells + val_set.cells, cells.origin),
     )
     Preprocess.of(model.config)  # checks the colour option
     return model, train_set, val_set

@@ -33,14 +33,14 @@ from torch import nn
 from wbcid.adaptation import (
     AdaptConfig,
     adapt_model,
-    class_shares,
+    decode_replay,
     make_replay,
     prefix_views,
     stage_taps,
     suffix_scores,
 )
 from wbcid.benchmark import OTHER_SOURCES
-from wbcid.data import CLASSES, draw_per_class, load_images, read_cells, sample_per_class
+from wbcid.data import CLASSES, draw_per_class, load_images, read_cells
 from wbcid.evaluation import compute_metrics
 from wbcid.inference import predict_scores
 from wbcid.loading import resolve_model
@@ -73,6 +73,12 @@ def main() -> None:
         "--set", nargs="+", default=[], metavar="FIELD=VALUE", help="any other AdaptConfig field, e.g. lr=0.003"
     )
     options.add_argument("--no-replay", action="store_true")
+    options.add_argument(
+        "--replay",
+        choices=["pbc", "recorded"],
+        default="pbc",
+        help="replay PBC's training cells, or the training data the base model recorded (as wbcid adapt does)",
+    )
     options.add_argument("--no-cross-fit", action="store_true", help="calibrate flags on the verified cells' views")
     options.add_argument("--unlabelled", action="store_true")
     options.add_argument("--report", action="store_true", help="only write docs/adaptation.md from the results")
@@ -91,17 +97,14 @@ def main() -> None:
 
     pbc = cells.select(["pbc"]).known()
     test_images, test_cells = decode(pbc.select(splits=["test"]))
-    train = pbc.select(splits=["train"])
-    replay_images, replay_cells = decode(sample_per_class(train, AdaptConfig.replay_per_class))
+    replay, origin = decode_replay(base, None if args.replay == "recorded" else pbc, prep, AdaptConfig())
+    if replay is None:
+        raise SystemExit(f"{args.model}: recorded no training data that exists here; use --replay pbc")
+    print(f"replay: {origin}, {len(replay['labels'])} cells", flush=True)
     data = {
         "test": (test_images, test_cells.labels),
         "other": decode(cells.select(["pbc_other"]))[0],
-        "replay": {  # make_replay's arguments
-            "images": replay_images,
-            "labels": replay_cells.labels,
-            "calibration": decode(sample_per_class(pbc.select(splits=["val"]), AdaptConfig.replay_per_class))[0],
-            "class_shares": class_shares(train.labels),
-        },
+        "replay": replay,  # make_replay's arguments
     }
     labs = {lab: decode(cells.select([lab]).known()) for lab in args.labs}
     for groups in args.trainable_groups:
@@ -114,7 +117,7 @@ def main() -> None:
             "command": command,
             "model": str(args.model),
             "config": asdict(config),
-            "replay": not args.no_replay,
+            "replay": False if args.no_replay else args.replay,
             "rows": rows,
         }
         write_results(OUT / name, result)

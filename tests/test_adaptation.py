@@ -24,6 +24,7 @@ from wbcid.evaluation import evaluate
 from wbcid.inference import agreement
 from wbcid.loading import resolve_model
 from wbcid.models import create_model, load_checkpoint, save_model
+from wbcid.preprocess import Preprocess
 from wbcid.serving import OnnxModel
 from wbcid.smear.counting import count
 from wbcid.train import TrainConfig, fit
@@ -71,6 +72,18 @@ def test_draws_respect_groups_and_leave_half_of_each_class():
     assert (labels[picked] == 0).sum() <= 3 + 1 and (labels[picked] == 4).sum() == 0  # half, never a class's last
     groups = {cells.cells[i].group for i in picked}
     assert not groups & {cells.cells[i].group for i in rest}  # a picture's cells stay on one side
+
+
+def test_the_replay_weighs_its_classes_as_in_all_the_training_cells(data_root: Path):
+    """The replay draws each class evenly; its statistics must weigh them as the training data does
+    (PBC's training cells are far from even), or the adapted OOD score loses what was measured."""
+    pbc = read_cells(data_root / "cells.csv", sources=["pbc"])
+    arguments, origin = adaptation.decode_replay(None, pbc, Preprocess(32), replace(QUICK, replay_per_class=2))
+    train = pbc.labels[[c.split == "train" for c in pbc.cells]]
+    assert np.bincount(arguments["labels"]).tolist() == [2] * len(CLASSES) and len(arguments["calibration"]) == 10
+    np.testing.assert_allclose(arguments["class_shares"], np.bincount(train) / len(train))
+    assert arguments["class_shares"].max() > 1.5 * arguments["class_shares"].min()
+    assert origin == pbc.origin
 
 
 def test_adaptation_raises_accuracy_on_the_new_labs_other_cells(pbc_model: Path, adapted: Path, bccd):

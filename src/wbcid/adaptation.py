@@ -476,17 +476,10 @@ def adapt(
     if unlabelled:
         found = CellSet([Cell(p) for p in list_images(unlabelled)], origin="unlabelled cells")
         unlabelled_images, _ = load_images(found, prep, "decoding unlabelled cells")
-    replay_cells, replay_origin = _replay_cells(base, replay)
+    replay_arguments, replay_origin = decode_replay(base, replay, prep, config)
     bank = None
-    if replay_cells is not None:
-        train, calibration = replay_cells
-        train_images, train = load_images(
-            sample_per_class(train, config.replay_per_class, config.seed), prep, "decoding replay cells"
-        )
-        calibration_images, _ = load_images(
-            sample_per_class(calibration, config.replay_per_class, config.seed), prep, "decoding calibration cells"
-        )
-        bank = make_replay(base, train_images, train.labels, calibration_images, config, class_shares(train.labels))
+    if replay_arguments is not None:
+        bank = make_replay(base, config=config, **replay_arguments)
     else:
         log.warning(
             "no training cells of the base model to replay (pass --replay DATA): the adapted model "
@@ -496,7 +489,7 @@ def adapt(
         "adapting to %d verified cells (%s)", len(cells), ", ".join(f"{k} {v}" for k, v in cells.class_counts().items())
     )
     adapted = adapt_model(base, images, cells.labels, config, bank, unlabelled_images)
-    statistics_images = images if replay_cells is None else torch.cat([images, train_images])
+    statistics_images = images if bank is None else torch.cat([images, bank.images])
     adapted.source_statistics = batchnorm_statistics(adapted, statistics_images)
     adapted.config = replace(adapted.config, adaptation={"base": base_name, "cells": cells.class_counts()})
     partial = out.with_name(out.name + ".partial")
@@ -522,6 +515,32 @@ def adapt(
         out.rmdir()
     os.replace(partial, out)
     return out
+
+
+def decode_replay(
+    base: WBCNet, replay: CellSet | str | os.PathLike | None, prep: Preprocess, config: AdaptConfig
+) -> tuple[dict | None, str | None]:
+    """The base model's training cells to replay (:func:`_replay_cells`), ``config.replay_per_class`` of
+    each class and as many held-out ones, decoded: :func:`make_replay`'s keyword arguments (None if
+    there are none), and where they came from. ``class_shares`` are those of all the training cells
+    the replay is drawn from, not of the evenly drawn replay (:meth:`Replay.statistics`)."""
+    cells, origin = _replay_cells(base, replay)
+    if cells is None:
+        return None, None
+    train, calibration = cells
+    images, drawn = load_images(
+        sample_per_class(train, config.replay_per_class, config.seed), prep, "decoding replay cells"
+    )
+    calibration_images, _ = load_images(
+        sample_per_class(calibration, config.replay_per_class, config.seed), prep, "decoding calibration cells"
+    )
+    arguments = {
+        "images": images,
+        "labels": drawn.labels,
+        "calibration": calibration_images,
+        "class_shares": class_shares(train.labels),
+    }
+    return arguments, origin
 
 
 def _replay_cells(

@@ -19,7 +19,7 @@ import pandas as pd
 from common import parser, setup, write_results
 from PIL import Image
 
-from wbcid.crop import MARGIN, crop_box, framing
+from wbcid.crop import MARGIN, crop_box, extent, framing
 from wbcid.data import CLASSES, CellSet, read_cells
 
 SOURCES = ("tecom", "cellavision")
@@ -35,8 +35,7 @@ def measure(cells: CellSet, masks: Path, source: str) -> pd.DataFrame:
             box = crop_box(image.convert("RGB"))
         mask = np.asarray(Image.open(masks / source / f"{cell.group}.png"))
         inside, ratio = framing(box, mask > 0) if box is not None else (np.nan, np.nan)
-        nucleus = np.nonzero(mask == mask.max())  # the nucleus is the brightest of the three grey levels
-        expert = max(np.ptp(nucleus[0]), np.ptp(nucleus[1])) + 1
+        expert = extent(*np.nonzero(mask == mask.max()))  # the nucleus is the brightest of the three grey levels
         found = box[2] / MARGIN / expert if box is not None else np.nan
         rows.append(
             {

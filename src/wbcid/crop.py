@@ -53,8 +53,12 @@ def find_nucleus(rgb: np.ndarray) -> tuple[float, float, float] | None:
     near = np.hypot(*(centres - centres[main]).T) < reach + 1e-6
     keep = np.r_[False, near & (areas > 0.1 * areas[main])][labels]  # the lobes, as a label lookup
     rows, cols = np.nonzero(keep)
-    extent = max(np.ptp(rows), np.ptp(cols)) + 1
-    return (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2, float(extent)
+    return (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2, extent(rows, cols)
+
+
+def extent(rows: np.ndarray, cols: np.ndarray) -> float:
+    """The larger side, in pixels, of the box around the pixels at ``rows``, ``cols`` (``np.nonzero``)."""
+    return float(max(np.ptp(rows), np.ptp(cols)) + 1)
 
 
 def crop_box(image: Image.Image, margin: float = MARGIN) -> tuple[int, int, int] | None:
@@ -99,4 +103,4 @@ def framing(box: tuple[int, int, int], cell: np.ndarray) -> tuple[float, float]:
     top, left, side = box
     rows, cols = np.nonzero(cell)
     inside = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
-    return float(inside.mean()), side / float(max(np.ptp(rows), np.ptp(cols)) + 1)
+    return float(inside.mean()), side / extent(rows, cols)

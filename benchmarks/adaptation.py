@@ -1,7 +1,7 @@
 """Few-shot lab adaptation: the label-efficiency curve (macro-F1 against verified cells per class).
 
     python benchmarks/adaptation.py --model runs/pbc --name groups2 [--trainable-groups 2] [--ks 0 1 2 5 10 20]
-        [--draws 5] [--labs lisc tecom cellavision bccd] [--unlabelled] [--data ../shared/data]
+        [--draws 5] [--labs lisc tecom cellavision bccd] [--unlabelled] [--replay pbc|recorded] [--data ../shared/data]
     python benchmarks/adaptation.py --report        # docs/adaptation.md and .png from every result
 
 The model must never have seen the target labs: the PBC-only default model
@@ -10,8 +10,9 @@ The model must never have seen the target labs: the PBC-only default model
 of a class, groups kept whole) adapt the model (``wbcid.adaptation.adapt_model``, the function
 ``wbcid adapt`` calls), which is then scored on the lab's *remaining* cells (macro-F1 over the
 classes present, share flagged), on PBC's test split (forgetting) and on the OOD task (AUROC of
-``ood_score``, PBC's non-WBC cells vs PBC test). K = 0 is the model as it is. ``--unlabelled`` adds
-rows where the lab's remaining cells, unlabelled, add pseudo-labels (transductive: they are also
+``ood_score``, PBC's non-WBC cells vs PBC test). Adaptation replays PBC's training cells
+(``--replay recorded``: those the base model recorded, for a base trained on several labs;
+``--no-replay``: none). K = 0 is the model as it is. ``--unlabelled`` adds rows where the lab's remaining cells, unlabelled, add pseudo-labels (transductive: they are also
 the cells scored), and a K = 0 row with AdaBN (``--adabn``). Writes ``docs/adaptation/NAME.json``.
 """
 

@@ -12,8 +12,8 @@ of a class, groups kept whole) adapt the model (``wbcid.adaptation.adapt_model``
 classes present, share flagged), on PBC's test split (forgetting) and on the OOD task (AUROC of
 ``ood_score``, PBC's non-WBC cells vs PBC test). Adaptation replays PBC's training cells
 (``--replay recorded``: those the base model recorded, for a base trained on several labs;
-``--no-replay``: none). K = 0 is the model as it is. ``--unlabelled`` adds rows where the lab's remaining cells, unlabelled, add pseudo-labels (transductive: they are also
-the cells scored), and a K = 0 row with AdaBN (``--adabn``). Writes ``docs/adaptation/NAME.json``.
+``--no-replay``: none). K = 0 is the model as it is. ``--unlabelled`` adds rows where the lab's
+remaining cells, unlabelled, add pseudo-labels (transductive: they are also the cells scored), and a K = 0 row with AdaBN (``--adabn``). Writes ``docs/adaptation/NAME.json``.
 """
 
 from __future__ import annotations

@@ -159,6 +159,8 @@ Produced by:
 ```
 {command}
 ```
+
+Checks on a lent GPU (correctness, not this page's timings): [gpu.md](gpu.md).
 """
 
 

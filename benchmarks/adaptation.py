@@ -13,7 +13,8 @@ classes present, share flagged), on PBC's test split (forgetting) and on the OOD
 ``ood_score``, PBC's non-WBC cells vs PBC test). Adaptation replays PBC's training cells
 (``--replay recorded``: those the base model recorded, for a base trained on several labs;
 ``--no-replay``: none). K = 0 is the model as it is. ``--unlabelled`` adds rows where the lab's
-remaining cells, unlabelled, add pseudo-labels (transductive: they are also the cells scored), and a K = 0 row with AdaBN (``--adabn``). Writes ``docs/adaptation/NAME.json``.
+remaining cells, unlabelled, add pseudo-labels (transductive: they are also the cells scored),
+and a K = 0 row with AdaBN (``--adabn``). Writes ``docs/adaptation/NAME.json``.
 """
 
 from __future__ import annotations
@@ -98,14 +99,16 @@ def main() -> None:
 
     pbc = cells.select(["pbc"]).known()
     test_images, test_cells = decode(pbc.select(splits=["test"]))
-    replay, origin = decode_replay(base, None if args.replay == "recorded" else pbc, prep, AdaptConfig())
-    if replay is None:
-        raise SystemExit(f"{args.model}: recorded no training data that exists here; use --replay pbc")
-    print(f"replay: {origin}, {len(replay['labels'])} cells", flush=True)
+    replay = None
+    if not args.no_replay:
+        replay, origin = decode_replay(base, None if args.replay == "recorded" else pbc, prep, AdaptConfig())
+        if replay is None:
+            raise SystemExit(f"{args.model}: recorded no training data that exists here; use --replay pbc")
+        print(f"replay: {origin}, {len(replay['labels'])} cells", flush=True)
     data = {
         "test": (test_images, test_cells.labels),
         "other": decode(cells.select(["pbc_other"]))[0],
-        "replay": replay,  # make_replay's arguments
+        "replay": replay,  # make_replay's arguments; None: --no-replay
     }
     labs = {lab: decode(cells.select([lab]).known()) for lab in args.labs}
     for groups in args.trainable_groups:
@@ -139,7 +142,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 def run_curve(base, config: AdaptConfig, data: dict, labs: dict, args) -> list[dict]:
     """Every (lab, K, draw[, unlabelled]) adaptation of ``base`` with ``config``, scored; one row each."""
-    replay = None if args.no_replay else make_replay(base, config=config, **data["replay"])
+    replay = None if data["replay"] is None else make_replay(base, config=config, **data["replay"])
     prefix, _ = base.split(config.trainable_groups)
     taps = stage_taps(base, config.trainable_groups) if replay is not None else ()  # what the adapted scorer reads
     cached_test = prefix_views(prefix, data["test"][0], 1, taps=taps)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import typing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -129,13 +130,13 @@ def main() -> None:
 
 def _overrides(pairs: list[str]) -> dict:
     """``FIELD=VALUE`` pairs as AdaptConfig keyword arguments, each value of its field's type."""
-    defaults = asdict(AdaptConfig())
+    types = typing.get_type_hints(AdaptConfig)
     out = {}
     for pair in pairs:
         field, _, value = pair.partition("=")
-        if field not in defaults or not value:
-            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(defaults)}")
-        kind = type(defaults[field])
+        if field not in types or not value:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+        kind = next(t for t in typing.get_args(types[field]) or [types[field]] if t is not type(None))
         out[field] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return out
 

@@ -306,3 +306,23 @@ def test_cross_fitting_raises_the_threshold_for_the_labs_other_cells(pbc_model: 
     other = read_cells(bccd[1]).paths
     assert predict(adapted, other).flagged.mean() < predict(plain, other).flagged.mean()
     assert json.loads((adapted / "config.json").read_text())["adapt"]["cross_fit"] is True
+
+
+def test_the_half_models_take_their_own_step_budget(pbc_model: Path, bccd, monkeypatch):
+    """Cross-fitting's two half-models only place the threshold, so they may train for fewer steps
+    than the model that is shipped (``cross_fit_steps``)."""
+    from wbcid.data import load_images
+
+    base = load_checkpoint(pbc_model)
+    cells = read_cells(bccd[0])
+    images, cells = load_images(cells, Preprocess.of(base.config))
+    budgets = []
+    fine_tune = adaptation._fine_tune
+
+    def counted(b, parts, config, r):
+        budgets.append(config.steps)
+        return fine_tune(b, parts, config, r)
+
+    monkeypatch.setattr(adaptation, "_fine_tune", counted)
+    adaptation.adapt_model(base, images, cells.labels, replace(QUICK, steps=6, cross_fit_steps=3, views=2))
+    assert budgets == [6, 3, 3]

@@ -41,3 +41,18 @@ def test_readme_python_snippet_runs(pbc_small: Path, data_root: Path, tmp_path: 
     assert namespace["result"]["totals"]["detected"] >= 1
     assert (tmp_path / "runs/mylab/model.pt").is_file()
     assert namespace["model"].config.adaptation["cells"]["eosinophil"] == 4
+
+
+def test_the_adapt_commands_defaults_are_the_python_apis():
+    """The CLI spells its defaults out (importing the adaptation code would slow ``--help``); they must
+    stay those of :class:`AdaptConfig`, or the command and the measured API would differ."""
+    from dataclasses import asdict
+
+    import typer
+
+    from wbcid.adaptation import AdaptConfig
+    from wbcid.cli import app
+
+    options = {p.name: p.default for p in typer.main.get_command(app).commands["adapt"].params}
+    shared = {name: options[name] for name in asdict(AdaptConfig()) if name in options}
+    assert len(shared) >= 6 and shared == {name: getattr(AdaptConfig(), name) for name in shared}

@@ -321,6 +321,12 @@ def adapt(
             "cells themselves (flags more ordinary cells, and more non-WBCs)."
         ),
     ] = True,
+    cross_fit_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Steps of each cross-fitting half-model; default: --steps (fewer flag more: docs/adaptation.md)."
+        ),
+    ] = None,
     tta: Annotated[
         bool,
         typer.Option(
@@ -336,7 +342,13 @@ def adapt(
     from .adaptation import adapt as run_adaptation
 
     config = AdaptConfig(
-        trainable_groups=trainable_groups, steps=steps, cross_fit=cross_fit, tta=tta, precision=precision, seed=seed
+        trainable_groups=trainable_groups,
+        steps=steps,
+        cross_fit=cross_fit,
+        cross_fit_steps=cross_fit_steps,
+        tta=tta,
+        precision=precision,
+        seed=seed,
     )
     with _interrupted("nothing was written; the base model is unchanged"):
         run = run_adaptation(data, out, model, config, replay, unlabelled)

@@ -54,5 +54,6 @@ def test_the_adapt_commands_defaults_are_the_python_apis():
     from wbcid.cli import app
 
     options = {p.name: p.default for p in typer.main.get_command(app).commands["adapt"].params}
-    shared = {name: options[name] for name in asdict(AdaptConfig()) if name in options}
-    assert len(shared) >= 6 and shared == {name: getattr(AdaptConfig(), name) for name in shared}
+    defaults = asdict(AdaptConfig())
+    shared = {name: options[name] for name in defaults if name in options}
+    assert len(shared) >= 6 and shared == {name: defaults[name] for name in shared}

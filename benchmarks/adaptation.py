@@ -308,7 +308,7 @@ def write_report() -> None:
                 f"{np.mean(accuracy) if accuracy else nan:.3f} | {np.mean([r['flagged'] for r in rows]):.1%} | "
                 f"{min(pbc) if pbc else nan:.3f} | {min(auroc) if auroc else nan:.3f} | {np.mean(other) if other else nan:.1%} | "
                 f"{np.mean([r['verified'] for r in rows]):.0f} | {len(rows)} | "
-                + f"{_span([r['seconds'] for r in rows if r['seconds']])} |"  # K = 0 rows adapt nothing
+                f"{_span([r['seconds'] for r in rows if r['seconds']])} |"  # K = 0 rows adapt nothing
             )
         lines += ["", *_per_class_table(groups)]
         _plot(result["rows"], OUT / f"{path.stem}.png", plt)

@@ -29,7 +29,8 @@ from wbcid.serving import OnnxModel
 from wbcid.smear.counting import count
 from wbcid.train import TrainConfig, fit
 
-pytestmark = pytest.mark.slow
+# The tests that need `pbc_model` train it (minutes) and are marked slow one by one, so that the
+# others stay in the fast loop (`pytest -m "not slow"`).
 QUICK = AdaptConfig(steps=40, views=8, replay_per_class=20)
 
 
@@ -86,6 +87,7 @@ def test_the_replay_weighs_its_classes_as_in_all_the_training_cells(data_root: P
     assert origin == pbc.origin
 
 
+@pytest.mark.slow
 def test_adaptation_raises_accuracy_on_the_new_labs_other_cells(pbc_model: Path, adapted: Path, bccd):
     before = evaluate(pbc_model, bccd[1])
     after = evaluate(adapted, bccd[1])
@@ -96,6 +98,7 @@ def test_adaptation_raises_accuracy_on_the_new_labs_other_cells(pbc_model: Path,
     assert load_checkpoint(adapted).config.adaptation["cells"] == record["verified_cells"]
 
 
+@pytest.mark.slow
 def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
     pbc_model: Path, adapted: Path, data_root, tmp_path: Path
 ):
@@ -114,6 +117,7 @@ def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
     assert isinstance(resolve_model(adapted, needs_torch="Grad-CAM"), torch.nn.Module)
 
 
+@pytest.mark.slow
 def test_a_run_whose_checkpoint_changed_after_its_export_is_served_by_the_checkpoint(adapted: Path, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(adapted, run)
@@ -122,6 +126,7 @@ def test_a_run_whose_checkpoint_changed_after_its_export_is_served_by_the_checkp
     assert "older than model.pt" in caplog.text
 
 
+@pytest.mark.slow
 def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(pbc_model: Path, adapted: Path, bccd):
     """The adapted scorer averages the penultimate score with those of the two frozen layer groups
     before the tuned ones, and every way of running the model computes it alike."""
@@ -149,6 +154,7 @@ def test_with_replay_the_adapted_ood_score_also_weighs_the_frozen_layer_groups(p
     assert not np.allclose(predict(penultimate_only, paths, tta=False).ood_score.to_numpy(), torch_scores, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_data_statistics_can_be_recorded_again_for_a_model_saved_without_them(pbc_model: Path, pbc_small, tmp_path):
     """What scripts/train_bundled_model.py --statistics-only does to the bundled model: the batch-norm
     and layer groups' statistics as training records them, and nothing else changed."""
@@ -171,6 +177,7 @@ def test_data_statistics_can_be_recorded_again_for_a_model_saved_without_them(pb
             torch.testing.assert_close(again[key][name][1], spread, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(
     pbc_model: Path, adapted: Path, bccd, data_root: Path, tmp_path: Path
 ):
@@ -192,6 +199,7 @@ def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(
         count(adapted, fields, tmp_path / "count", resume=True, tta=False)
 
 
+@pytest.mark.slow
 def test_missing_classes_and_single_cells_work(pbc_model: Path, bccd, tmp_path: Path):
     table = pd.read_csv(bccd[0])
     few = pd.concat([table[table.label == "neutrophil"].head(3), table[table.label == "eosinophil"].head(1)])
@@ -213,6 +221,7 @@ def test_a_backbone_without_layer_groups_is_adapted_head_only(bccd, tmp_path: Pa
         adapt(bccd[0], tmp_path / "deeper", base_path, replace(config, trainable_groups=2))
 
 
+@pytest.mark.slow
 def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, tmp_path: Path):
     table = pd.read_csv(bccd[0])
     mixed = pd.concat(
@@ -262,6 +271,7 @@ def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, t
     assert cli.returncode == 2 and "Traceback" not in cli.stderr and "error:" in cli.stderr
 
 
+@pytest.mark.slow
 def test_an_interrupted_adaptation_leaves_nothing_to_load(pbc_model: Path, bccd, tmp_path: Path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -274,6 +284,7 @@ def test_an_interrupted_adaptation_leaves_nothing_to_load(pbc_model: Path, bccd,
         load_checkpoint(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_unlabelled_cells_alone_that_are_all_flagged_still_give_a_model(pbc_model: Path, data_root: Path):
     """Found by the benchmark: with no verified cell and every unlabelled cell flagged, no pseudo-label
     exists; the batch-norm-adapted model comes back instead of a crash."""
@@ -290,6 +301,7 @@ def test_unlabelled_cells_alone_that_are_all_flagged_still_give_a_model(pbc_mode
     assert adapt_model(base, images[:0], np.array([], dtype=np.int64), QUICK, None, images) is not None
 
 
+@pytest.mark.slow
 def test_cross_fitting_raises_the_threshold_for_the_labs_other_cells(pbc_model: Path, adapted: Path, bccd, tmp_path):
     """The same adaptation calibrated on the verified cells' own views flags more of the lab's other
     cells: fine-tuning pulled the verified cells together. Cross-fitting moves only the threshold."""
@@ -308,6 +320,7 @@ def test_cross_fitting_raises_the_threshold_for_the_labs_other_cells(pbc_model: 
     assert json.loads((adapted / "config.json").read_text())["adapt"]["cross_fit"] is True
 
 
+@pytest.mark.slow
 def test_the_half_models_take_their_own_step_budget(pbc_model: Path, bccd, monkeypatch):
     """Cross-fitting's two half-models only place the threshold, so they may train for fewer steps
     than the model that is shipped (``cross_fit_steps``)."""

@@ -99,6 +99,12 @@ class AdaptConfig:
             raise WbcidError(f"invalid adaptation settings: {', '.join(bad)} (counts must be >= 1, rates >= 0)")
         train_augmentation(self.augment)  # a bad policy fails here, before any work
 
+    @property
+    def resolved_precision(self) -> str:
+        """``precision`` with ``auto`` resolved as on the CPU (fp32 there) wherever the steps run: one
+        rule for the replay cache, the fine-tuning and the config the run records."""
+        return resolve_precision(self.precision, torch.device("cpu"))
+
 
 @dataclass
 class Replay:
@@ -187,7 +193,7 @@ def make_replay(
     prefix, _ = model.split(config.trainable_groups)
     augment = train_augmentation(config.augment)
     taps = stage_taps(model, config.trainable_groups)
-    precision = resolve_precision(config.precision, torch.device("cpu"))
+    precision = config.resolved_precision
     acts, tapped = prefix_views(prefix, images, config.replay_views, augment, taps, precision)
     calibration_acts, calibration_tapped = prefix_views(prefix, calibration, 1, augment, taps, precision)
     return Replay(
@@ -330,7 +336,7 @@ def _fine_tune(
         model.stage_statistics = {t: s for t, s in (model.stage_statistics or {}).items() if t < cut} or None
     augment = train_augmentation(config.augment)
     taps = stage_taps(model, config.trainable_groups) if replay is not None else ()
-    precision = resolve_precision(config.precision, torch.device("cpu"))
+    precision = config.resolved_precision
     acts, tapped = cat_tapped(
         [prefix_views(prefix, images, views, augment, taps, precision) for images, _, views in parts]
     )
@@ -477,7 +483,7 @@ def adapt(
 
     started = time.perf_counter()
     config = config or AdaptConfig()
-    config = replace(config, precision=resolve_precision(config.precision, torch.device("cpu")))  # as on the CPU
+    config = replace(config, precision=config.resolved_precision)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise WbcidError(f"{out} already exists and is not empty; choose another --out (a run is never overwritten)")

@@ -127,8 +127,12 @@ class LayeredScore(nn.Module):
 
 def pooled(x: torch.Tensor) -> torch.Tensor:
     """Per-channel mean and standard deviation of feature maps ``(n, c, h, w)`` -> ``(n, 2c)``: what a
-    :class:`LayeredScore` scores an earlier layer group by (its "style": stain and texture show here)."""
-    return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+    :class:`LayeredScore` scores an earlier layer group by (its "style": stain and texture show here).
+    A 1 x 1 map has no spread: its std is NaN (as ``Tensor.std`` gives, without its warning), which
+    :func:`stage_statistics` reads as "do not score this group"."""
+    mean = x.mean((2, 3))
+    spread = x.std((2, 3)) if x.shape[2] * x.shape[3] > 1 else torch.full_like(mean, float("nan"))
+    return torch.cat([mean, spread], 1)
 
 
 def cat_tapped(parts: Sequence[tuple[torch.Tensor, list[torch.Tensor]]]) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -409,8 +409,9 @@ def _finish_run(
     validation metrics of the best model, report."""
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "history.png")
-    best = record_training_statistics(out / "model.pt", train_images, train_set, val_images)  # OOD, AdaBN, ONNX
-    val = compute_metrics(val_set.labels, predict_scores(best, val_images.split(128))[0].argmax(1))
+    best, val_features = record_training_statistics(out / "model.pt", train_images, train_set, val_images)
+    with torch.inference_mode():
+        val = compute_metrics(val_set.labels, best.head(val_features).argmax(1).numpy())
     (out / "val").mkdir(exist_ok=True)
     _write_json(out / "val" / "metrics.json", val)
     write_evaluation_report(val, out / "val", "Validation (best epoch)")

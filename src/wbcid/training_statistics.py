@@ -24,15 +24,17 @@ from .testtime import batchnorm_statistics
 
 def record_training_statistics(
     model_path: Path, train_images: torch.Tensor, train_set: CellSet, val_images: torch.Tensor
-) -> WBCNet:
+) -> tuple[WBCNet, torch.Tensor]:
     """Store in a saved model what later needs the training data: the batch-norm statistics of the
     training images (for :mod:`wbcid.testtime`), the OOD scorer, fitted on the training cells'
     features and calibrated on the validation cells (:mod:`wbcid.ood`), and the layer groups'
-    statistics that adapted models score (:func:`wbcid.ood.stage_statistics`)."""
+    statistics that adapted models score (:func:`wbcid.ood.stage_statistics`). Returns the model and
+    the validation cells' penultimate features, so that scoring them needs no second pass."""
     model = load_checkpoint(model_path)
     features = _record_data(model, train_images, train_set)
-    model.ood = MahalanobisScore.fit(features, ood_groups(train_set), image_features(model, val_images))
-    return _save_in_place(model, model_path)
+    val_features = image_features(model, val_images)
+    model.ood = MahalanobisScore.fit(features, ood_groups(train_set), val_features)
+    return _save_in_place(model, model_path), val_features
 
 
 def record_data_statistics(model_path: str | os.PathLike, train_set: CellSet) -> WBCNet:
@@ -77,4 +79,5 @@ def refit_training_statistics(model_path: str | os.PathLike, train_set: CellSet,
     train_images, train_set = load_images(train_set.known(), prep, "decoding training cells")
     val_images, _ = load_images(val_set.known(), prep, "decoding validation cells")
     path = Path(model_path)
-    return record_training_statistics(path / "model.pt" if path.is_dir() else path, train_images, train_set, val_images)
+    path = path / "model.pt" if path.is_dir() else path
+    return record_training_statistics(path, train_images, train_set, val_images)[0]

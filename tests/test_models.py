@@ -102,8 +102,13 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
     assert loaded.config == model.config
     (tmp_path / "junk.pt").write_bytes(b"not a model")
-    with pytest.raises(WbcidError, match="not a wbcid model"):
+    with pytest.raises(WbcidError, match="not a wbcid model file \\(not a PyTorch checkpoint") as junk:
         load_checkpoint(tmp_path / "junk.pt")
+    assert "weights_only" not in str(junk.value)  # torch's advice to unpickle the file is not passed on
+    whole = (tmp_path / "run" / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    with pytest.raises(WbcidError, match="not a wbcid model file \\(PytorchStreamReader failed reading zip archive"):
+        load_checkpoint(tmp_path / "cut.pt")
     with pytest.raises(WbcidError, match="no model at"):
         load_checkpoint(tmp_path / "missing")
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -126,6 +127,17 @@ def test_split_without_split_column_is_stratified(data_root):
     for name in CLASSES:
         share = val.class_counts()[name] / cells.class_counts()[name]
         assert 0.08 < share < 0.25
+
+
+def test_a_few_cells_split_without_a_crash_or_are_refused_clearly(data_root):
+    """scikit-learn refuses to stratify a hold-out smaller than the classes present: such a set is
+    split unstratified, and one cell, which cannot be split, gets a clear message."""
+    cells = read_cells(data_root / "cells" / "lisc")
+    few = cells.subset([i for n in range(5) for i in np.flatnonzero(cells.labels == n)[:2]])  # 2 per class
+    train, val = split_train_val(few, 0.15, seed=0)
+    assert len(train) + len(val) == 10 and len(val) == 2
+    with pytest.raises(WbcidError, match="1 labelled cell"):
+        split_train_val(few.subset([0]))
 
 
 def test_cli_reports_user_errors_without_a_traceback(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter, deque
@@ -467,9 +468,14 @@ def split_train_val(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -
         cells = train
     from sklearn.model_selection import train_test_split  # not at import: predict never needs it
 
+    if len(cells) < 2:
+        raise WbcidError(f"{cells.origin}: {len(cells)} labelled cell(s); training needs 2 or more (1 validates)")
     labels = cells.labels
-    counts = np.bincount(labels, minlength=len(CLASSES))
-    stratify = labels if counts[counts > 0].min() >= 2 else None
+    present = np.bincount(labels)
+    present = present[present > 0]
+    n_val = math.ceil(val_fraction * len(cells))  # as scikit-learn rounds a fractional test_size
+    stratified = present.min() >= 2 and len(present) <= min(n_val, len(cells) - n_val)  # else it refuses
+    stratify = labels if stratified else None
     idx_train, idx_val = train_test_split(
         np.arange(len(cells)), test_size=val_fraction, random_state=seed, stratify=stratify
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -270,6 +271,23 @@ def save_model(model: WBCNet, path: str | os.PathLike, half: bool = False, **ext
     return path
 
 
+def _load_failure(exc: Exception) -> str:
+    """Why torch could not read a file, for a user. Torch's own text for an arbitrary file advises
+    loading it with ``weights_only=False``, which runs code from the file: never passed on."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a PyTorch checkpoint, or one holding more than tensors and settings, which wbcid does not unpickle"
+    return str(exc).splitlines()[0].split(". ")[0]  # e.g. a truncated file's "failed reading zip archive"
+
+
+def read_saved(path: Path) -> dict:
+    """What :func:`save_model` wrote (or a training's ``last.pt``), loaded safely: tensors and
+    settings only; a clear error for any other file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise WbcidError(f"{path} is not a wbcid model file ({_load_failure(exc)})") from exc
+
+
 def load_checkpoint(path: str | os.PathLike) -> WBCNet:
     """Read a ``model.pt`` (or the one in a run directory). Users name models through
     :func:`wbcid.loading.resolve_model`, which also reads ONNX exports and the bundled model."""
@@ -278,10 +296,7 @@ def load_checkpoint(path: str | os.PathLike) -> WBCNet:
         path = path / "model.pt"
     if not path.is_file():
         raise WbcidError(f"no model at {path} (expected a run directory, a model .pt file or an ONNX export)")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise WbcidError(f"{path} is not a wbcid model file ({exc.__class__.__name__}: {exc})") from exc
+    saved = read_saved(path)
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise WbcidError(f"{path} is not a wbcid model file (format {FORMAT} expected)")
     config = ModelConfig.from_dict(saved["config"])

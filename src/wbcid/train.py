@@ -37,7 +37,7 @@ from .data import CLASSES, CellSet, load_images, split_train_val, training_recor
 from .errors import WbcidError
 from .evaluation import compute_metrics
 from .inference import predict_scores
-from .models import WBCNet, create_model, save_model
+from .models import WBCNet, create_model, read_saved, save_model
 from .preprocess import REFERENCE_SAMPLE, Preprocess, fit_stain_reference
 from .reports import plot_history, write_evaluation_report, write_run_report
 from .serving import NO_BF16_UNITS
@@ -437,7 +437,7 @@ def _load_checkpoint(out: Path) -> dict:
     path = out / "last.pt"
     if not path.is_file():
         raise WbcidError(f"nothing to resume: {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_saved(path)
 
 
 def _write_json(path: Path, obj: dict) -> None:

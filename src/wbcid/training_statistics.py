@@ -16,7 +16,7 @@ import torch
 
 from .data import CellSet, load_images
 from .export import export_run
-from .models import WBCNet, load_checkpoint, save_model
+from .models import WBCNet, load_checkpoint, read_saved, save_model
 from .ood import MahalanobisScore, image_features, ood_groups, stage_statistics
 from .preprocess import Preprocess
 from .testtime import batchnorm_statistics
@@ -62,7 +62,7 @@ def _record_data(model: WBCNet, images: torch.Tensor, cells: CellSet) -> torch.T
 def _save_in_place(model: WBCNet, path: Path) -> WBCNet:
     """Write ``model`` over the file it came from, in its precision and with its other records; a
     run's ``model.pt`` also gets its ONNX export written (again: an older one would be stale)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = read_saved(path)
     half = any(v.dtype == torch.float16 for v in saved["state_dict"].values())
     recorded = ("format", "config", "state_dict", "source_statistics", "stage_statistics")  # the model's own win
     extra = {k: v for k, v in saved.items() if k not in recorded}

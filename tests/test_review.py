@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from wbcid.data import CLASSES, read_cells
+from wbcid.errors import WbcidError
 from wbcid.inference import predict
 from wbcid.smear.counting import count
 from wbcid.web import ReviewStore, create_app
@@ -160,6 +161,14 @@ def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
     assert "specimens" not in client.get("/api/differential").json()  # class folders are not specimens
     assert client.get(f"/api/cells/{cells[0]['id']}/image").status_code == 200
     assert (tmp_path / "predictions.review" / "review.sqlite").is_file()
+
+
+def test_a_damaged_review_database_is_reported_and_kept(run: Path):
+    damaged = b"not a database, but perhaps a person's corrections" * 20
+    (run / "review.sqlite").write_bytes(damaged)
+    with pytest.raises(WbcidError, match="not a readable review database .*move it aside"):
+        ReviewStore.open(run)
+    assert (run / "review.sqlite").read_bytes() == damaged
 
 
 def test_gradcam_view_of_a_cell(run: Path):

@@ -80,18 +80,24 @@ class ReviewStore:
             )
         store = cls(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        with store._connect() as db:
-            db.executescript(SCHEMA)
-            if db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 0:
-                db.executemany(
-                    "INSERT INTO cells (image, specimen, box, model_label, confidence, ood_score, flagged, "
-                    "label) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                db.executemany(
-                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                    [(k, json.dumps(v)) for k, v in {**meta, "run": str(run)}.items()],
-                )
+        try:
+            with store._connect() as db:
+                db.executescript(SCHEMA)
+                if db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 0:
+                    db.executemany(
+                        "INSERT INTO cells (image, specimen, box, model_label, confidence, ood_score, flagged, "
+                        "label) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                    db.executemany(
+                        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        [(k, json.dumps(v)) for k, v in {**meta, "run": str(run)}.items()],
+                    )
+        except sqlite3.DatabaseError as exc:  # damaged, or another program's file: never overwritten here
+            raise WbcidError(
+                f"{store.path} is not a readable review database ({exc}); it may hold corrections, so it is "
+                "left as it is: move it aside to start the review afresh"
+            ) from exc
         if not rows:
             raise WbcidError(f"{run}: no cells to review (no WBC was found or read)")
         return store

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from wbcid.data import CLASSES, read_cells
 from wbcid.errors import WbcidError
 from wbcid.inference import predict
 from wbcid.smear.counting import count
-from wbcid.web import ReviewStore, create_app
+from wbcid.web import ReviewStore, create_app, serve
 
 FIELDS = [
     "BloodImage_00000.jpg",
@@ -169,6 +170,15 @@ def test_a_damaged_review_database_is_reported_and_kept(run: Path):
     with pytest.raises(WbcidError, match="not a readable review database .*move it aside"):
         ReviewStore.open(run)
     assert (run / "review.sqlite").read_bytes() == damaged
+
+
+def test_a_port_in_use_is_refused_before_the_address_is_announced(run: Path, capsys):
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(WbcidError, match="cannot serve on 127.0.0.1:.*pass --port"):
+            serve(run, port=other.getsockname()[1])
+    assert "review at" not in capsys.readouterr().out  # no link to the program that holds the port
 
 
 def test_gradcam_view_of_a_cell(run: Path):

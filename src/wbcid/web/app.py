@@ -17,6 +17,7 @@ import getpass
 import ipaddress
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
 from ..data import CLASSES
+from ..errors import WbcidError
 from .export import export_review
 from .store import LABELS, ReviewStore, cell_image
 
@@ -160,7 +162,7 @@ def serve(
     model: str | os.PathLike | None = None,
     reviewer: str | None = None,
 ) -> None:
-    """Cut the thumbnails, then serve the review app until Ctrl-C."""
+    """Cut the thumbnails, then serve the review app until Ctrl-C (``port`` 0: any free port)."""
     import uvicorn
 
     app = create_app(run, model, reviewer)
@@ -169,11 +171,27 @@ def serve(
         log.info("cut %d thumbnails (cached for the next start)", made)
     if not ipaddress.ip_address(_resolve(host)).is_loopback:
         log.warning("serving on %s: anyone who can reach this address can read and change the review", host)
-    print(f"review at http://{host}:{port}/  (Ctrl-C stops; every correction is already saved)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    with _listen(host, port) as sock:
+        print(
+            f"review at http://{host}:{sock.getsockname()[1]}/  (Ctrl-C stops; every correction is already saved)",
+            flush=True,
+        )
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the address is announced: a port that another program (or a
+    second review) holds gets a clear message, not a link to that program."""
+    address = _resolve(host)
+    sock = socket.socket(socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+    try:
+        sock.bind((address, port))
+    except OSError as exc:
+        sock.close()
+        raise WbcidError(f"cannot serve on {host}:{port} ({exc.strerror}): another review? pass --port") from exc
+    return sock
 
 
 def _resolve(host: str) -> str:
-    import socket
-
     return socket.gethostbyname(host)

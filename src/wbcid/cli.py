@@ -363,7 +363,7 @@ def adapt(
 @app.command()
 def review(
     run: Annotated[Path, typer.Argument(help="Output of `wbcid count` (its folder) or `wbcid predict` (its CSV).")],
-    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8765,
+    port: Annotated[int, typer.Option(help="Port to serve on (0: any free port).")] = 8765,
     host: Annotated[
         str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the review.")
     ] = "127.0.0.1",

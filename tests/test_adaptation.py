@@ -200,13 +200,17 @@ def test_the_adapted_model_predicts_over_rotations_and_flips_unless_told_not_to(
 
 
 @pytest.mark.slow
-def test_missing_classes_and_single_cells_work(pbc_model: Path, bccd, tmp_path: Path, caplog):
+def test_missing_classes_and_single_cells_work(pbc_model: Path, bccd, data_root: Path, tmp_path: Path, caplog):
     table = pd.read_csv(bccd[0])
     few = pd.concat([table[table.label == "neutrophil"].head(3), table[table.label == "eosinophil"].head(1)])
     few.to_csv(tmp_path / "few.csv", index=False)
     with caplog.at_level("WARNING", logger="wbcid"):
         run = adapt(tmp_path / "few.csv", tmp_path / "run", pbc_model, QUICK)
     assert "no verified lymphocyte, monocyte, basophil" in caplog.text  # the user is told which counts are unverified
+    fields = sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:1]
+    counted = count(run, fields, tmp_path / "count")  # and so is whoever counts with the model later
+    assert any("no verified lymphocyte, monocyte, basophil" in note for note in counted["warnings"])
+    assert "no verified lymphocyte" in (tmp_path / "count" / "report.html").read_text()
     record = json.loads((run / "config.json").read_text())
     assert record["verified_cells"] == {"neutrophil": 3, "lymphocyte": 0, "monocyte": 0, "eosinophil": 1, "basophil": 0}
     assert load_checkpoint(run).head[1].out_features == len(CLASSES)  # still all five classes

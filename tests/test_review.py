@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import threading
@@ -162,6 +163,16 @@ def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
     assert "specimens" not in client.get("/api/differential").json()  # class folders are not specimens
     assert client.get(f"/api/cells/{cells[0]['id']}/image").status_code == 200
     assert (tmp_path / "predictions.review" / "review.sqlite").is_file()
+
+
+def test_the_counts_warnings_are_on_the_page(run: Path):
+    """What the count warned about (e.g. types its model was adapted without) is in front of the
+    person who verifies the cells, not only in the count's report."""
+    result = json.loads((run / "counts.json").read_text())
+    result["warnings"] = ["adapted with no verified basophil <from its lab>"]
+    (run / "counts.json").write_text(json.dumps(result))
+    page = TestClient(create_app(run)).get("/").text
+    assert '<p class="warn">adapted with no verified basophil &lt;from its lab&gt;</p>' in page
 
 
 def test_a_damaged_review_database_is_reported_and_kept(run: Path):

@@ -508,17 +508,12 @@ def adapt(
     log.info(
         "adapting to %d verified cells (%s)", len(cells), ", ".join(f"{k} {v}" for k, v in cells.class_counts().items())
     )
-    if unverified := [name for name, n in cells.class_counts().items() if n == 0]:
-        log.warning(
-            "no verified %s: the adapted model learns these types in this lab from the base model's "
-            "training cells alone (the one such case measured, tecom's basophil, was missed in every draw: "
-            "docs/adaptation.md); verify a few (wbcid review) and adapt again before trusting their counts",
-            ", ".join(unverified),
-        )
     adapted = adapt_model(base, images, cells.labels, config, bank, unlabelled_images)
     statistics_images = images if bank is None else torch.cat([images, bank.images])
     adapted.source_statistics = batchnorm_statistics(adapted, statistics_images)
     adapted.config = replace(adapted.config, adaptation={"base": base_name, "cells": cells.class_counts()})
+    if warning := adapted.config.unverified_warning():
+        log.warning(warning)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

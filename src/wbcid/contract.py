@@ -53,6 +53,18 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def unverified_warning(self) -> str | None:
+        """For a model from ``wbcid adapt`` that saw no verified cell of some types from its lab, what
+        a user must know before trusting its counts of them (None: there are none, or not adapted)."""
+        missing = [name for name, n in (self.adaptation or {}).get("cells", {}).items() if n == 0]
+        if not missing:
+            return None
+        return (
+            f"adapted with no verified {', '.join(missing)} from its lab: the model knows these types from "
+            "its training labs alone (the one such case measured, tecom's basophil, was missed in every "
+            "draw: docs/adaptation.md); verify a few (wbcid review) and adapt again before trusting their counts"
+        )
+
     @classmethod
     def from_dict(cls, saved: dict) -> ModelConfig:
         """Read a stored config; keys this version does not know are ignored (newer files still load)."""

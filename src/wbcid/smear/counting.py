@@ -271,6 +271,9 @@ def count(
     }
     specimen_of = {field: specimen for specimen, members in groups.items() for field in members}
     model = resolve_model(model, precision=choose_precision("fp32" if precision == "auto" else precision, len(fields)))
+    if unverified := model.config.unverified_warning():  # in counts.json and the report, beside the counts
+        log.warning(unverified)
+        notes.append(unverified)
     tta = resolve_tta(model, tta)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
     settings = {"model": name, "scales": scales, "detector": detector, "tta": tta}

@@ -71,6 +71,7 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
                 "classes": CLASSES,
                 "run": str(store.meta("run")),
                 "model": str(store.meta("model")),
+                "warnings": store.meta("warnings", []),
                 "reviewer": reviewer,
             },
         )

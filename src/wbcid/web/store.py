@@ -263,6 +263,7 @@ def _count_meta(counts_json: Path) -> dict:
         "model": result.get("model"),
         "reference": result.get("reference", {}).get("ranges", REFERENCE_RANGES),
         "kind": "count",
+        "warnings": result.get("warnings", []),  # e.g. types the model was adapted without: shown on the page
     }
 
 

@@ -21,6 +21,15 @@ from wbcid.data import CLASSES, parse_label
 from wbcid.smear.counting import count, differential
 
 
+def listed_types(smears: Path) -> dict[str, list[str]]:
+    """The WBC types BCCD lists for each field (by file stem); an empty list where it lists none."""
+    listed = pd.read_csv(smears / "labels.csv", dtype=str, keep_default_na=False)
+    return {
+        f"BloodImage_{int(i):05d}": [CLASSES[parse_label(t.strip())] for t in c.split(",") if t.strip()]
+        for i, c in zip(listed["Image"], listed["Category"])
+    }
+
+
 def main() -> None:
     options = parser(__doc__)
     options.add_argument("--model", type=Path, help="run directory or model file; default: the bundled model")
@@ -31,11 +40,7 @@ def main() -> None:
     command = setup()
     args.smears = args.smears or args.data / "smears" / "bccd"
 
-    listed = pd.read_csv(args.smears / "labels.csv", dtype=str, keep_default_na=False)
-    types = {
-        f"BloodImage_{int(i):05d}": [CLASSES[parse_label(t.strip())] for t in c.split(",") if t.strip()]
-        for i, c in zip(listed["Image"], listed["Category"])
-    }
+    types = listed_types(args.smears)
     fields = sorted((args.smears / "images").glob("*.jpg"))
     shutil.rmtree(args.run, ignore_errors=True)  # this benchmark's own scratch count, made again
     began = time.perf_counter()

@@ -345,3 +345,25 @@ def test_the_half_models_take_their_own_step_budget(pbc_model: Path, bccd, monke
     monkeypatch.setattr(adaptation, "_fine_tune", counted)
     adaptation.adapt_model(base, images, cells.labels, replace(QUICK, steps=6, cross_fit_steps=3, views=2))
     assert budgets == [6, 3, 3]
+
+
+@pytest.mark.slow
+def test_the_labs_loop_count_review_adapt_count(pbc_model: Path, data_root: Path, tmp_path: Path):
+    """The product's loop through its real parts: a count, a person's corrections in the review
+    store, its export, ``adapt`` on that export, and a count with the adapted model."""
+    from wbcid.web import ReviewStore, export_review
+
+    fields = sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:6]
+    count(pbc_model, fields, tmp_path / "first")
+    store = ReviewStore.open(tmp_path / "first")
+    cells = store.cells()
+    verified = {cell["id"]: CLASSES[i % 2] for i, cell in enumerate(cells[:4])}  # two types, as a person says
+    for cell_id, label in verified.items():
+        store.set_label(cell_id, label, reviewer="test")
+    exported = export_review(store, tmp_path / "verified")
+    run = adapt(exported / "manifest.csv", tmp_path / "lab", pbc_model, replace(QUICK, steps=10))
+    record = json.loads((run / "config.json").read_text())
+    assert record["verified_cells"] == {c: sum(v == c for v in verified.values()) for c in CLASSES}
+    again = count(run, fields, tmp_path / "again")
+    assert again["tta"] is True and again["totals"]["detected"] == len(cells)  # same fields, same detector
+    assert any("no verified monocyte, eosinophil, basophil" in note for note in again["warnings"])

@@ -49,3 +49,4 @@ def test_fields_without_red_cells_fall_back_to_the_default_with_a_warning(tmp_pa
         scale = estimate_scale([blank, tiny, tmp_path / "missing.png"])
     assert scale["cell_diameter"] == DEFAULT_CELL_DIAMETER and scale["how"].startswith("default")
     assert "--cell-diameter" in caplog.text
+    assert "3 sampled field(s) (1 of them unreadable)" in caplog.text  # not blamed on the red cells alone

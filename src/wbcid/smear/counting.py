@@ -361,20 +361,23 @@ def estimate_scale(
     size becomes the scale; again at the new scale, until it moves by less than 2 % (docs/scale.md
     compares the two against annotated boxes)."""
     picked = [fields[int(i)] for i in np.unique(np.linspace(0, len(fields) - 1, min(sample, len(fields))).round())]
+    unreadable: set[Path] = set()  # said apart from fields without red cells: a different problem
 
     def measure(path: Path, diameter: float | None = None) -> float | None:
         try:
             image = open_field(path)[0]
         except UNREADABLE:
+            unreadable.add(path)
             return None
         return rbc_diameter(image) if diameter is None else refine(image, diameter).rbc_diameter
 
     found = [m for m in map_ahead(measure, picked) if m is not None]
     if not found:
         log.warning(
-            "no red cells to measure the scale in %d sampled field(s); assuming WBCs %g px across "
+            "no red cells to measure the scale in %d sampled field(s)%s; assuming WBCs %g px across "
             "(BCCD's 640x480 fields): pass --cell-diameter if that is wrong",
             len(picked),
+            f" ({len(unreadable)} of them unreadable)" if unreadable else "",
             DEFAULT_CELL_DIAMETER,
         )
         return {"cell_diameter": DEFAULT_CELL_DIAMETER, "how": "default: no red cells found", "fields_measured": 0}

@@ -251,6 +251,8 @@ def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, t
     (tmp_path / "empty").mkdir()
     with pytest.raises(WbcidError, match="no labelled images"):
         adapt(tmp_path / "empty", tmp_path / "r2", pbc_model, QUICK)
+    with pytest.raises(WbcidError, match="no images .* in .*empty"):
+        adapt(tmp_path / "mixed.csv", tmp_path / "r6", pbc_model, QUICK, unlabelled=[tmp_path / "empty"])
     (tmp_path / "fake.pt").write_bytes(b"not a model")
     with pytest.raises(WbcidError, match="not a wbcid model"):
         adapt(tmp_path / "mixed.csv", tmp_path / "r3", tmp_path / "fake.pt", QUICK)

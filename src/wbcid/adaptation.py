@@ -491,11 +491,9 @@ def adapt(
     base_name = describe_model(model)
     prep = Preprocess.of(base.config)
     cells = data if isinstance(data, CellSet) else read_cells(data)
-    images, cells = load_images(cells, prep, "decoding verified cells")
-    unlabelled_images = None
-    if unlabelled:
-        found = CellSet([Cell(p) for p in list_images(unlabelled)], origin="unlabelled cells")
-        unlabelled_images, _ = load_images(found, prep, "decoding unlabelled cells")
+    found = CellSet([Cell(p) for p in list_images(unlabelled)], origin="unlabelled cells") if unlabelled else None
+    images, cells = load_images(cells, prep, "decoding verified cells")  # after every input is found: fail fast
+    unlabelled_images = None if found is None else load_images(found, prep, "decoding unlabelled cells")[0]
     replay_arguments, replay_origin = decode_replay(base, replay, prep, config)
     bank = None
     if replay_arguments is not None:

@@ -184,7 +184,7 @@ def _listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the address is announced: a port that another program (or a
     second review) holds gets a clear message, not a link to that program."""
     address = _resolve(host)
-    sock = socket.socket(socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET)
+    sock = socket.socket(socket.AF_INET)  # _resolve gives IPv4 addresses
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
     try:
         sock.bind((address, port))

@@ -6,7 +6,7 @@ BCCD's 364 fields are split at random (one split per ``--seeds``) into two halve
 one lab. The first is counted with ``--model`` (default ``runs/pbc``: trained on PBC only, it never
 saw BCCD) and opened in the review store (:class:`wbcid.web.ReviewStore`, what ``wbcid review``
 serves). A simulated technologist works down the store's queue (flagged first, then least
-confident) and verifies each cell whose type is known here, a field where BCCD lists one WBC and
+confident; ``--order random``: in a random order instead) and verifies each cell whose type is known here, a field where BCCD lists one WBC and
 the count found one, with BCCD's label; cells of other fields are passed over (their types are not
 known here). After ``--budgets`` verified cells (cumulative: 10, then 15 more to 25, and so on)
 the review is exported (what ``wbcid review --export`` writes) and the model adapted with
@@ -48,6 +48,9 @@ def main() -> None:
     options.add_argument("--model", type=Path, default=Path("runs/pbc"), help="the lab's starting model")
     options.add_argument("--budgets", type=int, nargs="+", default=[10, 25, 50, 100], help="verified cells, cumulative")
     options.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one split of the fields each")
+    options.add_argument(
+        "--order", choices=["queue", "random"], default="queue", help="which cells the technologist verifies first"
+    )
     options.add_argument("--work", type=Path, default=Path("runs/loop"))
     options.add_argument("--out", type=Path, default=Path("docs/loop"))
     args = options.parse_args()
@@ -64,8 +67,11 @@ def main() -> None:
         count(args.model, first, work / "first")
         before = score(count(args.model, second, work / "second-before"), types)
         store = ReviewStore.open(work / "first")
+        queue = store.cells()  # the page's order: flagged first, then least confident
+        if args.order == "random":
+            queue = [queue[i] for i in np.random.default_rng(seed).permutation(len(queue))]
         for budget in sorted(args.budgets):
-            verified = review(store, types, budget)
+            verified = review(store, queue, types, budget)
             exported = export_review(store, work / f"verified-{budget}")
             began = time.perf_counter()
             run = adapt(exported / "manifest.csv", work / f"adapted-{budget}", args.model)
@@ -76,22 +82,22 @@ def main() -> None:
                 | {"before": before, "after": after}
             )
             print(json.dumps(rows[-1]))
-    result = {"command": command, "model": str(args.model), "fields": len(fields), "rows": rows}
+    result = {"command": command, "model": str(args.model), "order": args.order, "fields": len(fields), "rows": rows}
     write_results(args.out, result, report(result))
     print(report(result))
 
 
-def review(store: ReviewStore, types: dict[str, list[str]], budget: int) -> dict[str, int]:
-    """Verify cells down the store's queue, where the type is known, until ``budget`` are verified;
+def review(store: ReviewStore, queue: list[dict], types: dict[str, list[str]], budget: int) -> dict[str, int]:
+    """Verify cells in ``queue``'s order, where the type is known, until ``budget`` are verified;
     returns how many of each type are."""
-    cells = store.cells()
-    per_field = Counter(cell["image"] for cell in cells)
-    done = sum(cell["reviewed"] for cell in cells)
-    for cell in cells:
+    per_field = Counter(cell["image"] for cell in queue)
+    reviewed = {cell["id"] for cell in store.cells() if cell["reviewed"]}
+    done = len(reviewed)
+    for cell in queue:
         listed = types.get(Path(cell["image"]).stem, [])
         if done >= budget:
             break
-        if not cell["reviewed"] and len(listed) == 1 and per_field[cell["image"]] == 1:
+        if cell["id"] not in reviewed and len(listed) == 1 and per_field[cell["image"]] == 1:
             store.set_label(cell["id"], listed[0], reviewer="simulated")
             done += 1
     verified = Counter(cell["label"] for cell in store.cells() if cell["reviewed"])
@@ -175,8 +181,9 @@ def report(r: dict) -> str:
     return f"""# The lab's loop on BCCD: count, review, adapt, count again
 
 Command: `{r["command"]}` (model {r["model"]}; {r["fields"]} fields, split in two halves per split
-seed; nothing else ran). What each column is: the script's docstring. The second half's cells of known type
-(a field with one listed WBC and one detection), per type (N/L/M/E/B): {known}.
+seed; cells verified in {"the review queue's" if r["order"] == "queue" else "a random"} order; nothing else
+ran). What each column is: the script's docstring. The second half's cells of known type (a field
+with one listed WBC and one detection), per type (N/L/M/E/B): {known}.
 
 {chr(10).join(lines)}
 {chr(10).join(means)}

@@ -163,6 +163,14 @@ def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
     assert "specimens" not in client.get("/api/differential").json()  # class folders are not specimens
     assert client.get(f"/api/cells/{cells[0]['id']}/image").status_code == 200
     assert (tmp_path / "predictions.review" / "review.sqlite").is_file()
+    predict(None, images[:2], tmp_path / "unsuffixed")  # `--out` takes any name
+    assert len(ReviewStore.open(tmp_path / "unsuffixed").cells()) == 2
+    with pytest.raises(WbcidError, match="not a readable CSV"):
+        ReviewStore.open(images[0])  # an image named by mistake
+
+
+def test_the_counts_file_stands_for_its_folder(run: Path):
+    assert ReviewStore.open(run / "counts.json").folder == run
 
 
 def test_the_counts_warnings_are_on_the_page(run: Path):

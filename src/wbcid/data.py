@@ -265,11 +265,16 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _read_manifest(csv_path: Path) -> CellSet:
+def read_table(csv_path: Path, **options) -> pd.DataFrame:
+    """A CSV a user named (empty cells stay empty strings), or a clear message if it is not one."""
     try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        return pd.read_csv(csv_path, keep_default_na=False, **options)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise WbcidError(f"{csv_path}: not a readable CSV ({exc})") from exc
+
+
+def _read_manifest(csv_path: Path) -> CellSet:
+    table = read_table(csv_path, dtype=str)
     table.columns = [str(c).strip().lower() for c in table.columns]  # "Path,Label" is the same manifest
     missing_cols = {"path", "label"} - set(table.columns)
     if missing_cols:

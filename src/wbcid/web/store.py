@@ -18,10 +18,9 @@ from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pandas as pd
 from PIL import Image, ImageDraw
 
-from ..data import CLASSES
+from ..data import CLASSES, read_table
 from ..errors import WbcidError
 from ..smear.counting import CONTEXT, REFERENCE_RANGES, differential, open_field
 
@@ -67,9 +66,11 @@ class ReviewStore:
     def open(cls, run: str | os.PathLike) -> ReviewStore:
         """The store of a count folder or prediction CSV, importing its cells on first use."""
         run = Path(run)
+        if run.is_file() and run.name == "counts.json":  # the count's file named instead of its folder
+            run = run.parent
         if run.is_dir() and (run / "counts.json").is_file():
             folder, rows, meta = run, _count_rows(run / "counts.json"), _count_meta(run / "counts.json")
-        elif run.is_file() and run.suffix.lower() == ".csv":
+        elif run.is_file():  # `wbcid predict --out` takes any name; its columns are checked on reading
             folder, rows, meta = run.with_suffix(".review"), _prediction_rows(run), {"model": "see the prediction run"}
         elif run.is_dir() and (run / "fields.jsonl").is_file():
             raise WbcidError(f"{run}: the count did not finish; complete it with `wbcid count ... --resume` first")
@@ -268,7 +269,7 @@ def _count_meta(counts_json: Path) -> dict:
 
 
 def _prediction_rows(csv_path: Path) -> list[tuple]:
-    table = pd.read_csv(csv_path, keep_default_na=False)
+    table = read_table(csv_path)
     missing = {"path", "label", "probability", "ood_score", "flagged"} - set(table.columns)
     if missing:
         raise WbcidError(f"{csv_path}: not a `wbcid predict` CSV (missing columns {sorted(missing)})")

@@ -1,6 +1,7 @@
 """The lab's loop end to end on BCCD's smear fields: count, review, adapt, count again.
 
     python benchmarks/loop.py [--model runs/pbc] [--budgets 10 25 50 100] [--seeds 0 1 2]
+    python benchmarks/loop.py --report [--out docs/loop]   # OUT.md again from OUT.json, nothing rerun
 
 BCCD's 364 fields are split at random (one split per ``--seeds``) into two halves: two slides of
 one lab. The first is counted with ``--model`` (default ``runs/pbc``: trained on PBC only, it never
@@ -53,7 +54,12 @@ def main() -> None:
     )
     options.add_argument("--work", type=Path, default=Path("runs/loop"))
     options.add_argument("--out", type=Path, default=Path("docs/loop"))
+    options.add_argument("--report", action="store_true", help="only write OUT.md from OUT.json")
     args = options.parse_args()
+    if args.report:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        write_results(args.out, result, report(result))
+        return
     command = setup()
     smears = args.data / "smears" / "bccd"
     types = listed_types(smears)
@@ -178,12 +184,13 @@ def report(r: dict) -> str:
         for row in r["rows"]
         if row["budget"] == r["rows"][0]["budget"]
     )
+    order = "the review queue's" if r["order"] == "queue" else "a random"
     return f"""# The lab's loop on BCCD: count, review, adapt, count again
 
 Command: `{r["command"]}` (model {r["model"]}; {r["fields"]} fields, split in two halves per split
-seed; cells verified in {"the review queue's" if r["order"] == "queue" else "a random"} order; nothing else
-ran). What each column is: the script's docstring. The second half's cells of known type (a field
-with one listed WBC and one detection), per type (N/L/M/E/B): {known}.
+seed; cells verified in {order} order; nothing else ran). What each column is: the script's
+docstring. The second half's cells of known type (a field with one listed WBC and one detection),
+per type (N/L/M/E/B): {known}.
 
 {chr(10).join(lines)}
 {chr(10).join(means)}

@@ -143,6 +143,7 @@ def test_export_is_readable_training_data(run: Path, tmp_path: Path):
     manifest = read_cells(out / "manifest.csv")
     assert sorted(CLASSES[i] for i in manifest.labels) == ["eosinophil", "lymphocyte"]  # 'other' is not training data
     assert sorted(CLASSES[i] for i in read_cells(out / "cells").labels) == ["eosinophil", "lymphocyte"]
+    assert read_cells(out).paths == manifest.paths  # the export's folder reads as its manifest (adapt --data DIR)
     report = (out / "report.html").read_text()
     assert "3 cell(s) verified by a person" in report
 

@@ -43,6 +43,7 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  #
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DATA_ENV = "WBCID_DATA"
 AHEAD = 2  # batches decoded ahead of the network in image_batches
+MANIFESTS = ("cells.csv", "manifest.csv")  # what a folder given as data is read by, first found
 T, R = TypeVar("T"), TypeVar("R")
 
 # Abbreviations and typos seen in public WBC datasets (PBC file prefixes, Kaggle folders, ...).
@@ -186,8 +187,9 @@ def read_cells(
     path = Path(path)
     if not path.exists():
         raise WbcidError(f"data path does not exist: {path}")
-    if path.is_dir() and (path / "cells.csv").is_file():
-        path = path / "cells.csv"
+    manifests = [path / name for name in MANIFESTS if (path / name).is_file()] if path.is_dir() else []
+    if manifests:  # a data folder's manifest, or the one `wbcid review --export` writes beside its cells
+        path = manifests[0]
     if path.suffix.lower() == ".csv":
         cellset = _read_manifest(path)
     elif path.suffix.lower() == ".json":

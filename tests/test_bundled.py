@@ -74,6 +74,24 @@ def test_nothing_readable_is_an_error_after_the_csv_is_written(tmp_path):
         predict(Path("no-model-needed-yet.pt"), [tmp_path / "missing.png"], tmp_path / "x.csv")
 
 
+def test_an_output_in_the_way_is_refused_before_any_work(data_root, tmp_path):
+    """A file where a folder is written (or the reverse) failed only at the end with an OS error,
+    losing the work; now every command says so first."""
+    from wbcid.evaluation import evaluate
+    from wbcid.export import export_onnx
+    from wbcid.gradcam import explain
+
+    image = sorted((data_root / "cells/lisc/neutrophil").glob("*.jpg"))[0]
+    (tmp_path / "a_file").write_text("someone's notes")
+    with pytest.raises(WbcidError, match="a_file is a file; --out takes the folder to write the evaluation"):
+        evaluate(None, data_root / "cells/lisc", tmp_path / "a_file")
+    with pytest.raises(WbcidError, match="a_file is a file; --out takes the folder to write the Grad-CAM"):
+        explain(None, [image], tmp_path / "a_file")
+    with pytest.raises(WbcidError, match="is a folder; --out takes the file to write, e.g. .*model.onnx"):
+        export_onnx(resolve_model(None, needs_torch="export"), tmp_path)
+    assert (tmp_path / "a_file").read_text() == "someone's notes"
+
+
 def test_evaluating_on_training_cells_says_so(data_root, tmp_path, caplog):
     """Issue 13.12: evaluate on cells the bundled model was trained on reported a score without a word."""
     from wbcid.evaluation import evaluate

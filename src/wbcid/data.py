@@ -252,6 +252,23 @@ def training_record(cells: Sequence[Cell], origin: str) -> dict:
     return record
 
 
+def output_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as the folder a command writes ``what`` into, checked before any work: a file in
+    the way would otherwise fail only at the end, losing the work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise WbcidError(f"{path} is a file; --out takes the folder to write {what} into")
+    return path
+
+
+def output_file(path: str | os.PathLike, example: str) -> Path:
+    """``path`` as the file a command writes, checked before any work (see :func:`output_folder`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise WbcidError(f"{path} is a folder; --out takes the file to write, e.g. {path / example}")
+    return path
+
+
 def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand files and folders (recursively) into image files, sorted; for prediction."""
     found: list[Path] = []

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from .contract import ModelConfig, flagged
-from .data import CLASSES, CellSet, read_cells, recorded_training_cells
+from .data import CLASSES, CellSet, output_folder, read_cells, recorded_training_cells
 from .errors import WbcidError
 from .inference import predict_proba, resolve_tta
 from .loading import Model, describe_model, resolve_model
@@ -108,6 +107,7 @@ def evaluate(
     ``adabn``/``tta``: test-time adaptation on these (unlabelled) images, see :mod:`wbcid.testtime`;
     ``precision``: see :func:`wbcid.serving.choose_precision` (recorded in the metrics).
     """
+    out_dir = None if out_dir is None else output_folder(out_dir, "the evaluation")
     name = describe_model(model)
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(cells)))
@@ -132,7 +132,6 @@ def evaluate(
     metrics["tta"] = tta  # a score over rotations and flips is not comparable with a single-view one
     metrics["precision"] = served_precision(model)
     if out_dir is not None:
-        out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         write_evaluation_report(metrics, out_dir, title or f"Evaluation of {name} on {cells.origin}")

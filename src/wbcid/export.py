@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .data import output_file
 from .errors import WbcidError
 from .loading import RUN_ONNX
 from .models import WBCNet
@@ -39,7 +40,7 @@ def export_onnx(model: WBCNet, path: str | os.PathLike, opset: int = 18) -> Path
     if not isinstance(model, WBCNet):
         raise WbcidError("export needs the PyTorch model (a run directory or .pt file); this one is already ONNX")
 
-    path = Path(path)
+    path = output_file(path, "model.onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().float().to(memory_format=torch.contiguous_format)
     size = model.config.input_size

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import CLASSES, list_images, try_decode
+from .data import CLASSES, list_images, output_folder, try_decode
 from .errors import WbcidError
 from .loading import resolve_model
 from .models import WBCNet
@@ -64,9 +64,9 @@ def explain(
     size: int = 256,
 ) -> list[Path]:
     """Write ``<name>_gradcam.png`` (input as the model saw it | overlay) per image; unreadable ones are skipped."""
+    out_dir = output_folder(out_dir, "the Grad-CAM images")
     files = list_images(paths)
     model = resolve_model(model, needs_torch="Grad-CAM (it needs gradients)")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, used = [], set()
     for path in files:

@@ -13,7 +13,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .contract import flagged
-from .data import CLASSES, image_batches, list_images
+from .data import CLASSES, image_batches, list_images, output_file
 from .errors import WbcidError
 from .loading import Model, resolve_model
 from .preprocess import TORCH_BATCH, Preprocess, as_input
@@ -182,10 +182,8 @@ def predict(
     ``error``, so no input silently disappears; if none could be read the CSV is still written
     and :class:`WbcidError` is raised. ``precision``: see :func:`wbcid.serving.choose_precision`.
     """
-    if out_csv is not None and Path(out_csv).is_dir():
-        raise WbcidError(
-            f"{out_csv} is a folder; --out takes the CSV file to write, e.g. {Path(out_csv) / 'predictions.csv'}"
-        )
+    if out_csv is not None:
+        output_file(out_csv, "predictions.csv")
     files = list_images(paths)  # missing or empty inputs fail before the model loads
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(files)))
     probs, ood, ok = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)

@@ -23,7 +23,7 @@ from scipy.special import betaincinv
 from tqdm.auto import tqdm
 
 from ..contract import flagged
-from ..data import CLASSES, UNREADABLE, list_images, map_ahead
+from ..data import CLASSES, UNREADABLE, list_images, map_ahead, output_folder
 from ..errors import WbcidError
 from ..inference import predict_scores, resolve_tta, softmax
 from ..loading import Model, describe_model, resolve_model
@@ -251,9 +251,7 @@ def count(
     from ..reports import write_count_report
 
     name = describe_model(model)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise WbcidError(f"{out_dir} is a file; --out takes the folder to write the count into")
+    out_dir = output_folder(out_dir, "the count")
     if cell_diameter is not None and not (
         isinstance(cell_diameter, (int, float)) and math.isfinite(cell_diameter) and cell_diameter > 0
     ):

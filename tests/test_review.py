@@ -15,7 +15,7 @@ from wbcid.data import CLASSES, read_cells
 from wbcid.errors import WbcidError
 from wbcid.inference import predict
 from wbcid.smear.counting import count
-from wbcid.web import ReviewStore, create_app, serve
+from wbcid.web import ReviewStore, create_app, export_review, serve
 
 FIELDS = [
     "BloodImage_00000.jpg",
@@ -146,6 +146,25 @@ def test_export_is_readable_training_data(run: Path, tmp_path: Path):
     assert read_cells(out).paths == manifest.paths  # the export's folder reads as its manifest (adapt --data DIR)
     report = (out / "report.html").read_text()
     assert "3 cell(s) verified by a person" in report
+
+
+def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):
+    """Exporting over the count itself (or any other folder) once deleted it, corrections and all."""
+    store = ReviewStore.open(run)
+    store.set_label(store.cells()[0]["id"], "monocyte")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(WbcidError, match="not an earlier export"):
+        export_review(store, run)
+    assert sorted(p.name for p in run.iterdir()) == before and store.cells()  # nothing lost
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    with pytest.raises(WbcidError, match="not an earlier export"):
+        export_review(store, tmp_path / "notes")
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"
+    first = export_review(store, tmp_path / "verified")
+    store.set_label(store.cells()[1]["id"], "basophil")
+    again = export_review(store, first)  # an earlier export is replaced by the newer one
+    assert sorted(CLASSES[i] for i in read_cells(again).labels) == ["basophil", "monocyte"]
 
 
 def test_page_escapes_what_it_shows(counted: Path, tmp_path: Path):

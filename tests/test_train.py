@@ -140,6 +140,17 @@ def test_a_few_cells_split_without_a_crash_or_are_refused_clearly(data_root):
         split_train_val(few.subset([0]))
 
 
+def test_a_file_in_the_way_of_the_run_is_refused_before_training(pbc_small, tmp_path):
+    from wbcid.benchmark import run_benchmark
+
+    (tmp_path / "a_file").write_text("someone's notes")
+    with pytest.raises(WbcidError, match="a_file is a file; --out takes the folder to write the run into"):
+        fit(read_cells(pbc_small), tmp_path / "a_file", TrainConfig(**FAST))
+    with pytest.raises(WbcidError, match="a_file is a file; --out takes the folder to write the benchmark"):
+        run_benchmark(pbc_small, tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "someone's notes"
+
+
 def test_cli_reports_user_errors_without_a_traceback(tmp_path):
     result = subprocess.run(
         [

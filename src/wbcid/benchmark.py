@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import read_cells, training_pool
+from .data import output_folder, read_cells, training_pool
 from .errors import WbcidError
 from .evaluation import evaluate
 from .train import TrainConfig, fit
@@ -37,7 +37,7 @@ def run_benchmark(
 
     ``holdout=None`` is the single-source protocol; ``holdout=S`` trains on every other source.
     """
-    out = Path(out)
+    out = output_folder(out, "the benchmark")
     cells = read_cells(data)
     sources = sorted({c.source for c in cells.cells})
     if holdout is None:

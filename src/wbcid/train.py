@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .augment import train_augmentation
 from .contract import PRECISIONS, Freeze
-from .data import CLASSES, CellSet, load_images, split_train_val, training_record, try_decode
+from .data import CLASSES, CellSet, load_images, output_folder, split_train_val, training_record, try_decode
 from .errors import WbcidError
 from .evaluation import compute_metrics
 from .inference import predict_scores
@@ -170,7 +170,7 @@ def fit(
     ``resume=True`` continues from ``out_dir/last.pt`` with the configuration saved there.
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
     """
-    out = Path(out_dir)
+    out = output_folder(out_dir, "the run")
     rank, world, device = _distributed()
     checkpoint = _load_checkpoint(out) if resume else None
     if checkpoint is not None:

@@ -16,12 +16,19 @@ import jinja2
 import pandas as pd
 
 from ..data import CLASSES
+from ..errors import WbcidError
 from .store import ReviewStore, cell_image
 
 
 def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:
-    """Write the verified cells and the verified differential to ``out_dir``; returns it."""
+    """Write the verified cells and the verified differential to ``out_dir``; returns it. An
+    earlier export there is replaced; any other folder is refused, never deleted."""
     out = Path(out_dir)
+    if not _replaceable(out):
+        raise WbcidError(
+            f"{out} exists and is not an earlier export of a review; choose another --export folder "
+            "(a folder that is not an export is never replaced)"
+        )
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     cells = store.cells()
@@ -87,3 +94,20 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:
         shutil.rmtree(out)
     os.replace(partial, out)
     return out
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether ``out`` may be replaced by an export: absent, an empty folder, or an earlier export
+    (its manifest and the counts.json only an export writes). A count's folder, which also holds
+    a counts.json (and the review's database), is not."""
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        return False
+    if not any(out.iterdir()):
+        return True
+    try:
+        earlier = json.loads((out / "counts.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (out / "manifest.csv").is_file() and isinstance(earlier, dict) and "verified_by_person" in earlier

@@ -161,28 +161,29 @@ def report(r: dict) -> str:
     def cells(s: dict) -> str:
         return " | ".join("-" if s[k] is None else f"{s[k]:.3f}" for k in keys)
 
+    first: dict[int, dict] = {}  # each split's first row, which holds its "before"
+    for row in r["rows"]:
+        first.setdefault(row["seed"], row)
     lines = [head, rule]
-    for seed in dict.fromkeys(row["seed"] for row in r["rows"]):
-        before = next(row for row in r["rows"] if row["seed"] == seed)["before"]
-        lines.append(f"| {seed} | 0 (before) | - | - | {cells(before)} |")
+    for seed, opening in first.items():
+        lines.append(f"| {seed} | 0 (before) | - | - | {cells(opening['before'])} |")
         for row in (row for row in r["rows"] if row["seed"] == seed):
             per_type = "/".join(str(row["verified"][c]) for c in CLASSES)
             lines.append(
                 f"| {seed} | {row['budget']} | {per_type} | {row['adapt_seconds']:.0f} | {cells(row['after'])} |"
             )
     means = ["", "Mean over the splits:", "", "| verified | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
-    budgets = [("0 (before)", [row["before"] for row in r["rows"] if row["budget"] == r["rows"][0]["budget"]])]
+    budgets = [("0 (before)", [row["before"] for row in first.values()])]
     budgets += [
         (str(b), [row["after"] for row in r["rows"] if row["budget"] == b])
         for b in sorted({row["budget"] for row in r["rows"]})
     ]
     for name, scores in budgets:
-        mean = {k: np.mean(known) if (known := [s[k] for s in scores if s[k] is not None]) else None for k in keys}
+        mean = {k: np.mean(got) if (got := [s[k] for s in scores if s[k] is not None]) else None for k in keys}
         means.append(f"| {name} | {cells(mean)} |")
     known = "; ".join(
-        f"split {row['seed']}: {'/'.join(str(row['before']['known_per_type'][c]) for c in CLASSES)}"
-        for row in r["rows"]
-        if row["budget"] == r["rows"][0]["budget"]
+        f"split {seed}: {'/'.join(str(row['before']['known_per_type'][c]) for c in CLASSES)}"
+        for seed, row in first.items()
     )
     order = "the review queue's" if r["order"] == "queue" else "a random"
     return f"""# The lab's loop on BCCD: count, review, adapt, count again

@@ -69,7 +69,8 @@ class ReviewStore:
         if run.is_file() and run.name == "counts.json":  # the count's file named instead of its folder
             run = run.parent
         if run.is_dir() and (run / "counts.json").is_file():
-            folder, rows, meta = run, _count_rows(run / "counts.json"), _count_meta(run / "counts.json")
+            result = json.loads((run / "counts.json").read_text())  # read once: rows and meta both come from it
+            folder, rows, meta = run, _count_rows(result), _count_meta(result)
         elif run.is_file():  # `wbcid predict --out` takes any name; its columns are checked on reading
             folder, rows, meta = run.with_suffix(".review"), _prediction_rows(run), {"model": "see the prediction run"}
         elif run.is_dir() and (run / "fields.jsonl").is_file():
@@ -240,8 +241,7 @@ def _cell(row: sqlite3.Row) -> dict:
     return cell
 
 
-def _count_rows(counts_json: Path) -> list[tuple]:
-    result = json.loads(counts_json.read_text())
+def _count_rows(result: dict) -> list[tuple]:
     return [
         (
             entry["path"],
@@ -258,8 +258,7 @@ def _count_rows(counts_json: Path) -> list[tuple]:
     ]
 
 
-def _count_meta(counts_json: Path) -> dict:
-    result = json.loads(counts_json.read_text())
+def _count_meta(result: dict) -> dict:
     return {
         "model": result.get("model"),
         "reference": result.get("reference", {}).get("ranges", REFERENCE_RANGES),

@@ -27,10 +27,12 @@ else running (it times each adaptation).
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,23 +54,14 @@ def main() -> None:
     options.add_argument(
         "--order", choices=["queue", "random"], default="queue", help="which cells the technologist verifies first"
     )
-    options.add_argument("--work", type=Path, default=Path("runs/loop"))
-    options.add_argument("--out", type=Path, default=Path("docs/loop"))
-    options.add_argument("--report", action="store_true", help="only write OUT.md from OUT.json")
-    args = options.parse_args()
-    if args.report:
-        result = json.loads(args.out.with_suffix(".json").read_text())
-        write_results(args.out, result, report(result))
+    args = with_outputs(options, "loop").parse_args()
+    if rendered_again(args, report):
         return
     command = setup()
-    smears = args.data / "smears" / "bccd"
-    types = listed_types(smears)
-    fields = sorted((smears / "images").glob("*.jpg"))
-    shutil.rmtree(args.work, ignore_errors=True)  # this benchmark's own scratch runs, made again
+    types, fields = bccd_fields(args)
     rows = []
     for seed in args.seeds:
-        order = np.random.default_rng(seed).permutation(len(fields))
-        first, second = ([fields[i] for i in sorted(half)] for half in np.array_split(order, 2))
+        first, second = halves(fields, seed)
         work = args.work / f"seed{seed}"
         count(args.model, first, work / "first")
         before = score(count(args.model, second, work / "second-before"), types)
@@ -91,6 +84,37 @@ def main() -> None:
     result = {"command": command, "model": str(args.model), "order": args.order, "fields": len(fields), "rows": rows}
     write_results(args.out, result, report(result))
     print(report(result))
+
+
+def with_outputs(options: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """``--work`` (scratch runs), ``--out`` (the docs page) and ``--report`` of a loop benchmark."""
+    options.add_argument("--work", type=Path, default=Path("runs") / name.replace("_", "-"))
+    options.add_argument("--out", type=Path, default=Path("docs") / name)
+    options.add_argument("--report", action="store_true", help="only write OUT.md from OUT.json")
+    return options
+
+
+def rendered_again(args: argparse.Namespace, report: Callable[[dict], str]) -> bool:
+    """With ``--report``, write the page again from its JSON (nothing rerun); says whether it did."""
+    if args.report:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        write_results(args.out, result, report(result))
+    return args.report
+
+
+def bccd_fields(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[Path]]:
+    """BCCD's listed WBC types per field and its fields; clears ``--work`` (the benchmark's own
+    scratch runs, made again)."""
+    smears = args.data / "smears" / "bccd"
+    shutil.rmtree(args.work, ignore_errors=True)
+    return listed_types(smears), sorted((smears / "images").glob("*.jpg"))
+
+
+def halves(fields: list[Path], seed: int) -> tuple[list[Path], list[Path]]:
+    """The fields split at random in two halves (two slides of one lab), each in file order."""
+    order = np.random.default_rng(seed).permutation(len(fields))
+    first, second = ([fields[i] for i in sorted(half)] for half in np.array_split(order, 2))
+    return first, second
 
 
 def review(store: ReviewStore, queue: list[dict], types: dict[str, list[str]], budget: int) -> dict[str, int]:

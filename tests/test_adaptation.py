@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -369,3 +370,75 @@ def test_the_labs_loop_count_review_adapt_count(pbc_model: Path, data_root: Path
     again = count(run, fields, tmp_path / "again")
     assert again["tta"] is True and again["totals"]["detected"] == len(cells)  # same fields, same detector
     assert any("no verified monocyte, eosinophil, basophil" in note for note in again["warnings"])
+
+
+@pytest.fixture(scope="module")
+def second_round(bccd, tmp_path_factory) -> Path:
+    """Ten more verified BCCD cells, none of them verified in the first round (``bccd[0]``)."""
+    path = tmp_path_factory.mktemp("round2") / "verified.csv"
+    pd.read_csv(bccd[1]).groupby("label").head(2).to_csv(path, index=False)
+    return path
+
+
+def _fine_tuning_inputs(monkeypatch) -> list[tuple[torch.nn.Module, np.ndarray]]:
+    """Record the model and labels each adaptation starts from, and skip its fine-tuning (what is
+    checked is which model and which cells a round chooses, not the training measured elsewhere)."""
+    seen = []
+
+    def record(base, images, labels, *args, **kwargs):
+        seen.append((base, np.asarray(labels)))
+        return copy.deepcopy(base)
+
+    monkeypatch.setattr(adaptation, "adapt_model", record)
+    return seen
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_a_second_round_adapts_the_base_again_to_every_verified_cell(
+    pbc_model: Path, adapted: Path, bccd, second_round: Path, tmp_path: Path
+):
+    """The lab's loop run twice: ``adapt --model ROUND1 --data ROUND2`` learns from both rounds'
+    cells starting from round 1's base, exactly as adapting that base to all of them at once."""
+    run = adapt(second_round, tmp_path / "round2", adapted, QUICK)
+    record = json.loads((run / "config.json").read_text())
+    both = read_cells(bccd[0]).paths + read_cells(second_round).paths
+    assert record["continued_from"] == str(adapted) and Path(record["base_model"]) == pbc_model.resolve()
+    assert {Path(p) for p in pd.read_csv(run / "labelled.csv").path} == {p.resolve() for p in both}
+    assert sum(record["verified_cells"].values()) == len(both) == 20 + 10
+    at_once = adapt([bccd[0], second_round], tmp_path / "at_once", pbc_model, QUICK)
+    assert _same_weights(load_checkpoint(run), load_checkpoint(at_once))
+    assert load_checkpoint(run).config.adaptation["cells"] == record["verified_cells"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["no-earlier", "base gone", "older record"])
+def test_an_adapted_model_is_tuned_further_only_when_told_or_when_its_base_is_gone(
+    adapted: Path, bccd, second_round: Path, tmp_path: Path, monkeypatch, caplog, case: str
+):
+    model, config = adapted, QUICK
+    saved = load_checkpoint(adapted)
+    if case == "no-earlier":
+        config = replace(QUICK, earlier=False)
+    else:
+        record = dict(saved.config.adaptation)
+        if case == "base gone":
+            record["base_path"] = str(tmp_path / "deleted-run")
+        else:
+            del record["verified"]
+        saved.config = replace(saved.config, adaptation=record)
+        model = tmp_path / "edited"
+        model.mkdir()
+        save_model(saved, model / "model.pt")
+    seen = _fine_tuning_inputs(monkeypatch)
+    with caplog.at_level("WARNING", logger="wbcid"):
+        adapt(second_round, tmp_path / "out", model, config)
+    ((start, labels),) = seen
+    assert _same_weights(start, saved)  # the adapted model itself, not its base
+    earlier = len(read_cells(bccd[0])) if case == "base gone" else 0
+    assert len(labels) == len(read_cells(second_round)) + earlier
+    expected = {"no-earlier": None, "base gone": "is not here", "older record": "does not record the cells"}[case]
+    assert expected is None or expected in caplog.text

@@ -221,3 +221,17 @@ def test_map_ahead_keeps_order_bounds_work_in_flight_and_stops_when_dropped():
     assert len(started) <= 3 + 4 + 1
     results.close()  # what an interruption or an early break does
     assert len(started) <= 3 + 4 + 1
+
+
+def test_merged_cell_sets_keep_one_entry_per_image_with_its_latest_label(tmp_path):
+    """Two rounds of verification (or one export passed twice) must not count a cell twice; a cell
+    verified again keeps its later label."""
+    from collections import Counter
+
+    from wbcid.data import Cell, CellSet
+
+    first = CellSet([Cell(tmp_path / "a.png", 0), Cell(tmp_path / "b.png", 1)], Counter({"unreadable": 1}), "one")
+    again = CellSet([Cell(tmp_path / "x" / ".." / "b.png", 3), Cell(tmp_path / "c.png", 4)], Counter(), "two")
+    merged = CellSet.merged([first, again])
+    assert [(c.path.name, c.label) for c in merged.cells] == [("a.png", 0), ("b.png", 3), ("c.png", 4)]
+    assert merged.skipped == Counter({"unreadable": 1}) and merged.origin == "one + two"

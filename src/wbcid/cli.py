@@ -289,10 +289,11 @@ def _echo_differential(totals: dict, indent: str = "") -> None:
 @app.command()
 def adapt(
     data: Annotated[
-        Path,
+        list[Path],
         typer.Option(
             "--data",
-            help="Verified cells of the new lab: manifest CSV, ImageFolder, labels JSON, or a `wbcid review` export.",
+            help="Verified cells of the new lab: manifest CSV, ImageFolder, labels JSON, or a `wbcid review` export "
+            "(repeatable).",
         ),
     ],
     out: Annotated[
@@ -334,6 +335,13 @@ def adapt(
             "(8x the network's time per cell; +0.010 macro-F1 on average over 40 measured draws: docs/adaptation.md)."
         ),
     ] = True,
+    earlier: Annotated[
+        bool,
+        typer.Option(
+            help="With --model a model that adapt made: adapt its base again, to the cells verified for it and these "
+            "(measured better: docs/loop_rounds.md); --no-earlier: tune it further on these cells alone."
+        ),
+    ] = True,
     precision: Precision = "auto",
     seed: int = 0,
 ) -> None:
@@ -347,6 +355,7 @@ def adapt(
         cross_fit=cross_fit,
         cross_fit_steps=cross_fit_steps,
         tta=tta,
+        earlier=earlier,
         precision=precision,
         seed=seed,
     )

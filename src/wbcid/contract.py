@@ -47,7 +47,7 @@ class ModelConfig:
     frozen_bn: bool = False
     stain_reference: dict | None = None  # for colour="macenko"
     training_data: dict | None = None  # {"origin", "sources"[, "all_splits": True or sources]}: data.training_record
-    adaptation: dict | None = None  # {"base", "cells"} for a model from wbcid adapt
+    adaptation: dict | None = None  # wbcid adapt's model: {"base", "base_path", "cells", "verified": [[path, label]]}
     tta: bool = False  # predict over the 8 rotations and flips unless told not to (adapted models: wbcid.adaptation)
 
     def to_dict(self) -> dict:

@@ -7,7 +7,8 @@ BCCD's 364 fields are split at random (one split per ``--seeds``) into two halve
 one lab. The first is counted with ``--model`` (default ``runs/pbc``: trained on PBC only, it never
 saw BCCD) and opened in the review store (:class:`wbcid.web.ReviewStore`, what ``wbcid review``
 serves). A simulated technologist works down the store's queue (flagged first, then least
-confident; ``--order random``: in a random order instead) and verifies each cell whose type is known here, a field where BCCD lists one WBC and
+confident; ``--order random``: in a random order instead; ``--order balanced``: the page's groups in
+turn, the first cell of each type the model called, then the second of each, and so on) and verifies each cell whose type is known here, a field where BCCD lists one WBC and
 the count found one, with BCCD's label; cells of other fields are passed over (their types are not
 known here). After ``--budgets`` verified cells (cumulative: 10, then 15 more to 25, and so on)
 the review is exported (what ``wbcid review --export`` writes) and the model adapted with
@@ -33,6 +34,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,10 @@ def main() -> None:
     options.add_argument("--budgets", type=int, nargs="+", default=[10, 25, 50, 100], help="verified cells, cumulative")
     options.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one split of the fields each")
     options.add_argument(
-        "--order", choices=["queue", "random"], default="queue", help="which cells the technologist verifies first"
+        "--order",
+        choices=["queue", "random", "balanced"],
+        default="queue",
+        help="which cells the technologist verifies first",
     )
     args = with_outputs(options, "loop").parse_args()
     if rendered_again(args, report):
@@ -69,6 +74,8 @@ def main() -> None:
         queue = store.cells()  # the page's order: flagged first, then least confident
         if args.order == "random":
             queue = [queue[i] for i in np.random.default_rng(seed).permutation(len(queue))]
+        elif args.order == "balanced":
+            queue = balanced(queue)
         for budget in sorted(args.budgets):
             verified = review(store, queue, types, budget)
             exported = export_review(store, work / f"verified-{budget}")
@@ -115,6 +122,13 @@ def halves(fields: list[Path], seed: int) -> tuple[list[Path], list[Path]]:
     order = np.random.default_rng(seed).permutation(len(fields))
     first, second = ([fields[i] for i in sorted(half)] for half in np.array_split(order, 2))
     return first, second
+
+
+def balanced(queue: list[dict]) -> list[dict]:
+    """The queue taken from the page's groups (one per type the model called) in turn: each group's
+    first cell, then each one's second, ...; within a group the queue's own order."""
+    groups = [[cell for cell in queue if cell["label"] == name] for name in (*CLASSES, "other")]
+    return [cell for tier in zip_longest(*groups) for cell in tier if cell is not None]
 
 
 def review(store: ReviewStore, queue: list[dict], types: dict[str, list[str]], budget: int) -> dict[str, int]:
@@ -209,7 +223,7 @@ def report(r: dict) -> str:
         f"split {seed}: {'/'.join(str(row['before']['known_per_type'][c]) for c in CLASSES)}"
         for seed, row in first.items()
     )
-    order = "the review queue's" if r["order"] == "queue" else "a random"
+    order = {"queue": "the review queue's", "random": "a random", "balanced": "a class-balanced"}[r["order"]]
     return f"""# The lab's loop on BCCD: count, review, adapt, count again
 
 Command: `{r["command"]}` (model {r["model"]}; {r["fields"]} fields, split in two halves per split

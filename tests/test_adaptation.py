@@ -408,7 +408,7 @@ def test_a_second_round_adapts_the_base_again_to_every_verified_cell(
     both = read_cells(bccd[0]).paths + read_cells(second_round).paths
     assert record["continued_from"] == str(adapted) and Path(record["base_model"]) == pbc_model.resolve()
     assert {Path(p) for p in pd.read_csv(run / "labelled.csv").path} == {p.resolve() for p in both}
-    assert sum(record["verified_cells"].values()) == len(both) == 20 + 10
+    assert sum(record["verified_cells"].values()) == len(both) == 20 + 10 and record["earlier_cells"] == 20
     at_once = adapt([bccd[0], second_round], tmp_path / "at_once", pbc_model, QUICK)
     assert _same_weights(load_checkpoint(run), load_checkpoint(at_once))
     assert load_checkpoint(run).config.adaptation["cells"] == record["verified_cells"]

@@ -497,7 +497,7 @@ def adapt(
     else:
         sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         cells = CellSet.merged([read_cells(path) for path in sources])
-    start = model
+    start, new = model, len(cells)
     if config.earlier and base.config.adaptation:
         start, cells = earlier_rounds(base, model, cells)
         base = base if start is model else resolve_model(start, needs_torch="adaptation")
@@ -536,6 +536,7 @@ def adapt(
         "model": adapted.config.to_dict(),
         "base_model": origin["base"],
         "continued_from": None if start is model else str(model),
+        "earlier_cells": len(cells) - new,  # verified for the model's earlier rounds (earlier_rounds)
         "verified_cells": cells.class_counts(),
         "skipped": dict(cells.skipped),
         "replay": replay_origin,

@@ -7,7 +7,7 @@ split, scored by ``ood_score``. For the base model and for models adapted to eac
 cells per class, ``wbcid.adaptation.adapt_model`` with its default settings but ``cross_fit=False``:
 cross-fitting moves only the threshold, so the AUROC is the same), it compares:
 
-- ``replay``: the adapted model's penultimate scorer (refitted by ``_refit_ood`` on the replay
+- ``replay``: the adapted model's penultimate scorer (refitted by ``wbcid.adaptation.refit_ood`` on the replay
   cells: 100 per class, 2 views, weighted back to the training cells' class mix);
 - ``replay_even``: the same with the replay's classes counted evenly, as they are drawn (what
   adapted models did before the weighting);
@@ -27,7 +27,7 @@ cross-fitting moves only the threshold, so the AUROC is the same), it compares:
   et al., NeurIPS 2018, feature ensemble, here unweighted: no OOD data is used). Those stages are
   in the frozen prefix, so their PBC statistics hold exactly after adaptation; the lab's verified
   cells' views are added as clusters and their scatter averaged into the covariance, as
-  ``_refit_ood`` does for the penultimate layer. For the base model ``shipped``, ``replay``,
+  ``wbcid.adaptation.refit_ood`` does for the penultimate layer. For the base model ``shipped``, ``replay``,
   ``all_train``, ``train400`` and ``base_net`` are the same score: its own.
 
 Writes docs/ood_layers.json and docs/ood_layers.md.

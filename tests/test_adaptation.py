@@ -285,7 +285,7 @@ def test_an_interrupted_adaptation_leaves_nothing_to_load(pbc_model: Path, bccd,
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(adaptation, "save_model", interrupt)
+    monkeypatch.setattr(adaptation.command, "save_model", interrupt)
     with pytest.raises(KeyboardInterrupt):
         adapt(bccd[0], tmp_path / "run", pbc_model, QUICK)
     assert not (tmp_path / "run").exists()
@@ -339,13 +339,13 @@ def test_the_half_models_take_their_own_step_budget(pbc_model: Path, bccd, monke
     cells = read_cells(bccd[0])
     images, cells = load_images(cells, Preprocess.of(base.config))
     budgets = []
-    fine_tune = adaptation._fine_tune
+    fine_tune = adaptation.finetune.fine_tune
 
     def counted(b, parts, config, r):
         budgets.append(config.steps)
         return fine_tune(b, parts, config, r)
 
-    monkeypatch.setattr(adaptation, "_fine_tune", counted)
+    monkeypatch.setattr(adaptation.finetune, "fine_tune", counted)
     adaptation.adapt_model(base, images, cells.labels, replace(QUICK, steps=6, cross_fit_steps=3, views=2))
     assert budgets == [6, 3, 3]
 
@@ -374,7 +374,7 @@ def test_the_labs_loop_count_review_adapt_count(pbc_model: Path, data_root: Path
 
 @pytest.fixture(scope="module")
 def second_round(bccd, tmp_path_factory) -> Path:
-    """Ten more verified BCCD cells, none of them verified in the first round (``bccd[0]``)."""
+    """Up to two more verified BCCD cells per class, none verified in the first round (``bccd[0]``)."""
     path = tmp_path_factory.mktemp("round2") / "verified.csv"
     pd.read_csv(bccd[1]).groupby("label").head(2).to_csv(path, index=False)
     return path
@@ -389,7 +389,7 @@ def _fine_tuning_inputs(monkeypatch) -> list[tuple[torch.nn.Module, np.ndarray]]
         seen.append((base, np.asarray(labels)))
         return copy.deepcopy(base)
 
-    monkeypatch.setattr(adaptation, "adapt_model", record)
+    monkeypatch.setattr(adaptation.command, "adapt_model", record)
     return seen
 
 
@@ -405,10 +405,11 @@ def test_a_second_round_adapts_the_base_again_to_every_verified_cell(
     cells starting from round 1's base, exactly as adapting that base to all of them at once."""
     run = adapt(second_round, tmp_path / "round2", adapted, QUICK)
     record = json.loads((run / "config.json").read_text())
-    both = read_cells(bccd[0]).paths + read_cells(second_round).paths
+    first = read_cells(bccd[0]).paths
+    both = first + read_cells(second_round).paths
     assert record["continued_from"] == str(adapted) and Path(record["base_model"]) == pbc_model.resolve()
     assert {Path(p) for p in pd.read_csv(run / "labelled.csv").path} == {p.resolve() for p in both}
-    assert sum(record["verified_cells"].values()) == len(both) == 20 + 10 and record["earlier_cells"] == 20
+    assert sum(record["verified_cells"].values()) == len(both) and record["earlier_cells"] == len(first)
     at_once = adapt([bccd[0], second_round], tmp_path / "at_once", pbc_model, QUICK)
     assert _same_weights(load_checkpoint(run), load_checkpoint(at_once))
     assert load_checkpoint(run).config.adaptation["cells"] == record["verified_cells"]

@@ -292,6 +292,7 @@ def adapt(
         list[Path],
         typer.Option(
             "--data",
+            metavar="VERIFIED",
             help="Verified cells of the new lab: manifest CSV, ImageFolder, labels JSON, or a `wbcid review` export "
             "(repeatable).",
         ),
@@ -302,7 +303,9 @@ def adapt(
     model: ModelPath = None,
     unlabelled: Annotated[
         list[Path] | None,
-        typer.Option(help="Unlabelled cell images or folders from the same lab, for pseudo-labels (repeatable)."),
+        typer.Option(
+            metavar="CELLS", help="Unlabelled cell images or folders from the same lab, for pseudo-labels (repeatable)."
+        ),
     ] = None,
     replay: Annotated[
         Path | None,

@@ -136,9 +136,12 @@ class CellSet:
     @classmethod
     def merged(cls, sets: Sequence[CellSet]) -> CellSet:
         """One set of the cells of ``sets``, in order; an image listed twice keeps its last label (a
-        later verification of the same cell), and the skip counts add up."""
+        later verification of the same cell) and is counted in ``skipped``, whose counts add up."""
         latest = {c.path.resolve(): c for s in sets for c in s.cells}
-        return cls(list(latest.values()), sum((s.skipped for s in sets), Counter()), " + ".join(s.origin for s in sets))
+        skipped = sum((s.skipped for s in sets), Counter())
+        if repeated := sum(len(s) for s in sets) - len(latest):
+            skipped["listed again (its last label kept)"] += repeated
+        return cls(list(latest.values()), skipped, " + ".join(s.origin for s in sets))
 
     def select(self, sources: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> CellSet:
         """Filter by source and split, failing with the available values when nothing matches."""

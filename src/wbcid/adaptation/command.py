@@ -63,6 +63,7 @@ def adapt(
     if config.earlier and base.config.adaptation:
         start, cells = earlier_rounds(base, model, cells)
         base = base if start is model else resolve_model(start, needs_torch="adaptation")
+    earlier = len(cells) - new  # counted before decoding, which drops unreadable cells of either round
     origin = _origin(start)
     prep = Preprocess.of(base.config)
     found = CellSet([Cell(p) for p in list_images(unlabelled)], origin="unlabelled cells") if unlabelled else None
@@ -98,7 +99,7 @@ def adapt(
         "model": adapted.config.to_dict(),
         "base_model": origin["base"],
         "continued_from": None if start is model else str(model),
-        "earlier_cells": len(cells) - new,  # verified for the model's earlier rounds (earlier_rounds)
+        "earlier_cells": earlier,  # verified for the model's earlier rounds (earlier_rounds)
         "verified_cells": cells.class_counts(),
         "skipped": dict(cells.skipped),
         "replay": replay_origin,

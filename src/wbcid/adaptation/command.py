@@ -16,6 +16,7 @@ import torch
 
 from ..data import CLASSES, Cell, CellSet, list_images, load_images, read_cells
 from ..errors import WbcidError
+from ..loading import describe_model, resolve_model
 from ..models import WBCNet, save_model
 from ..preprocess import Preprocess
 from .config import AdaptConfig
@@ -44,7 +45,6 @@ def adapt(
     leaves no half-written run that later commands would load.
     """
     from ..export import export_run
-    from ..loading import resolve_model
     from ..testtime import batchnorm_statistics
 
     started = time.perf_counter()
@@ -116,8 +116,6 @@ def adapt(
 def _origin(model: str | os.PathLike | None) -> dict:
     """How an adapted model records its base: its name for reports, and where to find it again for a
     later round (``base_path``: None for the bundled model; absent for a model passed as an object)."""
-    from ..loading import describe_model
-
     found = {"base": describe_model(model)}
     if model is None or isinstance(model, (str, os.PathLike)):
         found["base_path"] = None if model is None else str(Path(model).resolve())

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from ..augment import train_augmentation
-from ..data import CLASSES, CellSet, load_images, read_cells, sample_per_class
+from ..data import (
+    CLASSES,
+    CellSet,
+    load_images,
+    read_cells,
+    recorded_training_cells,
+    sample_per_class,
+    split_train_val,
+)
 from ..models import WBCNet, run_tapped
 from ..ood import cat_tapped, class_statistics
 from ..preprocess import Preprocess, as_input
@@ -160,8 +168,6 @@ def _replay_cells(
 ) -> tuple[tuple[CellSet, CellSet] | None, str | None]:
     """(train, calibration) cells to replay: ``replay`` if given, else the training data the base
     model recorded (never a test split of it)."""
-    from ..data import recorded_training_cells, split_train_val
-
     if replay is None:
         cells = recorded_training_cells(base.config.training_data)
     else:

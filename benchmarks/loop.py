@@ -7,8 +7,10 @@ BCCD's 364 fields are split at random (one split per ``--seeds``) into two halve
 one lab. The first is counted with ``--model`` (default ``runs/pbc``: trained on PBC only, it never
 saw BCCD) and opened in the review store (:class:`wbcid.web.ReviewStore`, what ``wbcid review``
 serves). A simulated technologist works down the store's queue (flagged first, then least
-confident; ``--order random``: in a random order instead; ``--order balanced``: the page's groups in
-turn, the first cell of each type the model called, then the second of each, and so on) and verifies each cell whose type is known here, a field where BCCD lists one WBC and
+confident; ``--order random``: in a random order instead; ``--order balanced``: the groups by type
+in turn, the first cell of each type the model called, then the second of each, and so on;
+``--order by-type``: group after group, all the cells the model called a neutrophil first, as the
+review page's "by type" view walks them) and verifies each cell whose type is known here, a field where BCCD lists one WBC and
 the count found one, with BCCD's label; cells of other fields are passed over (their types are not
 known here). After ``--budgets`` verified cells (cumulative: 10, then 15 more to 25, and so on)
 the review is exported (what ``wbcid review --export`` writes) and the model adapted with
@@ -55,7 +57,7 @@ def main() -> None:
     options.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one split of the fields each")
     options.add_argument(
         "--order",
-        choices=["queue", "random", "balanced"],
+        choices=["queue", "random", "balanced", "by-type"],
         default="queue",
         help="which cells the technologist verifies first",
     )
@@ -76,6 +78,8 @@ def main() -> None:
             queue = [queue[i] for i in np.random.default_rng(seed).permutation(len(queue))]
         elif args.order == "balanced":
             queue = balanced(queue)
+        elif args.order == "by-type":
+            queue = [cell for group in by_type(queue) for cell in group]
         for budget in sorted(args.budgets):
             verified = review(store, queue, types, budget)
             exported = export_review(store, work / f"verified-{budget}")
@@ -124,11 +128,14 @@ def halves(fields: list[Path], seed: int) -> tuple[list[Path], list[Path]]:
     return first, second
 
 
+def by_type(queue: list[dict]) -> list[list[dict]]:
+    """The queue in groups, one per type the model called (the five, then "other"), each in the queue's order."""
+    return [[cell for cell in queue if cell["label"] == name] for name in (*CLASSES, "other")]
+
+
 def balanced(queue: list[dict]) -> list[dict]:
-    """The queue taken from the page's groups (one per type the model called) in turn: each group's
-    first cell, then each one's second, ...; within a group the queue's own order."""
-    groups = [[cell for cell in queue if cell["label"] == name] for name in (*CLASSES, "other")]
-    return [cell for tier in zip_longest(*groups) for cell in tier if cell is not None]
+    """The groups of :func:`by_type` taken in turn: each group's first cell, then each one's second, ..."""
+    return [cell for tier in zip_longest(*by_type(queue)) for cell in tier if cell is not None]
 
 
 def review(store: ReviewStore, queue: list[dict], types: dict[str, list[str]], budget: int) -> dict[str, int]:
@@ -223,7 +230,12 @@ def report(r: dict) -> str:
         f"split {seed}: {'/'.join(str(row['before']['known_per_type'][c]) for c in CLASSES)}"
         for seed, row in first.items()
     )
-    order = {"queue": "the review queue's", "random": "a random", "balanced": "a class-balanced"}[r["order"]]
+    order = {
+        "queue": "the review queue's",
+        "random": "a random",
+        "balanced": "a class-balanced",
+        "by-type": "the by-type (group after group)",
+    }[r["order"]]
     return f"""# The lab's loop on BCCD: count, review, adapt, count again
 
 Command: `{r["command"]}` (model {r["model"]}; {r["fields"]} fields, split in two halves per split

@@ -120,7 +120,7 @@ Command: `{result["command"]}` (this project's 2-core CPU machine, nothing else 
 |---|---|
 | cells in the run | {made} |
 | thumbnails cut at the first start (then cached in the run) | {thumbnails:.1f} s |
-| gallery open in headless Chromium, navigation to every tile and the differential drawn (first load, then 4 reloads) | {", ".join(f"{x:.2f} s" for x in opens)} |
+| gallery open in headless Chromium (its default view, the review queue), navigation to every tile and the differential drawn (first load, then 4 reloads) | {", ".join(f"{x:.2f} s" for x in opens)} |
 | a correction saved (`PUT /api/cells/{{id}}`, committed to SQLite, HTTP round trip), 200 corrections | median {result["correction_ms"]["median"]} ms, 95th percentile {result["correction_ms"]["p95"]} ms, max {result["correction_ms"]["max"]} ms |
 
 Thumbnails load lazily (`loading="lazy"`), so opening the gallery does not wait for 1,000

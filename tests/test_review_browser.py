@@ -1,5 +1,6 @@
 """End to end in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
-correct one cell with the keyboard and one with a click, reload, and see both and the new differential.
+correct one cell with the keyboard and one with a click, reload, and see both and the new differential;
+walk the review queue, switch to the by-type view, and find it kept after a reload.
 
 Never skipped: `.ci/run` installs the browser where it is missing. Nothing is downloaded: the
 driver and browser paths are given, so Selenium Manager is never asked.
@@ -19,10 +20,12 @@ from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from wbcid.smear.counting import count
 from wbcid.web import ReviewStore, create_app
+from wbcid.web.store import LABELS
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -106,3 +109,49 @@ def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_pa
         int(last_id): "other",
     }
     browser.save_screenshot(str(tmp_path / "review.png"))
+
+
+def _selected(driver) -> str:
+    return _settled(driver, lambda d: d.find_element(By.CSS_SELECTOR, ".tile.selected").get_attribute("data-id"))
+
+
+def _headings(driver) -> list[str]:
+    return _settled(
+        driver, lambda d: [h.text.rsplit(" (", 1)[0] for h in d.find_elements(By.CSS_SELECTOR, "#gallery h2")]
+    )
+
+
+def test_the_keys_walk_the_review_queue_or_the_types_and_the_view_is_kept(server, browser):
+    url, run = server
+    store = ReviewStore.open(run)
+    queue = [str(c["id"]) for c in store.cells()]
+    assert len(queue) >= 4 and len({c["label"] for c in store.cells()}) >= 2, "the fixture needs a mixed count"
+    browser.get(url)
+    # by default one list in the queue's order (flagged, then least confident), the first cell selected
+    assert [t.get_attribute("data-id") for t in _tiles(browser)] == queue
+    assert _selected(browser) == queue[0]
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, "1")  # the queue's third cell: a neutrophil
+    WebDriverWait(browser, 10).until(lambda d: "saved cell " + queue[2] in d.find_element(By.ID, "status").text)
+    assert _selected(browser) == queue[3]
+
+    body.send_keys("v")  # by type: groups in the five types' order, each in the queue's order; same cell selected
+    WebDriverWait(browser, 10).until(lambda d: _headings(d)[0] in LABELS)
+    labels = {str(c["id"]): c["label"] for c in store.cells()}
+    order = [t.get_attribute("data-id") for t in _tiles(browser)]
+    expected = [i for name in LABELS for i in queue if labels[i] == name]
+    assert order == expected
+    assert _headings(browser) == [name for name in LABELS if name in labels.values()]
+    assert _selected(browser) == queue[3]
+    body.send_keys("u")  # undo finds the cell where this view put it, and selects it
+    WebDriverWait(browser, 10).until(lambda d: _selected(d) == queue[2])
+    assert not ReviewStore.open(run).cell(int(queue[2]))["reviewed"]
+    assert [t.get_attribute("data-id") for t in _tiles(browser)] == expected
+    body.send_keys("1")
+    WebDriverWait(browser, 10).until(lambda d: ReviewStore.open(run).cell(int(queue[2]))["reviewed"])
+
+    browser.refresh()  # the view is kept; the first cell not yet verified is selected
+    assert [t.get_attribute("data-id") for t in _tiles(browser)] == expected
+    assert _selected(browser) == next(i for i in expected if i != queue[2])
+    Select(browser.find_element(By.ID, "view")).select_by_value("queue")  # the menu, as a mouse user would
+    WebDriverWait(browser, 10).until(lambda d: [t.get_attribute("data-id") for t in _tiles(d)] == queue)

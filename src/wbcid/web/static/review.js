@@ -1,9 +1,12 @@
 // wbcid review: a gallery over the HTTP API; every string is shown with textContent (never as HTML).
 "use strict";
 const LABELS = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "other"];
-let cells = [];          // review-queue order, fixed for this page view so the keys move predictably
+let queue = [];          // the API's review-queue order: flagged, then least confident
+let cells = [];          // the order the keys walk: the gallery's, fixed until the next load so they move predictably
 let selected = 0;
-const undo = [];         // [{id, label, reviewed}] before each change
+// "queue": one list in the queue's order, which docs/loop.md measured; "type": grouped by the current label
+let view = localStorage.getItem("wbcid-review-view") === "type" ? "type" : "queue";
+const undo = [];         // [{id, label, reviewed}] before each change (by id: a reload or a view may move the cell)
 
 const $ = (sel) => document.querySelector(sel);
 function el(tag, props = {}, children = []) {
@@ -21,10 +24,19 @@ async function api(method, path, body) {
 }
 
 async function load() {
-  cells = (await api("GET", "/api/cells")).cells;
+  const current = cells[selected]?.id;
+  queue = (await api("GET", "/api/cells")).cells;
   renderGallery();
   await renderDifferential();
-  select(Math.min(selected, cells.length - 1));
+  const at = cells.findIndex((c) => c.id === current);  // the same cell again; at first, the first not yet verified
+  select(at >= 0 ? at : Math.max(0, cells.findIndex((c) => !c.reviewed)));
+}
+
+function setView(name) {
+  view = name;
+  localStorage.setItem("wbcid-review-view", view);
+  $("#view").value = view;
+  load();
 }
 
 function caption(cell) {
@@ -46,19 +58,19 @@ function tile(cell, index) {
   return node;
 }
 
+function groups() {
+  if (view === "queue") return [["to verify first: flagged, then least confident", queue]];
+  return LABELS.map((label) => [label, queue.filter((c) => c.label === label)]).filter(([, members]) => members.length);
+}
+
 function renderGallery() {
   const gallery = $("#gallery");
   gallery.replaceChildren();
-  for (const label of LABELS) {
-    const members = cells.map((c, i) => [c, i]).filter(([c]) => c.label === label);
-    if (!members.length) continue;
-    gallery.append(el("h2", {textContent: `${label} (${members.length})`}),
-                   el("div", {className: "tiles"}, members.map(([c, i]) => tile(c, i))));
+  cells = [];
+  for (const [title, members] of groups()) {
+    const tiles = members.map((cell) => tile(cell, cells.push(cell) - 1));
+    gallery.append(el("h2", {textContent: `${title} (${members.length})`}), el("div", {className: "tiles"}, tiles));
   }
-  // keyboard order follows what the eye sees: group by group
-  const order = [...gallery.querySelectorAll(".tile")].map((t) => Number(t.dataset.index));
-  cells = order.map((i) => cells[i]);
-  [...gallery.querySelectorAll(".tile")].forEach((t, i) => { t.dataset.index = i; t.onclick = () => select(i); });
 }
 
 function refreshTile(index) {
@@ -85,7 +97,7 @@ function select(index) {
 
 async function setLabel(label) {
   const cell = cells[selected];
-  undo.push({id: cell.id, label: cell.label, reviewed: cell.reviewed, index: selected});
+  undo.push({id: cell.id, label: cell.label, reviewed: cell.reviewed});
   await save(selected, () => api("PUT", `/api/cells/${cell.id}`, {label}));
   select(selected + 1);
 }
@@ -93,9 +105,10 @@ async function setLabel(label) {
 async function undoLast() {
   const last = undo.pop();
   if (!last) return status("nothing to undo");
-  await save(last.index, () => last.reviewed ? api("PUT", `/api/cells/${last.id}`, {label: last.label})
-                                             : api("DELETE", `/api/cells/${last.id}/review`));
-  select(last.index);
+  const index = cells.findIndex((c) => c.id === last.id);
+  await save(index, () => last.reviewed ? api("PUT", `/api/cells/${last.id}`, {label: last.label})
+                                        : api("DELETE", `/api/cells/${last.id}/review`));
+  select(index);
 }
 
 async function save(index, request) {
@@ -137,7 +150,7 @@ async function renderDifferential() {
 }
 
 document.addEventListener("keydown", (event) => {
-  if (event.target.tagName === "INPUT" || event.ctrlKey || event.metaKey || event.altKey) return;
+  if (["INPUT", "SELECT"].includes(event.target.tagName) || event.ctrlKey || event.metaKey || event.altKey) return;
   const key = event.key;
   if (key >= "1" && key <= "5") setLabel(LABELS[Number(key) - 1]);
   else if (key === "0" || key === "x") setLabel("other");
@@ -145,6 +158,7 @@ document.addEventListener("keydown", (event) => {
   else if (key === "ArrowRight" || key === "ArrowDown") select(selected + 1);
   else if (key === "ArrowLeft" || key === "ArrowUp") select(selected - 1);
   else if (key === "u") undoLast();
+  else if (key === "v") setView(view === "queue" ? "type" : "queue");
   else return;
   event.preventDefault();
 });
@@ -154,5 +168,7 @@ $("#export").addEventListener("click", async () => {
   const result = await api("POST", "/api/export");
   status(`exported ${result.verified} verified cell(s) to ${result.path}`);
 });
+$("#view").value = view;
+$("#view").addEventListener("change", (event) => { event.target.blur(); setView(event.target.value); });
 window.addEventListener("focus", load);  // another tab may have changed cells meanwhile
 load();

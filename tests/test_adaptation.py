@@ -329,6 +329,30 @@ def test_cross_fitting_raises_the_threshold_for_the_labs_other_cells(pbc_model: 
     assert json.loads((adapted / "config.json").read_text())["adapt"]["cross_fit"] is True
 
 
+@pytest.mark.parametrize(("method", "share"), [("linear", 0.085), ("weibull", 0.05)])
+def test_the_share_of_a_labs_further_cells_above_the_cross_fitted_factor(monkeypatch, method: str, share: float):
+    """The factor is a 95th percentile of n = 25 held-out scores (K = 5): a further cell of the lab,
+    exchangeable with them, scores above it 8.5 % of the time with numpy's default rank and 5 % with
+    rank 0.95 (n + 1), the option measured in docs/adaptation.md."""
+    import wbcid.inference
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(CLASSES)), 5)
+    pool: list[float] = []  # the held-out cells' scores, handed out as each half-model scores its cells
+    monkeypatch.setattr(adaptation.finetune, "fine_tune", lambda base, parts, config, replay: None)
+    monkeypatch.setattr(
+        wbcid.inference, "predict_scores", lambda model, batches: (None, np.array([pool.pop() for _ in batches[0]]))
+    )
+    config = replace(QUICK, cross_fit_quantile=method)
+    above = []
+    for cells in 1 + rng.exponential(size=(4000, len(labels) + 1)):  # above 1: the factor is never clipped
+        pool[:] = cells[:-1]
+        factor = adaptation.finetune._cross_fitted_stretch(None, torch.zeros(len(labels), 1), labels, config, None)
+        assert not pool  # every held-out score was used
+        above.append(cells[-1] > factor)
+    assert abs(np.mean(above) - share) < 0.012
+
+
 @pytest.mark.slow
 def test_the_half_models_take_their_own_step_budget(pbc_model: Path, bccd, monkeypatch):
     """Cross-fitting's two half-models only place the threshold, so they may train for fewer steps

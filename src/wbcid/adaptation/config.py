@@ -10,6 +10,8 @@ from ..augment import train_augmentation
 from ..errors import WbcidError
 from ..train import precision_problems, resolve_precision
 
+QUANTILE_METHODS = ("linear", "weibull")  # numpy.quantile's default, and rank p (n + 1) (Hyndman and Fan's type 6)
+
 
 @dataclass(frozen=True)
 class AdaptConfig:
@@ -28,6 +30,9 @@ class AdaptConfig:
     augment: str = "domain"
     cross_fit: bool = True  # calibrate the new lab's flag threshold on cells a half-model was not tuned on
     cross_fit_steps: int | None = None  # steps of each cross-fitting half-model; None: ``steps``
+    # numpy's method for the cross-fitted scores' 95th percentile; "weibull" (rank 0.95 (n + 1)) was measured
+    # and not adopted: it halved the non-WBCs flagged (docs/adaptation.md, musts-weibull)
+    cross_fit_quantile: str = "linear"
     precision: str = "auto"  # fp32 or bf16 as in training (wbcid.train.autocast); auto: fp32 on a CPU (little to gain)
     tta: bool = True  # the adapted model predicts over rotations and flips by default (+0.010 macro-F1, 40 draws)
     earlier: bool = True  # an adapted base: adapt its own base again, to its verified cells and the new ones
@@ -44,6 +49,8 @@ class AdaptConfig:
         if not 0 <= self.label_smoothing < 1:
             bad.append(f"label_smoothing={self.label_smoothing!r}")
         bad += precision_problems(self.precision)
+        if self.cross_fit_quantile not in QUANTILE_METHODS:
+            bad.append(f"cross_fit_quantile={self.cross_fit_quantile!r} (one of {', '.join(QUANTILE_METHODS)})")
         if bad:
             raise WbcidError(f"invalid adaptation settings: {', '.join(bad)} (counts must be >= 1, rates >= 0)")
         train_augmentation(self.augment)  # a bad policy fails here, before any work

@@ -85,7 +85,7 @@ def _cross_fitted_stretch(
     further cell exchangeable with the n held-out ones scores above it with probability 8.5 % at
     n = 25, not 5 %; ``cross_fit_quantile="weibull"`` (rank 0.95 (n + 1)) gives 5 % but, measured,
     flagged 2.9 % of the labs' other cells instead of 4.5 % and half as many non-WBCs, so the
-    default errs that way on purpose (docs/adaptation.md). A monotone change of the score: its ranking,
+    default keeps numpy's rank (docs/adaptation.md). A monotone change of the score: its ranking,
     and so its AUROC, stay as they were; what moves is where the line is drawn (fewer of the other
     labs' cells and of the non-WBCs are flagged too: docs/adaptation.md measures it). Widening only
     the new lab's clusters was measured as well and was no better. It assumes the ratio carries

@@ -237,3 +237,22 @@ def test_a_run_with_several_specimens_has_a_differential_for_each(data_root: Pat
     totals = TestClient(create_app(tmp_path / "run")).get("/api/differential").json()
     assert set(totals["specimens"]) == {"patient_a", "patient_b"}
     assert sum(s["detected"] for s in totals["specimens"].values()) == totals["detected"]
+
+
+def test_the_command_says_when_an_export_holds_no_cell_to_adapt_to(run: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from wbcid.cli import app
+
+    def export() -> str:
+        result = CliRunner().invoke(app, ["review", str(run), "--export", str(tmp_path / "verified")])
+        assert result.exit_code == 0
+        return result.output
+
+    store = ReviewStore.open(run)
+    first, second = (c["id"] for c in store.cells()[:2])
+    assert "0 verified cell(s) exported" in (said := export()) and "nothing to learn from" in said
+    store.set_label(first, "other", reviewer="tester")  # a verified cell, but not one of the five types
+    assert "1 verified cell(s) exported" in (said := export()) and "nothing to learn from" in said
+    store.set_label(second, "basophil", reviewer="tester")
+    assert "2 verified cell(s) exported" in (said := export()) and "nothing to learn from" not in said

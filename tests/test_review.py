@@ -239,15 +239,17 @@ def test_a_run_with_several_specimens_has_a_differential_for_each(data_root: Pat
     assert sum(s["detected"] for s in totals["specimens"].values()) == totals["detected"]
 
 
-def test_the_command_says_when_an_export_holds_no_cell_to_adapt_to(run: Path, tmp_path: Path):
+def test_an_export_says_when_it_holds_no_cell_to_adapt_to(run: Path, tmp_path: Path, caplog):
+    """Said by the export itself, so the command and the page's Export button (the server's log) both say it."""
     from typer.testing import CliRunner
 
     from wbcid.cli import app
 
     def export() -> str:
+        caplog.clear()
         result = CliRunner().invoke(app, ["review", str(run), "--export", str(tmp_path / "verified")])
         assert result.exit_code == 0
-        return result.output
+        return result.output + caplog.text
 
     store = ReviewStore.open(run)
     first, second = (c["id"] for c in store.cells()[:2])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Iterator
@@ -398,14 +397,6 @@ def review(
         out = export_review(ReviewStore.open(run), export)
         totals = json.loads((out / "counts.json").read_text())["totals"]
         typer.echo(f"{totals['verified']} verified cell(s) exported to {out} (manifest: {out / 'manifest.csv'})")
-        with open(out / "manifest.csv", newline="") as rows:
-            typed = sum(1 for _ in csv.DictReader(rows))  # "not a WBC" cells are not exported
-        if not typed:
-            typer.echo(
-                "warning: no verified cell is one of the five types (none verified yet, or only 'not a WBC'), "
-                f"so `wbcid adapt` has nothing to learn from: verify some in `wbcid review {run}` and export again",
-                err=True,
-            )
         return
     with _interrupted("every correction is saved in the review database"):
         serve(run, host, port, model, reviewer)

@@ -8,6 +8,7 @@ one side. ``counts.json`` and ``report.html`` say, cell by cell, whose label eac
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,8 @@ import pandas as pd
 from ..data import CLASSES
 from ..errors import WbcidError
 from .store import ReviewStore, cell_image
+
+log = logging.getLogger("wbcid")
 
 
 def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:
@@ -50,6 +53,13 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:
                 "reviewer": cell["reviewer"] or "",
                 "reviewed_at": cell["reviewed_at"],
             }
+        )
+    if not rows:  # "not a WBC" cells are not exported: nothing for `wbcid adapt` to learn from
+        log.warning(
+            "no verified cell is one of the five types (none verified yet, or only 'not a WBC'), so `wbcid adapt` "
+            "has nothing to learn from %s: verify some in `wbcid review %s` and export again",
+            out,
+            store.folder,
         )
     partial.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(

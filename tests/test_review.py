@@ -239,22 +239,30 @@ def test_a_run_with_several_specimens_has_a_differential_for_each(data_root: Pat
     assert sum(s["detected"] for s in totals["specimens"].values()) == totals["detected"]
 
 
-def test_an_export_says_when_it_holds_no_cell_to_adapt_to(run: Path, tmp_path: Path, caplog):
-    """Said by the export itself, so the command and the page's Export button (the server's log) both say it."""
+def test_an_export_says_what_it_holds_and_when_there_is_nothing_to_adapt_to(run: Path, tmp_path: Path):
+    """The command and the page's Export button say the same: how many cells are training data, and
+    that "not a WBC" cells are not (before, both said "1 verified cell(s) exported" of an empty manifest)."""
     from typer.testing import CliRunner
 
     from wbcid.cli import app
 
-    def export() -> str:
-        caplog.clear()
+    client = TestClient(create_app(run))
+
+    def export() -> tuple[str, dict]:
         result = CliRunner().invoke(app, ["review", str(run), "--export", str(tmp_path / "verified")])
         assert result.exit_code == 0
-        return result.output + caplog.text
+        return result.output, client.post("/api/export").json()
 
     store = ReviewStore.open(run)
     first, second = (c["id"] for c in store.cells()[:2])
-    assert "0 verified cell(s) exported" in (said := export()) and "nothing to learn from" in said
+    said, page = export()
+    assert "0 verified cell(s) of the five types exported" in said and "nothing for `wbcid adapt`" in said
+    assert page["exported"] == 0 and "nothing for `wbcid adapt`" in page["summary"]
     store.set_label(first, "other", reviewer="tester")  # a verified cell, but not one of the five types
-    assert "1 verified cell(s) exported" in (said := export()) and "nothing to learn from" in said
+    said, page = export()
+    assert "0 verified cell(s) of the five types" in said and "1 verified as not a WBC" in said
+    assert (page["verified"], page["exported"]) == (1, 0) and "nothing for `wbcid adapt`" in page["summary"]
     store.set_label(second, "basophil", reviewer="tester")
-    assert "2 verified cell(s) exported" in (said := export()) and "nothing to learn from" not in said
+    said, page = export()
+    assert "1 verified cell(s) of the five types" in said and "nothing for" not in said
+    assert (page["verified"], page["exported"]) == (2, 1) and len(read_cells(Path(page["path"])).labels) == 1

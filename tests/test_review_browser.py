@@ -108,6 +108,10 @@ def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_pa
         int(first): "basophil",
         int(last_id): "other",
     }
+    browser.find_element(By.ID, "export").click()  # the page says what the export holds: one cell to adapt to
+    WebDriverWait(browser, 10).until(lambda d: "exported" in d.find_element(By.ID, "status").text)
+    said = browser.find_element(By.ID, "status").text
+    assert "1 verified cell(s) of the five types exported" in said and "1 verified as not a WBC" in said
     browser.save_screenshot(str(tmp_path / "review.png"))
 
 

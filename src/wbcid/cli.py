@@ -391,12 +391,10 @@ def review(
     ] = None,
 ) -> None:
     """Verify a count in the browser: correct labels, keep every correction, export them for `wbcid adapt`."""
-    from .web import ReviewStore, export_review, serve
+    from .web import ReviewStore, export_review, export_summary, serve
 
     if export is not None:
-        out = export_review(ReviewStore.open(run), export)
-        totals = json.loads((out / "counts.json").read_text())["totals"]
-        typer.echo(f"{totals['verified']} verified cell(s) exported to {out} (manifest: {out / 'manifest.csv'})")
+        typer.echo(export_summary(export_review(ReviewStore.open(run), export)))
         return
     with _interrupted("every correction is saved in the review database"):
         serve(run, host, port, model, reviewer)

@@ -8,13 +8,15 @@ The page (``GET /``) is one Jinja2 template and a little plain JavaScript over t
 * ``GET /api/differential`` -> the live totals, shaped like ``counts.json``'s;
 * ``GET /api/cells/{id}/image``, ``/field``, ``/gradcam`` -> the cell, its field with its box,
   and its Grad-CAM map; files are found through the cell's row, never through a request path;
-* ``POST /api/export`` -> writes the verified cells and differential (see :mod:`wbcid.web.export`).
+* ``POST /api/export`` -> writes the verified cells and differential (see :mod:`wbcid.web.export`) and
+  says what the export holds.
 """
 
 from __future__ import annotations
 
 import getpass
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -30,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from ..data import CLASSES
 from ..errors import WbcidError
-from .export import export_review
+from .export import export_review, export_summary
 from .store import LABELS, ReviewStore, cell_image
 
 log = logging.getLogger("wbcid")
@@ -119,7 +121,13 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
     @app.post("/api/export")
     def export() -> dict:
         out = export_review(store, store.folder / "verified")
-        return {"path": str(out), "verified": store.differential()["verified"]}
+        counts = json.loads((out / "counts.json").read_text())
+        return {
+            "path": str(out),
+            "verified": counts["verified_by_person"],
+            "exported": counts["exported"],
+            "summary": export_summary(out),
+        }
 
     return app
 

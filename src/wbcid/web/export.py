@@ -54,13 +54,6 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:
                 "reviewed_at": cell["reviewed_at"],
             }
         )
-    if not rows:  # "not a WBC" cells are not exported: nothing for `wbcid adapt` to learn from
-        log.warning(
-            "no verified cell is one of the five types (none verified yet, or only 'not a WBC'), so `wbcid adapt` "
-            "has nothing to learn from %s: verify some in `wbcid review %s` and export again",
-            out,
-            store.folder,
-        )
     partial.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(
         rows, columns=["path", "label", "source", "split", "group", "model_label", "reviewer", "reviewed_at"]
@@ -71,6 +64,7 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:
         "run": store.meta("run"),
         "totals": totals,
         "verified_by_person": totals["verified"],
+        "exported": len(rows),  # the verified cells of the five types: the manifest's rows
         "model_only": totals["to_review"],
         "cells": [
             {
@@ -104,6 +98,20 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:
         shutil.rmtree(out)
     os.replace(partial, out)
     return out
+
+
+def export_summary(out: str | os.PathLike) -> str:
+    """What the export at ``out`` holds, in one line: the command prints it and the page shows it,
+    so a technologist learns there, not from a failing `wbcid adapt`, that it holds no cell to adapt to."""
+    out = Path(out)
+    result = json.loads((out / "counts.json").read_text())
+    verified, exported = result["verified_by_person"], result["exported"]
+    line = f"{exported} verified cell(s) of the five types exported to {out} (manifest: {out / 'manifest.csv'})"
+    if verified > exported:  # "not a WBC" cells count in the differential's audit, not as training data
+        line += f"; {verified - exported} verified as not a WBC are in counts.json only"
+    if not exported:
+        line += "; nothing for `wbcid adapt` to learn from yet: verify some cells of the five types and export again"
+    return line
 
 
 def _replaceable(out: Path) -> bool:

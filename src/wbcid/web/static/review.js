@@ -166,7 +166,7 @@ document.querySelectorAll("#buttons button[data-label]").forEach((b) => b.addEve
 $("#confirm").addEventListener("click", () => setLabel(cells[selected].model_label));
 $("#export").addEventListener("click", async () => {
   const result = await api("POST", "/api/export");
-  status(`exported ${result.verified} verified cell(s) to ${result.path}`);
+  status(result.summary);
 });
 $("#view").value = view;
 $("#view").addEventListener("change", (event) => { event.target.blur(); setView(event.target.value); });

@@ -8,7 +8,6 @@ one side. ``counts.json`` and ``report.html`` say, cell by cell, whose label eac
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,8 +18,6 @@ import pandas as pd
 from ..data import CLASSES
 from ..errors import WbcidError
 from .store import ReviewStore, cell_image
-
-log = logging.getLogger("wbcid")
 
 
 def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:

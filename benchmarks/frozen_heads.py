@@ -8,8 +8,9 @@ model stays frozen; its penultimate features of the verified cells, over the 8 r
 of each, fit one of two heads that replace its own:
 
 - **prototypes**: a cell goes to the class whose mean feature is nearest by cosine, features centred
-  on the verified cells' mean and L2-normalised first (SimpleShot's CL2N nearest-class-mean rule,
-  Wang et al. 2019; the rule of prototypical networks, Snell et al. 2017, on fixed features);
+  and L2-normalised first (SimpleShot's CL2N nearest-class-mean rule, Wang et al. 2019, centred on
+  the verified cells' mean rather than the training classes'; the rule of prototypical networks,
+  Snell et al. 2017, on fixed features);
 - **linear probe**: multinomial logistic regression on standardised features (scikit-learn's
   defaults, C = 1; nothing tuned).
 

@@ -61,7 +61,7 @@ def main() -> None:
     for lab in args.labs:
         images, lab_cells = load_images(cells.select([lab]).known(), prep, "decoding")
         features, labels = view_features(base, images), lab_cells.labels
-        with torch.no_grad():  # the base model's own head on each cell as given: K = 0 of --compare, if the base is its
+        with torch.no_grad():  # the base model's own head on each cell as given (its K = 0 row elsewhere)
             zero_shot = compute_metrics(labels, base.head(torch.from_numpy(features[:, 0])).argmax(1).numpy())
         print(f"{lab}: zero-shot macro-F1 {zero_shot['macro_f1']:.4f}", flush=True)
         for k in args.ks:
@@ -71,7 +71,7 @@ def main() -> None:
                 fit_y = np.repeat(labels[picked], features.shape[1])
                 scored = features[rest].mean(1)
                 row = {"lab": lab, "k": k, "draw": draw, "verified": len(picked), "scored": len(rest)}
-                row["zero_shot"] = zero_shot["macro_f1"]
+                row["zero_shot"] = zero_shot["macro_f1"]  # the same in every draw: the check on the base model
                 for head, predicted in zip(HEADS, (prototypes(fit_x, fit_y, scored), probe(fit_x, fit_y, scored))):
                     row[head] = compute_metrics(labels[rest], predicted)["macro_f1"]
                 rows.append(row)

@@ -144,3 +144,23 @@ def test_resolve_model_serves_the_bundled_model_by_onnx_unless_pytorch_is_needed
     assert torch_model.config.training_data["all_splits"]  # the bundled model says what it saw
     with pytest.raises(WbcidError, match="adaptation needs the PyTorch model"):
         resolve_model(BUNDLED_ONNX, needs_torch="adaptation")
+
+
+def test_the_network_refuses_uint8_pixels_that_would_run_255_times_too_bright(pbc_small):
+    """uint8 cells through ``features`` ran without a word and gave features that made every head fail
+    (a benchmark's frozen heads first looked hopeless for this); ``as_input`` is the way in."""
+    from wbcid.data import CellSet, load_images, read_cells
+    from wbcid.loading import resolve_model
+    from wbcid.preprocess import Preprocess, as_input
+
+    model = resolve_model(needs_torch="this test").eval()
+    cells = read_cells(pbc_small).select(splits=["test"])
+    images, cells = load_images(CellSet(cells.cells[::8]), Preprocess.of(model.config))
+    assert images.dtype == torch.uint8
+    prefix, _ = model.split(2)
+    for run in (model.features, model, prefix, lambda x: model.tapped_features(x, [1])):
+        with pytest.raises(WbcidError, match="float images in \\[0, 1\\].*as_input"):
+            run(images)
+    with torch.no_grad():
+        predicted = model(as_input(images)).argmax(1).numpy()
+    assert (predicted == cells.labels).mean() >= 0.8  # the bundled model, given its input as it expects

@@ -80,13 +80,21 @@ def get_spec(name: str) -> ModelSpec:
     raise WbcidError(f"unknown model {name!r}; choose one of {', '.join(_REGISTRY)} or timm:<name>")
 
 
+def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The network's input from floats in [0, 1]. uint8 pixels are refused: they would run, 255 times
+    too bright, and every output would be quietly wrong (:func:`wbcid.preprocess.as_input` converts)."""
+    if not x.is_floating_point():
+        raise WbcidError(f"the network takes float images in [0, 1], not {x.dtype}: convert them with as_input")
+    return (x - mean) / std
+
+
 class _Normalise(nn.Module):
     def __init__(self, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         self.mean, self.std = mean, std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return _normalise(x, self.mean, self.std)
 
 
 class WBCNet(nn.Module):
@@ -105,7 +113,7 @@ class WBCNet(nn.Module):
         self.set_freeze(config.freeze)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone((x - self.mean) / self.std)
+        return self.backbone(_normalise(x, self.mean, self.std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -72,6 +72,13 @@ def _tiles(driver) -> list:
     return _settled(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".tile") or False)
 
 
+def _tile_ids(driver) -> list[str]:
+    """The tiles' cell ids in page order, read in one settled pass (tiles found first may be redrawn)."""
+    return _settled(
+        driver, lambda d: [t.get_attribute("data-id") for t in d.find_elements(By.CSS_SELECTOR, ".tile")] or False
+    )
+
+
 def _row(driver, label: str) -> list[str]:
     return _settled(
         driver,
@@ -84,16 +91,14 @@ def _row(driver, label: str) -> list[str]:
 def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_path: Path):
     url, run = server
     browser.get(url)
-    tiles = _tiles(browser)
+    first = _tile_ids(browser)[0]
     basophils = int(_row(browser, "basophil")[1])
-    first = tiles[0].get_attribute("data-id")
     # keyboard: the first cell is selected on load; "5" makes it a basophil
     browser.find_element(By.TAG_NAME, "body").send_keys("5")
     WebDriverWait(browser, 10).until(lambda d: "saved cell " + first in d.find_element(By.ID, "status").text)
     # click: select the last tile, then click the "other" button
-    last = _tiles(browser)[-1]
-    last_id = last.get_attribute("data-id")
-    last.click()
+    last_id = _tile_ids(browser)[-1]
+    _settled(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'.tile[data-id="{last_id}"]').click() or True)
     browser.find_element(By.CSS_SELECTOR, '#buttons button[data-label="other"]').click()
     WebDriverWait(browser, 10).until(lambda d: "saved cell " + last_id in d.find_element(By.ID, "status").text)
 
@@ -132,7 +137,7 @@ def test_the_keys_walk_the_review_queue_or_the_types_and_the_view_is_kept(server
     assert len(queue) >= 4 and len({c["label"] for c in store.cells()}) >= 2, "the fixture needs a mixed count"
     browser.get(url)
     # by default one list in the queue's order (flagged, then least confident), the first cell selected
-    assert [t.get_attribute("data-id") for t in _tiles(browser)] == queue
+    assert _tile_ids(browser) == queue
     assert _selected(browser) == queue[0]
     body = browser.find_element(By.TAG_NAME, "body")
     body.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, "1")  # the queue's third cell: a neutrophil
@@ -142,7 +147,7 @@ def test_the_keys_walk_the_review_queue_or_the_types_and_the_view_is_kept(server
     body.send_keys("v")  # by type: groups in the five types' order, each in the queue's order; same cell selected
     WebDriverWait(browser, 10).until(lambda d: _headings(d)[0] in LABELS)
     labels = {str(c["id"]): c["label"] for c in store.cells()}
-    order = [t.get_attribute("data-id") for t in _tiles(browser)]
+    order = _tile_ids(browser)
     expected = [i for name in LABELS for i in queue if labels[i] == name]
     assert order == expected
     assert _headings(browser) == [name for name in LABELS if name in labels.values()]
@@ -150,12 +155,12 @@ def test_the_keys_walk_the_review_queue_or_the_types_and_the_view_is_kept(server
     body.send_keys("u")  # undo finds the cell where this view put it, and selects it
     WebDriverWait(browser, 10).until(lambda d: _selected(d) == queue[2])
     assert not ReviewStore.open(run).cell(int(queue[2]))["reviewed"]
-    assert [t.get_attribute("data-id") for t in _tiles(browser)] == expected
+    assert _tile_ids(browser) == expected
     body.send_keys("1")
     WebDriverWait(browser, 10).until(lambda d: ReviewStore.open(run).cell(int(queue[2]))["reviewed"])
 
     browser.refresh()  # the view is kept; the first cell not yet verified is selected
-    assert [t.get_attribute("data-id") for t in _tiles(browser)] == expected
+    assert _tile_ids(browser) == expected
     assert _selected(browser) == next(i for i in expected if i != queue[2])
     Select(browser.find_element(By.ID, "view")).select_by_value("queue")  # the menu, as a mouse user would
-    WebDriverWait(browser, 10).until(lambda d: [t.get_attribute("data-id") for t in _tiles(d)] == queue)
+    WebDriverWait(browser, 10).until(lambda d: _tile_ids(d) == queue)

@@ -38,7 +38,8 @@ from wbcid.evaluation import compute_metrics
 from wbcid.inference import dihedral_views
 from wbcid.loading import resolve_model
 from wbcid.models import WBCNet
-from wbcid.preprocess import Preprocess, as_input
+from wbcid.ood import image_features
+from wbcid.preprocess import Preprocess
 
 OUT = Path("docs/frozen_heads")
 HEADS = ("prototypes", "linear probe")
@@ -81,14 +82,10 @@ def main() -> None:
     write_results(OUT, result, report(result, compared))
 
 
-@torch.no_grad()
 def view_features(model: WBCNet, images: torch.Tensor) -> np.ndarray:
     """Penultimate features of each cell's 8 rotations and flips: ``(cells, 8, features)``."""
-    batches = []
-    for batch in images.split(128):
-        views = [as_input(torch.from_numpy(view)) for view in dihedral_views(batch.numpy())]
-        batches.append(torch.stack([model.features(view) for view in views], 1))
-    return torch.cat(batches).numpy()
+    views = dihedral_views(images.numpy())
+    return torch.stack([image_features(model, torch.from_numpy(view)) for view in views], 1).numpy()
 
 
 def prototypes(fit_x: np.ndarray, fit_y: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Lower precision on this CPU: bf16 training steps and an int8 ONNX model, against fp32.
 
     python benchmarks/precision.py [--data ../shared/data] [--steps 12] [--calibration-per-class 40]
+                                   [--out docs/precision]
 
 * Training: the default recipe's network step (EfficientNet-Lite0, 128 px, first 4 layer groups
   frozen, batch 32, AdamW) timed in fp32, with the frozen prefix in bf16 (it needs no gradient),
@@ -21,7 +22,8 @@
   bf16-fp32 differences of the logits and of the log OOD score on ``--calibration-per-class`` PBC
   training cells per class are what ``RECHECK_MARGIN`` and ``RECHECK_OOD`` were set from.
 
-Writes ``docs/precision.json`` and ``docs/precision.md``. Run it with nothing else running.
+Writes ``OUT.json`` and ``OUT.md`` (``--out``, default ``docs/precision``; another CPU's run goes
+beside it under its own name). Run it with nothing else running.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ def main() -> None:
     options = parser(__doc__)
     options.add_argument("--steps", type=int, default=12)
     options.add_argument("--calibration-per-class", type=int, default=40)
+    options.add_argument("--out", type=Path, default=Path("docs/precision"))
     args = options.parse_args()
     command = setup()
     torch.set_num_threads(2)
@@ -210,7 +213,7 @@ def main() -> None:
         inside, outside = scored[TRAIN_SOURCE][name][1], scored["pbc_other"][name][1]
         truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
         result["ood_auroc"][name] = float(roc_auc_score(truth, np.r_[inside, outside]))
-    write_results(Path("docs/precision"), result, report(result))
+    write_results(args.out, result, report(result))
     print(report(result))
 
 

@@ -339,7 +339,7 @@ def test_the_share_of_a_labs_further_cells_above_the_cross_fitted_factor(monkeyp
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(len(CLASSES)), 5)
     pool: list[float] = []  # the held-out cells' scores, handed out as each half-model scores its cells
-    monkeypatch.setattr(adaptation.finetune, "fine_tune", lambda base, parts, config, replay: None)
+    monkeypatch.setattr(adaptation.finetune, "fine_tune", lambda base, parts, config, replay, progress: None)
     monkeypatch.setattr(
         wbcid.inference, "predict_scores", lambda model, batches: (None, np.array([pool.pop() for _ in batches[0]]))
     )
@@ -356,22 +356,32 @@ def test_the_share_of_a_labs_further_cells_above_the_cross_fitted_factor(monkeyp
 @pytest.mark.slow
 def test_the_half_models_take_their_own_step_budget(pbc_model: Path, bccd, monkeypatch):
     """Cross-fitting's two half-models only place the threshold, so they may train for fewer steps
-    than the model that is shipped (``cross_fit_steps``)."""
+    than the model that is shipped (``cross_fit_steps``); one progress bar counts every step."""
+    import io
+
+    from tqdm.auto import tqdm
+
     from wbcid.data import load_images
 
     base = load_checkpoint(pbc_model)
     cells = read_cells(bccd[0])
     images, cells = load_images(cells, Preprocess.of(base.config))
-    budgets = []
+    budgets, bars = [], []
     fine_tune = adaptation.finetune.fine_tune
 
-    def counted(b, parts, config, r):
+    def counted(b, parts, config, r, progress):
         budgets.append(config.steps)
-        return fine_tune(b, parts, config, r)
+        return fine_tune(b, parts, config, r, progress)
+
+    def shown(**settings):  # the bar as a terminal would show it (pytest's output is not one)
+        bars.append(tqdm(**settings | {"disable": False, "file": io.StringIO()}))
+        return bars[-1]
 
     monkeypatch.setattr(adaptation.finetune, "fine_tune", counted)
+    monkeypatch.setattr(adaptation.finetune, "tqdm", shown)
     adaptation.adapt_model(base, images, cells.labels, replace(QUICK, steps=6, cross_fit_steps=3, views=2))
     assert budgets == [6, 3, 3]
+    assert [(bar.n, bar.total) for bar in bars] == [(12, 12)]
 
 
 @pytest.mark.slow

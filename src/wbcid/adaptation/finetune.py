@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..augment import train_augmentation
 from ..data import CLASSES
@@ -54,26 +55,35 @@ def adapt_model(
             replay = make_replay(
                 base, replay.images, replay.image_labels, replay.calibration_images, config, replay.class_shares
             )
-    model = fine_tune(base, [(images, labels, config.views)], config, replay) if len(images) else base
-    stretch = _cross_fitted_stretch(base, images, labels, config, replay) if config.cross_fit else 1.0
-    if unlabelled is not None and len(unlabelled):
-        pseudo_images, pseudo_labels = pseudo_label(model, unlabelled)
-        log.info("pseudo-labels: %d of %d unlabelled cells", len(pseudo_labels), len(unlabelled))
-        if len(pseudo_labels) + len(images) == 0:
-            log.warning(
-                "every unlabelled cell is flagged, so none can be a pseudo-label: only AdaBN was applied; "
-                "verify a few cells (wbcid review) to adapt further"
-            )
-        else:
-            parts = [(images, labels, config.views), (pseudo_images, pseudo_labels, config.pseudo_views)]
-            model = fine_tune(base, parts, config, replay)
+    pseudo = unlabelled is not None and len(unlabelled) > 0
+    halves = 2 * (config.cross_fit_steps or config.steps) if config.cross_fit and len(images) else 0
+    planned = config.steps * ((len(images) > 0) + pseudo) + halves  # a fold with no cell trains no half-model
+    with tqdm(total=planned, desc="fine-tuning", unit="step", leave=False, disable=None) as progress:
+        model = fine_tune(base, [(images, labels, config.views)], config, replay, progress) if len(images) else base
+        stretch = _cross_fitted_stretch(base, images, labels, config, replay, progress) if config.cross_fit else 1.0
+        if pseudo:
+            pseudo_images, pseudo_labels = pseudo_label(model, unlabelled)
+            log.info("pseudo-labels: %d of %d unlabelled cells", len(pseudo_labels), len(unlabelled))
+            if len(pseudo_labels) + len(images) == 0:
+                log.warning(
+                    "every unlabelled cell is flagged, so none can be a pseudo-label: only AdaBN was applied; "
+                    "verify a few cells (wbcid review) to adapt further"
+                )
+            else:
+                parts = [(images, labels, config.views), (pseudo_images, pseudo_labels, config.pseudo_views)]
+                model = fine_tune(base, parts, config, replay, progress)
     model = _stretch_threshold(copy.deepcopy(base) if model is base else model, stretch)
     model.config = replace(model.config, tta=config.tta)
     return model
 
 
 def _cross_fitted_stretch(
-    base: WBCNet, images: torch.Tensor, labels: np.ndarray, config: AdaptConfig, replay: Replay | None
+    base: WBCNet,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    config: AdaptConfig,
+    replay: Replay | None,
+    progress: tqdm | None = None,
 ) -> float:
     """How much the flag threshold must grow so that at most 5 % of the lab's *other* cells are flagged.
 
@@ -106,7 +116,7 @@ def _cross_fitted_stretch(
     for held_out in (fold, ~fold):
         if held_out.all() or not held_out.any():
             continue
-        half = fine_tune(base, [(images[~held_out], labels[~held_out], config.views)], half_config, replay)
+        half = fine_tune(base, [(images[~held_out], labels[~held_out], config.views)], half_config, replay, progress)
         scores.append(predict_scores(half, [images[held_out]])[1])
     method = config.cross_fit_quantile
     factor = float(np.quantile(np.concatenate(scores), QUANTILE, method=method)) if scores else float("nan")
@@ -137,9 +147,14 @@ def pseudo_label(model: WBCNet, images: torch.Tensor, share: float = PSEUDO_SHAR
 
 
 def fine_tune(
-    base: WBCNet, parts: Sequence[tuple[torch.Tensor, np.ndarray, int]], config: AdaptConfig, replay: Replay | None
+    base: WBCNet,
+    parts: Sequence[tuple[torch.Tensor, np.ndarray, int]],
+    config: AdaptConfig,
+    replay: Replay | None,
+    progress: tqdm | None = None,
 ) -> WBCNet:
-    """Train the suffix and head on cached prefix views of ``parts`` (images, labels, views) plus replay."""
+    """Train the suffix and head on cached prefix views of ``parts`` (images, labels, views) plus replay;
+    each step advances ``progress``, the bar that shows the minutes an adaptation takes on a CPU."""
     torch.manual_seed(config.seed)
     model = copy.deepcopy(base).eval()
     prefix, suffix = model.split(config.trainable_groups)
@@ -183,6 +198,8 @@ def fine_tune(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if progress is not None:
+            progress.update()
     tuned.cpu()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -109,7 +109,11 @@ def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
         base.state_dict()["head.1.weight"],
     )
     served = resolve_model(adapted)  # the run's own ONNX export serves predict and count
-    assert isinstance(served, OnnxModel) and served.config == load_checkpoint(adapted).config
+    checkpoint = load_checkpoint(adapted).config
+    assert isinstance(served, OnnxModel) and served.config == checkpoint.shareable()
+    assert len(checkpoint.adaptation["verified"]) == sum(checkpoint.adaptation["cells"].values())  # for a later round
+    assert "verified" not in served.config.adaptation  # the file a lab shares does not name its cells
+    assert served.config.adaptation["cells"] == checkpoint.adaptation["cells"]  # but still counts them
     cells = sorted((data_root / "cells/bccd").rglob("*.jpg"))[:16]
     check = agreement(load_checkpoint(adapted), served, cells)
     assert check["label_agreement"] == 1.0

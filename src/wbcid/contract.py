@@ -8,7 +8,7 @@ so ``wbcid predict`` and ``wbcid count`` start without loading PyTorch (about 2 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,14 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def shareable(self) -> ModelConfig:
+        """This config without the paths of the cells a lab verified (``adaptation["verified"]``): file
+        names of a lab's images often carry sample numbers, and only a later ``wbcid adapt``, which reads
+        ``model.pt``, needs them. What the ONNX export, the file a lab serves and shares, carries."""
+        if not self.adaptation or "verified" not in self.adaptation:
+            return self
+        return replace(self, adaptation={k: v for k, v in self.adaptation.items() if k != "verified"})
 
     def unverified_warning(self) -> str | None:
         """For a model from ``wbcid adapt`` that saw no verified cell of some types from its lab, what

@@ -1,7 +1,8 @@
 """ONNX export: a PyTorch model becomes a file that :class:`wbcid.serving.OnnxModel` serves.
 
 The graph returns what :meth:`WBCNet.scores` returns, with the normalisation inside; the model's
-config goes into the ONNX metadata, so the file alone is a usable model (see :mod:`wbcid.serving`).
+config goes into the ONNX metadata, so the file alone is a usable model (see :mod:`wbcid.serving`);
+an adapted model's verified cells are counted there but not named (:meth:`ModelConfig.shareable`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def export_onnx(model: WBCNet, path: str | os.PathLike, opset: int = 18) -> Path
         verbose=False,  # torch.onnx otherwise logs ~90 lines of progress per export
     )
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(model.config.to_dict())})
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(model.config.shareable().to_dict())})
     onnx.save(proto, path)
     return path
 

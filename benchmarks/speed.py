@@ -11,7 +11,8 @@ Inference: end to end, image files on disk -> predictions CSV, model loading inc
 (``wbcid.inference.predict``): the bundled model in PyTorch and in ONNX Runtime (fp32), the
 original project's seed CNN and VGG16 transfer model (their speed does not depend on their weights,
 so untrained copies are timed), each at batch 1 and batched. Serving in bf16 and int8 has its own
-pages: docs/serving.md and docs/precision.md. Writes ``docs/speed.md`` and ``docs/speed.json``.
+pages: docs/serving.md and docs/precision.md. Writes ``docs/speed.md`` and ``docs/speed.json``; pages
+measured on another machine share the suffix of ``--doc`` (docs/speed_amx.md links docs/serving_amx.md).
 
     python benchmarks/speed.py [--data ../shared/data] [--images 2000] [--vgg-images 300]
 """
@@ -95,15 +96,32 @@ def main() -> None:
     write_results(
         args.doc.with_suffix(""),
         {"cpu": cpu_description(), "training": training, "seed_spread": spread, "inference": rates},
-        page(training, spread, rates, candidates, len(files), args.vgg_images, command),
+        page(
+            training,
+            spread,
+            rates,
+            candidates,
+            len(files),
+            args.vgg_images,
+            command,
+            args.doc.stem.removeprefix("speed"),
+        ),
     )
     print(args.doc.read_text())
 
 
 def page(
-    training: dict, spread: list[float], rates: dict, candidates: dict, images: int, vgg_images: int, command: str
+    training: dict,
+    spread: list[float],
+    rates: dict,
+    candidates: dict,
+    images: int,
+    vgg_images: int,
+    command: str,
+    suffix: str = "",
 ) -> str:
-    """docs/speed.md from the run's numbers."""
+    """docs/speed.md from the run's numbers; ``suffix`` names the serving and precision pages of the same machine."""
+    serving, precision = f"docs/serving{suffix}.md", f"docs/precision{suffix}.md"
     auto, fp32 = training["auto"], training["fp32"]
     rows = "\n".join(
         f"| `--precision {name}` ({run['precision']}) | {run['seconds']:.0f} s ({run['seconds'] / 60:.1f} min) | "
@@ -131,7 +149,7 @@ command (start-up, decoding, six epochs at most, the end-of-run statistics and t
 scored under the single-source protocol (macro-F1 over the classes present; the four other labs
 whole, served as `wbcid evaluate` serves them). `auto` runs the frozen layer groups in bf16 on a CPU
 with bf16 units (fp32 elsewhere); the trained layers stay fp32 on a CPU (slower in bf16 here,
-docs/precision.md).
+{precision}).
 
 | command | time | epochs | PBC test | {labs} | mean out-of-domain |
 |---|---:|---:|---:|{"---:|" * len(auto["out_of_domain"])}---:|
@@ -145,8 +163,8 @@ default recipe's mean out-of-domain macro-F1 over three training seeds (docs/gen
 
 End to end: image files on disk -> predictions CSV, model loading included (`wbcid.inference.predict`,
 what `wbcid predict` runs, here in fp32), {images} PBC test images ({vgg_images} for VGG16, whose rate
-is the same per image). Whole commands with bf16 serving: docs/serving.md; int8 and bf16 against
-fp32: docs/precision.md.
+is the same per image). Whole commands with bf16 serving: {serving}; int8 and bf16 against
+fp32: {precision}.
 
 | model | input | images/s, batch 1 | images/s, batch 64 |
 |---|---:|---:|---:|

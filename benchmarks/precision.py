@@ -213,8 +213,9 @@ def main() -> None:
         inside, outside = scored[TRAIN_SOURCE][name][1], scored["pbc_other"][name][1]
         truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
         result["ood_auroc"][name] = float(roc_auc_score(truth, np.r_[inside, outside]))
-    write_results(args.out, result, report(result))
-    print(report(result))
+    page = report(result)
+    write_results(args.out, result, page)
+    print(page)
 
 
 def report(r: dict) -> str:

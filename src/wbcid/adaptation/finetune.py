@@ -45,9 +45,10 @@ def adapt_model(
     """
     config = config or AdaptConfig()
     labels = np.asarray(labels, dtype=np.int64)
-    if len(images) == 0 and (unlabelled is None or not len(unlabelled)):
+    pseudo = unlabelled is not None and len(unlabelled) > 0  # AdaBN, then a round with pseudo-labels
+    if len(images) == 0 and not pseudo:
         raise WbcidError("no verified cells to adapt to")
-    if unlabelled is not None and len(unlabelled):
+    if pseudo:
         from ..testtime import adapt_batchnorm
 
         base = adapt_batchnorm(base, torch.cat([images, unlabelled]))
@@ -55,7 +56,6 @@ def adapt_model(
             replay = make_replay(
                 base, replay.images, replay.image_labels, replay.calibration_images, config, replay.class_shares
             )
-    pseudo = unlabelled is not None and len(unlabelled) > 0
     halves = 2 * (config.cross_fit_steps or config.steps) if config.cross_fit and len(images) else 0
     planned = config.steps * ((len(images) > 0) + pseudo) + halves  # a fold with no cell trains no half-model
     with tqdm(total=planned, desc="fine-tuning", unit="step", leave=False, disable=None) as progress:

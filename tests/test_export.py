@@ -47,6 +47,16 @@ def test_onnx_file_carries_the_preprocessing_contract(exported, pbc_small):
         predict(path, cells, adabn=True)
 
 
+def test_export_leaves_the_model_as_it_was(tmp_path):
+    """The exporter works on a copy (made out-of-place: faster to export), so a model still being
+    trained keeps its mode and its in-place activations."""
+    model = create_model("efficientnet_lite0", input_size=32).train()
+    inplace = [m.inplace for m in model.modules() if hasattr(m, "inplace")]
+    export_onnx(model, tmp_path / "m.onnx")
+    assert model.training and any(inplace)
+    assert [m.inplace for m in model.modules() if hasattr(m, "inplace")] == inplace
+
+
 def test_foreign_onnx_files_are_refused(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"garbage")
     with pytest.raises(WbcidError, match="not a readable ONNX"):

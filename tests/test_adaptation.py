@@ -33,6 +33,8 @@ from wbcid.train import TrainConfig, fit
 # The tests that need `pbc_model` train it (minutes) and are marked slow one by one, so that the
 # others stay in the fast loop (`pytest -m "not slow"`).
 QUICK = AdaptConfig(steps=40, views=8, replay_per_class=20)
+# For the tests of what an adaptation records, refuses or chooses, not of what it learns: seconds, not a minute.
+TINY = AdaptConfig(steps=4, cross_fit_steps=2, views=2, replay_per_class=5)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +212,7 @@ def test_missing_classes_and_single_cells_work(pbc_model: Path, bccd, data_root:
     few = pd.concat([table[table.label == "neutrophil"].head(3), table[table.label == "eosinophil"].head(1)])
     few.to_csv(tmp_path / "few.csv", index=False)
     with caplog.at_level("WARNING", logger="wbcid"):
-        run = adapt(tmp_path / "few.csv", tmp_path / "run", pbc_model, QUICK)
+        run = adapt(tmp_path / "few.csv", tmp_path / "run", pbc_model, TINY)
     assert "no verified lymphocyte, monocyte, basophil" in caplog.text  # the user is told which counts are unverified
     fields = sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:1]
     counted = count(run, fields, tmp_path / "count")  # and so is whoever counts with the model later
@@ -247,22 +249,22 @@ def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, t
         ]
     )
     mixed.to_csv(tmp_path / "mixed.csv", index=False)
-    run = adapt(tmp_path / "mixed.csv", tmp_path / "mixed_run", pbc_model, QUICK)
+    run = adapt(tmp_path / "mixed.csv", tmp_path / "mixed_run", pbc_model, TINY)
     skipped = json.loads((run / "config.json").read_text())["skipped"]
     assert any("platelet" in reason for reason in skipped)  # not one of ours: skipped and counted
     assert skipped.get("unreadable or not an image") == 1
     with pytest.raises(WbcidError, match="already exists"):
-        adapt(tmp_path / "mixed.csv", run, pbc_model, QUICK)
+        adapt(tmp_path / "mixed.csv", run, pbc_model, TINY)
     (tmp_path / "empty").mkdir()
     with pytest.raises(WbcidError, match="no labelled images"):
-        adapt(tmp_path / "empty", tmp_path / "r2", pbc_model, QUICK)
+        adapt(tmp_path / "empty", tmp_path / "r2", pbc_model, TINY)
     with pytest.raises(WbcidError, match="no images .* in .*empty"):
-        adapt(tmp_path / "mixed.csv", tmp_path / "r6", pbc_model, QUICK, unlabelled=[tmp_path / "empty"])
+        adapt(tmp_path / "mixed.csv", tmp_path / "r6", pbc_model, TINY, unlabelled=[tmp_path / "empty"])
     (tmp_path / "fake.pt").write_bytes(b"not a model")
     with pytest.raises(WbcidError, match="not a wbcid model"):
-        adapt(tmp_path / "mixed.csv", tmp_path / "r3", tmp_path / "fake.pt", QUICK)
+        adapt(tmp_path / "mixed.csv", tmp_path / "r3", tmp_path / "fake.pt", TINY)
     with pytest.raises(WbcidError, match="ONNX"):
-        adapt(tmp_path / "mixed.csv", tmp_path / "r4", tmp_path / "m.onnx", QUICK)
+        adapt(tmp_path / "mixed.csv", tmp_path / "r4", tmp_path / "m.onnx", TINY)
     with pytest.raises(WbcidError, match="invalid adaptation settings"):
         AdaptConfig(steps=0)
     cli = subprocess.run(
@@ -291,7 +293,7 @@ def test_an_interrupted_adaptation_leaves_nothing_to_load(pbc_model: Path, bccd,
 
     monkeypatch.setattr(adaptation.command, "save_model", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        adapt(bccd[0], tmp_path / "run", pbc_model, QUICK)
+        adapt(bccd[0], tmp_path / "run", pbc_model, TINY)
     assert not (tmp_path / "run").exists()
     with pytest.raises(WbcidError):
         load_checkpoint(tmp_path / "run")
@@ -307,11 +309,11 @@ def test_unlabelled_cells_alone_that_are_all_flagged_still_give_a_model(pbc_mode
 
     base = load_checkpoint(pbc_model)
     noise = torch.randint(0, 256, (6, 3, 96, 96), dtype=torch.uint8)  # nothing like a blood cell: all flagged
-    model = adapt_model(base, noise[:0], np.array([], dtype=np.int64), QUICK, None, noise)
+    model = adapt_model(base, noise[:0], np.array([], dtype=np.int64), TINY, None, noise)
     assert model is not base and model.head[1].out_features == len(CLASSES)
     cells = CellSet([Cell(p) for p in sorted((data_root / "cells/bccd").rglob("*.jpg"))[:4]])
     images, _ = load_images(cells, Preprocess.of(base.config))
-    assert adapt_model(base, images[:0], np.array([], dtype=np.int64), QUICK, None, images) is not None
+    assert adapt_model(base, images[:0], np.array([], dtype=np.int64), TINY, None, images) is not None
 
 
 @pytest.mark.slow
@@ -402,7 +404,7 @@ def test_the_labs_loop_count_review_adapt_count(pbc_model: Path, data_root: Path
     for cell_id, label in verified.items():
         store.set_label(cell_id, label, reviewer="test")
     exported = export_review(store, tmp_path / "verified")
-    run = adapt(exported / "manifest.csv", tmp_path / "lab", pbc_model, replace(QUICK, steps=10))
+    run = adapt(exported / "manifest.csv", tmp_path / "lab", pbc_model, TINY)
     record = json.loads((run / "config.json").read_text())
     assert record["verified_cells"] == {c: sum(v == c for v in verified.values()) for c in CLASSES}
     again = count(run, fields, tmp_path / "again")
@@ -441,14 +443,14 @@ def test_a_second_round_adapts_the_base_again_to_every_verified_cell(
 ):
     """The lab's loop run twice: ``adapt --model ROUND1 --data ROUND2`` learns from both rounds'
     cells starting from round 1's base, exactly as adapting that base to all of them at once."""
-    run = adapt(second_round, tmp_path / "round2", adapted, QUICK)
+    run = adapt(second_round, tmp_path / "round2", adapted, TINY)
     record = json.loads((run / "config.json").read_text())
     first = read_cells(bccd[0]).paths
     both = first + read_cells(second_round).paths
     assert record["continued_from"] == str(adapted) and Path(record["base_model"]) == pbc_model.resolve()
     assert {Path(p) for p in pd.read_csv(run / "labelled.csv").path} == {p.resolve() for p in both}
     assert sum(record["verified_cells"].values()) == len(both) and record["earlier_cells"] == len(first)
-    at_once = adapt([bccd[0], second_round], tmp_path / "at_once", pbc_model, QUICK)
+    at_once = adapt([bccd[0], second_round], tmp_path / "at_once", pbc_model, TINY)
     assert _same_weights(load_checkpoint(run), load_checkpoint(at_once))
     assert load_checkpoint(run).config.adaptation["cells"] == record["verified_cells"]
 
@@ -458,10 +460,10 @@ def test_a_second_round_adapts_the_base_again_to_every_verified_cell(
 def test_an_adapted_model_is_tuned_further_only_when_told_or_when_its_base_is_gone(
     adapted: Path, bccd, second_round: Path, tmp_path: Path, monkeypatch, caplog, case: str
 ):
-    model, config = adapted, QUICK
+    model, config = adapted, TINY
     saved = load_checkpoint(adapted)
     if case == "no-earlier":
-        config = replace(QUICK, earlier=False)
+        config = replace(TINY, earlier=False)
     else:
         record = dict(saved.config.adaptation)
         if case == "base gone":

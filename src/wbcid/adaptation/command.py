@@ -69,18 +69,18 @@ def adapt(
     found = CellSet([Cell(p) for p in list_images(unlabelled)], origin="unlabelled cells") if unlabelled else None
     images, cells = load_images(cells, prep, "decoding verified cells")  # after every input is found: fail fast
     unlabelled_images = None if found is None else load_images(found, prep, "decoding unlabelled cells")[0]
+    log.info(
+        "adapting to %d verified cells (%s)", len(cells), ", ".join(f"{k} {v}" for k, v in cells.class_counts().items())
+    )
     replay_arguments, replay_origin = decode_replay(base, replay, prep, config)
     bank = None
     if replay_arguments is not None:
-        bank = make_replay(base, config=config, **replay_arguments)
+        bank = make_replay(base, config=config, desc="replay cells through the frozen layers", **replay_arguments)
     else:
         log.warning(
             "no training cells of the base model to replay (pass --replay DATA): the adapted model "
             "may forget the labs it knew, and its OOD threshold rests on the verified cells alone"
         )
-    log.info(
-        "adapting to %d verified cells (%s)", len(cells), ", ".join(f"{k} {v}" for k, v in cells.class_counts().items())
-    )
     adapted = adapt_model(base, images, cells.labels, config, bank, unlabelled_images)
     statistics_images = images if bank is None else torch.cat([images, bank.images])
     adapted.source_statistics = batchnorm_statistics(adapted, statistics_images)

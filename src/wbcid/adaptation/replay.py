@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..augment import train_augmentation
 from ..data import (
@@ -83,19 +84,23 @@ def prefix_views(
     taps: tuple[int, ...] = (),
     precision: str = "fp32",
     batch_size: int = 128,
+    desc: str | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Prefix outputs of ``views`` versions of each uint8 image (as it is, then augmented; view-major),
     and the pooled outputs of the layer groups ``taps`` (numbered as in :meth:`WBCNet.split`), in
-    fp32; computed in bf16 under ``precision="bf16"`` (the prefix is frozen: see :func:`autocast`)."""
+    fp32; computed in bf16 under ``precision="bf16"`` (the prefix is frozen: see :func:`autocast`).
+    ``desc``: show a progress bar (in images) with this title."""
     prefix.eval()
     parts = []
-    for view in range(views):
-        for batch in images.split(batch_size):
-            x = as_input(batch)
-            x = augment(x).contiguous(memory_format=torch.channels_last) if view else x
-            with autocast(precision, x.device, trained=False):
-                out, tapped = run_tapped(prefix, x, taps)
-            parts.append((out.float(), [t.float() for t in tapped]))
+    with tqdm(total=views * len(images), desc=desc, unit="img", leave=False, disable=None if desc else True) as bar:
+        for view in range(views):
+            for batch in images.split(batch_size):
+                x = as_input(batch)
+                x = augment(x).contiguous(memory_format=torch.channels_last) if view else x
+                with autocast(precision, x.device, trained=False):
+                    out, tapped = run_tapped(prefix, x, taps)
+                parts.append((out.float(), [t.float() for t in tapped]))
+                bar.update(len(batch))
     if not parts:
         return torch.empty(0), [torch.empty(0) for _ in taps]
     return cat_tapped(parts)
@@ -108,16 +113,17 @@ def make_replay(
     calibration: torch.Tensor,
     config: AdaptConfig,
     class_shares: np.ndarray | None = None,
+    desc: str | None = None,
 ) -> Replay:
     """Cache the replay cells (and the held-out calibration cells) through ``model``'s frozen prefix;
-    ``class_shares`` as in :class:`Replay`."""
+    ``class_shares`` as in :class:`Replay`; ``desc``: the progress bar's title (none if None)."""
     torch.manual_seed(config.seed)
     prefix, _ = model.split(config.trainable_groups)
     augment = train_augmentation(config.augment)
     taps = stage_taps(model, config.trainable_groups)
     precision = config.resolved_precision
-    acts, tapped = prefix_views(prefix, images, config.replay_views, augment, taps, precision)
-    calibration_acts, calibration_tapped = prefix_views(prefix, calibration, 1, augment, taps, precision)
+    acts, tapped = prefix_views(prefix, images, config.replay_views, augment, taps, precision, desc=desc)
+    calibration_acts, calibration_tapped = prefix_views(prefix, calibration, 1, augment, taps, precision, desc=desc)
     return Replay(
         acts,
         tapped,

@@ -93,8 +93,9 @@ def main() -> None:
             )
             print(json.dumps(rows[-1]))
     result = {"command": command, "model": str(args.model), "order": args.order, "fields": len(fields), "rows": rows}
-    write_results(args.out, result, report(result))
-    print(report(result))
+    text = report(result)
+    write_results(args.out, result, text)
+    print(text)
 
 
 def with_outputs(options: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

@@ -52,8 +52,9 @@ def main() -> None:
     types, fields = bccd_fields(args)
     rows = [run_split(args, types, fields, seed) for seed in args.seeds]
     result = {"command": command, "model": str(args.model), "budget": args.budget, "rows": rows}
-    write_results(args.out, result, report(result))
-    print(report(result))
+    text = report(result)
+    write_results(args.out, result, text)
+    print(text)
 
 
 def run_split(args: argparse.Namespace, types: dict[str, list[str]], fields: list[Path], seed: int) -> dict:

@@ -76,8 +76,9 @@ def main() -> None:
             **{k: compute_metrics(kept.labels, predicted)[k] for k in ("accuracy", "macro_f1")},
             **flagged_metrics(kept.labels, predicted, flagged(ood)),
         }
-    write_results(args.out, result, report(result))
-    print(report(result))
+    text = report(result)
+    write_results(args.out, result, text)
+    print(text)
 
 
 def report(r: dict) -> str:

@@ -95,8 +95,9 @@ def main() -> None:
                 for name, (tp, fp, fn) in counts.items()
             },
         }
-    write_results(args.out, result, report(result))
-    print(report(result))
+    text = report(result)
+    write_results(args.out, result, text)
+    print(text)
 
 
 def report(r: dict) -> str:

@@ -114,7 +114,8 @@ def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
     checkpoint = load_checkpoint(adapted).config
     assert isinstance(served, OnnxModel) and served.config == checkpoint.shareable()
     assert len(checkpoint.adaptation["verified"]) == sum(checkpoint.adaptation["cells"].values())  # for a later round
-    assert "verified" not in served.config.adaptation  # the file a lab shares does not name its cells
+    assert checkpoint.adaptation["base_path"] == str(pbc_model.resolve())
+    assert not {"verified", "base_path"} & served.config.adaptation.keys()  # the file a lab shares names no local file
     assert served.config.adaptation["cells"] == checkpoint.adaptation["cells"]  # but still counts them
     cells = sorted((data_root / "cells/bccd").rglob("*.jpg"))[:16]
     check = agreement(load_checkpoint(adapted), served, cells)

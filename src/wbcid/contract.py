@@ -19,6 +19,7 @@ CLASSES: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil"
 BUNDLED = Path(__file__).parent / "weights" / "wbcid-default.pt"  # see weights/MODEL_CARD.md
 BUNDLED_ONNX = BUNDLED.with_suffix(".onnx")  # the same model for ONNX Runtime: 2x faster on CPU
 PRECISIONS = ("auto", "fp32", "bf16")  # arithmetic options of training, adaptation and serving
+LOCAL_PATHS = {"verified", "base_path"}  # what an adaptation records that ModelConfig.shareable drops
 BUNDLED_TRAINING = {"origin": None, "sources": ["pbc", "lisc", "tecom", "cellavision", "bccd"], "all_splits": True}
 Freeze = str | int  # "none", "backbone", or the number of leading backbone layer groups to freeze
 
@@ -54,12 +55,13 @@ class ModelConfig:
         return asdict(self)
 
     def shareable(self) -> ModelConfig:
-        """This config without the paths of the cells a lab verified (``adaptation["verified"]``): file
-        names of a lab's images often carry sample numbers, and only a later ``wbcid adapt``, which reads
-        ``model.pt``, needs them. What the ONNX export, the file a lab serves and shares, carries."""
-        if not self.adaptation or "verified" not in self.adaptation:
+        """This config without the local paths an adaptation records: the cells a lab verified
+        (``adaptation["verified"]``; file names of a lab's images often carry sample numbers) and its
+        base model's file (``base_path``; ``base`` still names it). Only a later ``wbcid adapt``, which
+        reads ``model.pt``, needs them. What the ONNX export, the file a lab serves and shares, carries."""
+        if not self.adaptation or not LOCAL_PATHS & self.adaptation.keys():
             return self
-        return replace(self, adaptation={k: v for k, v in self.adaptation.items() if k != "verified"})
+        return replace(self, adaptation={k: v for k, v in self.adaptation.items() if k not in LOCAL_PATHS})
 
     def unverified_warning(self) -> str | None:
         """For a model from ``wbcid adapt`` that saw no verified cell of some types from its lab, what

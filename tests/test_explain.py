@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from wbcid.data import CLASSES, decode_image, read_cells
+from wbcid.errors import WbcidError
 from wbcid.gradcam import explain, grad_cam
 from wbcid.loading import resolve_model
 from wbcid.preprocess import Preprocess, to_tensor
@@ -36,6 +37,8 @@ def test_explain_writes_one_overlay_per_readable_image(data_root, tmp_path):
         assert path.stem.split("_gradcam_")[1] in CLASSES
         with Image.open(path) as image:
             assert image.size == (512, 256)  # the input as the model saw it | the overlay
+    with pytest.raises(WbcidError, match="none of the 1 images could be read"):  # not "wrote 0 images"
+        explain(None, [bad], tmp_path / "none")
 
 
 def test_two_inputs_with_one_name_get_two_files(data_root, tmp_path):
@@ -53,7 +56,6 @@ def test_two_inputs_with_one_name_get_two_files(data_root, tmp_path):
 def test_an_onnx_model_is_refused_with_a_reason(data_root, tmp_path):
     """Issue 13.3: explain with --model x.onnx failed with an AttributeError."""
     from wbcid.contract import BUNDLED_ONNX
-    from wbcid.errors import WbcidError
 
     cell = next((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))
     with pytest.raises(WbcidError, match="PyTorch model"):

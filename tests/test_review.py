@@ -211,13 +211,17 @@ def test_a_damaged_review_database_is_reported_and_kept(run: Path):
     assert (run / "review.sqlite").read_bytes() == damaged
 
 
-def test_a_port_in_use_is_refused_before_the_address_is_announced(run: Path, capsys):
+def test_a_port_in_use_or_a_bad_address_is_refused_before_the_address_is_announced(run: Path, capsys):
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
         with pytest.raises(WbcidError, match="cannot serve on 127.0.0.1:.*pass --port"):
             serve(run, port=other.getsockname()[1])
     assert "review at" not in capsys.readouterr().out  # no link to the program that holds the port
+    with pytest.raises(WbcidError, match="99999 is not a port"):  # was an OverflowError's traceback
+        serve(run, port=99999)
+    with pytest.raises(WbcidError, match="cannot serve on no-such-host.invalid: no such address"):
+        serve(run, host="no-such-host.invalid")
 
 
 def test_gradcam_view_of_a_cell(run: Path):

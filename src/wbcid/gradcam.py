@@ -63,7 +63,8 @@ def explain(
     out_dir: str | os.PathLike,
     size: int = 256,
 ) -> list[Path]:
-    """Write ``<name>_gradcam.png`` (input as the model saw it | overlay) per image; unreadable ones are skipped."""
+    """Write ``<name>_gradcam.png`` (input as the model saw it | overlay) per image; unreadable ones are
+    skipped, and an error says so when none was readable."""
     out_dir = output_folder(out_dir, "the Grad-CAM images")
     files = list_images(paths)
     model = resolve_model(model, needs_torch="Grad-CAM (it needs gradients)")
@@ -84,4 +85,6 @@ def explain(
         target = out_dir / f"{stem}_gradcam_{CLASSES[int(predicted[0])]}.png"
         overlay(big, heat_big).save(target)
         written.append(target)
+    if not written:
+        raise WbcidError(f"none of the {len(files)} images could be read")
     return written

@@ -174,13 +174,16 @@ def serve(
     """Cut the thumbnails, then serve the review app until Ctrl-C (``port`` 0: any free port)."""
     import uvicorn
 
+    if not 0 <= port <= 65535:
+        raise WbcidError(f"{port} is not a port: pass --port 0-65535 (0: any free port)")
+    address = _resolve(host)  # a host that is not one fails before the thumbnails are cut
     app = create_app(run, model, reviewer)
     made = ReviewStore.open(run).make_thumbnails()
     if made:
         log.info("cut %d thumbnails (cached for the next start)", made)
-    if not ipaddress.ip_address(_resolve(host)).is_loopback:
+    if not ipaddress.ip_address(address).is_loopback:
         log.warning("serving on %s: anyone who can reach this address can read and change the review", host)
-    with _listen(host, port) as sock:
+    with _listen(host, address, port) as sock:
         print(
             f"review at http://{host}:{sock.getsockname()[1]}/  (Ctrl-C stops; every correction is already saved)",
             flush=True,
@@ -188,10 +191,9 @@ def serve(
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the address is announced: a port that another program (or a
-    second review) holds gets a clear message, not a link to that program."""
-    address = _resolve(host)
+def _listen(host: str, address: str, port: int) -> socket.socket:
+    """The server's socket on ``host``'s ``address``, bound before the address is announced: a port that
+    another program (or a second review) holds gets a clear message, not a link to that program."""
     sock = socket.socket(socket.AF_INET)  # _resolve gives IPv4 addresses
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
     try:
@@ -203,4 +205,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _resolve(host: str) -> str:
-    return socket.gethostbyname(host)
+    try:
+        return socket.gethostbyname(host)
+    except OSError as exc:
+        raise WbcidError(f"cannot serve on {host}: no such address ({exc.strerror}); pass --host") from exc

@@ -102,6 +102,18 @@ def test_evaluating_on_training_cells_says_so(data_root, tmp_path, caplog):
     assert (tmp_path / "report.md").read_text().splitlines()[0].startswith("# Evaluation of bundled model")
 
 
+def test_a_test_set_that_lacks_classes_says_which(data_root, tmp_path, caplog):
+    """The report noted absent classes, the command's output did not: its macro-F1 of 1.0 on two
+    eosinophils read like a perfect score on all five types."""
+    from wbcid.evaluation import evaluate
+
+    cells = read_cells(data_root / "cells.csv", sources=["lisc"])
+    picked = [i for label in (0, 3) for i in [i for i, c in enumerate(cells.cells) if c.label == label][:3]]
+    metrics = evaluate(None, cells.subset(picked), tmp_path)
+    assert metrics["classes_present"] == ["neutrophil", "eosinophil"]
+    assert "has no lymphocyte, monocyte, basophil: macro-F1 and balanced accuracy average over the other" in caplog.text
+
+
 def test_serving_the_bundled_model_never_imports_pytorch(data_root, tmp_path):
     """Issue 14: predict and count run on ONNX Runtime and start without PyTorch's ~2 s import."""
     cell = next((data_root / "cells" / "lisc" / "monocyte").iterdir())

@@ -215,7 +215,8 @@ def read_cells(
         cellset = cellset.known()
     if not cellset.cells:
         wanted = f"labelled images of the five classes ({', '.join(CLASSES)})" if known_only else "images"
-        raise WbcidError(f"{path}: no {wanted} found")
+        why = "; ".join(f"{count} {reason}" for reason, count in sorted(cellset.skipped.items()))
+        raise WbcidError(f"{path}: no {wanted} found" + (f" (skipped: {why})" if why else ""))
     cellset.report_skipped()
     return cellset
 

@@ -123,6 +123,12 @@ def evaluate(
     if not ok.any():
         raise WbcidError(f"{cells.origin}: none of the {len(cells)} images could be read")
     metrics = compute_metrics(cells.labels[ok], probs[ok].argmax(1))
+    if absent := [c for c in CLASSES if c not in metrics["classes_present"]]:
+        log.warning(
+            "%s has no %s: macro-F1 and balanced accuracy average over the other classes",
+            cells.origin,
+            ", ".join(absent),
+        )
     metrics["ci95"] = bootstrap_intervals(cells.labels[ok], probs[ok].argmax(1))
     if not np.isnan(ood[ok]).all():
         metrics["flagged"] = flagged_metrics(cells.labels[ok], probs[ok].argmax(1), flagged(ood[ok]))

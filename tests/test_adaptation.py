@@ -236,7 +236,7 @@ def test_a_backbone_without_layer_groups_is_adapted_head_only(bccd, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, tmp_path: Path):
+def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, tmp_path: Path, monkeypatch):
     table = pd.read_csv(bccd[0])
     mixed = pd.concat(
         [
@@ -285,6 +285,13 @@ def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, t
         text=True,
     )
     assert cli.returncode == 2 and "Traceback" not in cli.stderr and "error:" in cli.stderr
+
+    def decode(*args, **kwargs):
+        raise AssertionError("images decoded before every input was found")
+
+    monkeypatch.setattr(adaptation.command, "load_images", decode)
+    with pytest.raises(WbcidError, match="does not exist: .*nowhere"):  # a wrong --replay fails fast
+        adapt(tmp_path / "mixed.csv", tmp_path / "r7", pbc_model, TINY, replay=tmp_path / "nowhere")
 
 
 @pytest.mark.slow

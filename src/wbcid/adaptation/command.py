@@ -67,6 +67,7 @@ def adapt(
     origin = _origin(start)
     prep = Preprocess.of(base.config)
     found = CellSet([Cell(p) for p in list_images(unlabelled)], origin="unlabelled cells") if unlabelled else None
+    replay = read_cells(replay) if isinstance(replay, (str, os.PathLike)) else replay
     images, cells = load_images(cells, prep, "decoding verified cells")  # after every input is found: fail fast
     unlabelled_images = None if found is None else load_images(found, prep, "decoding unlabelled cells")[0]
     log.info(

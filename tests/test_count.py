@@ -15,6 +15,7 @@ from PIL import Image
 from wbcid.data import CLASSES
 from wbcid.errors import WbcidError
 from wbcid.smear.counting import REFERENCE_RANGES, differential, proportion_interval, read_reference
+from wbcid.smear.specimens import cells_short
 
 
 def test_exact_binomial_intervals_match_closed_forms():
@@ -59,6 +60,15 @@ def test_nothing_counted_gives_no_percentages():
         c["percent"] is None and c["flag"] is None for c in result["classes"].values()
     )
     json.dumps(result, allow_nan=False)  # valid JSON, no NaN
+
+
+def test_too_few_cells_counted_says_how_to_get_more():
+    """All three cells of a field flagged said only "count more fields": verifying them counts them too."""
+    assert cells_short({"counted": 100, "flagged": 7}) is None
+    assert cells_short({"counted": 40, "flagged": 0}).endswith("needs 60 more (count more fields of this slide)")
+    assert cells_short({"counted": 0, "flagged": 3}).endswith(
+        "needs 100 more (count more fields of this slide, or verify its 3 flagged cell(s) with `wbcid review`)"
+    )
 
 
 def test_bad_labels_and_reference_files_are_clear_errors(tmp_path):
@@ -279,9 +289,11 @@ def test_a_folder_of_folders_is_counted_per_specimen(data_root, tmp_path):
         assert sum(s["totals"][key] for s in specimens.values()) == counts["totals"][key]
     for s in specimens.values():
         assert s["scale"]["how"].startswith("from the red cells")
+        flagged = s["totals"]["flagged"]
+        verify = f", or verify its {flagged} flagged cell(s) with `wbcid review`" if flagged else ""
         assert s["warnings"] == [
             f"only {s['totals']['counted']} cells counted; a 100-cell differential needs "
-            f"{100 - s['totals']['counted']} more (count more fields of this slide)"
+            f"{100 - s['totals']['counted']} more (count more fields of this slide{verify})"
         ]
     table = pd.read_csv(out / "specimens.csv")
     assert table.specimen.tolist() == list(specimens) and table.counted.sum() == counts["totals"]["counted"]

@@ -281,7 +281,7 @@ def _echo_differential(totals: dict, indent: str = "") -> None:
                 f"{indent}  {name:11s} {c['count']:4d}  {c['percent']:5.1f} %  "
                 f"[{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]{flag}"
             )
-    short = cells_short(totals["counted"])
+    short = cells_short(totals)
     if short:
         typer.echo(f"{indent}warning: {short}")
 

@@ -302,7 +302,7 @@ def count(
     for specimen, scale in scales.items():
         members = [e for e in images if e["specimen"] == specimen]
         totals = summarise(members, reference)
-        short = cells_short(totals["counted"])
+        short = cells_short(totals)
         specimens[specimen] = {
             "fields": len(members),
             "scale": scale,

@@ -42,14 +42,18 @@ def group_fields(paths: Sequence[str | os.PathLike], fields: Sequence[Path]) -> 
     return groups, warnings
 
 
-def cells_short(counted: int) -> str | None:
-    """The warning for a specimen with fewer cells than a usual differential, else ``None``."""
+def cells_short(totals: dict) -> str | None:
+    """The warning for a specimen whose ``totals`` (:func:`wbcid.smear.counting.summarise`'s) hold
+    fewer counted cells than a usual differential, else ``None``. Flagged cells are not counted until a
+    person verifies them, so where there are some, verifying them (``wbcid review``) is the other way."""
+    counted, flagged = totals["counted"], totals["flagged"]
     if counted >= DIFFERENTIAL_CELLS:
         return None
-    return (
-        f"only {counted} cells counted; a {DIFFERENTIAL_CELLS}-cell differential needs "
-        f"{DIFFERENTIAL_CELLS - counted} more (count more fields of this slide)"
-    )
+    advice = "count more fields of this slide"
+    if flagged:
+        advice += f", or verify its {flagged} flagged cell(s) with `wbcid review`"
+    missing = DIFFERENTIAL_CELLS - counted
+    return f"only {counted} cells counted; a {DIFFERENTIAL_CELLS}-cell differential needs {missing} more ({advice})"
 
 
 def specimen_table(specimens: dict[str, dict]) -> pd.DataFrame:

@@ -203,6 +203,30 @@ def test_the_counts_warnings_are_on_the_page(run: Path):
     assert '<p class="warn">adapted with no verified basophil &lt;from its lab&gt;</p>' in page
 
 
+def test_a_review_finds_its_images_from_any_folder(data_root: Path, tmp_path: Path, monkeypatch):
+    """``wbcid predict imgs`` (or ``count``) records relative paths; a review started from another
+    folder ended in a FileNotFoundError traceback. Paths are made absolute when the review starts."""
+    (tmp_path / "lab" / "eosinophil").mkdir(parents=True)
+    cells = sorted((data_root / "cells/bccd/eosinophil").glob("*.jpg"))[:2]
+    for cell in cells:
+        shutil.copy(cell, tmp_path / "lab" / "eosinophil")
+    rows = "".join(f"eosinophil/{c.name},eosinophil,0.9,0.5,False\n" for c in cells)
+    for name in ("here.csv", "elsewhere.csv"):
+        (tmp_path / name).write_text("path,label,probability,ood_score,flagged\n" + rows)
+    monkeypatch.chdir(tmp_path / "lab")  # where the paths were written
+    ReviewStore.open(tmp_path / "here.csv")
+    monkeypatch.chdir(tmp_path)
+    store = ReviewStore.open(tmp_path / "here.csv")
+    assert store.make_thumbnails() == 2 and all(Path(c["image"]).is_absolute() for c in store.cells())
+    missing = f"2 of its 2 images are not where it records them, e.g. eosinophil/{cells[0].name}"
+    with pytest.raises(WbcidError, match=missing):
+        ReviewStore.open(tmp_path / "elsewhere.csv")
+    (tmp_path / "lab" / "eosinophil" / cells[0].name).unlink()  # gone after the review started
+    gone = next(c["id"] for c in store.cells() if c["image"].endswith(cells[0].name))
+    with pytest.raises(WbcidError, match=f"cannot read .*{cells[0].name}"):
+        store.field_view(gone)
+
+
 def test_a_damaged_review_database_is_reported_and_kept(run: Path):
     damaged = b"not a database, but perhaps a person's corrections" * 20
     (run / "review.sqlite").write_bytes(damaged)

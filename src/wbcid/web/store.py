@@ -86,6 +86,7 @@ class ReviewStore:
             with store._connect() as db:
                 db.executescript(SCHEMA)
                 if db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 0:
+                    rows = _located(rows, run)
                     db.executemany(
                         "INSERT INTO cells (image, specimen, box, model_label, confidence, ood_score, flagged, "
                         "label) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -185,7 +186,7 @@ class ReviewStore:
         cell = self.cell(cell_id)
         path = self.folder / "fields" / f"{cell_id}.jpg"
         if not path.is_file():
-            image = open_field(cell["image"])[0]
+            image = _field(cell)
             if cell["box"]:
                 ImageDraw.Draw(image).rectangle(cell["box"], outline="#00e5ff", width=max(2, max(image.size) // 200))
             image.thumbnail((960, 960))
@@ -202,7 +203,7 @@ class ReviewStore:
 
 def cell_image(cell: dict) -> Image.Image:
     """The cell as a picture: its box with context from the field, or the cell image itself."""
-    image = open_field(cell["image"])[0]
+    image = _field(cell)
     if not cell["box"]:
         return image
     x0, y0, x1, y1 = cell["box"]
@@ -256,6 +257,29 @@ def _count_rows(result: dict) -> list[tuple]:
         for entry in result["images"]
         for d in entry.get("detections", [])
     ]
+
+
+def _field(cell: dict) -> Image.Image:
+    """The image a cell was found in; one that has gone since the review started is a clear error."""
+    try:
+        return open_field(cell["image"])[0]
+    except OSError as exc:
+        raise WbcidError(f"cannot read {cell['image']} ({exc}): a review needs its images where they were") from exc
+
+
+def _located(rows: list[tuple], run: Path) -> list[tuple]:
+    """``rows`` with each image's path made absolute, so that a review started from any folder finds
+    them: ``count`` and ``predict`` record paths as given, relative ones to the folder they ran in.
+    A missing image is an error here, before any review, not a broken page later."""
+    found = {image: os.path.abspath(image) for image in {row[0] for row in rows}}
+    missing = sorted(image for image, path in found.items() if not os.path.isfile(path))
+    if missing:
+        raise WbcidError(
+            f"{run}: {len(missing)} of its {len(found)} images are not where it records them, e.g. {missing[0]}; "
+            f"relative paths are read from the folder you are in ({os.getcwd()}): start the review from "
+            "the folder the count or prediction ran in"
+        )
+    return [(found[row[0]], *row[1:]) for row in rows]
 
 
 def _count_meta(result: dict) -> dict:

@@ -113,8 +113,14 @@ def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_pa
         int(first): "basophil",
         int(last_id): "other",
     }
+    (run / "verified").mkdir()  # a folder that is not an export is in the way: the page says so
+    (run / "verified" / "notes.txt").write_text("a person's file")
+    browser.find_element(By.ID, "export").click()
+    WebDriverWait(browser, 10).until(lambda d: "not exported" in d.find_element(By.ID, "status").text)
+    assert "409" in (said := browser.find_element(By.ID, "status").text) and "is not an earlier export" in said
+    shutil.rmtree(run / "verified")
     browser.find_element(By.ID, "export").click()  # the page says what the export holds: one cell to adapt to
-    WebDriverWait(browser, 10).until(lambda d: "exported" in d.find_element(By.ID, "status").text)
+    WebDriverWait(browser, 10).until(lambda d: "exported to" in d.find_element(By.ID, "status").text)
     said = browser.find_element(By.ID, "status").text
     assert "1 verified cell(s) of the five types exported" in said and "1 verified as not a WBC" in said
     browser.save_screenshot(str(tmp_path / "review.png"))

@@ -10,6 +10,9 @@ The page (``GET /``) is one Jinja2 template and a little plain JavaScript over t
   and its Grad-CAM map; files are found through the cell's row, never through a request path;
 * ``POST /api/export`` -> writes the verified cells and differential (see :mod:`wbcid.web.export`) and
   says what the export holds.
+
+What the app cannot do (an export folder in the way, a field image gone, Grad-CAM with an ONNX
+model) is a 409 whose ``detail`` says why, as the command line would.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
@@ -63,6 +66,10 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
             return store.cell(cell_id)
         except KeyError:
             raise HTTPException(404, f"no cell {cell_id}") from None
+
+    @app.exception_handler(WbcidError)
+    def refused(request: Request, exc: WbcidError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.get("/", response_class=HTMLResponse)
     def page(request: Request):

@@ -19,7 +19,12 @@ function status(text) { $("#status").textContent = text; }
 async function api(method, path, body) {
   const response = await fetch(path, {method, headers: {"Content-Type": "application/json"},
                                       body: body === undefined ? undefined : JSON.stringify(body)});
-  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${await response.text()}`);
+  if (!response.ok) {  // the server's reason (its "detail"), not a page of JSON
+    const text = await response.text();
+    let detail = text;
+    try { detail = JSON.parse(text).detail ?? text; } catch {}
+    throw new Error(`${response.status} ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+  }
   return response.json();
 }
 
@@ -165,8 +170,11 @@ document.addEventListener("keydown", (event) => {
 document.querySelectorAll("#buttons button[data-label]").forEach((b) => b.addEventListener("click", () => setLabel(b.dataset.label)));
 $("#confirm").addEventListener("click", () => setLabel(cells[selected].model_label));
 $("#export").addEventListener("click", async () => {
-  const result = await api("POST", "/api/export");
-  status(result.summary);
+  try {
+    status((await api("POST", "/api/export")).summary);
+  } catch (error) {
+    status(`not exported: ${error.message}`);
+  }
 });
 $("#view").value = view;
 $("#view").addEventListener("change", (event) => { event.target.blur(); setView(event.target.value); });

@@ -66,6 +66,8 @@ def test_manifest_skips_labels_that_are_not_ours_with_a_count(data_root):
 def test_unknown_source_names_the_available_ones(data_root):
     with pytest.raises(WbcidError, match="available: .*'lisc'"):
         read_cells(data_root / "cells.csv", sources=["nosuchlab"])
+    with pytest.raises(WbcidError, match="no cells with split 'test'; available: none [(]this layout has no split"):
+        read_cells(data_root / "cells" / "tecom", splits=["test"])  # it said "available: ''"
 
 
 def test_image_folder_reader_on_real_tree(data_root):

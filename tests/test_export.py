@@ -73,5 +73,9 @@ def test_exporting_an_onnx_model_is_refused_and_export_is_quiet(tmp_path):
         [sys.executable, "-m", "wbcid", "export", "--out", str(tmp_path / "m.onnx")], capture_output=True, text=True
     )
     assert run.returncode == 0 and len((run.stdout + run.stderr).splitlines()) <= 5, run.stdout + run.stderr
+    wrong = ["--out", str(tmp_path / "c.onnx"), "--check", str(tmp_path / "no")]
+    checked = subprocess.run([sys.executable, "-m", "wbcid", "export", *wrong], capture_output=True, text=True)
+    assert checked.returncode == 2 and "does not exist" in checked.stderr
+    assert not (tmp_path / "c.onnx").exists()  # the data is read before the export's seconds, not after
     version = subprocess.run([sys.executable, "-m", "wbcid", "--version"], capture_output=True, text=True)
     assert version.stdout.strip() == f"wbcid {wbcid.__version__}"

@@ -467,18 +467,18 @@ def export(
     ] = None,
 ) -> None:
     """Export a model to ONNX (preprocessing contract in its metadata); optionally check it."""
+    from .data import read_cells
     from .export import export_onnx
     from .inference import agreement
     from .loading import resolve_model
     from .serving import OnnxModel
 
+    cells = None if check is None else read_cells(check)  # wrong data fails before the export, not after it
     torch_model = resolve_model(model, needs_torch="export")
     export_onnx(torch_model, out)
     typer.echo(f"wrote {out}")
-    if check is not None:
-        from .data import read_cells
-
-        result = agreement(torch_model, OnnxModel(out), read_cells(check).paths)
+    if cells is not None:
+        result = agreement(torch_model, OnnxModel(out), cells.paths)
         typer.echo(
             f"ONNX Runtime vs PyTorch on {result['images']} images: label agreement "
             f"{result['label_agreement']:.4f}, max probability difference {result['max_probability_difference']:.2e}"

@@ -149,7 +149,7 @@ class CellSet:
         for attr, wanted in (("source", sources), ("split", splits)):
             if not wanted:
                 continue
-            have = sorted({getattr(c, attr) for c in result.cells})
+            have = sorted({getattr(c, attr) for c in result.cells} - {""})  # "": the layout has no such column
             unknown = sorted(set(wanted) - set(have))
             if unknown:
                 raise WbcidError(

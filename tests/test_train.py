@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -239,6 +241,11 @@ def test_bad_options_stop_before_any_work_and_the_config_is_not_changed(pbc_smal
     config = TrainConfig(**{**FAST, "epochs": 1})
     fit(read_cells(pbc_small), tmp_path / "run", config)
     assert config.data == {} and config.epochs == 1
+    (tmp_path / "adapted").mkdir()  # a run of `wbcid adapt`: a model, no last.pt to resume
+    saved = shutil.copy(tmp_path / "run" / "model.pt", tmp_path / "adapted")
+    with pytest.raises(WbcidError, match="already holds a model"):
+        fit(read_cells(pbc_small), tmp_path / "adapted", config)
+    assert Path(saved).read_bytes() == (tmp_path / "run" / "model.pt").read_bytes()
 
 
 def _plain_epoch(net, model, batches, images, labels) -> torch.Tensor:

@@ -179,6 +179,8 @@ def fit(
     config.precision = resolve_precision(config.precision, device, cpu_bf16=True)
     if not resume and (out / "last.pt").exists():
         raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if not resume and (out / "model.pt").exists():  # e.g. a run of `wbcid adapt`: nothing to resume, much to lose
+        raise WbcidError(f"{out} already holds a model (model.pt); choose another --out (a model is never overwritten)")
     writer = rank == 0
     if writer:
         out.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,14 @@ def test_an_output_in_the_way_is_refused_before_any_work(data_root, tmp_path):
     with pytest.raises(WbcidError, match="is a folder; --out takes the file to write, e.g. .*model.onnx"):
         export_onnx(resolve_model(None, needs_torch="export"), tmp_path)
     assert (tmp_path / "a_file").read_text() == "someone's notes"
+    (tmp_path / "run").mkdir()  # a model's run directory: its own report.md was replaced by an evaluation's
+    (tmp_path / "run" / "model.pt").write_bytes(BUNDLED.read_bytes())
+    (tmp_path / "run" / "report.md").write_text("the training's report")
+    with pytest.raises(WbcidError, match="run is a model's run directory; write the evaluation into another"):
+        evaluate(None, data_root / "cells/lisc", tmp_path / "run")
+    with pytest.raises(WbcidError, match="run is a model's run directory; write the Grad-CAM images into another"):
+        explain(None, [image], tmp_path / "run")
+    assert (tmp_path / "run" / "report.md").read_text() == "the training's report"
 
 
 def test_evaluating_on_training_cells_says_so(data_root, tmp_path, caplog):

@@ -263,12 +263,18 @@ def training_record(cells: Sequence[Cell], origin: str) -> dict:
     return record
 
 
-def output_folder(path: str | os.PathLike, what: str) -> Path:
+def output_folder(path: str | os.PathLike, what: str, run: bool = False) -> Path:
     """``path`` as the folder a command writes ``what`` into, checked before any work: a file in
-    the way would otherwise fail only at the end, losing the work."""
+    the way would otherwise fail only at the end, losing the work. Only ``run=True`` (training, which
+    checks for itself) may write into a model's run directory: an evaluation there replaced the
+    training's own report.md."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise WbcidError(f"{path} is a file; --out takes the folder to write {what} into")
+    if not run and (path / "model.pt").is_file():
+        raise WbcidError(
+            f"{path} is a model's run directory; write {what} into another folder (a subfolder of it will do)"
+        )
     return path
 
 

@@ -170,7 +170,7 @@ def fit(
     ``resume=True`` continues from ``out_dir/last.pt`` with the configuration saved there.
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
     """
-    out = output_folder(out_dir, "the run")
+    out = output_folder(out_dir, "the run", run=True)
     rank, world, device = _distributed()
     checkpoint = _load_checkpoint(out) if resume else None
     if checkpoint is not None:

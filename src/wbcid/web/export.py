@@ -26,8 +26,8 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     if not _replaceable(out):
         raise WbcidError(
-            f"{out} exists and is not an earlier export of a review; choose another --export folder "
-            "(a folder that is not an export is never replaced)"
+            f"{out} exists and is not an earlier export of a review; move it aside or choose another --export "
+            "folder (a folder that is not an export is never replaced)"
         )
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -1,6 +1,7 @@
 """End to end in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
 correct one cell with the keyboard and one with a click, reload, and see both and the new differential;
-walk the review queue, switch to the by-type view, and find it kept after a reload.
+walk the review queue, switch to the by-type view, and find it kept after a reload; read why an
+export or a Grad-CAM view the server cannot make is missing.
 
 Never skipped: `.ci/run` installs the browser where it is missing. Nothing is downloaded: the
 driver and browser paths are given, so Selenium Manager is never asked.
@@ -23,6 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from wbcid.contract import BUNDLED_ONNX
 from wbcid.smear.counting import count
 from wbcid.web import ReviewStore, create_app
 from wbcid.web.store import LABELS
@@ -31,16 +33,16 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture
-def server(data_root: Path, tmp_path: Path):
+def server(data_root: Path, tmp_path: Path, request):
+    """The app over a fresh count of four BCCD fields; ``indirect`` parametrisation passes a ``--model``."""
     fields = sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:4]
     run = tmp_path / "run"
     count(None, fields, run)
     with socket.socket() as s:  # a free port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(
-        uvicorn.Config(create_app(run, reviewer="browser"), host="127.0.0.1", port=port, log_level="warning")
-    )
+    app = create_app(run, model=getattr(request, "param", None), reviewer="browser")
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
@@ -170,3 +172,13 @@ def test_the_keys_walk_the_review_queue_or_the_types_and_the_view_is_kept(server
     assert _selected(browser) == next(i for i in expected if i != queue[2])
     Select(browser.find_element(By.ID, "view")).select_by_value("queue")  # the menu, as a mouse user would
     WebDriverWait(browser, 10).until(lambda d: _tile_ids(d) == queue)
+
+
+@pytest.mark.parametrize("server", [BUNDLED_ONNX], indirect=True)
+def test_a_view_the_server_cannot_make_says_why(server, browser):
+    """Grad-CAM needs the PyTorch model: with an ONNX ``--model`` the picture stayed blank, unexplained."""
+    url, _ = server
+    browser.get(url)
+    WebDriverWait(browser, 20).until(lambda d: "no Grad-CAM" in d.find_element(By.ID, "status").text)
+    said = browser.find_element(By.ID, "status").text
+    assert "409" in said and "Grad-CAM needs the PyTorch model" in said

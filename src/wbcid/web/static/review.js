@@ -176,6 +176,11 @@ $("#export").addEventListener("click", async () => {
     status(`not exported: ${error.message}`);
   }
 });
+for (const [id, what] of [["field", "field view"], ["gradcam", "Grad-CAM"]]) {
+  $(`#${id}`).addEventListener("error", async (event) => {  // an image the server refused: ask it why
+    try { await api("GET", new URL(event.target.src).pathname); } catch (error) { status(`no ${what}: ${error.message}`); }
+  });
+}
 $("#view").value = view;
 $("#view").addEventListener("change", (event) => { event.target.blur(); setView(event.target.value); });
 window.addEventListener("focus", load);  // another tab may have changed cells meanwhile

@@ -140,6 +140,12 @@ def test_a_few_cells_split_without_a_crash_or_are_refused_clearly(data_root):
     assert len(train) + len(val) == 10 and len(val) == 2
     with pytest.raises(WbcidError, match="1 labelled cell"):
         split_train_val(few.subset([0]))
+    rare = cells.subset([i for n in range(5) for i in np.flatnonzero(cells.labels == n)[: 1 if n == 2 else 3]])
+    for seed in range(20):  # a class's only cell trains, whatever the draw (it went to validation for some)
+        train, val = split_train_val(rare, 0.15, seed=seed)
+        assert all(train.class_counts().values()) and len(train) + len(val) == len(rare) and len(val)
+    with pytest.raises(WbcidError, match="every one is needed to train its class: none is left to validate on"):
+        split_train_val(cells.subset([np.flatnonzero(cells.labels == n)[0] for n in range(5)]))  # one per class
 
 
 def test_a_file_in_the_way_of_the_run_is_refused_before_training(pbc_small, tmp_path):

@@ -492,11 +492,15 @@ def draw_per_class(cells: CellSet, k: int, seed: int = 0) -> tuple[np.ndarray, n
     return picked, np.setdiff1d(np.arange(len(cells)), picked)
 
 
-def split_train_val(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -> tuple[CellSet, CellSet]:
+def split_train_val(
+    cells: CellSet, val_fraction: float = 0.15, seed: int = 0, every_class_trains: bool = True
+) -> tuple[CellSet, CellSet]:
     """Use the data's own ``split`` column when it has one (test rows never train); else stratify.
 
     A manifest with a split column trains on ``train`` and validates on ``val`` (carved out of
-    ``train`` if there is none); other layouts get a stratified ``val_fraction`` hold-out.
+    ``train`` if there is none); other layouts get a stratified ``val_fraction`` hold-out. Where
+    there are too few cells to stratify, ``every_class_trains`` keeps one cell of each class in
+    training (:func:`training_pool` splits per source, where another source may train the class).
     """
     splits = {c.split for c in cells.cells}
     if splits - {""}:
@@ -520,6 +524,15 @@ def split_train_val(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -
     idx_train, idx_val = train_test_split(
         np.arange(len(cells)), test_size=val_fraction, random_state=seed, stratify=stratify
     )
+    # unstratified, a class's only cells may all land in validation, where it is never learned: one trains
+    lost = sorted(set(labels[idx_val]) - set(labels[idx_train])) if every_class_trains else []
+    moved = [idx_val[labels[idx_val] == c][0] for c in lost]
+    idx_train, idx_val = np.concatenate([idx_train, moved]).astype(int), np.setdiff1d(idx_val, moved)
+    if not len(idx_val):
+        raise WbcidError(
+            f"{cells.origin}: {len(cells)} labelled cells, and every one is needed to train its class: none is "
+            "left to validate on; add cells (two or more of some class)"
+        )
     return cells.subset(sorted(idx_train)), cells.subset(sorted(idx_val))
 
 
@@ -541,7 +554,7 @@ def training_pool(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -> 
         rest = cells.subset([c.source == source and c.split not in ("train", "val") for c in cells.cells])
         if len(rest) >= 2:
             train, val = split_train_val(
-                replace(rest, cells=[replace(c, split="") for c in rest.cells]), val_fraction, seed
+                replace(rest, cells=[replace(c, split="") for c in rest.cells]), val_fraction, seed, False
             )
             pooled += [replace(c, split="train") for c in train.cells] + [replace(c, split="val") for c in val.cells]
     return CellSet(pooled, cells.skipped, cells.origin)

@@ -553,8 +553,7 @@ def training_pool(cells: CellSet, val_fraction: float = 0.15, seed: int = 0) -> 
     for source in sorted({c.source for c in cells.cells}):
         rest = cells.subset([c.source == source and c.split not in ("train", "val") for c in cells.cells])
         if len(rest) >= 2:
-            train, val = split_train_val(
-                replace(rest, cells=[replace(c, split="") for c in rest.cells]), val_fraction, seed, False
-            )
+            unsplit = replace(rest, cells=[replace(c, split="") for c in rest.cells])
+            train, val = split_train_val(unsplit, val_fraction, seed, every_class_trains=False)
             pooled += [replace(c, split="train") for c in train.cells] + [replace(c, split="val") for c in val.cells]
     return CellSet(pooled, cells.skipped, cells.origin)

@@ -171,16 +171,17 @@ def fit(
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
     """
     out = output_folder(out_dir, "the run", run=True)
+    if not resume and (out / "last.pt").exists():
+        raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    # an adapted run, an evaluation, the data itself...; checked before the processes meet, so before any writes
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise WbcidError(f"{out} is not empty; choose another --out (a run is written into a new or empty folder)")
     rank, world, device = _distributed()
     checkpoint = _load_checkpoint(out) if resume else None
     if checkpoint is not None:
         config = TrainConfig(**checkpoint["train_config"])
     config = replace(config or TrainConfig())  # a copy: the caller's config is never changed
     config.precision = resolve_precision(config.precision, device, cpu_bf16=True)
-    if not resume and (out / "last.pt").exists():
-        raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if not resume and (out / "model.pt").exists():  # e.g. a run of `wbcid adapt`: nothing to resume, much to lose
-        raise WbcidError(f"{out} already holds a model (model.pt); choose another --out (a model is never overwritten)")
     writer = rank == 0
     if writer:
         out.mkdir(parents=True, exist_ok=True)

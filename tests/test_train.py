@@ -249,7 +249,7 @@ def test_bad_options_stop_before_any_work_and_the_config_is_not_changed(pbc_smal
     assert config.data == {} and config.epochs == 1
     (tmp_path / "adapted").mkdir()  # a run of `wbcid adapt`: a model, no last.pt to resume
     saved = shutil.copy(tmp_path / "run" / "model.pt", tmp_path / "adapted")
-    with pytest.raises(WbcidError, match="adapted is not empty; choose another --out"):
+    with pytest.raises(WbcidError, match="adapted already exists and is not empty; choose another --out"):
         fit(read_cells(pbc_small), tmp_path / "adapted", config)
     assert Path(saved).read_bytes() == (tmp_path / "run" / "model.pt").read_bytes()
     (tmp_path / "empty").mkdir()  # an empty folder is a new run's

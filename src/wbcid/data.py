@@ -265,12 +265,17 @@ def training_record(cells: Sequence[Cell], origin: str) -> dict:
 
 def output_folder(path: str | os.PathLike, what: str, run: bool = False) -> Path:
     """``path`` as the folder a command writes ``what`` into, checked before any work: a file in
-    the way would otherwise fail only at the end, losing the work. Only ``run=True`` (training, which
-    checks for itself) may write into a model's run directory: an evaluation there replaced the
-    training's own report.md."""
+    the way would otherwise fail only at the end, losing the work. A run (``run=True``: training,
+    adaptation) goes only into a new or empty folder; anything else never into a model's run
+    directory (an evaluation there replaced the training's own report.md)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise WbcidError(f"{path} is a file; --out takes the folder to write {what} into")
+    if run and path.is_dir() and any(path.iterdir()):  # an adapted run, an evaluation, the data itself...
+        raise WbcidError(
+            f"{path} already exists and is not empty; choose another --out (a run is written into a new or "
+            "empty folder, never over one)"
+        )
     if not run and (path / "model.pt").is_file():
         raise WbcidError(
             f"{path} is a model's run directory; write {what} into another folder (a subfolder of it will do)"

@@ -170,12 +170,11 @@ def fit(
     ``resume=True`` continues from ``out_dir/last.pt`` with the configuration saved there.
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
     """
-    out = output_folder(out_dir, "the run", run=True)
-    if not resume and (out / "last.pt").exists():
-        raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    # an adapted run, an evaluation, the data itself...; checked before the processes meet, so before any writes
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise WbcidError(f"{out} is not empty; choose another --out (a run is written into a new or empty folder)")
+    out = Path(out_dir)
+    if not resume:  # checked before the processes of a data-parallel run meet, so before any of them writes
+        if (out / "last.pt").exists():
+            raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        output_folder(out, "the run", run=True)
     rank, world, device = _distributed()
     checkpoint = _load_checkpoint(out) if resume else None
     if checkpoint is not None:

@@ -14,8 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..data import CLASSES, Cell, CellSet, list_images, load_images, read_cells
-from ..errors import WbcidError
+from ..data import CLASSES, Cell, CellSet, list_images, load_images, output_folder, read_cells
 from ..loading import describe_model, resolve_model
 from ..models import WBCNet, save_model
 from ..preprocess import Preprocess
@@ -50,9 +49,7 @@ def adapt(
     started = time.perf_counter()
     config = config or AdaptConfig()
     config = replace(config, precision=config.resolved_precision)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise WbcidError(f"{out} already exists and is not empty; choose another --out (a run is never overwritten)")
+    out = output_folder(out_dir, "the adapted run", run=True)
     base = resolve_model(model, needs_torch="adaptation")
     if isinstance(data, CellSet):
         cells = data

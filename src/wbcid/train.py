@@ -182,8 +182,6 @@ def fit(
     config = replace(config or TrainConfig())  # a copy: the caller's config is never changed
     config.precision = resolve_precision(config.precision, device, cpu_bf16=True)
     writer = rank == 0
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
 
     model, train_set, val_set = _prepare(cells, config)
     prep = Preprocess.of(model.config)
@@ -220,7 +218,8 @@ def fit(
         scheduler.load_state_dict(checkpoint["scheduler"])
         state = checkpoint["state"]
         log.info("resuming %s after epoch %d", out, state["epoch"])
-    if writer:
+    if writer:  # made only now: data refused above leaves no empty folder behind
+        out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", {"train": asdict(config), "model": model.config.to_dict()})
 
     labels = torch.from_numpy(train_set.labels).to(device)

@@ -4,6 +4,8 @@ Single-source: train on PBC's train split (validation on PBC's val split only), 
 test split (in-domain) and on every other source. Leave-one-source-out: train on all sources
 but one, test on the one held out. No target label is used for training, selection or
 thresholds; test-time AdaBN (``adabn``) sees a target lab's images, never its labels.
+A benchmark trains for minutes to an hour on a CPU; ``resume`` continues an interrupted one
+without redoing what it finished (a training, a held-out source).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import output_folder, read_cells, training_pool
+from .data import CellSet, output_folder, read_cells, training_pool
 from .errors import WbcidError
 from .evaluation import evaluate
 from .train import TrainConfig, fit
@@ -25,20 +27,23 @@ OTHER_SOURCES = ("lisc", "tecom", "cellavision", "bccd")  # the labs a PBC-train
 
 
 def run_benchmark(
-    data: str | os.PathLike,
+    data: CellSet | str | os.PathLike,
     out: str | os.PathLike,
     config: TrainConfig | None = None,
     model: str | os.PathLike | None = None,
     holdout: str | None = None,
     adabn: bool = False,
     tta: bool = False,
+    resume: bool = False,
 ) -> dict:
     """Train (unless ``model`` is given) and test under the protocol; writes benchmark.json and report.md.
 
     ``holdout=None`` is the single-source protocol; ``holdout=S`` trains on every other source.
+    ``resume``: continue the training in ``out/model`` (or keep it, if it finished) instead of
+    refusing to train over it.
     """
     out = output_folder(out, "the benchmark")
-    cells = read_cells(data)
+    cells = data if isinstance(data, CellSet) else read_cells(data)
     sources = sorted({c.source for c in cells.cells})
     if holdout is None:
         if TRAIN_SOURCE not in sources:
@@ -56,7 +61,7 @@ def run_benchmark(
         )
         train, targets = training_pool(rest), {holdout: cells.select([holdout])}
     if model is None:
-        model = fit(train, out / "model", config or TrainConfig())
+        model = _trained(train, out / "model", config, resume)
     results = {}
     for name, target in targets.items():
         metrics = evaluate(model, target, out / "sources" / _slug(name), title=name, adabn=adabn, tta=tta)
@@ -94,17 +99,38 @@ def run_benchmark(
     return summary
 
 
+def _trained(train: CellSet, run: Path, config: TrainConfig | None, resume: bool) -> Path:
+    """The benchmark's model: trained into ``run``; with ``resume``, continued from its last epoch,
+    or taken as it is once its report (written last) shows the training finished."""
+    if resume and (run / "report.md").is_file():
+        return run
+    return fit(train, run, config or TrainConfig(), resume=resume and (run / "last.pt").is_file())
+
+
 def leave_one_source_out(
-    data: str | os.PathLike,
+    data: CellSet | str | os.PathLike,
     out: str | os.PathLike,
     config: TrainConfig | None = None,
     adabn: bool = False,
     tta: bool = False,
+    resume: bool = False,
 ) -> dict:
-    """One :func:`run_benchmark` per source, each trained on all the others; a table over all."""
-    out = Path(out)
-    sources = sorted({c.source for c in read_cells(data).cells})
-    runs = {s: run_benchmark(data, out / s, config, holdout=s, adabn=adabn, tta=tta) for s in sources}
+    """One :func:`run_benchmark` per source, each trained on all the others; a table over all.
+    ``resume`` keeps each source already benchmarked and continues the one interrupted."""
+    out = output_folder(out, "the benchmark")
+    cells = data if isinstance(data, CellSet) else read_cells(data)
+    sources = sorted({c.source for c in cells.cells})
+    if len(sources) < 2:
+        raise WbcidError(
+            f"{cells.origin}: leave-one-source-out needs cells of two sources or more (a 'source' column); "
+            f"found {', '.join(sources) or 'none'}"
+        )
+    runs = {
+        s: json.loads((out / s / "benchmark.json").read_text())
+        if resume and (out / s / "benchmark.json").is_file()
+        else run_benchmark(cells, out / s, config, holdout=s, adabn=adabn, tta=tta, resume=resume)
+        for s in sources
+    }
     results = {s: run["sources"][s] for s, run in runs.items()}
     summary = {
         "protocol": "leave-one-source-out",

@@ -431,11 +431,16 @@ def benchmark(
     tta: ProtocolTta = False,
     leave_one_out: Annotated[bool, typer.Option(help="Train on all sources but one, for each source.")] = False,
     holdout: Annotated[str | None, typer.Option(help="Train on all sources but this one; test on it.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted benchmark in --out.")] = False,
 ) -> None:
     """Cross-domain protocol: train on PBC, test on PBC and every other lab (with 95 % intervals)."""
     from .benchmark import benchmark_table, leave_one_source_out, run_benchmark
     from .train import TrainConfig
 
+    if leave_one_out and (holdout or model):
+        raise WbcidError(
+            "--leave-one-out trains one model per source, each held out in turn: not with --holdout or --model"
+        )
     config = TrainConfig(
         model=arch,
         epochs=epochs,
@@ -447,10 +452,13 @@ def benchmark(
         weights=str(weights) if weights else None,
         download_weights=download_weights,
     )
-    if leave_one_out:
-        summary = leave_one_source_out(data, out, config, adabn=adabn, tta=tta)
-    else:
-        summary = run_benchmark(data, out, config, model=model, holdout=holdout, adabn=adabn, tta=tta)
+    with _resumable(f"finished trainings and sources are kept in {out}"):
+        if leave_one_out:
+            summary = leave_one_source_out(data, out, config, adabn=adabn, tta=tta, resume=resume)
+        else:
+            summary = run_benchmark(
+                data, out, config, model=model, holdout=holdout, adabn=adabn, tta=tta, resume=resume
+            )
     typer.echo(benchmark_table(summary["sources"]))
     typer.echo(f"report: {out / 'report.md'}")
 

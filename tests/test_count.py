@@ -149,11 +149,16 @@ def test_an_interrupted_count_resumes_without_redoing_finished_fields(data_root,
     with pytest.raises(KeyboardInterrupt):
         counting.count(None, fields, tmp_path / "out")
     assert len((tmp_path / "out" / "fields.jsonl").read_text().splitlines()) == 1 + 2  # settings + 2 fields
-    with pytest.raises(WbcidError, match="--resume"):
-        counting.count(None, fields, tmp_path / "out")
-    with pytest.raises(WbcidError, match="counted with"):
+    with monkeypatch.context() as early:  # refused before the scale is measured or the model loaded
+        early.setattr(counting, "estimate_scale", None)
+        early.setattr(counting, "resolve_model", None)
+        with pytest.raises(WbcidError, match="already holds a count; pass --resume"):
+            counting.count(None, fields, tmp_path / "out")
+    with pytest.raises(
+        WbcidError, match=r"other settings \(scale all fields: WBCs \d+\.?\d* px .*, now all fields: WBCs 150 px"
+    ):
         counting.count(None, fields, tmp_path / "out", cell_diameter=150, resume=True)
-    with pytest.raises(WbcidError, match="counted with"):
+    with pytest.raises(WbcidError, match="other settings .*--detector learned, now stain"):
         counting.count(None, fields, tmp_path / "out", resume=True, detector="stain")
     before = len(calls)  # 3, or 4 when the last field was already under way in the other thread
     resumed = counting.count(None, fields, tmp_path / "out", resume=True)

@@ -258,6 +258,8 @@ def count(
         raise WbcidError(f"--cell-diameter must be a positive number of pixels, not {cell_diameter}")
     if detector not in DETECTORS:
         raise WbcidError(f"--detector must be one of {', '.join(DETECTORS)}, not {detector!r}")
+    if not resume and (out_dir / FIELDS).exists():  # before the scale and the model: seconds to minutes
+        raise WbcidError(f"{out_dir} already holds a count; pass --resume to continue it or choose another --out")
     fields = list_images(paths)  # missing or empty inputs fail before the model loads
     groups, notes = group_fields(paths, fields)
     for note in notes:
@@ -275,7 +277,7 @@ def count(
     tta = resolve_tta(model, tta)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
     settings = {"model": name, "scales": scales, "detector": detector, "tta": tta}
-    done = _finished_fields(out_dir / FIELDS, settings, resume)
+    done = _finished_fields(out_dir / FIELDS, settings)
 
     def work(index: int) -> tuple[dict, bool]:
         """A field's entry, and whether it is new (not already in the log of a resumed count)."""
@@ -455,17 +457,32 @@ def field_problems(image: Image.Image, cell_diameter: float) -> list[str]:
     return []
 
 
-def _finished_fields(log_path: Path, settings: dict, resume: bool) -> dict[str, dict]:
+def _changed_settings(before: dict, now: dict) -> list[str]:
+    """What differs between a count's recorded settings and this command's, in words."""
+
+    def scale(scales: dict) -> str:
+        return ", ".join(f"{name}: WBCs {s['cell_diameter']:g} px ({s['how']})" for name, s in scales.items())
+
+    words = {
+        "scales": ("scale", scale),
+        "tta": ("TTA", lambda on: "on" if on else "off"),
+        "detector": ("--detector", str),
+        "model": ("model", str),
+    }
+    return [
+        f"{label} {show(before[key]) if key in before else 'not recorded'}, now {show(now[key])}"
+        for key, (label, show) in words.items()
+        if before.get(key) != now[key]
+    ]
+
+
+def _finished_fields(log_path: Path, settings: dict) -> dict[str, dict]:
     """Fields already counted in ``log_path`` (by path); refuses to mix counts of two settings.
 
     A last line cut short by a crash mid-write is removed from the file and its field counted again.
     """
     if not log_path.exists():
         return {}
-    if not resume:
-        raise WbcidError(
-            f"{log_path.parent} already holds a count; pass --resume to continue it or choose another --out"
-        )
     text = log_path.read_text()
     rows = text.splitlines(keepends=True)
     lines = []
@@ -477,8 +494,11 @@ def _finished_fields(log_path: Path, settings: dict, resume: bool) -> dict[str, 
                 raise WbcidError(f"{log_path}: line {number + 1} is damaged; count into a new --out") from None
             log.warning("%s: the last field was cut short by an interruption; counting it again", log_path)
             log_path.write_text(text[: len(text) - len(line)])
-    if lines and {"tta": False, **lines[0]} != settings:  # counts from before the tta setting were single-view
-        raise WbcidError(f"{log_path} was counted with {lines[0]}, not {settings}; use another --out")
+    if lines and (changed := _changed_settings({"tta": False, **lines[0]}, settings)):  # old counts: single-view
+        raise WbcidError(
+            f"{log_path.parent} was counted with other settings ({'; '.join(changed)}); --resume continues the "
+            "same command on the same fields: count these into another --out"
+        )
     return {entry["path"]: entry for entry in lines[1:]}
 
 

@@ -55,6 +55,9 @@ def test_export_leaves_the_model_as_it_was(tmp_path):
     export_onnx(model, tmp_path / "m.onnx")
     assert model.training and any(inplace)
     assert [m.inplace for m in model.modules() if hasattr(m, "inplace")] == inplace
+    with pytest.raises(WbcidError, match=r"name the ONNX file \*\.onnx \(e\.g\. .*m\.onnx\)"):
+        export_onnx(model, tmp_path / "m.pt")  # --model would read it as a PyTorch checkpoint
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_foreign_onnx_files_are_refused(tmp_path):

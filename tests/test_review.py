@@ -185,8 +185,11 @@ def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
     assert (tmp_path / "predictions.review" / "review.sqlite").is_file()
     predict(None, images[:2], tmp_path / "unsuffixed")  # `--out` takes any name
     assert len(ReviewStore.open(tmp_path / "unsuffixed").cells()) == 2
-    with pytest.raises(WbcidError, match="not a readable CSV"):
+    with pytest.raises(WbcidError, match="to review cell images, classify them first: `wbcid predict"):
         ReviewStore.open(images[0])  # an image named by mistake
+    (tmp_path / "notes.txt").write_text("a,b\n1,2\n3,4,5,6\n")
+    with pytest.raises(WbcidError, match=r"not a readable CSV \(.*\)$"):  # pandas' reason, without its newline
+        ReviewStore.open(tmp_path / "notes.txt")
 
 
 def test_the_counts_file_stands_for_its_folder(run: Path):

@@ -311,7 +311,7 @@ def read_table(csv_path: Path, **options) -> pd.DataFrame:
     try:
         return pd.read_csv(csv_path, keep_default_na=False, **options)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise WbcidError(f"{csv_path}: not a readable CSV ({exc})") from exc
+        raise WbcidError(f"{csv_path}: not a readable CSV ({str(exc).strip()})") from exc
 
 
 def _read_manifest(csv_path: Path) -> CellSet:

@@ -43,6 +43,8 @@ def export_onnx(model: WBCNet, path: str | os.PathLike, opset: int = 18) -> Path
         raise WbcidError("export needs the PyTorch model (a run directory or .pt file); this one is already ONNX")
 
     path = output_file(path, "model.onnx")
+    if path.suffix != ".onnx":  # --model reads the name: any other would be loaded as a PyTorch checkpoint
+        raise WbcidError(f"{path}: name the ONNX file *.onnx (e.g. {path.with_suffix('.onnx')}), as --model reads it")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval().float().to(memory_format=torch.contiguous_format)
     for module in model.modules():  # in-place activations (Lite's ReLU6) cost torch.export ~40 % of the export

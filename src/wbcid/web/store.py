@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..data import CLASSES, read_table
+from ..data import CLASSES, IMAGE_SUFFIXES, read_table
 from ..errors import WbcidError
 from ..smear.counting import CONTEXT, REFERENCE_RANGES, differential, open_field
 
@@ -71,14 +71,15 @@ class ReviewStore:
         if run.is_dir() and (run / "counts.json").is_file():
             result = json.loads((run / "counts.json").read_text())  # read once: rows and meta both come from it
             folder, rows, meta = run, _count_rows(result), _count_meta(result)
-        elif run.is_file():  # `wbcid predict --out` takes any name; its columns are checked on reading
+        elif run.is_file() and run.suffix.lower() not in IMAGE_SUFFIXES:  # `predict --out` takes any name
             folder, rows, meta = run.with_suffix(".review"), _prediction_rows(run), {"model": "see the prediction run"}
         elif run.is_dir() and (run / "fields.jsonl").is_file():
             raise WbcidError(f"{run}: the count did not finish; complete it with `wbcid count ... --resume` first")
         else:
+            hint = "; to review cell images, classify them first: `wbcid predict --out cells.csv IMAGES`"
             raise WbcidError(
                 f"{run}: expected the output of `wbcid count` (a folder with counts.json) "
-                "or of `wbcid predict` (a .csv)"
+                f"or of `wbcid predict` (a .csv){hint * (run.suffix.lower() in IMAGE_SUFFIXES or run.is_dir())}"
             )
         store = cls(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -194,10 +194,13 @@ class WBCNet(nn.Module):
             count = len(groups)
         elif freeze == "none":
             count = 0
-        elif str(freeze).isdigit():
+        elif str(freeze).isdigit() and int(freeze) <= len(groups):
             count = int(freeze)
         else:
-            raise WbcidError(f"freeze must be 'none', 'backbone' or a number of layer groups, not {freeze!r}")
+            raise WbcidError(
+                f"freeze must be 'none', 'backbone' or a number of layer groups (0-{len(groups)} for "
+                f"{self.config.model}), not {freeze!r}"
+            )
         self._frozen = [m for group in groups[:count] for m in group]
         self._frozen_groups = count
         for p in self.parameters():

@@ -88,6 +88,8 @@ class TrainConfig:
                 f"invalid training options: {', '.join(bad)} (counts must be >= 1, rates >= 0, "
                 "fractions between 0 and 1)"
             )
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise WbcidError(f"no ImageNet weights file at {self.weights} (--weights)")
 
 
 def precision_problems(precision: str) -> list[str]:

@@ -292,6 +292,8 @@ def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, t
     monkeypatch.setattr(adaptation.command, "load_images", decode)
     with pytest.raises(WbcidError, match="does not exist: .*nowhere"):  # a wrong --replay fails fast
         adapt(tmp_path / "mixed.csv", tmp_path / "r7", pbc_model, TINY, replay=tmp_path / "nowhere")
+    with pytest.raises(WbcidError, match=r"8 layer groups; cannot train the last 9 \(0-8\)"):  # so does a deep tuning
+        adapt(tmp_path / "mixed.csv", tmp_path / "r8", pbc_model, replace(TINY, trainable_groups=9))
 
 
 @pytest.mark.slow

@@ -151,7 +151,8 @@ class WBCNet(nn.Module):
         units, tail = self._units()
         if not 0 < trainable_groups <= len(units):
             raise WbcidError(
-                f"{self.config.model} has {len(units)} layer groups; cannot train the last {trainable_groups}"
+                f"{self.config.model} has {len(units)} layer groups; cannot train the last {trainable_groups} "
+                f"(0-{len(units)})"
             )
         cut = len(units) - trainable_groups
         return nn.Sequential(normalise, *units[:cut]), nn.Sequential(*units[cut:], *tail)

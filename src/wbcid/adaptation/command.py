@@ -51,6 +51,7 @@ def adapt(
     config = replace(config, precision=config.resolved_precision)
     out = output_folder(out_dir, "the adapted run", run=True)
     base = resolve_model(model, needs_torch="adaptation")
+    base.split(config.trainable_groups)  # a number of layer groups the model lacks fails before any decoding
     if isinstance(data, CellSet):
         cells = data
     else:

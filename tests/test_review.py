@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from wbcid.data import CLASSES, read_cells
+from wbcid.data import CLASSES, list_images, read_cells
 from wbcid.errors import WbcidError
 from wbcid.inference import predict
 from wbcid.smear.counting import count
@@ -134,6 +134,12 @@ def test_two_clients_correcting_at_once_lose_nothing(run: Path):
 
 
 def test_export_is_readable_training_data(run: Path, tmp_path: Path):
+    with pytest.raises(
+        WbcidError, match=f"output of `wbcid count`: .*not verified ones; verify them with `wbcid review {run}"
+    ):
+        read_cells(run)  # read as the original JSON layout (its counts.json), it said "9 ... missing on disk"
+    with pytest.raises(WbcidError, match="output of `wbcid count` .*: pass the smear fields or cell images"):
+        list_images([run])  # its annotated fields and cut cells would have been classified or adapted to
     client = TestClient(create_app(run))
     cells = client.get("/api/cells").json()["cells"]
     chosen = {cells[0]["id"]: "eosinophil", cells[1]["id"]: "lymphocyte", cells[2]["id"]: "other"}
@@ -144,6 +150,8 @@ def test_export_is_readable_training_data(run: Path, tmp_path: Path):
     assert sorted(CLASSES[i] for i in manifest.labels) == ["eosinophil", "lymphocyte"]  # 'other' is not training data
     assert sorted(CLASSES[i] for i in read_cells(out / "cells").labels) == ["eosinophil", "lymphocyte"]
     assert read_cells(out).paths == manifest.paths  # the export's folder reads as its manifest (adapt --data DIR)
+    with pytest.raises(WbcidError, match=f"pass {out}, its exported review"):
+        read_cells(run)
     report = (out / "report.html").read_text()
     assert "3 cell(s) verified by a person" in report
 

@@ -245,10 +245,11 @@ def count(
     precision: ServePrecision = "auto",
 ) -> None:
     """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
+    from .data import COUNT_LOG
     from .smear.counting import count as run_count
     from .smear.counting import read_reference
 
-    with _resumable(f"finished fields are in {out / 'fields.jsonl'}"):
+    with _resumable(f"finished fields are in {out / COUNT_LOG}"):
         ranges = read_reference(reference) if reference else None
         result = run_count(model, paths, out, cell_diameter, ranges, resume, detector, tta, precision)
     specimens = result["specimens"]

@@ -44,6 +44,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DATA_ENV = "WBCID_DATA"
 AHEAD = 2  # batches decoded ahead of the network in image_batches
 MANIFESTS = ("cells.csv", "manifest.csv")  # what a folder given as data is read by, first found
+COUNT_LOG = "fields.jsonl"  # a count's log of finished fields (for --resume): it marks a `wbcid count` folder
 T, R = TypeVar("T"), TypeVar("R")
 
 # Abbreviations and typos seen in public WBC datasets (PBC file prefixes, Kaggle folders, ...).
@@ -197,6 +198,7 @@ def read_cells(
     path = Path(path)
     if not path.exists():
         raise WbcidError(f"data path does not exist: {path}")
+    refuse_count_folder(path, labelled=True)
     manifests = [path / name for name in MANIFESTS if (path / name).is_file()] if path.is_dir() else []
     if manifests:  # a data folder's manifest, or the one `wbcid review --export` writes beside its cells
         path = manifests[0]
@@ -291,10 +293,33 @@ def output_file(path: str | os.PathLike, example: str) -> Path:
     return path
 
 
+def refuse_count_folder(path: Path, labelled: bool = False) -> None:
+    """Stop where a `wbcid count` folder is named as input: read as data it looked like the original
+    JSON layout (its counts.json) and found no labels, and searched for images it gave its own
+    annotated fields and cut cells. ``labelled``: it was named as verified cells, so say where those are."""
+    if not (path.is_dir() and (path / COUNT_LOG).is_file()):
+        return
+    if not labelled:
+        raise WbcidError(
+            f"{path} is the output of `wbcid count` (annotated fields and cut cells): pass the smear fields "
+            "or cell images themselves"
+        )
+    export = path / "verified"  # where the review page's Export button writes
+    then = (
+        f"pass {export}, its exported review"
+        if (export / "manifest.csv").is_file()
+        else f"verify them with `wbcid review {path}`, export them and pass the export"
+    )
+    raise WbcidError(
+        f"{path} is the output of `wbcid count`: its cells carry the model's labels, not verified ones; {then}"
+    )
+
+
 def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand files and folders (recursively) into image files, sorted; for prediction."""
     found: list[Path] = []
     for p in map(Path, paths):
+        refuse_count_folder(p)
         if p.is_dir():
             found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         elif p.is_file():

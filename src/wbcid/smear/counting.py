@@ -23,7 +23,7 @@ from scipy.special import betaincinv
 from tqdm.auto import tqdm
 
 from ..contract import flagged
-from ..data import CLASSES, UNREADABLE, list_images, map_ahead, output_folder
+from ..data import CLASSES, COUNT_LOG, UNREADABLE, list_images, map_ahead, output_folder
 from ..errors import WbcidError
 from ..inference import predict_scores, resolve_tta, softmax
 from ..loading import Model, describe_model, resolve_model
@@ -53,7 +53,6 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 DEFAULT_CELL_DIAMETER = 200.0  # px: BCCD's 640x480 fields at 100x; used when no field shows red cells
 SCALE_FIELDS = 20  # fields sampled to measure the scale (16 ms each)
 REFINE_ROUNDS = 3  # at most; each runs the sampled fields through the detector again (~10 ms each)
-FIELDS = "fields.jsonl"  # one line per finished field, written as it is done (for --resume)
 MAX_CELLS_ACROSS = 40  # a field wider than 40 WBCs is not a smear field at WBC magnification (reasoned)
 MIN_FIELD = 16  # pixels: a smaller image cannot show a WBC at any magnification (reasoned, not fitted)
 
@@ -258,7 +257,7 @@ def count(
         raise WbcidError(f"--cell-diameter must be a positive number of pixels, not {cell_diameter}")
     if detector not in DETECTORS:
         raise WbcidError(f"--detector must be one of {', '.join(DETECTORS)}, not {detector!r}")
-    if not resume and (out_dir / FIELDS).exists():  # before the scale and the model: seconds to minutes
+    if not resume and (out_dir / COUNT_LOG).exists():  # before the scale and the model: seconds to minutes
         raise WbcidError(f"{out_dir} already holds a count; pass --resume to continue it or choose another --out")
     fields = list_images(paths)  # missing or empty inputs fail before the model loads
     groups, notes = group_fields(paths, fields)
@@ -277,7 +276,7 @@ def count(
     tta = resolve_tta(model, tta)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
     settings = {"model": name, "scales": scales, "detector": detector, "tta": tta}
-    done = _finished_fields(out_dir / FIELDS, settings)
+    done = _finished_fields(out_dir / COUNT_LOG, settings)
 
     def work(index: int) -> tuple[dict, bool]:
         """A field's entry, and whether it is new (not already in the log of a resumed count)."""
@@ -289,7 +288,7 @@ def count(
         return entry | {"specimen": specimen_of[path]}, True
 
     images = []
-    with (out_dir / FIELDS).open("a") as field_log:
+    with (out_dir / COUNT_LOG).open("a") as field_log:
         if not done:
             field_log.write(json.dumps(settings) + "\n")
         counted = map_ahead(work, range(len(fields)))  # fields in parallel threads, the log written in order

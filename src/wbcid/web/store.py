@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..data import CLASSES, IMAGE_SUFFIXES, read_table
+from ..data import CLASSES, COUNT_LOG, IMAGE_SUFFIXES, read_table
 from ..errors import WbcidError
 from ..smear.counting import CONTEXT, REFERENCE_RANGES, differential, open_field
 
@@ -73,7 +73,7 @@ class ReviewStore:
             folder, rows, meta = run, _count_rows(result), _count_meta(result)
         elif run.is_file() and run.suffix.lower() not in IMAGE_SUFFIXES:  # `predict --out` takes any name
             folder, rows, meta = run.with_suffix(".review"), _prediction_rows(run), {"model": "see the prediction run"}
-        elif run.is_dir() and (run / "fields.jsonl").is_file():
+        elif run.is_dir() and (run / COUNT_LOG).is_file():
             raise WbcidError(f"{run}: the count did not finish; complete it with `wbcid count ... --resume` first")
         else:
             hint = "; to review cell images, classify them first: `wbcid predict --out cells.csv IMAGES`"

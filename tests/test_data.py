@@ -242,3 +242,9 @@ def test_merged_cell_sets_keep_one_entry_per_image_with_its_latest_label(tmp_pat
     assert [(c.path.name, c.label) for c in merged.cells] == [("a.png", 0), ("b.png", 3), ("c.png", 4)]
     assert merged.skipped == Counter({"unreadable": 1, "listed again (its last label kept)": 1})
     assert merged.origin == "one + two"
+    twin = tmp_path / "export2" / "12.png"  # the same cell in a second export of the review
+    twin.parent.mkdir()
+    for path in (tmp_path / "b.png", twin):
+        path.write_bytes(b"the same cell's bytes")
+    twice = CellSet.merged([first, CellSet([Cell(twin, 2)], Counter(), "three")])
+    assert [(c.path, c.label) for c in twice.cells] == [(tmp_path / "a.png", 0), (twin, 2)]

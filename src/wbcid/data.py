@@ -13,6 +13,7 @@ Problems are collected per reason and reported once, with counts, before any wor
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -137,8 +138,10 @@ class CellSet:
     @classmethod
     def merged(cls, sets: Sequence[CellSet]) -> CellSet:
         """One set of the cells of ``sets``, in order; an image listed twice keeps its last label (a
-        later verification of the same cell) and is counted in ``skipped``, whose counts add up."""
-        latest = {c.path.resolve(): c for s in sets for c in s.cells}
+        later verification of the same cell) and is counted in ``skipped``, whose counts add up. An
+        image is the same by its bytes, whatever its path: two exports of one review name each cell
+        twice, and a twin would weigh double and sit on both sides of adapt's cross-fitting."""
+        latest = {_identity(c.path): c for s in sets for c in s.cells}
         skipped = sum((s.skipped for s in sets), Counter())
         if repeated := sum(len(s) for s in sets) - len(latest):
             skipped["listed again (its last label kept)"] += repeated
@@ -180,6 +183,14 @@ def default_data_root() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def _identity(path: Path) -> object:
+    """What makes two listed images one: their bytes (their resolved path if unreadable)."""
+    try:
+        return hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
+    except OSError:
+        return path.resolve()
 
 
 def read_cells(

@@ -95,6 +95,10 @@ def test_adaptation_raises_accuracy_on_the_new_labs_other_cells(pbc_model: Path,
     before = evaluate(pbc_model, bccd[1])
     after = evaluate(adapted, bccd[1])
     assert after["macro_f1"] >= before["macro_f1"] + 0.1, (before["macro_f1"], after["macro_f1"])
+    assert after["training_overlap"] == 0
+    verified = len(pd.read_csv(bccd[0]))  # scored on the cells it learnt, by its model.onnx or its model.pt:
+    assert evaluate(adapted, bccd[0])["training_overlap"] == verified  # "not a test score" (was 0: no warning)
+    assert evaluate(adapted / "model.pt", bccd[0])["training_overlap"] == verified
     record = json.loads((adapted / "config.json").read_text())
     assert record["base_model"] == str(pbc_model) and record["replay"]  # replayed the recorded PBC cells
     assert sum(record["verified_cells"].values()) == len(pd.read_csv(adapted / "labelled.csv"))

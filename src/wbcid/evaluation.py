@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from .contract import ModelConfig, flagged
-from .data import CLASSES, CellSet, output_folder, read_cells, recorded_training_cells
+from .data import CLASSES, CellSet, output_folder, read_cells, read_table, recorded_training_cells
 from .errors import WbcidError
 from .inference import predict_proba, resolve_tta
-from .loading import Model, describe_model, resolve_model
+from .loading import ADAPTED_CELLS, Model, describe_model, resolve_model
 from .reports import write_evaluation_report
 from .serving import choose_precision, served_precision
 
@@ -110,11 +111,13 @@ def evaluate(
     out_dir = None if out_dir is None else output_folder(out_dir, "the evaluation")
     name = describe_model(model)
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
+    run = model if isinstance(model, (str, os.PathLike)) and Path(model).is_dir() else None
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(cells)))
-    seen = training_overlap(model.config, cells)
+    seen = training_overlap(model.config, cells, run)
     if seen:
         log.warning(
-            "%d of %d evaluated cells were in this model's training or validation data: this is not a test score",
+            "%d of %d evaluated cells were in this model's training or validation data, or among the verified "
+            "cells it was adapted to: this is not a test score",
             seen,
             len(cells),
         )
@@ -144,10 +147,14 @@ def evaluate(
     return metrics
 
 
-def training_overlap(config: ModelConfig, cells: CellSet) -> int:
-    """How many of ``cells`` the model recorded as its training data (see :func:`recorded_training_cells`)."""
+def training_overlap(config: ModelConfig, cells: CellSet, run: str | os.PathLike | None = None) -> int:
+    """How many of ``cells`` the model learnt from: the training data it recorded (see
+    :func:`recorded_training_cells`) and the verified cells it was adapted to, which model.pt lists
+    and, for the model.onnx that serves a ``run`` directory, the run's labelled.csv."""
     training = recorded_training_cells(config.training_data)
-    if training is None:
-        return 0
-    paths = {p.resolve() for p in training.paths}
+    paths = set() if training is None else {p.resolve() for p in training.paths}
+    adapted = (config.adaptation or {}).get("verified")
+    if adapted is None and config.adaptation and run is not None and (Path(run) / ADAPTED_CELLS).is_file():
+        adapted = read_table(Path(run) / ADAPTED_CELLS)[["path", "label"]].values.tolist()
+    paths |= {Path(path).resolve() for path, _ in adapted or ()}
     return sum(p.resolve() in paths for p in cells.paths)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 Model: TypeAlias = "WBCNet | OnnxModel"
 RUN_ONNX = "model.onnx"  # a run's export, written by `wbcid adapt` (or `wbcid export --out RUN/model.onnx`)
+ADAPTED_CELLS = "labelled.csv"  # an adapted run's verified cells (path, label); its model.onnx does not list them
 log = logging.getLogger("wbcid")
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from ..data import CLASSES, Cell, CellSet, list_images, load_images, output_folder, read_cells
-from ..loading import describe_model, resolve_model
+from ..loading import ADAPTED_CELLS, describe_model, resolve_model
 from ..models import WBCNet, save_model
 from ..preprocess import Preprocess
 from .config import AdaptConfig
@@ -92,7 +92,7 @@ def adapt(
     partial.mkdir(parents=True)
     save_model(adapted, partial / "model.pt")
     export_run(adapted, partial)  # what predict and count serve: 4x faster than PyTorch
-    pd.DataFrame(verified, columns=["path", "label"]).to_csv(partial / "labelled.csv", index=False)
+    pd.DataFrame(verified, columns=["path", "label"]).to_csv(partial / ADAPTED_CELLS, index=False)
     record = {
         "adapt": asdict(config),
         "model": adapted.config.to_dict(),

@@ -109,6 +109,9 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(pbc_small, t
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
     assert pd.read_csv(tmp_path / "resumed" / "history.csv").epoch.tolist() == [1, 2, 3]
+    finished = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").iterdir()}
+    fit(cells, tmp_path / "resumed", resume=True)  # a finished run: nothing is redone or rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").iterdir()} == finished
 
 
 @pytest.mark.slow

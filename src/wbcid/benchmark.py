@@ -100,10 +100,8 @@ def run_benchmark(
 
 
 def _trained(train: CellSet, run: Path, config: TrainConfig | None, resume: bool) -> Path:
-    """The benchmark's model: trained into ``run``; with ``resume``, continued from its last epoch,
-    or taken as it is once its report (written last) shows the training finished."""
-    if resume and (run / "report.md").is_file():
-        return run
+    """The benchmark's model: trained into ``run``; with ``resume``, continued (or kept, if it finished)
+    where it has a checkpoint, else started."""
     return fit(train, run, config or TrainConfig(), resume=resume and (run / "last.pt").is_file())
 
 

@@ -173,6 +173,9 @@ def fit(
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
     """
     out = Path(out_dir)
+    if resume and (out / "report.md").is_file():  # written last: redoing the run's end would only cost minutes
+        log.info("%s finished already (its report.md is written last): nothing to resume", out)
+        return out
     if not resume:  # checked before the processes of a data-parallel run meet, so before any of them writes
         if (out / "last.pt").exists():
             raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")

@@ -229,6 +229,15 @@ def test_a_pooled_models_record_finds_every_cell_it_trained_on(data_root):
     assert not any(c.split == "test" for c in recorded_training_cells(record).cells)
 
 
+def test_adabn_on_fewer_images_than_a_batch_warns(pbc_cells, caplog):
+    """`wbcid predict --adabn` on one cell took that cell's statistics as its lab's, silently (its
+    label's probability fell from 0.92 to 0.30, and the cell was flagged)."""
+    model = create_model("efficientnet_lite0", input_size=64).eval()
+    images = torch.stack([to_tensor(np.asarray(c.resize((64, 64)))) for c in pbc_cells])
+    adapt_batchnorm(model, images[:3])
+    assert "AdaBN on 3 image(s), fewer than one batch of 32" in caplog.text
+
+
 def test_source_aware_adabn_is_the_identity_on_the_training_lab(pbc_cells):
     """With the training lab's statistics recorded, adapting to that same lab changes nothing."""
     model = create_model("efficientnet_lite0", input_size=64).eval()

@@ -16,6 +16,7 @@ Test-time augmentation (the eight rotations and flips) is :func:`wbcid.inference
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from torch import nn
 from .preprocess import as_input
 
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+log = logging.getLogger("wbcid")
 
 
 def _norm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -70,6 +72,13 @@ def adapt_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
     Uses ``model.source_statistics`` when training recorded them (see module docstring), else
     plain AdaBN. Only running means and variances change; learned weights stay as they are.
     """
+    if len(images) < STATISTICS_BATCH:  # e.g. `wbcid predict --adabn` on one cell: its own statistics
+        log.warning(
+            "AdaBN on %d image(s), fewer than one batch of %d (the batches the model normalised with while it "
+            "learned): the lab's statistics come out noisy; pass a folder, a slide or a test set of one lab",
+            len(images),
+            STATISTICS_BATCH,
+        )
     target = batchnorm_statistics(model, images)
     source: Statistics | None = getattr(model, "source_statistics", None)
     adapted = copy.deepcopy(model).eval()

@@ -108,6 +108,9 @@ def test_evaluating_on_training_cells_says_so(data_root, tmp_path, caplog):
     metrics = evaluate(None, cells.subset(range(12)), tmp_path)
     assert metrics["training_overlap"] == 12 and "not a test score" in caplog.text
     assert (tmp_path / "report.md").read_text().splitlines()[0].startswith("# Evaluation of bundled model")
+    two_labs = read_cells(data_root / "cells.csv", sources=["cellavision", "lisc"])
+    evaluate(None, two_labs.subset([*range(4), *range(len(two_labs) - 4, len(two_labs))]), adabn=True)
+    assert "AdaBN over 2 sources at once (cellavision, lisc)" in caplog.text  # one lab's statistics, or say so
 
 
 def test_a_test_set_that_lacks_classes_says_which(data_root, tmp_path, caplog):

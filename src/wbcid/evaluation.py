@@ -112,6 +112,13 @@ def evaluate(
     name = describe_model(model)
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
     run = model if isinstance(model, (str, os.PathLike)) and Path(model).is_dir() else None
+    if adabn and len(labs := sorted({c.source for c in cells.cells} - {""})) > 1:
+        log.warning(
+            "AdaBN over %d sources at once (%s): their statistics are pooled, as no single lab's; evaluate "
+            "one --source at a time, or run `wbcid benchmark --adabn`",
+            len(labs),
+            ", ".join(labs),
+        )
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(cells)))
     seen = training_overlap(model.config, cells, run)
     if seen:

@@ -86,10 +86,21 @@ def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(pbc_small, tmp_path):
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(pbc_small, tmp_path, monkeypatch):
     cells = read_cells(pbc_small)
     config = dict(model="seed-cnn", epochs=3, batch_size=16, patience=10)
     fit(cells, tmp_path / "straight", TrainConfig(**config))
+
+    def first_epoch_interrupted(*args, **kwargs):
+        monkeypatch.undo()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_one_epoch", first_epoch_interrupted)
+    with pytest.raises(KeyboardInterrupt):  # before the first checkpoint: a config.json alone blocked a rerun
+        fit(cells, tmp_path / "early", TrainConfig(**config))
+    assert not (tmp_path / "early").exists()
+    fit(cells, tmp_path / "early", TrainConfig(**config), resume=True)  # as the interruption said; was refused
+    assert pd.read_csv(tmp_path / "early" / "history.csv").epoch.tolist() == [1, 2, 3]
 
     def interrupt(epoch, record):
         if epoch == 1:

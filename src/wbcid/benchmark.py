@@ -61,7 +61,7 @@ def run_benchmark(
         )
         train, targets = training_pool(rest), {holdout: cells.select([holdout])}
     if model is None:
-        model = _trained(train, out / "model", config, resume)
+        model = fit(train, out / "model", config or TrainConfig(), resume=resume)
     results = {}
     for name, target in targets.items():
         metrics = evaluate(model, target, out / "sources" / _slug(name), title=name, adabn=adabn, tta=tta)
@@ -97,12 +97,6 @@ def run_benchmark(
     (out / "benchmark.json").write_text(json.dumps(summary, indent=2))
     write_benchmark_report(summary, out)
     return summary
-
-
-def _trained(train: CellSet, run: Path, config: TrainConfig | None, resume: bool) -> Path:
-    """The benchmark's model: trained into ``run``; with ``resume``, continued (or kept, if it finished)
-    where it has a checkpoint, else started."""
-    return fit(train, run, config or TrainConfig(), resume=resume and (run / "last.pt").is_file())
 
 
 def leave_one_source_out(

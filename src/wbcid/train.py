@@ -176,6 +176,9 @@ def fit(
     if resume and (out / "report.md").is_file():  # written last: redoing the run's end would only cost minutes
         log.info("%s finished already (its report.md is written last): nothing to resume", out)
         return out
+    if resume and not (out / "last.pt").exists() and not (out.is_dir() and any(out.iterdir())):
+        log.info("%s holds no finished epoch to resume (stopped before the first ended?): starting the run", out)
+        resume = False
     if not resume:  # checked before the processes of a data-parallel run meet, so before any of them writes
         if (out / "last.pt").exists():
             raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -223,9 +226,6 @@ def fit(
         scheduler.load_state_dict(checkpoint["scheduler"])
         state = checkpoint["state"]
         log.info("resuming %s after epoch %d", out, state["epoch"])
-    if writer:  # made only now: data refused above leaves no empty folder behind
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", {"train": asdict(config), "model": model.config.to_dict()})
 
     labels = torch.from_numpy(train_set.labels).to(device)
     while state["epoch"] < config.epochs and state["stale"] < config.patience:
@@ -247,6 +247,9 @@ def fit(
         improved = _update_state(state, record)
         if not writer:
             continue
+        if state["epoch"] == 1 and checkpoint is None:  # the folder comes with the first checkpoint: data refused,
+            out.mkdir(parents=True, exist_ok=True)  # or a first epoch interrupted, leave nothing that blocks a rerun
+            _write_json(out / "config.json", {"train": asdict(config), "model": model.config.to_dict()})
         save_checkpoints(model, out, config, optimizer, scheduler, state, improved)
         log.info(
             "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f",

@@ -122,11 +122,12 @@ def evaluate(
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(cells)))
     seen = training_overlap(model.config, cells, run)
     if seen:
+        adapted = ", or among the verified cells it was adapted to" if model.config.adaptation else ""
         log.warning(
-            "%d of %d evaluated cells were in this model's training or validation data, or among the verified "
-            "cells it was adapted to: this is not a test score",
+            "%d of %d evaluated cells were in this model's training or validation data%s: this is not a test score",
             seen,
             len(cells),
+            adapted,
         )
     tta = resolve_tta(model, tta)
     probs, ood, ok = predict_proba(model, cells.paths, adabn=adabn, tta=tta)

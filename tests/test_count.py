@@ -273,7 +273,7 @@ def test_a_folder_of_folders_is_counted_per_specimen(data_root, tmp_path):
     """Issue 12: one differential per subfolder (a slide), specimens.csv, the 100-cell warning each,
     and images beside the specimen folders counted as one more specimen with a warning."""
     smears = data_root / "smears" / "bccd" / "images"
-    layout = {"slide A/day1": (0, 10), "slide B": (34,), ".": (100,)}  # slide A's fields one level deeper
+    layout = {"slide A/day1": (0, 10), "slide B": (34,), ".": (100,), "slide C": ()}  # A's fields one level deeper
     for folder, numbers in layout.items():
         (tmp_path / "run" / folder).mkdir(parents=True, exist_ok=True)
         for i in numbers:
@@ -289,7 +289,8 @@ def test_a_folder_of_folders_is_counted_per_specimen(data_root, tmp_path):
     specimens = counts["specimens"]
     assert sorted(specimens) == ["loose fields", "slide A", "slide B"]
     assert [specimens[k]["fields"] for k in ("slide A", "slide B", "loose fields")] == [2, 1, 1]
-    assert "beside the specimen folders" in counts["warnings"][0] and "beside the specimen folders" in cli.stderr
+    assert "beside the specimen folders" in counts["warnings"][1] and "beside the specimen folders" in cli.stderr
+    assert counts["warnings"][0] == "1 specimen folder(s) hold no images and are not counted: slide C"
     for key in ("detected", "counted", "flagged"):
         assert sum(s["totals"][key] for s in specimens.values()) == counts["totals"][key]
     for s in specimens.values():

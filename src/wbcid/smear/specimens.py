@@ -33,6 +33,12 @@ def group_fields(paths: Sequence[str | os.PathLike], fields: Sequence[Path]) -> 
     if not groups:
         return {RUN: loose}, []
     warnings = []
+    empty = sorted(
+        {sub.name for folder in folders for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith(".")}
+        - groups.keys()
+    )
+    if empty:  # a slide whose images were not copied in yet, or not in a format read here
+        warnings.append(f"{len(empty)} specimen folder(s) hold no images and are not counted: {', '.join(empty)}")
     if loose:
         groups[LOOSE] = loose
         warnings.append(

@@ -43,7 +43,8 @@ from wbcid.adaptation import (
     suffix_scores,
 )
 from wbcid.benchmark import OTHER_SOURCES
-from wbcid.data import CLASSES, draw_per_class, load_images, read_cells
+from wbcid.data import CLASSES, draw_per_class, read_cells
+from wbcid.decoding import load_images
 from wbcid.evaluation import compute_metrics
 from wbcid.inference import predict_scores
 from wbcid.loading import resolve_model

@@ -20,7 +20,8 @@ import torch
 from common import parser, setup, write_results
 
 from wbcid.benchmark import OTHER_SOURCES
-from wbcid.data import load_images, read_cells
+from wbcid.data import read_cells
+from wbcid.decoding import load_images
 from wbcid.loading import resolve_model
 from wbcid.preprocess import Preprocess
 from wbcid.testtime import STATISTICS_CELLS, Statistics, batchnorm_statistics

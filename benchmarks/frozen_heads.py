@@ -33,7 +33,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from wbcid.benchmark import OTHER_SOURCES
-from wbcid.data import draw_per_class, load_images, read_cells
+from wbcid.data import draw_per_class, read_cells
+from wbcid.decoding import load_images
 from wbcid.evaluation import compute_metrics
 from wbcid.inference import dihedral_views
 from wbcid.loading import resolve_model

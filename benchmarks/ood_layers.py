@@ -45,7 +45,8 @@ from sklearn.metrics import roc_auc_score
 
 from wbcid.adaptation import AdaptConfig, adapt_model, class_shares, make_replay, prefix_views, with_lab_clusters
 from wbcid.augment import train_augmentation
-from wbcid.data import draw_per_class, load_images, read_cells, sample_per_class
+from wbcid.data import draw_per_class, read_cells, sample_per_class
+from wbcid.decoding import load_images
 from wbcid.loading import resolve_model
 from wbcid.ood import MahalanobisScore, class_statistics
 from wbcid.preprocess import Preprocess

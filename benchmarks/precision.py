@@ -44,7 +44,8 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from wbcid.benchmark import OTHER_SOURCES, TRAIN_SOURCE
 from wbcid.contract import BUNDLED_ONNX, flagged
-from wbcid.data import load_images, read_cells, sample_per_class
+from wbcid.data import read_cells, sample_per_class
+from wbcid.decoding import load_images
 from wbcid.loading import resolve_model
 from wbcid.models import create_model
 from wbcid.preprocess import Preprocess, as_input

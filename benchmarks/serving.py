@@ -32,7 +32,8 @@ import pandas as pd
 from common import cpu_description, parser, setup, write_results
 
 from wbcid.contract import BUNDLED, BUNDLED_ONNX
-from wbcid.data import CLASSES, draw_per_class, image_batches, read_cells
+from wbcid.data import CLASSES, draw_per_class, read_cells
+from wbcid.decoding import image_batches
 from wbcid.preprocess import Preprocess
 from wbcid.serving import OnnxModel, bf16_missing
 

@@ -318,7 +318,8 @@ def test_unlabelled_cells_alone_that_are_all_flagged_still_give_a_model(pbc_mode
     """Found by the benchmark: with no verified cell and every unlabelled cell flagged, no pseudo-label
     exists; the batch-norm-adapted model comes back instead of a crash."""
     from wbcid.adaptation import adapt_model
-    from wbcid.data import Cell, CellSet, load_images
+    from wbcid.data import Cell, CellSet
+    from wbcid.decoding import load_images
     from wbcid.preprocess import Preprocess
 
     base = load_checkpoint(pbc_model)
@@ -381,7 +382,7 @@ def test_the_half_models_take_their_own_step_budget(pbc_model: Path, bccd, monke
 
     from tqdm.auto import tqdm
 
-    from wbcid.data import load_images
+    from wbcid.decoding import load_images
 
     base = load_checkpoint(pbc_model)
     cells = read_cells(bccd[0])

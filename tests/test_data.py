@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wbcid.data import CLASSES, list_images, load_images, parse_label, read_cells
+from wbcid.data import CLASSES, parse_label, read_cells
+from wbcid.decoding import load_images
 from wbcid.errors import WbcidError
 from wbcid.evaluation import compute_metrics
+from wbcid.files import list_images
 from wbcid.preprocess import Preprocess
 
 
@@ -192,7 +194,7 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped_white(data_root, tmp_pat
     """Issue 13.7: 16-bit grey PNGs were read as all white by predict and explain."""
     from PIL import Image
 
-    from wbcid.data import decode_image
+    from wbcid.decoding import decode_image
     from wbcid.preprocess import Preprocess
 
     grey = Image.open(next((data_root / "cells" / "lisc" / "lymphocyte").glob("*.jpg"))).convert("L")
@@ -210,7 +212,7 @@ def test_map_ahead_keeps_order_bounds_work_in_flight_and_stops_when_dropped():
     import threading
     import time
 
-    from wbcid.data import map_ahead
+    from wbcid.decoding import map_ahead
 
     started, lock = [], threading.Lock()
 

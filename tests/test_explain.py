@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from wbcid.data import CLASSES, decode_image, read_cells
+from wbcid.data import CLASSES, read_cells
+from wbcid.decoding import decode_image
 from wbcid.errors import WbcidError
 from wbcid.gradcam import explain, grad_cam
 from wbcid.loading import resolve_model

@@ -149,7 +149,8 @@ def test_resolve_model_serves_the_bundled_model_by_onnx_unless_pytorch_is_needed
 def test_the_network_refuses_uint8_pixels_that_would_run_255_times_too_bright(pbc_small):
     """uint8 cells through ``features`` ran without a word and gave features that made every head fail
     (a benchmark's frozen heads first looked hopeless for this); ``as_input`` is the way in."""
-    from wbcid.data import CellSet, load_images, read_cells
+    from wbcid.data import CellSet, read_cells
+    from wbcid.decoding import load_images
     from wbcid.loading import resolve_model
     from wbcid.preprocess import Preprocess, as_input
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from wbcid.contract import CLASSES, flagged
-from wbcid.data import load_images, read_cells
+from wbcid.data import read_cells
+from wbcid.decoding import load_images
 from wbcid.inference import predict
 from wbcid.loading import resolve_model
 from wbcid.models import create_model

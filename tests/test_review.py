@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from wbcid.data import CLASSES, list_images, read_cells
+from wbcid.data import CLASSES, read_cells
 from wbcid.errors import WbcidError
+from wbcid.files import list_images
 from wbcid.inference import predict
 from wbcid.smear.counting import count
 from wbcid.web import ReviewStore, create_app, export_review, serve

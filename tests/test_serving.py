@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from wbcid import serving
 from wbcid.cli import app
 from wbcid.contract import BUNDLED_ONNX, flagged
-from wbcid.data import load_images, read_cells
+from wbcid.data import read_cells
+from wbcid.decoding import load_images
 from wbcid.errors import WbcidError
 from wbcid.inference import predict_scores
 from wbcid.preprocess import Preprocess

@@ -19,7 +19,8 @@ from torch import nn
 
 from wbcid import train
 from wbcid.contract import ModelConfig
-from wbcid.data import CLASSES, load_images, read_cells, split_train_val
+from wbcid.data import CLASSES, read_cells, split_train_val
+from wbcid.decoding import load_images
 from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
 from wbcid.inference import agreement, predict

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CellSet, output_folder, read_cells, training_pool
+from .data import CellSet, read_cells, training_pool
 from .errors import WbcidError
 from .evaluation import evaluate
+from .files import output_folder
 from .train import TrainConfig, fit
 
 TRAIN_SOURCE = "pbc"

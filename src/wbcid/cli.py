@@ -245,7 +245,7 @@ def count(
     precision: ServePrecision = "auto",
 ) -> None:
     """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
-    from .data import COUNT_LOG
+    from .files import COUNT_LOG
     from .smear.counting import count as run_count
     from .smear.counting import read_reference
 

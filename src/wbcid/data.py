@@ -14,39 +14,26 @@ Problems are collected per reason and reported once, with counts, before any wor
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
 import os
 import re
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import pandas as pd
-from PIL import Image
 
 from .contract import CLASSES
 from .errors import WbcidError
-from .preprocess import Preprocess
-
-if TYPE_CHECKING:
-    import torch
+from .files import IMAGE_SUFFIXES, read_table, refuse_count_folder
 
 log = logging.getLogger("wbcid")
 
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a bad file
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DATA_ENV = "WBCID_DATA"
-AHEAD = 2  # batches decoded ahead of the network in image_batches
 MANIFESTS = ("cells.csv", "manifest.csv")  # what a folder given as data is read by, first found
-COUNT_LOG = "fields.jsonl"  # a count's log of finished fields (for --resume): it marks a `wbcid count` folder
-T, R = TypeVar("T"), TypeVar("R")
 
 # Abbreviations and typos seen in public WBC datasets (PBC file prefixes, Kaggle folders, ...).
 _ALIASES = {
@@ -276,80 +263,6 @@ def training_record(cells: Sequence[Cell], origin: str) -> dict:
     return record
 
 
-def output_folder(path: str | os.PathLike, what: str, run: bool = False) -> Path:
-    """``path`` as the folder a command writes ``what`` into, checked before any work: a file in
-    the way would otherwise fail only at the end, losing the work. A run (``run=True``: training,
-    adaptation) goes only into a new or empty folder; anything else never into a model's run
-    directory (an evaluation there replaced the training's own report.md)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise WbcidError(f"{path} is a file; --out takes the folder to write {what} into")
-    if run and path.is_dir() and any(path.iterdir()):  # an adapted run, an evaluation, the data itself...
-        raise WbcidError(
-            f"{path} already exists and is not empty; choose another --out (a run is written into a new or "
-            "empty folder, never over one)"
-        )
-    if not run and (path / "model.pt").is_file():
-        raise WbcidError(
-            f"{path} is a model's run directory; write {what} into another folder (a subfolder of it will do)"
-        )
-    return path
-
-
-def output_file(path: str | os.PathLike, example: str) -> Path:
-    """``path`` as the file a command writes, checked before any work (see :func:`output_folder`)."""
-    path = Path(path)
-    if path.is_dir():
-        raise WbcidError(f"{path} is a folder; --out takes the file to write, e.g. {path / example}")
-    return path
-
-
-def refuse_count_folder(path: Path, labelled: bool = False) -> None:
-    """Stop where a `wbcid count` folder is named as input: read as data it looked like the original
-    JSON layout (its counts.json) and found no labels, and searched for images it gave its own
-    annotated fields and cut cells. ``labelled``: it was named as verified cells, so say where those are."""
-    if not (path.is_dir() and (path / COUNT_LOG).is_file()):
-        return
-    if not labelled:
-        raise WbcidError(
-            f"{path} is the output of `wbcid count` (annotated fields and cut cells): pass the smear fields "
-            "or cell images themselves"
-        )
-    export = path / "verified"  # where the review page's Export button writes
-    then = (
-        f"pass {export}, its exported review"
-        if (export / "manifest.csv").is_file()
-        else f"verify them with `wbcid review {path}`, export them and pass the export"
-    )
-    raise WbcidError(
-        f"{path} is the output of `wbcid count`: its cells carry the model's labels, not verified ones; {then}"
-    )
-
-
-def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively) into image files, sorted; for prediction."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        refuse_count_folder(p)
-        if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise WbcidError(f"no such file or folder: {p}")
-    if not found:
-        raise WbcidError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
-    return found
-
-
-def read_table(csv_path: Path, **options) -> pd.DataFrame:
-    """A CSV a user named (empty cells stay empty strings), or a clear message if it is not one."""
-    try:
-        return pd.read_csv(csv_path, keep_default_na=False, **options)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise WbcidError(f"{csv_path}: not a readable CSV ({str(exc).strip()})") from exc
-
-
 def _read_manifest(csv_path: Path) -> CellSet:
     table = read_table(csv_path, dtype=str)
     table.columns = [str(c).strip().lower() for c in table.columns]  # "Path,Label" is the same manifest
@@ -416,98 +329,6 @@ def _read_json_layout(json_path: Path) -> CellSet:
         label = parse_label(raw)
         cells.append(Cell(file, -1 if label is None else label, source=json_path.stem, raw_label=str(raw)))
     return CellSet(cells, skipped, str(json_path))
-
-
-def decode_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
-    """Decode any PIL-readable image into the model's input (see :class:`wbcid.preprocess.Preprocess`).
-
-    Grey, palette, 16-bit and RGBA images become RGB.
-    """
-    with Image.open(path) as img:
-        if not prep.crop:
-            img.draft("RGB", (prep.size, prep.size))  # JPEG: decode at a reduced scale, several times faster
-        return prep(img)
-
-
-def map_ahead(
-    function: Callable[[T], R], items: Iterable[T], workers: int | None = None, ahead: int = 8
-) -> Iterator[R]:
-    """``map(function, items)`` in ``workers`` threads (default: one per core), results in order.
-
-    At most ``ahead`` items are in flight, so memory stays bounded however many there are, and an
-    interruption cancels what has not started. Threads suffice: Pillow, NumPy, SciPy and ONNX
-    Runtime release the GIL in the work that dominates.
-    """
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        pending: deque[Future[R]] = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(function, item))
-                if len(pending) > ahead:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
-
-
-def image_batches(
-    paths: Sequence[Path], prep: Preprocess, batch_size: int = 64, workers: int | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(uint8 NCHW batch, ok mask)`` in order, unreadable images as zeros with ``ok`` False.
-
-    Decoding runs in threads up to ``AHEAD`` batches in front of the consumer, so it overlaps
-    the network.
-    """
-    blank = np.zeros((prep.size, prep.size, 3), np.uint8)
-    decoded = map_ahead(lambda path: try_decode(path, prep), paths, workers, AHEAD * batch_size)
-    while arrays := list(itertools.islice(decoded, batch_size)):
-        ok = np.array([a is not None for a in arrays])
-        yield np.stack([blank if a is None else a for a in arrays]).transpose(0, 3, 1, 2), ok
-
-
-def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> tuple[torch.Tensor, CellSet]:
-    """Decode a whole cell set into memory once (training reads every image every epoch).
-
-    Unreadable images are dropped from the returned set and counted in its ``skipped``.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    batch_size = 64
-    batches = list(
-        tqdm(
-            image_batches(cellset.paths, prep, batch_size),
-            total=-(-len(cellset) // batch_size),
-            desc=desc,
-            leave=False,
-            disable=None,
-        )
-    )
-    ok = [bool(k) for _, readable in batches for k in readable]
-    kept = cellset.subset(ok)
-    bad = ok.count(False)
-    if bad:
-        kept.skipped["unreadable or not an image"] += bad
-        log.warning(
-            "%s: skipped %d unreadable image(s), e.g. %s",
-            cellset.origin,
-            bad,
-            next(p for p, k in zip(cellset.paths, ok) if not k),
-        )
-    if not kept.cells:
-        raise WbcidError(f"{cellset.origin}: none of the {len(cellset)} images could be read")
-    images = np.concatenate([batch[readable] for batch, readable in batches])
-    return torch.from_numpy(np.ascontiguousarray(images)), kept
-
-
-def try_decode(path: Path, prep: Preprocess) -> np.ndarray | None:
-    """:func:`decode_image`, or ``None`` for a file that is not a readable image."""
-    try:
-        return decode_image(path, prep)
-    except UNREADABLE:
-        return None
 
 
 def draw_per_class(cells: CellSet, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

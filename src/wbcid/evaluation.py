@@ -15,8 +15,9 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from .contract import ModelConfig, flagged
-from .data import CLASSES, CellSet, output_folder, read_cells, read_table, recorded_training_cells
+from .data import CLASSES, CellSet, read_cells, recorded_training_cells
 from .errors import WbcidError
+from .files import output_folder, read_table
 from .inference import predict_proba, resolve_tta
 from .loading import ADAPTED_CELLS, Model, describe_model, resolve_model
 from .reports import write_evaluation_report

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .data import output_file
 from .errors import WbcidError
+from .files import output_file
 from .loading import RUN_ONNX
 from .models import WBCNet
 from .serving import METADATA_KEY, OUTPUTS

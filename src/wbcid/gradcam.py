@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import CLASSES, list_images, output_folder, try_decode
+from .data import CLASSES
+from .decoding import try_decode
 from .errors import WbcidError
+from .files import list_images, output_folder
 from .loading import resolve_model
 from .models import WBCNet
 from .preprocess import Preprocess, to_tensor

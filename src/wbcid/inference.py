@@ -13,8 +13,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .contract import flagged
-from .data import CLASSES, image_batches, list_images, output_file
+from .data import CLASSES
+from .decoding import image_batches
 from .errors import WbcidError
+from .files import list_images, output_file
 from .loading import Model, resolve_model
 from .preprocess import TORCH_BATCH, Preprocess, as_input
 from .serving import OnnxModel, choose_precision

@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 
 from .augment import train_augmentation
 from .contract import PRECISIONS, Freeze
-from .data import CLASSES, CellSet, load_images, output_folder, split_train_val, training_record, try_decode
+from .data import CLASSES, CellSet, split_train_val, training_record
+from .decoding import load_images, try_decode
 from .errors import WbcidError
 from .evaluation import compute_metrics
+from .files import output_folder
 from .inference import predict_scores
 from .models import WBCNet, create_model, read_saved, save_model
 from .preprocess import REFERENCE_SAMPLE, Preprocess, fit_stain_reference

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .data import CellSet, load_images
+from .data import CellSet
+from .decoding import load_images
 from .export import export_run
 from .models import WBCNet, load_checkpoint, read_saved, save_model
 from .ood import MahalanobisScore, image_features, ood_groups, stage_statistics

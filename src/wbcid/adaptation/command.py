@@ -14,7 +14,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..data import CLASSES, Cell, CellSet, list_images, load_images, output_folder, read_cells
+from ..data import CLASSES, Cell, CellSet, read_cells
+from ..decoding import load_images
+from ..files import list_images, output_folder
 from ..loading import ADAPTED_CELLS, describe_model, resolve_model
 from ..models import WBCNet, save_model
 from ..preprocess import Preprocess

@@ -23,8 +23,10 @@ from scipy.special import betaincinv
 from tqdm.auto import tqdm
 
 from ..contract import flagged
-from ..data import CLASSES, COUNT_LOG, UNREADABLE, list_images, map_ahead, output_folder
+from ..data import CLASSES
+from ..decoding import UNREADABLE, map_ahead
 from ..errors import WbcidError
+from ..files import COUNT_LOG, list_images, output_folder
 from ..inference import predict_scores, resolve_tta, softmax
 from ..loading import Model, describe_model, resolve_model
 from ..preprocess import Preprocess, upright_rgb

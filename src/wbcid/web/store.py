@@ -20,8 +20,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..data import CLASSES, COUNT_LOG, IMAGE_SUFFIXES, read_table
+from ..data import CLASSES
 from ..errors import WbcidError
+from ..files import COUNT_LOG, IMAGE_SUFFIXES, read_table
 from ..smear.counting import CONTEXT, REFERENCE_RANGES, differential, open_field
 
 OTHER = "other"  # not a WBC (or not one of the five types): left out of the differential

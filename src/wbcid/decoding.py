@@ -1,0 +1,126 @@
+"""Images in: decoding into the model's input, in threads ahead of the network.
+
+Cells are read here: :func:`image_batches` streams them (prediction, evaluation), :func:`load_images`
+holds a whole set in memory (training, adaptation); :func:`map_ahead` also runs a count's fields in
+threads. A file that is not a readable image is never an exception: it becomes ``None``, or a row
+marked unreadable, counted and reported by the caller.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from .data import CellSet
+from .errors import WbcidError
+from .preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("wbcid")
+
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a bad file
+AHEAD = 2  # batches decoded ahead of the network in image_batches
+T, R = TypeVar("T"), TypeVar("R")
+
+
+def decode_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
+    """Decode any PIL-readable image into the model's input (see :class:`wbcid.preprocess.Preprocess`).
+
+    Grey, palette, 16-bit and RGBA images become RGB.
+    """
+    with Image.open(path) as img:
+        if not prep.crop:
+            img.draft("RGB", (prep.size, prep.size))  # JPEG: decode at a reduced scale, several times faster
+        return prep(img)
+
+
+def map_ahead(
+    function: Callable[[T], R], items: Iterable[T], workers: int | None = None, ahead: int = 8
+) -> Iterator[R]:
+    """``map(function, items)`` in ``workers`` threads (default: one per core), results in order.
+
+    At most ``ahead`` items are in flight, so memory stays bounded however many there are, and an
+    interruption cancels what has not started. Threads suffice: Pillow, NumPy, SciPy and ONNX
+    Runtime release the GIL in the work that dominates.
+    """
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) > ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def image_batches(
+    paths: Sequence[Path], prep: Preprocess, batch_size: int = 64, workers: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(uint8 NCHW batch, ok mask)`` in order, unreadable images as zeros with ``ok`` False.
+
+    Decoding runs in threads up to ``AHEAD`` batches in front of the consumer, so it overlaps
+    the network.
+    """
+    blank = np.zeros((prep.size, prep.size, 3), np.uint8)
+    decoded = map_ahead(lambda path: try_decode(path, prep), paths, workers, AHEAD * batch_size)
+    while arrays := list(itertools.islice(decoded, batch_size)):
+        ok = np.array([a is not None for a in arrays])
+        yield np.stack([blank if a is None else a for a in arrays]).transpose(0, 3, 1, 2), ok
+
+
+def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> tuple[torch.Tensor, CellSet]:
+    """Decode a whole cell set into memory once (training reads every image every epoch).
+
+    Unreadable images are dropped from the returned set and counted in its ``skipped``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    batch_size = 64
+    batches = list(
+        tqdm(
+            image_batches(cellset.paths, prep, batch_size),
+            total=-(-len(cellset) // batch_size),
+            desc=desc,
+            leave=False,
+            disable=None,
+        )
+    )
+    ok = [bool(k) for _, readable in batches for k in readable]
+    kept = cellset.subset(ok)
+    bad = ok.count(False)
+    if bad:
+        kept.skipped["unreadable or not an image"] += bad
+        log.warning(
+            "%s: skipped %d unreadable image(s), e.g. %s",
+            cellset.origin,
+            bad,
+            next(p for p, k in zip(cellset.paths, ok) if not k),
+        )
+    if not kept.cells:
+        raise WbcidError(f"{cellset.origin}: none of the {len(cellset)} images could be read")
+    images = np.concatenate([batch[readable] for batch, readable in batches])
+    return torch.from_numpy(np.ascontiguousarray(images)), kept
+
+
+def try_decode(path: Path, prep: Preprocess) -> np.ndarray | None:
+    """:func:`decode_image`, or ``None`` for a file that is not a readable image."""
+    try:
+        return decode_image(path, prep)
+    except UNREADABLE:
+        return None

@@ -1,0 +1,91 @@
+"""Files in and out: the images a command is given, the CSV tables users name, and the folders and
+files a command writes, checked before any work so that a mistake fails at once and never
+overwrites finished work (a training's run, a count being reviewed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import WbcidError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+COUNT_LOG = "fields.jsonl"  # a count's log of finished fields (for --resume): it marks a `wbcid count` folder
+
+
+def output_folder(path: str | os.PathLike, what: str, run: bool = False) -> Path:
+    """``path`` as the folder a command writes ``what`` into, checked before any work: a file in
+    the way would otherwise fail only at the end, losing the work. A run (``run=True``: training,
+    adaptation) goes only into a new or empty folder; anything else never into a model's run
+    directory (an evaluation there replaced the training's own report.md)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise WbcidError(f"{path} is a file; --out takes the folder to write {what} into")
+    if run and path.is_dir() and any(path.iterdir()):  # an adapted run, an evaluation, the data itself...
+        raise WbcidError(
+            f"{path} already exists and is not empty; choose another --out (a run is written into a new or "
+            "empty folder, never over one)"
+        )
+    if not run and (path / "model.pt").is_file():
+        raise WbcidError(
+            f"{path} is a model's run directory; write {what} into another folder (a subfolder of it will do)"
+        )
+    return path
+
+
+def output_file(path: str | os.PathLike, example: str) -> Path:
+    """``path`` as the file a command writes, checked before any work (see :func:`output_folder`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise WbcidError(f"{path} is a folder; --out takes the file to write, e.g. {path / example}")
+    return path
+
+
+def refuse_count_folder(path: Path, labelled: bool = False) -> None:
+    """Stop where a `wbcid count` folder is named as input: read as data it looked like the original
+    JSON layout (its counts.json) and found no labels, and searched for images it gave its own
+    annotated fields and cut cells. ``labelled``: it was named as verified cells, so say where those are."""
+    if not (path.is_dir() and (path / COUNT_LOG).is_file()):
+        return
+    if not labelled:
+        raise WbcidError(
+            f"{path} is the output of `wbcid count` (annotated fields and cut cells): pass the smear fields "
+            "or cell images themselves"
+        )
+    export = path / "verified"  # where the review page's Export button writes
+    then = (
+        f"pass {export}, its exported review"
+        if (export / "manifest.csv").is_file()
+        else f"verify them with `wbcid review {path}`, export them and pass the export"
+    )
+    raise WbcidError(
+        f"{path} is the output of `wbcid count`: its cells carry the model's labels, not verified ones; {then}"
+    )
+
+
+def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively) into image files, sorted; for prediction."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        refuse_count_folder(p)
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise WbcidError(f"no such file or folder: {p}")
+    if not found:
+        raise WbcidError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
+    return found
+
+
+def read_table(csv_path: Path, **options) -> pd.DataFrame:
+    """A CSV a user named (empty cells stay empty strings), or a clear message if it is not one."""
+    try:
+        return pd.read_csv(csv_path, keep_default_na=False, **options)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise WbcidError(f"{csv_path}: not a readable CSV ({str(exc).strip()})") from exc

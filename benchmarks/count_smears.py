@@ -18,7 +18,8 @@ import pandas as pd
 from common import parser, setup, write_results
 
 from wbcid.data import CLASSES, parse_label
-from wbcid.smear.counting import count, differential
+from wbcid.smear.counting import count
+from wbcid.smear.differential import differential
 
 
 def listed_types(smears: Path) -> dict[str, list[str]]:

@@ -46,7 +46,8 @@ from sklearn.metrics import f1_score
 
 from wbcid.adaptation import adapt
 from wbcid.data import CLASSES
-from wbcid.smear.counting import count, differential
+from wbcid.smear.counting import count
+from wbcid.smear.differential import differential
 from wbcid.web import ReviewStore, export_review
 
 

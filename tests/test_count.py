@@ -14,7 +14,7 @@ from PIL import Image
 
 from wbcid.data import CLASSES
 from wbcid.errors import WbcidError
-from wbcid.smear.counting import REFERENCE_RANGES, differential, proportion_interval, read_reference
+from wbcid.smear.differential import REFERENCE_RANGES, differential, proportion_interval, read_reference
 from wbcid.smear.specimens import cells_short
 
 

@@ -27,7 +27,7 @@ _API = {
     "resolve_model": "loading",
     "predict": "inference",
     "count": "smear.counting",
-    "differential": "smear.counting",
+    "differential": "smear.differential",
     "detect_cells": "smear.detect",
     "detect_cells_learned": "smear.learned",
     "train_detector": "smear.train_detector",

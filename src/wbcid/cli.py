@@ -247,7 +247,7 @@ def count(
     """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
     from .files import COUNT_LOG
     from .smear.counting import count as run_count
-    from .smear.counting import read_reference
+    from .smear.differential import read_reference
 
     with _resumable(f"finished fields are in {out / COUNT_LOG}"):
         ranges = read_reference(reference) if reference else None

@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw
 from ..data import CLASSES
 from ..errors import WbcidError
 from ..files import COUNT_LOG, IMAGE_SUFFIXES, read_table
-from ..smear.counting import CONTEXT, REFERENCE_RANGES, differential, open_field
+from ..smear.counting import CONTEXT, open_field
+from ..smear.differential import REFERENCE_RANGES, differential
 
 OTHER = "other"  # not a WBC (or not one of the five types): left out of the differential
 LABELS = (*CLASSES, OTHER)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+import wbcid
 from wbcid.data import CLASSES, read_cells
 from wbcid.errors import WbcidError
 from wbcid.files import list_images
@@ -87,6 +88,14 @@ def test_bad_label_is_422_and_unknown_cell_404(run: Path):
     assert client.put("/api/cells/99999", json={"label": "monocyte"}).status_code == 404
     assert client.get("/api/cells/99999/image").status_code == 404
     assert client.get("/api/cells/1").json()["reviewed"] is False  # nothing was written
+
+
+def test_the_api_docs_need_nothing_from_outside(run: Path):
+    client = TestClient(create_app(run))
+    page = client.get("/api/docs").text
+    assert "SwaggerUIBundle" in page and "https://" not in page  # a CDN is out of reach on an offline workstation
+    schema = client.get("/openapi.json").json()
+    assert schema["paths"]["/api/cells/{cell_id}"] and schema["info"]["version"] == wbcid.__version__
 
 
 def test_no_file_outside_the_run_can_be_read(run: Path):

@@ -1,7 +1,7 @@
 """End to end in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
 correct one cell with the keyboard and one with a click, reload, and see both and the new differential;
 walk the review queue, switch to the by-type view, and find it kept after a reload; read why an
-export or a Grad-CAM view the server cannot make is missing.
+export or a Grad-CAM view the server cannot make is missing; read the API docs offline.
 
 Never skipped: `.ci/run` installs the browser where it is missing. Nothing is downloaded: the
 driver and browser paths are given, so Selenium Manager is never asked.
@@ -182,3 +182,11 @@ def test_a_view_the_server_cannot_make_says_why(server, browser):
     WebDriverWait(browser, 20).until(lambda d: "no Grad-CAM" in d.find_element(By.ID, "status").text)
     said = browser.find_element(By.ID, "status").text
     assert "409" in said and "Grad-CAM needs the PyTorch model" in said
+
+
+def test_the_api_docs_render_without_the_internet(server, browser):
+    """/api/docs loaded Swagger UI from a CDN: on a lab's offline workstation (and here) it stayed blank."""
+    url, _ = server
+    browser.get(url + "api/docs")
+    WebDriverWait(browser, 20).until(lambda d: "/api/cells/{cell_id}" in d.find_element(By.TAG_NAME, "body").text)
+    assert "wbcid review" in browser.find_element(By.TAG_NAME, "body").text

@@ -31,8 +31,10 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
+from .. import __version__
 from ..data import CLASSES
 from ..errors import WbcidError
 from .export import export_review, export_summary
@@ -56,7 +58,9 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
     """The application over one run (a count folder or a prediction CSV)."""
     store = ReviewStore.open(run)
     reviewer = reviewer or _user()
-    app = FastAPI(title="wbcid review", docs_url="/api/docs", redoc_url=None)
+    app = FastAPIOffline(  # serves its docs' assets itself: no CDN
+        title="wbcid review", version=__version__, docs_url="/api/docs", redoc_url=None
+    )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     gradcam = _GradCam(store, model)

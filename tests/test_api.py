@@ -21,6 +21,17 @@ def test_exported_names_are_the_functions_not_modules():
     )
 
 
+def test_one_folder_or_file_may_be_given_as_it_is(data_root: Path, tmp_path: Path):
+    """``predict(None, "cells/")`` iterated the string: "no such file or folder: c"."""
+    from wbcid import count, explain, predict
+
+    folder = data_root / "cells/lisc/basophil"
+    assert len(predict(None, str(folder))) == len(predict(None, [folder]))
+    field = data_root / "smears/bccd/images/BloodImage_00000.jpg"
+    assert count(None, str(field), tmp_path / "count")["totals"]["detected"] >= 1
+    assert len(explain(None, folder / "Baoso_000.jpg", tmp_path / "gradcam")) == 1
+
+
 @pytest.mark.slow
 def test_readme_python_snippet_runs(pbc_small: Path, data_root: Path, tmp_path: Path, monkeypatch):
     snippet = re.search(r"### Python API.*?```python\n(.*?)```", README.read_text(), re.S).group(1)

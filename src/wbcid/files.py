@@ -67,10 +67,19 @@ def refuse_count_folder(path: Path, labelled: bool = False) -> None:
     )
 
 
-def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+Inputs = str | os.PathLike | Sequence[str | os.PathLike]  # what predict, count and explain are given
+
+
+def input_paths(paths: Inputs) -> list[Path]:
+    """``paths`` as a list: one folder or file may be given as it is (iterated, a string gave its letters)."""
+    return [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+
+
+def list_images(paths: Inputs) -> list[Path]:
     """Expand files and folders (recursively) into image files, sorted; for prediction."""
+    paths = input_paths(paths)
     found: list[Path] = []
-    for p in map(Path, paths):
+    for p in paths:
         refuse_count_folder(p)
         if p.is_dir():
             found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())

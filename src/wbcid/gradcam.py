@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from torch import nn
 from .data import CLASSES
 from .decoding import try_decode
 from .errors import WbcidError
-from .files import list_images, output_folder
+from .files import Inputs, list_images, output_folder
 from .loading import resolve_model
 from .models import WBCNet
 from .preprocess import Preprocess, to_tensor
@@ -61,7 +60,7 @@ def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> Image.Ima
 
 def explain(
     model: WBCNet | str | os.PathLike | None,
-    paths: Sequence[str | os.PathLike],
+    paths: Inputs,
     out_dir: str | os.PathLike,
     size: int = 256,
 ) -> list[Path]:

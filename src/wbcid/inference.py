@@ -16,7 +16,7 @@ from .contract import flagged
 from .data import CLASSES
 from .decoding import image_batches
 from .errors import WbcidError
-from .files import list_images, output_file
+from .files import Inputs, list_images, output_file
 from .loading import Model, resolve_model
 from .preprocess import TORCH_BATCH, Preprocess, as_input
 from .serving import OnnxModel, choose_precision
@@ -169,7 +169,7 @@ def agreement(reference: Model, other: Model, paths: Sequence[Path]) -> dict:
 
 def predict(
     model: Model | str | os.PathLike | None,
-    paths: Sequence[str | os.PathLike],
+    paths: Inputs,
     out_csv: str | os.PathLike | None = None,
     batch_size: int = 64,
     adabn: bool = False,

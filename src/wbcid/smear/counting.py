@@ -24,7 +24,7 @@ from ..contract import flagged
 from ..data import CLASSES
 from ..decoding import UNREADABLE, map_ahead
 from ..errors import WbcidError
-from ..files import COUNT_LOG, list_images, output_folder
+from ..files import COUNT_LOG, Inputs, input_paths, list_images, output_folder
 from ..inference import predict_scores, resolve_tta, softmax
 from ..loading import Model, describe_model, resolve_model
 from ..preprocess import Preprocess, upright_rgb
@@ -131,7 +131,7 @@ def on_edge(box: Box, size: tuple[int, int], margin: int = 1) -> bool:
 
 def count(
     model: Model | str | os.PathLike | None,
-    paths: Sequence[str | os.PathLike],
+    paths: Inputs,
     out_dir: str | os.PathLike,
     cell_diameter: float | None = None,
     reference: dict[str, tuple[float, float]] | None = None,
@@ -166,7 +166,7 @@ def count(
     if not resume and (out_dir / COUNT_LOG).exists():  # before the scale and the model: seconds to minutes
         raise WbcidError(f"{out_dir} already holds a count; pass --resume to continue it or choose another --out")
     fields = list_images(paths)  # missing or empty inputs fail before the model loads
-    groups, notes = group_fields(paths, fields)
+    groups, notes = group_fields(input_paths(paths), fields)
     for note in notes:
         log.warning(note)
     given = {"cell_diameter": cell_diameter, "how": "given"}

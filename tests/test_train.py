@@ -132,7 +132,7 @@ def test_training_stops_before_starting_when_a_class_is_missing(pbc_small, tmp_p
     no_basophils = tmp_path / "m.csv"
     table[table.label != "basophil"].to_csv(no_basophils, index=False)
     with pytest.raises(WbcidError, match="no training images of basophil"):
-        fit(read_cells(no_basophils), tmp_path / "run", TrainConfig(**FAST))
+        fit(no_basophils, tmp_path / "run", TrainConfig(**FAST))  # data as a path, as evaluate and adapt take it
     assert not (tmp_path / "run").exists()  # nothing left behind, not even an empty folder
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .augment import train_augmentation
 from .contract import PRECISIONS, Freeze
-from .data import CLASSES, CellSet, split_train_val, training_record
+from .data import CLASSES, CellSet, read_cells, split_train_val, training_record
 from .decoding import load_images, try_decode
 from .errors import WbcidError
 from .evaluation import compute_metrics
@@ -163,13 +163,14 @@ def check_classes(train: CellSet) -> None:
 
 
 def fit(
-    cells: CellSet,
+    cells: CellSet | str | os.PathLike,
     out_dir: str | os.PathLike,
     config: TrainConfig | None = None,
     resume: bool = False,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> Path:
-    """Train on ``cells`` (split into train/val) and write the run directory; returns it.
+    """Train on ``cells`` (split into train/val; or any ``--data`` path, as :func:`wbcid.read_cells`
+    reads it) and write the run directory; returns it.
 
     ``resume=True`` continues from ``out_dir/last.pt`` with the configuration saved there.
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
@@ -185,6 +186,7 @@ def fit(
         if (out / "last.pt").exists():
             raise WbcidError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         output_folder(out, "the run", run=True)
+    cells = cells if isinstance(cells, CellSet) else read_cells(cells)
     rank, world, device = _distributed()
     checkpoint = _load_checkpoint(out) if resume else None
     if checkpoint is not None:

@@ -56,6 +56,7 @@ def test_manifest_filters_source_and_split(data_root):
     assert cells.class_counts() == {c: int((lisc.label == c).sum()) for c in CLASSES}
     test = read_cells(data_root, sources=["pbc"], splits=["test"])  # a folder holding cells.csv works too
     assert {c.split for c in test.cells} == {"test"} and {c.source for c in test.cells} == {"pbc"}
+    assert read_cells(data_root, sources="pbc", splits="test").paths == test.paths  # one name: not 'p', 'b', 'c'
 
 
 def test_manifest_skips_labels_that_are_not_ours_with_a_count(data_root):

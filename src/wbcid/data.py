@@ -134,12 +134,14 @@ class CellSet:
             skipped["listed again (its last label kept)"] += repeated
         return cls(list(latest.values()), skipped, " + ".join(s.origin for s in sets))
 
-    def select(self, sources: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> CellSet:
-        """Filter by source and split, failing with the available values when nothing matches."""
+    def select(self, sources: str | Sequence[str] | None = None, splits: str | Sequence[str] | None = None) -> CellSet:
+        """Filter by source and split (one name or several), failing with the available values when
+        nothing matches."""
         result = self
         for attr, wanted in (("source", sources), ("split", splits)):
             if not wanted:
                 continue
+            wanted = [wanted] if isinstance(wanted, str) else wanted  # "pbc" is one source, not 'p', 'b', 'c'
             have = sorted({getattr(c, attr) for c in result.cells} - {""})  # "": the layout has no such column
             unknown = sorted(set(wanted) - set(have))
             if unknown:
@@ -182,8 +184,8 @@ def _identity(path: Path) -> object:
 
 def read_cells(
     path: str | os.PathLike,
-    sources: Sequence[str] | None = None,
-    splits: Sequence[str] | None = None,
+    sources: str | Sequence[str] | None = None,
+    splits: str | Sequence[str] | None = None,
     known_only: bool = True,
 ) -> CellSet:
     """Read any supported layout, keep only our five classes, and filter by source/split.

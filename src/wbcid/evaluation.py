@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,8 @@ def evaluate(
     model: Model | str | os.PathLike | None,
     data: CellSet | str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
-    sources: list[str] | None = None,
-    splits: list[str] | None = None,
+    sources: str | Sequence[str] | None = None,
+    splits: str | Sequence[str] | None = None,
     title: str | None = None,
     adabn: bool = False,
     tta: bool | None = None,

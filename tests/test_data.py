@@ -135,6 +135,8 @@ def test_missing_and_empty_inputs_fail_with_a_message(tmp_path):
         read_cells(bad)
     with pytest.raises(WbcidError, match="no images"):
         list_images([tmp_path / "empty"])
+    with pytest.raises(WbcidError, match="no images or folders given"):  # was "no images (...) in " and nothing
+        list_images([])
     (tmp_path / "cell.jpg").write_bytes(b"a cell")
     (tmp_path / "numbers.csv").write_text("path,label\ncell.jpg,7\n")  # labels 1..5 are ours: 7 is not
     with pytest.raises(WbcidError, match="no labelled images .* found [(]skipped: 1 label not one of .*'7'"):

@@ -241,6 +241,8 @@ def test_bad_options_stop_before_any_work_and_the_config_is_not_changed(pbc_smal
     for bad in ({"epochs": 0}, {"batch_size": 0}, {"lr": -1.0}, {"val_fraction": 1.5}):
         with pytest.raises(WbcidError, match="invalid training options"):
             TrainConfig(**bad)
+    with pytest.raises(WbcidError, match="augmentation policy must be one of"):  # when made, as AdaptConfig
+        TrainConfig(augment="magic")
     with pytest.raises(WbcidError, match="no ImageNet weights file at .*nowhere.pth"):  # was a FileNotFoundError
         TrainConfig(weights=str(tmp_path / "nowhere.pth"))
     with pytest.raises(WbcidError, match=r"layer groups \(0-8 for efficientnet_lite0\), not 9"):

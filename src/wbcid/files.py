@@ -78,6 +78,8 @@ def input_paths(paths: Inputs) -> list[Path]:
 def list_images(paths: Inputs) -> list[Path]:
     """Expand files and folders (recursively) into image files, sorted; for prediction."""
     paths = input_paths(paths)
+    if not paths:
+        raise WbcidError("no images or folders given")
     found: list[Path] = []
     for p in paths:
         refuse_count_folder(p)

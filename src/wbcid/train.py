@@ -92,6 +92,7 @@ class TrainConfig:
             )
         if self.weights is not None and not Path(self.weights).is_file():
             raise WbcidError(f"no ImageNet weights file at {self.weights} (--weights)")
+        train_augmentation(self.augment)  # a bad policy fails here, as in AdaptConfig
 
 
 def precision_problems(precision: str) -> list[str]:
@@ -282,7 +283,6 @@ def _prepare(cells: CellSet, config: TrainConfig) -> tuple[WBCNet, CellSet, Cell
     model = create_model(
         config.model, config.pretrained, config.weights, config.download_weights, config.freeze, config.input_size
     )
-    train_augmentation(config.augment)  # a bad policy fails before decoding
     train_set, val_set = split_train_val(cells, config.val_fraction, config.seed)
     check_classes(train_set)
     stain_reference = None

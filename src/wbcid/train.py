@@ -173,7 +173,8 @@ def fit(
     """Train on ``cells`` (split into train/val; or any ``--data`` path, as :func:`wbcid.read_cells`
     reads it) and write the run directory; returns it.
 
-    ``resume=True`` continues from ``out_dir/last.pt`` with the configuration saved there.
+    ``resume=True`` continues from ``out_dir/last.pt`` with the configuration saved there; a run that
+    finished is returned as it is, and one stopped before its first epoch ended is started.
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
     """
     out = Path(out_dir)

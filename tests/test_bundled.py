@@ -12,7 +12,7 @@ import pytest
 from wbcid.contract import BUNDLED
 from wbcid.data import CLASSES, read_cells
 from wbcid.errors import WbcidError
-from wbcid.inference import UNREADABLE_MESSAGE, predict
+from wbcid.inference import GREY_MESSAGE, UNREADABLE_MESSAGE, predict
 from wbcid.loading import resolve_model
 from wbcid.preprocess import Preprocess
 from wbcid.serving import OnnxModel
@@ -53,6 +53,19 @@ def test_unreadable_files_keep_their_row_without_a_label(data_root, tmp_path):
     assert table.label[0] in CLASSES and table.label[1] == ""
     assert table.loc[1, [f"p_{c}" for c in CLASSES]].isna().all()
     assert table.flagged.tolist() == [table.flagged[0], True] and table.error.tolist() == ["", UNREADABLE_MESSAGE]
+
+
+def test_a_cell_stored_in_grey_is_flagged_with_the_reason(data_root, tmp_path, caplog):
+    """A PBC basophil saved in grey was called basophil (0.92) and not flagged; count refuses grey fields."""
+    from PIL import Image
+
+    colour = sorted((data_root / "cells" / "pbc" / "basophil").iterdir())[0]
+    grey = tmp_path / "grey.png"
+    Image.open(colour).convert("L").save(grey)
+    table = predict(None, [colour, grey])
+    assert table.flagged[1] and table.error[1] == GREY_MESSAGE and "told apart by their stain colours" in GREY_MESSAGE
+    assert table.error[0] == "" and table.label[1] in CLASSES  # still answered: the flag says why to check it
+    assert "1 grey-scale image(s) flagged" in caplog.text
 
 
 def test_nothing_readable_is_an_error_after_the_csv_is_written(tmp_path):

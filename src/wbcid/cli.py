@@ -214,8 +214,8 @@ def predict(
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
     if table["flagged"].any():
         typer.echo(
-            f"{int(table['flagged'].sum())} flagged as unlike the cells the model knows "
-            "(column 'flagged'): check them by eye"
+            f"{int(table['flagged'].sum())} flagged as unlike the cells the model knows, grey-scale or unreadable "
+            "(columns 'flagged' and 'error'): check them by eye"
         )
     typer.echo(f"predictions: {out}")
 

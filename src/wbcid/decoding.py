@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("wbcid")
 
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a bad file
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # stored without colour: see GREY_REASON
+GREY_REASON = "WBC types are told apart by their stain colours"
 AHEAD = 2  # batches decoded ahead of the network in image_batches
 T, R = TypeVar("T"), TypeVar("R")
 
@@ -116,6 +118,15 @@ def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> t
         raise WbcidError(f"{cellset.origin}: none of the {len(cellset)} images could be read")
     images = np.concatenate([batch[readable] for batch, readable in batches])
     return torch.from_numpy(np.ascontiguousarray(images)), kept
+
+
+def stored_grey(path: Path) -> bool:
+    """Whether an image file was stored in grey (read from its header); False if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.mode in GREY_MODES
+    except UNREADABLE:
+        return False
 
 
 def try_decode(path: Path, prep: Preprocess) -> np.ndarray | None:

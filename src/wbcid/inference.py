@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .contract import flagged
 from .data import CLASSES
-from .decoding import image_batches
+from .decoding import GREY_REASON, image_batches, stored_grey
 from .errors import WbcidError
 from .files import Inputs, list_images, output_file
 from .loading import Model, resolve_model
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wbcid")
 UNREADABLE_MESSAGE = "could not be read as an image"
+GREY_MESSAGE = f"grey-scale image: {GREY_REASON}"
 
 
 def predict_scores(model: Model, batches: Iterable, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -139,9 +140,15 @@ def predict_proba(
     return probs_all, ood_all, ok_all
 
 
-def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray) -> pd.DataFrame:
-    """Label, its probability, OOD score, flag and all class probabilities, one row per input."""
+def prediction_table(
+    probs: np.ndarray, ood: np.ndarray, ok: np.ndarray, grey: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Label, its probability, OOD score, flag and all class probabilities, one row per input.
+
+    ``grey``: images stored in grey, flagged with the reason in ``error`` (as ``count`` does not
+    count grey fields): the model still answers, often confidently, from shape alone."""
     best = np.nan_to_num(probs, nan=-1).argmax(1)
+    grey = np.zeros(len(ok), bool) if grey is None else grey & ok
     if ok.any() and np.isnan(ood[ok]).all():
         log.warning("this model has no out-of-distribution scorer (trained before wbcid 0.2?); nothing is flagged")
     return pd.DataFrame(
@@ -149,8 +156,8 @@ def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray) -> pd.D
             "label": [CLASSES[i] if k else "" for i, k in zip(best, ok)],
             "probability": np.where(ok, np.nan_to_num(probs).max(1), np.nan),
             "ood_score": ood,
-            "flagged": flagged(ood) | ~ok,  # an image without a prediction needs a person's eyes too
-            "error": np.where(ok, "", UNREADABLE_MESSAGE),
+            "flagged": flagged(ood) | ~ok | grey,  # an image without a prediction needs a person's eyes too
+            "error": np.where(ok, np.where(grey, GREY_MESSAGE, ""), UNREADABLE_MESSAGE),
             **{f"p_{name}": probs[:, i] for i, name in enumerate(CLASSES)},
         }
     )
@@ -189,7 +196,10 @@ def predict(
     files = list_images(paths)  # missing or empty inputs fail before the model loads
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(files)))
     probs, ood, ok = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
-    table = prediction_table(probs, ood, ok)
+    grey = np.fromiter(map(stored_grey, files), bool, len(files)) & ok  # headers: 0.14 s per 2,000 (threads: 0.32)
+    if grey.any():
+        log.warning("%d grey-scale image(s) flagged: %s (e.g. %s)", grey.sum(), GREY_REASON, files[grey.argmax()])
+    table = prediction_table(probs, ood, ok, grey)
     table.insert(0, "path", [str(f) for f in files])
     if out_csv is not None:
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..contract import flagged
 from ..data import CLASSES
-from ..decoding import UNREADABLE, map_ahead
+from ..decoding import GREY_MODES, GREY_REASON, UNREADABLE, map_ahead
 from ..errors import WbcidError
 from ..files import COUNT_LOG, Inputs, input_paths, list_images, output_folder
 from ..inference import predict_scores, resolve_tta, softmax
@@ -37,7 +37,6 @@ from .specimens import cells_short, group_fields, specimen_table
 
 log = logging.getLogger("wbcid")
 
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 DEFAULT_CELL_DIAMETER = 200.0  # px: BCCD's 640x480 fields at 100x; used when no field shows red cells
 SCALE_FIELDS = 20  # fields sampled to measure the scale (16 ms each)
 REFINE_ROUNDS = 3  # at most; each runs the sampled fields through the detector again (~10 ms each)
@@ -328,7 +327,7 @@ def count_field(
         return entry
     entry["size"] = list(image.size)
     if mode in GREY_MODES:  # a detector may still find cells, but their types could not be told
-        entry["warnings"].append("grey-scale image: not counted, WBC types are told apart by their stain colours")
+        entry["warnings"].append(f"grey-scale image: not counted, {GREY_REASON}")
         return entry
     entry["warnings"] += field_problems(image, cell_diameter)
     calls, rbc = classify_field(model, image, cell_diameter, detector, tta)

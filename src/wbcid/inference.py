@@ -140,15 +140,12 @@ def predict_proba(
     return probs_all, ood_all, ok_all
 
 
-def prediction_table(
-    probs: np.ndarray, ood: np.ndarray, ok: np.ndarray, grey: np.ndarray | None = None
-) -> pd.DataFrame:
+def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray, grey: np.ndarray) -> pd.DataFrame:
     """Label, its probability, OOD score, flag and all class probabilities, one row per input.
 
-    ``grey``: images stored in grey, flagged with the reason in ``error`` (as ``count`` does not
+    ``grey``: readable images stored in grey, flagged with the reason in ``error`` (as ``count`` does not
     count grey fields): the model still answers, often confidently, from shape alone."""
     best = np.nan_to_num(probs, nan=-1).argmax(1)
-    grey = np.zeros(len(ok), bool) if grey is None else grey & ok
     if ok.any() and np.isnan(ood[ok]).all():
         log.warning("this model has no out-of-distribution scorer (trained before wbcid 0.2?); nothing is flagged")
     return pd.DataFrame(

@@ -164,8 +164,9 @@ def count(
         raise WbcidError(f"--detector must be one of {', '.join(DETECTORS)}, not {detector!r}")
     if not resume and (out_dir / COUNT_LOG).exists():  # before the scale and the model: seconds to minutes
         raise WbcidError(f"{out_dir} already holds a count; pass --resume to continue it or choose another --out")
+    paths = input_paths(paths)
     fields = list_images(paths)  # missing or empty inputs fail before the model loads
-    groups, notes = group_fields(input_paths(paths), fields)
+    groups, notes = group_fields(paths, fields)
     for note in notes:
         log.warning(note)
     given = {"cell_diameter": cell_diameter, "how": "given"}

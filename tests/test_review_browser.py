@@ -96,6 +96,7 @@ def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_pa
     first = _tile_ids(browser)[0]
     basophils = int(_row(browser, "basophil")[1])
     # keyboard: the first cell is selected on load; "5" makes it a basophil
+    assert "not yet verified" in browser.find_element(By.ID, "selected").text
     browser.find_element(By.TAG_NAME, "body").send_keys("5")
     WebDriverWait(browser, 10).until(lambda d: "saved cell " + first in d.find_element(By.ID, "status").text)
     # click: select the last tile, then click the "other" button
@@ -108,6 +109,8 @@ def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_pa
     captions = _settled(browser, lambda d: {t.get_attribute("data-id"): t.text for t in _tiles(d)})
     assert captions[first].startswith("\u2713 basophil")
     assert captions[last_id].startswith("\u2713 other")
+    _settled(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'.tile[data-id="{first}"]').click() or True)
+    assert "as basophil" in browser.find_element(By.ID, "selected").text
     assert int(_row(browser, "basophil")[1]) == basophils + 1
     assert "2 of" in browser.find_element(By.ID, "progress").text  # two verified
     store = ReviewStore.open(run)

@@ -94,8 +94,8 @@ function select(index) {
   node.scrollIntoView({block: "nearest"});
   const cell = cells[selected];
   $("#selected").textContent = `cell ${cell.id}: model ${cell.model_label} (${cell.confidence.toFixed(2)}, OOD ${
-    cell.ood_score === null ? "n/a" : cell.ood_score.toFixed(2)})${cell.flagged ? ", flagged" : ""}; now ${cell.label}` +
-    `${cell.reviewed ? ` (verified by ${cell.reviewer})` : ""}; from ${cell.image}`;
+    cell.ood_score === null ? "n/a" : cell.ood_score.toFixed(2)})${cell.flagged ? ", flagged" : ""}; ` +
+    `${cell.reviewed ? `verified by ${cell.reviewer} as ${cell.label}` : "not yet verified"}; from ${cell.image}`;
   $("#field").src = `/api/cells/${cell.id}/field`;
   $("#gradcam").src = `/api/cells/${cell.id}/gradcam`;
 }

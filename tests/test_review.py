@@ -201,6 +201,10 @@ def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
     assert "specimens" not in client.get("/api/differential").json()  # class folders are not specimens
     assert client.get(f"/api/cells/{cells[0]['id']}/image").status_code == 200
     assert (tmp_path / "predictions.review" / "review.sqlite").is_file()
+    before = (tmp_path / "predictions.csv").read_bytes()
+    with pytest.raises(WbcidError, match="under review .*write the new predictions to another file"):
+        predict(None, images[:2], tmp_path / "predictions.csv")  # the review would show and export the old ones
+    assert (tmp_path / "predictions.csv").read_bytes() == before
     predict(None, images[:2], tmp_path / "unsuffixed")  # `--out` takes any name
     assert len(ReviewStore.open(tmp_path / "unsuffixed").cells()) == 2
     with pytest.raises(WbcidError, match="to review cell images, classify them first: `wbcid predict"):

@@ -45,6 +45,22 @@ def output_file(path: str | os.PathLike, example: str) -> Path:
     return path
 
 
+def prediction_review(predictions: str | os.PathLike) -> Path:
+    """The folder beside a `wbcid predict` CSV that holds its review (database, thumbnails, export)."""
+    return Path(predictions).with_suffix(".review")
+
+
+def refuse_reviewed_predictions(predictions: Path) -> None:
+    """Keep a CSV under review: its review imported these predictions once, so new ones written over
+    them would be shown and exported as the old (checked before any work)."""
+    review = prediction_review(predictions)
+    if predictions.is_file() and review.is_dir():
+        raise WbcidError(
+            f"{predictions} is under review ({review} holds its verified cells): write the new predictions "
+            f"to another file, or move {review} aside first"
+        )
+
+
 def refuse_count_folder(path: Path, labelled: bool = False) -> None:
     """Stop where a `wbcid count` folder is named as input: read as data it looked like the original
     JSON layout (its counts.json) and found no labels, and searched for images it gave its own

@@ -16,7 +16,7 @@ from .contract import flagged
 from .data import CLASSES
 from .decoding import GREY_REASON, image_batches, stored_grey
 from .errors import WbcidError
-from .files import Inputs, list_images, output_file
+from .files import Inputs, list_images, output_file, refuse_reviewed_predictions
 from .loading import Model, resolve_model
 from .preprocess import TORCH_BATCH, Preprocess, as_input
 from .serving import OnnxModel, choose_precision
@@ -189,7 +189,7 @@ def predict(
     and :class:`WbcidError` is raised. ``precision``: see :func:`wbcid.serving.choose_precision`.
     """
     if out_csv is not None:
-        output_file(out_csv, "predictions.csv")
+        refuse_reviewed_predictions(output_file(out_csv, "predictions.csv"))
     files = list_images(paths)  # missing or empty inputs fail before the model loads
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(files)))
     probs, ood, ok = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)

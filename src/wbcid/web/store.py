@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from ..data import CLASSES
 from ..errors import WbcidError
-from ..files import COUNT_LOG, IMAGE_SUFFIXES, read_table
+from ..files import COUNT_LOG, IMAGE_SUFFIXES, prediction_review, read_table
 from ..smear.counting import CONTEXT, open_field
 from ..smear.differential import REFERENCE_RANGES, differential
 
@@ -74,7 +74,7 @@ class ReviewStore:
             result = json.loads((run / "counts.json").read_text())  # read once: rows and meta both come from it
             folder, rows, meta = run, _count_rows(result), _count_meta(result)
         elif run.is_file() and run.suffix.lower() not in IMAGE_SUFFIXES:  # `predict --out` takes any name
-            folder, rows, meta = run.with_suffix(".review"), _prediction_rows(run), {"model": "see the prediction run"}
+            folder, rows, meta = prediction_review(run), _prediction_rows(run), {"model": "see the prediction run"}
         elif run.is_dir() and (run / COUNT_LOG).is_file():
             raise WbcidError(f"{run}: the count did not finish; complete it with `wbcid count ... --resume` first")
         else:

@@ -42,7 +42,7 @@ def main() -> None:
         model = refit_training_statistics(args.model, cells.select(["pbc"], ["train"]), cells.select(["pbc"], ["val"]))
 
     def score(cellset):
-        probs, ood, ok = predict_proba(model, cellset.paths)
+        probs, ood, ok, _ = predict_proba(model, cellset.paths)
         return probs[ok], ood[ok], cellset.subset(ok)
 
     p_in, ood_in, pbc_test = score(cells.select(["pbc"], ["test"]))

@@ -64,7 +64,7 @@ def component_rates(files: list[Path], batch: int = 64) -> dict[str, float]:
     in each precision this machine serves."""
     prep = Preprocess.of(OnnxModel(BUNDLED_ONNX).config)
     start = time.perf_counter()
-    decoded = [images for images, _ in image_batches(files, prep, batch)]
+    decoded = [batch.images for batch in image_batches(files, prep, batch)]
     rates = {"decode_and_crop": len(files) / (time.perf_counter() - start)}
     x = decoded[0].astype(np.float32) / 255
     for precision in ("fp32", "bf16")[: 1 + (bf16_missing() is None)]:

@@ -12,6 +12,7 @@ import pytest
 from wbcid.contract import BUNDLED
 from wbcid.data import CLASSES, read_cells
 from wbcid.errors import WbcidError
+from wbcid.evaluation import evaluate
 from wbcid.inference import GREY_MESSAGE, UNREADABLE_MESSAGE, predict
 from wbcid.loading import resolve_model
 from wbcid.preprocess import Preprocess
@@ -66,6 +67,11 @@ def test_a_cell_stored_in_grey_is_flagged_with_the_reason(data_root, tmp_path, c
     assert table.flagged[1] and table.error[1] == GREY_MESSAGE and "told apart by their stain colours" in GREY_MESSAGE
     assert table.error[0] == "" and table.label[1] in CLASSES  # still answered: the flag says why to check it
     assert "1 grey-scale image(s) flagged" in caplog.text
+    manifest = tmp_path / "cells.csv"  # evaluate flags it too, and its report says why
+    manifest.write_text(f"path,label\n{colour},basophil\n{grey},basophil\n")
+    metrics = evaluate(None, manifest, tmp_path / "evaluation")
+    assert metrics["grey"] == 1 and metrics["flagged"]["flagged"] == table.flagged.sum()  # as predict flags
+    assert "1 image(s) were stored in grey" in (tmp_path / "evaluation" / "report.md").read_text()
 
 
 def test_nothing_readable_is_an_error_after_the_csv_is_written(tmp_path):

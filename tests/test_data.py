@@ -143,7 +143,7 @@ def test_missing_and_empty_inputs_fail_with_a_message(tmp_path):
         read_cells(tmp_path / "numbers.csv")
 
 
-def test_corrupt_and_odd_images_are_counted_not_fatal(data_root, tmp_path):
+def test_corrupt_and_odd_images_are_counted_not_fatal(data_root, tmp_path, caplog):
     from PIL import Image
 
     real = sorted((data_root / "cells" / "bccd" / "neutrophil").iterdir())[:3]
@@ -159,6 +159,7 @@ def test_corrupt_and_odd_images_are_counted_not_fatal(data_root, tmp_path):
     assert images.shape == (5, 3, 64, 64) and len(kept) == 5
     assert kept.skipped["unreadable or not an image"] == 2
     assert {p.name for p in kept.paths} >= {"grey.png", "rgba.png"}
+    assert "1 image(s) stored in grey, e.g. " in caplog.text and "grey.png: WBC types are told apart" in caplog.text
 
 
 def test_missing_classes_are_scored_in_the_five_class_space():

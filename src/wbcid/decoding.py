@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -36,15 +36,30 @@ AHEAD = 2  # batches decoded ahead of the network in image_batches
 T, R = TypeVar("T"), TypeVar("R")
 
 
+class Batch(NamedTuple):
+    """Cells as the network takes them (uint8 NCHW), which files could be read, and which were stored
+    in grey (see ``GREY_REASON``); an unreadable file is zeros, neither readable nor grey."""
+
+    images: np.ndarray
+    readable: np.ndarray
+    grey: np.ndarray
+
+
 def decode_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
     """Decode any PIL-readable image into the model's input (see :class:`wbcid.preprocess.Preprocess`).
 
     Grey, palette, 16-bit and RGBA images become RGB.
     """
+    return _decode(path, prep)[0]
+
+
+def _decode(path: str | os.PathLike, prep: Preprocess) -> tuple[np.ndarray, bool]:
+    """:func:`decode_image` and whether the file was stored in grey, from one opening of it."""
     with Image.open(path) as img:
+        grey = img.mode in GREY_MODES
         if not prep.crop:
             img.draft("RGB", (prep.size, prep.size))  # JPEG: decode at a reduced scale, several times faster
-        return prep(img)
+        return prep(img), grey
 
 
 def map_ahead(
@@ -72,17 +87,18 @@ def map_ahead(
 
 def image_batches(
     paths: Sequence[Path], prep: Preprocess, batch_size: int = 64, workers: int | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(uint8 NCHW batch, ok mask)`` in order, unreadable images as zeros with ``ok`` False.
+) -> Iterator[Batch]:
+    """Yield the cells as :class:`Batch` objects of ``batch_size`` images, in order.
 
     Decoding runs in threads up to ``AHEAD`` batches in front of the consumer, so it overlaps
     the network.
     """
-    blank = np.zeros((prep.size, prep.size, 3), np.uint8)
-    decoded = map_ahead(lambda path: try_decode(path, prep), paths, workers, AHEAD * batch_size)
-    while arrays := list(itertools.islice(decoded, batch_size)):
-        ok = np.array([a is not None for a in arrays])
-        yield np.stack([blank if a is None else a for a in arrays]).transpose(0, 3, 1, 2), ok
+    blank = np.zeros((prep.size, prep.size, 3), np.uint8), False
+    decoded = map_ahead(lambda path: _try_decode(path, prep), paths, workers, AHEAD * batch_size)
+    while items := list(itertools.islice(decoded, batch_size)):
+        images, grey = zip(*(blank if item is None else item for item in items))
+        readable = np.array([item is not None for item in items])
+        yield Batch(np.stack(images).transpose(0, 3, 1, 2), readable, np.array(grey))
 
 
 def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> tuple[torch.Tensor, CellSet]:
@@ -103,8 +119,10 @@ def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> t
             disable=None,
         )
     )
-    ok = [bool(k) for _, readable in batches for k in readable]
+    ok = [bool(k) for batch in batches for k in batch.readable]
     kept = cellset.subset(ok)
+    if grey := [p for p, g in zip(cellset.paths, (g for batch in batches for g in batch.grey)) if g]:
+        log.warning("%s: %d image(s) stored in grey, e.g. %s: %s", cellset.origin, len(grey), grey[0], GREY_REASON)
     bad = ok.count(False)
     if bad:
         kept.skipped["unreadable or not an image"] += bad
@@ -116,22 +134,18 @@ def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> t
         )
     if not kept.cells:
         raise WbcidError(f"{cellset.origin}: none of the {len(cellset)} images could be read")
-    images = np.concatenate([batch[readable] for batch, readable in batches])
+    images = np.concatenate([batch.images[batch.readable] for batch in batches])
     return torch.from_numpy(np.ascontiguousarray(images)), kept
-
-
-def stored_grey(path: Path) -> bool:
-    """Whether an image file was stored in grey (read from its header); False if it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            return image.mode in GREY_MODES
-    except UNREADABLE:
-        return False
 
 
 def try_decode(path: Path, prep: Preprocess) -> np.ndarray | None:
     """:func:`decode_image`, or ``None`` for a file that is not a readable image."""
+    decoded = _try_decode(path, prep)
+    return None if decoded is None else decoded[0]
+
+
+def _try_decode(path: Path, prep: Preprocess) -> tuple[np.ndarray, bool] | None:
     try:
-        return decode_image(path, prep)
+        return _decode(path, prep)
     except UNREADABLE:
         return None

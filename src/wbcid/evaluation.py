@@ -132,7 +132,7 @@ def evaluate(
             adapted,
         )
     tta = resolve_tta(model, tta)
-    probs, ood, ok = predict_proba(model, cells.paths, adabn=adabn, tta=tta)
+    probs, ood, ok, grey = predict_proba(model, cells.paths, adabn=adabn, tta=tta)
     if not ok.any():
         raise WbcidError(f"{cells.origin}: none of the {len(cells)} images could be read")
     metrics = compute_metrics(cells.labels[ok], probs[ok].argmax(1))
@@ -143,8 +143,9 @@ def evaluate(
             ", ".join(absent),
         )
     metrics["ci95"] = bootstrap_intervals(cells.labels[ok], probs[ok].argmax(1))
-    if not np.isnan(ood[ok]).all():
-        metrics["flagged"] = flagged_metrics(cells.labels[ok], probs[ok].argmax(1), flagged(ood[ok]))
+    if not np.isnan(ood[ok]).all():  # grey images are flagged as predict flags them
+        metrics["flagged"] = flagged_metrics(cells.labels[ok], probs[ok].argmax(1), flagged(ood[ok]) | grey[ok])
+    metrics["grey"] = int(grey.sum())
     metrics["unreadable"] = int((~ok).sum())
     metrics["skipped"] = dict(cells.skipped)
     metrics["model"], metrics["data"], metrics["training_overlap"] = name, cells.origin, seen

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .contract import flagged
 from .data import CLASSES
-from .decoding import GREY_REASON, image_batches, stored_grey
+from .decoding import GREY_REASON, image_batches
 from .errors import WbcidError
 from .files import Inputs, list_images, output_file, refuse_reviewed_predictions
 from .loading import Model, resolve_model
@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("wbcid")
 UNREADABLE_MESSAGE = "could not be read as an image"
 GREY_MESSAGE = f"grey-scale image: {GREY_REASON}"
+
+
+class Scores(NamedTuple):
+    """What a model says of each image: class probabilities ``(n, 5)`` and OOD scores ``(n,)``, NaN
+    where the file could not be read (``readable``), and which images were stored in grey."""
+
+    probs: np.ndarray
+    ood: np.ndarray
+    readable: np.ndarray
+    grey: np.ndarray
 
 
 def predict_scores(model: Model, batches: Iterable, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -102,13 +112,13 @@ def predict_proba(
     progress: bool = True,
     adabn: bool = False,
     tta: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Class probabilities ``(n, 5)``, OOD scores ``(n,)`` and a mask of which files could be read.
+) -> Scores:
+    """Class probabilities and OOD scores of image files, with which could be read and which are grey.
 
-    Unreadable files get NaN. ``adabn`` re-estimates batch-norm statistics on these images first
-    (they should come from one lab); ``tta`` averages over rotations and flips (``None``: the
-    model's own setting). See
-    :mod:`wbcid.testtime` and :mod:`wbcid.ood`.
+    Unreadable and grey images are counted in a warning. ``adabn`` re-estimates batch-norm
+    statistics on these images first (they should come from one lab); ``tta`` averages over
+    rotations and flips (``None``: the model's own setting). See :mod:`wbcid.testtime` and
+    :mod:`wbcid.ood`.
     """
     batches = image_batches(paths, Preprocess.of(model.config), batch_size, workers)
     if adabn:
@@ -119,16 +129,18 @@ def predict_proba(
         from .testtime import adapt_batchnorm
 
         batches = list(batches)
-        model = adapt_batchnorm(model, torch.cat([torch.from_numpy(images[readable]) for images, readable in batches]))
-    probs, ood, ok = [], [], []
-    for images, readable in tqdm(
+        model = adapt_batchnorm(model, torch.cat([torch.from_numpy(b.images[b.readable]) for b in batches]))
+    probs, ood, ok, grey = [], [], [], []
+    for batch in tqdm(
         batches, total=-(-len(paths) // batch_size), desc="predicting", disable=None if progress else True, leave=False
     ):
-        logits, scores = predict_scores(model, [images], tta)
+        logits, scores = predict_scores(model, [batch.images], tta)
         probs.append(softmax(logits))
         ood.append(scores)
-        ok.append(readable)
+        ok.append(batch.readable)
+        grey.append(batch.grey)
     probs_all, ood_all, ok_all = np.concatenate(probs), np.concatenate(ood).astype(np.float64), np.concatenate(ok)
+    grey_all = np.concatenate(grey)
     probs_all[~ok_all], ood_all[~ok_all] = np.nan, np.nan
     if not ok_all.all():
         log.warning(
@@ -137,7 +149,11 @@ def predict_proba(
             len(paths),
             paths[int(np.argmin(ok_all))],
         )
-    return probs_all, ood_all, ok_all
+    if grey_all.any():
+        log.warning(
+            "%d grey-scale image(s) flagged: %s (e.g. %s)", grey_all.sum(), GREY_REASON, paths[grey_all.argmax()]
+        )
+    return Scores(probs_all, ood_all, ok_all, grey_all)
 
 
 def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray, grey: np.ndarray) -> pd.DataFrame:
@@ -162,8 +178,8 @@ def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray, grey: n
 
 def agreement(reference: Model, other: Model, paths: Sequence[Path]) -> dict:
     """How closely two models agree (e.g. fp32 vs fp16, PyTorch vs ONNX Runtime) on real images."""
-    p_ref, _, ok = predict_proba(reference, paths)
-    p_other, _, _ = predict_proba(other, paths)
+    p_ref, _, ok, _ = predict_proba(reference, paths)
+    p_other = predict_proba(other, paths).probs
     return {
         "images": int(ok.sum()),
         "label_agreement": float(np.mean(p_ref[ok].argmax(1) == p_other[ok].argmax(1))),
@@ -192,10 +208,7 @@ def predict(
         refuse_reviewed_predictions(output_file(out_csv, "predictions.csv"))
     files = list_images(paths)  # missing or empty inputs fail before the model loads
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(files)))
-    probs, ood, ok = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
-    grey = np.fromiter(map(stored_grey, files), bool, len(files)) & ok  # headers: 0.14 s per 2,000 (threads: 0.32)
-    if grey.any():
-        log.warning("%d grey-scale image(s) flagged: %s (e.g. %s)", grey.sum(), GREY_REASON, files[grey.argmax()])
+    probs, ood, ok, grey = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
     table = prediction_table(probs, ood, ok, grey)
     table.insert(0, "path", [str(f) for f in files])
     if out_csv is not None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .data import CLASSES
+from .decoding import GREY_REASON
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -100,8 +101,10 @@ def write_evaluation_report(metrics: dict, out_dir: Path, title: str) -> Path:
         )
         notes.append(
             f"{f['flagged']} cell(s) ({f['flagged_share']:.1%}) were flagged as unlike the training "
-            f"cells (ood_score > 1){rest}."
+            f"cells (ood_score > 1){' or stored in grey' * bool(metrics.get('grey'))}{rest}."
         )
+    if metrics.get("grey"):
+        notes.append(f"{metrics['grey']} image(s) were stored in grey: {GREY_REASON}.")
     if metrics.get("unreadable"):
         notes.append(f"{metrics['unreadable']} unreadable image(s) were left out.")
     for reason, count in metrics.get("skipped", {}).items():

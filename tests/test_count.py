@@ -204,6 +204,20 @@ def test_a_field_cut_short_mid_write_is_counted_again_on_resume(data_root, tmp_p
     assert len(log.read_text().splitlines()) == 3 and all(json.loads(line) for line in log.read_text().splitlines())
 
 
+def test_a_count_written_inside_its_input_folder_does_not_count_itself(data_root, tmp_path, caplog):
+    """Its annotated fields and cut cells were taken as new fields: --resume found other settings."""
+    from wbcid.smear.counting import count
+
+    (tmp_path / "slide").mkdir()
+    for i in (0, 10):
+        name = f"BloodImage_{i:05d}.jpg"
+        (tmp_path / "slide" / name).symlink_to(data_root / "smears" / "bccd" / "images" / name)
+    first = count(None, tmp_path / "slide", tmp_path / "slide" / "counts")
+    again = count(None, tmp_path / "slide", tmp_path / "slide" / "counts", resume=True)
+    assert again["totals"] == first["totals"] and len(again["images"]) == 2
+    assert "left out wbcid's own output in the folders searched" in caplog.text and "counts (a count)" in caplog.text
+
+
 @pytest.mark.parametrize(
     "ranges, message",
     [

@@ -184,6 +184,22 @@ def test_list_images_recurses_and_sorts(data_root):
     assert all(os.path.isfile(f) for f in files)
 
 
+def test_list_images_leaves_out_what_wbcid_wrote_inside_the_folder(data_root, tmp_path, caplog):
+    """A count's annotated fields, a review's thumbnails and a run's plots are not new cells."""
+    cells = sorted((data_root / "cells" / "cellavision" / "basophil").iterdir())
+    for folder, marker in (("lab", None), ("lab/counts/slide1", "fields.jsonl"), ("lab/p.review", "review.sqlite"),
+                           ("lab/runs/mylab", "model.pt")):  # fmt: skip
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "cell.jpg").symlink_to(cells[0])
+        if marker:
+            (tmp_path / folder / marker).write_text("")
+    (tmp_path / "lab/counts/slide1/annotated").mkdir()
+    (tmp_path / "lab/counts/slide1/annotated/field.jpg").symlink_to(cells[1])
+    assert list_images(tmp_path / "lab") == [tmp_path / "lab" / "cell.jpg"]
+    assert "lab/counts/slide1 (a count); " in caplog.text and "p.review (a review)" in caplog.text
+    assert "runs/mylab (a model's run)" in caplog.text
+
+
 def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):
     """Issue 13.13: 'Path,Label' was refused; all-missing paths said only 'no labelled images found'."""
     image = next((data_root / "cells" / "lisc" / "basophil").glob("*.jpg"))

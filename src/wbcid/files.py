@@ -5,6 +5,7 @@ overwrites finished work (a training's run, a count being reviewed).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,8 +14,12 @@ import pandas as pd
 
 from .errors import WbcidError
 
+log = logging.getLogger("wbcid")
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 COUNT_LOG = "fields.jsonl"  # a count's log of finished fields (for --resume): it marks a `wbcid count` folder
+REVIEW_DATABASE = "review.sqlite"  # a review's corrections: marks its folder (and a count folder under review)
+OUTPUT_MARKERS = {COUNT_LOG: "a count", REVIEW_DATABASE: "a review", "model.pt": "a model's run"}
 
 
 def output_folder(path: str | os.PathLike, what: str, run: bool = False) -> Path:
@@ -97,17 +102,37 @@ def list_images(paths: Inputs) -> list[Path]:
     if not paths:
         raise WbcidError("no images or folders given")
     found: list[Path] = []
+    outputs: dict[Path, str] = {}
     for p in paths:
         refuse_count_folder(p)
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found += _images_in(p, outputs)
         elif p.is_file():
             found.append(p)
         else:
             raise WbcidError(f"no such file or folder: {p}")
+    if outputs:
+        log.warning(
+            "left out wbcid's own output in the folders searched (its images are not new cells): %s",
+            "; ".join(f"{folder} ({what})" for folder, what in outputs.items()),
+        )
     if not found:
         raise WbcidError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
     return found
+
+
+def _images_in(folder: Path, outputs: dict[Path, str]) -> list[Path]:
+    """Image files under ``folder``, sorted, without the folders wbcid wrote (added to ``outputs``): a
+    count's annotated fields and cut cells, a review's thumbnails or a run's plots, searched as input,
+    were classified as cells (a count resumed into a folder inside its input counted its own output)."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        if what := next((what for marker, what in OUTPUT_MARKERS.items() if marker in files), None):
+            outputs[Path(root)] = what
+            folders.clear()
+            continue
+        found += [Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(f for f in found if f.is_file())
 
 
 def read_table(csv_path: Path, **options) -> pd.DataFrame:

@@ -22,13 +22,12 @@ from PIL import Image, ImageDraw
 
 from ..data import CLASSES
 from ..errors import WbcidError
-from ..files import COUNT_LOG, IMAGE_SUFFIXES, prediction_review, read_table
+from ..files import COUNT_LOG, IMAGE_SUFFIXES, REVIEW_DATABASE, prediction_review, read_table
 from ..smear.counting import CONTEXT, open_field
 from ..smear.differential import REFERENCE_RANGES, differential
 
 OTHER = "other"  # not a WBC (or not one of the five types): left out of the differential
 LABELS = (*CLASSES, OTHER)
-DATABASE = "review.sqlite"
 THUMB = 128
 
 SCHEMA = """
@@ -62,7 +61,7 @@ class ReviewStore:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.path = folder / DATABASE
+        self.path = folder / REVIEW_DATABASE
 
     @classmethod
     def open(cls, run: str | os.PathLike) -> ReviewStore:

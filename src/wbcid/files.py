@@ -114,7 +114,7 @@ def list_images(paths: Inputs) -> list[Path]:
     if outputs:
         log.warning(
             "left out wbcid's own output in the folders searched (its images are not new cells): %s",
-            "; ".join(f"{folder} ({what})" for folder, what in outputs.items()),
+            "; ".join(f"{folder} ({what})" for folder, what in sorted(outputs.items())),
         )
     if not found:
         raise WbcidError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")

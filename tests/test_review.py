@@ -176,7 +176,7 @@ def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):
     assert sorted(p.name for p in run.iterdir()) == before and store.cells()  # nothing lost
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep")
-    with pytest.raises(WbcidError, match="not an earlier export"):
+    with pytest.raises(WbcidError, match="not an earlier export.*move it aside or choose another folder"):
         export_review(store, tmp_path / "notes")
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"
     first = export_review(store, tmp_path / "verified")

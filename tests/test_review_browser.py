@@ -123,6 +123,7 @@ def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_pa
     browser.find_element(By.ID, "export").click()
     WebDriverWait(browser, 10).until(lambda d: "not exported" in d.find_element(By.ID, "status").text)
     assert "409" in (said := browser.find_element(By.ID, "status").text) and "is not an earlier export" in said
+    assert "move it aside, then export again" in said  # no folder to choose on the page
     shutil.rmtree(run / "verified")
     browser.find_element(By.ID, "export").click()  # the page says what the export holds: one cell to adapt to
     WebDriverWait(browser, 10).until(lambda d: "exported to" in d.find_element(By.ID, "status").text)

@@ -131,7 +131,7 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
 
     @app.post("/api/export")
     def export() -> dict:
-        out = export_review(store, store.folder / "verified")
+        out = export_review(store, store.folder / "verified", chosen=False)
         counts = json.loads((out / "counts.json").read_text())
         return {
             "path": str(out),

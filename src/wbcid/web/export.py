@@ -20,14 +20,16 @@ from ..errors import WbcidError
 from .store import ReviewStore, cell_image
 
 
-def export_review(store: ReviewStore, out_dir: str | os.PathLike) -> Path:
+def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool = True) -> Path:
     """Write the verified cells and the verified differential to ``out_dir``; returns it. An
-    earlier export there is replaced; any other folder is refused, never deleted."""
+    earlier export there is replaced; any other folder is refused, never deleted. ``chosen``: the
+    user named ``out_dir`` (the page's button exports to a fixed folder, so another is no choice)."""
     out = Path(out_dir)
     if not _replaceable(out):
+        then = " or choose another folder" if chosen else ", then export again"
         raise WbcidError(
-            f"{out} exists and is not an earlier export of a review; move it aside or choose another --export "
-            "folder (a folder that is not an export is never replaced)"
+            f"{out} exists and is not an earlier export of a review; move it aside{then} (a folder that is not an "
+            "export is never replaced)"
         )
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -202,7 +202,7 @@ def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
     assert client.get(f"/api/cells/{cells[0]['id']}/image").status_code == 200
     assert (tmp_path / "predictions.review" / "review.sqlite").is_file()
     before = (tmp_path / "predictions.csv").read_bytes()
-    with pytest.raises(WbcidError, match="under review .*write the new predictions to another file"):
+    with pytest.raises(WbcidError, match="under review in .*predictions.review, which imported these predictions"):
         predict(None, images[:2], tmp_path / "predictions.csv")  # the review would show and export the old ones
     assert (tmp_path / "predictions.csv").read_bytes() == before
     predict(None, images[:2], tmp_path / "unsuffixed")  # `--out` takes any name
@@ -246,6 +246,7 @@ def test_a_review_finds_its_images_from_any_folder(data_root: Path, tmp_path: Pa
     missing = f"2 of its 2 images are not where it records them, e.g. eosinophil/{cells[0].name}"
     with pytest.raises(WbcidError, match=missing):
         ReviewStore.open(tmp_path / "elsewhere.csv")
+    assert not (tmp_path / "elsewhere.review").exists()  # a review that did not start leaves nothing behind
     (tmp_path / "lab" / "eosinophil" / cells[0].name).unlink()  # gone after the review started
     gone = next(c["id"] for c in store.cells() if c["image"].endswith(cells[0].name))
     with pytest.raises(WbcidError, match=f"cannot read .*{cells[0].name}"):

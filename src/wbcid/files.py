@@ -61,7 +61,7 @@ def refuse_reviewed_predictions(predictions: Path) -> None:
     review = prediction_review(predictions)
     if predictions.is_file() and review.is_dir():
         raise WbcidError(
-            f"{predictions} is under review ({review} holds its verified cells): write the new predictions "
+            f"{predictions} is under review in {review}, which imported these predictions: write the new ones "
             f"to another file, or move {review} aside first"
         )
 

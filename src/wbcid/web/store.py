@@ -82,7 +82,11 @@ class ReviewStore:
                 f"{run}: expected the output of `wbcid count` (a folder with counts.json) "
                 f"or of `wbcid predict` (a .csv){hint * (run.suffix.lower() in IMAGE_SUFFIXES or run.is_dir())}"
             )
+        if not rows:
+            raise WbcidError(f"{run}: no cells to review (no WBC was found or read)")
         store = cls(folder)
+        if not store.path.is_file():  # checked before the review's folder and database are made
+            rows = _located(rows, run)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             with store._connect() as db:
@@ -103,8 +107,6 @@ class ReviewStore:
                 f"{store.path} is not a readable review database ({exc}); it may hold corrections, so it is "
                 "left as it is: move it aside to start the review afresh"
             ) from exc
-        if not rows:
-            raise WbcidError(f"{run}: no cells to review (no WBC was found or read)")
         return store
 
     @contextmanager

@@ -91,7 +91,7 @@ def test_the_replay_weighs_its_classes_as_in_all_the_training_cells(data_root: P
 
 
 @pytest.mark.slow
-def test_adaptation_raises_accuracy_on_the_new_labs_other_cells(pbc_model: Path, adapted: Path, bccd):
+def test_adaptation_raises_accuracy_on_the_new_labs_other_cells(pbc_model: Path, adapted: Path, bccd, tmp_path: Path):
     before = evaluate(pbc_model, bccd[1])
     after = evaluate(adapted, bccd[1])
     assert after["macro_f1"] >= before["macro_f1"] + 0.1, (before["macro_f1"], after["macro_f1"])
@@ -99,6 +99,11 @@ def test_adaptation_raises_accuracy_on_the_new_labs_other_cells(pbc_model: Path,
     verified = len(pd.read_csv(bccd[0]))  # scored on the cells it learnt, by its model.onnx or its model.pt:
     assert evaluate(adapted, bccd[0])["training_overlap"] == verified  # "not a test score" (was 0: no warning)
     assert evaluate(adapted / "model.pt", bccd[0])["training_overlap"] == verified
+    copied = tmp_path / "second_export"  # the same cells under other paths: known by their bytes
+    for cell in read_cells(bccd[0]).cells:
+        (copied / CLASSES[cell.label]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(cell.path, copied / CLASSES[cell.label] / f"copy_{cell.path.name}")
+    assert evaluate(adapted, copied)["training_overlap"] == verified
     record = json.loads((adapted / "config.json").read_text())
     assert record["base_model"] == str(pbc_model) and record["replay"]  # replayed the recorded PBC cells
     assert sum(record["verified_cells"].values()) == len(pd.read_csv(adapted / "labelled.csv"))

@@ -128,7 +128,7 @@ class CellSet:
         later verification of the same cell) and is counted in ``skipped``, whose counts add up. An
         image is the same by its bytes, whatever its path: two exports of one review name each cell
         twice, and a twin would weigh double and sit on both sides of adapt's cross-fitting."""
-        latest = {_identity(c.path): c for s in sets for c in s.cells}
+        latest = {file_identity(c.path): c for s in sets for c in s.cells}
         skipped = sum((s.skipped for s in sets), Counter())
         if repeated := sum(len(s) for s in sets) - len(latest):
             skipped["listed again (its last label kept)"] += repeated
@@ -174,7 +174,7 @@ def default_data_root() -> Path:
     return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def _identity(path: Path) -> object:
+def file_identity(path: Path) -> object:
     """What makes two listed images one: their bytes (their resolved path if unreadable)."""
     try:
         return hashlib.blake2b(path.read_bytes(), digest_size=16).digest()

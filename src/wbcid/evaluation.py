@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from .contract import ModelConfig, flagged
-from .data import CLASSES, CellSet, read_cells, recorded_training_cells
+from .data import CLASSES, CellSet, file_identity, read_cells, recorded_training_cells
 from .errors import WbcidError
 from .files import output_folder, read_table
 from .inference import predict_proba, resolve_tta
@@ -161,11 +161,26 @@ def evaluate(
 def training_overlap(config: ModelConfig, cells: CellSet, run: str | os.PathLike | None = None) -> int:
     """How many of ``cells`` the model learnt from: the training data it recorded (see
     :func:`recorded_training_cells`) and the verified cells it was adapted to, which model.pt lists
-    and, for the model.onnx that serves a ``run`` directory, the run's labelled.csv."""
+    and, for the model.onnx that serves a ``run`` directory, the run's labelled.csv. A verified cell
+    is also known by its bytes: another export of the same review holds it under another path."""
     training = recorded_training_cells(config.training_data)
     paths = set() if training is None else {p.resolve() for p in training.paths}
     adapted = (config.adaptation or {}).get("verified")
     if adapted is None and config.adaptation and run is not None and (Path(run) / ADAPTED_CELLS).is_file():
         adapted = read_table(Path(run) / ADAPTED_CELLS)[["path", "label"]].values.tolist()
-    paths |= {Path(path).resolve() for path, _ in adapted or ()}
-    return sum(p.resolve() in paths for p in cells.paths)
+    verified = [Path(path) for path, _ in adapted or ()]
+    paths |= {p.resolve() for p in verified}
+    seen = [p.resolve() in paths for p in cells.paths]
+    return sum(seen) + _copies(verified, [p for p, known in zip(cells.paths, seen) if not known])
+
+
+def _copies(known: Sequence[Path], candidates: Sequence[Path]) -> int:
+    """How many ``candidates`` hold the bytes of a ``known`` file: sizes first (a stat), digests only
+    where a size matches, so an evaluation of thousands of cells hashes almost none."""
+    known = [p for p in known if p.is_file()]
+    sizes = {p.stat().st_size for p in known}
+    maybe = [p for p in candidates if p.is_file() and p.stat().st_size in sizes]
+    if not maybe:
+        return 0
+    digests = {file_identity(p) for p in known}
+    return sum(file_identity(p) in digests for p in maybe)

@@ -67,6 +67,11 @@ def explain(
     """Write ``<name>_gradcam.png`` (input as the model saw it | overlay) per image; unreadable ones are
     skipped, and an error says so when none was readable."""
     out_dir = output_folder(out_dir, "the Grad-CAM images")
+    if out_dir.is_dir() and next(out_dir.glob("*_gradcam_*.png"), None):
+        raise WbcidError(
+            f"{out_dir} already holds Grad-CAM images; choose another --out (two runs' images would mix there: "
+            "each name carries its model's answer)"
+        )
     files = list_images(paths)
     model = resolve_model(model, needs_torch="Grad-CAM (it needs gradients)")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -382,7 +382,10 @@ def review(
     host: Annotated[
         str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the review.")
     ] = "127.0.0.1",
-    model: ModelPath = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Model for the Grad-CAM maps (run directory or .pt); default: the one the count ran with."),
+    ] = None,
     reviewer: Annotated[
         str | None, typer.Option(help="Name recorded with each correction; default: your user.")
     ] = None,

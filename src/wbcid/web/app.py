@@ -18,6 +18,7 @@ model) is a 409 whose ``detail`` says why, as the command line would.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import ipaddress
 import json
 import logging
@@ -37,6 +38,7 @@ from pydantic import BaseModel, Field
 from .. import __version__
 from ..data import CLASSES
 from ..errors import WbcidError
+from ..loading import describe_model, resolve_model
 from .export import export_review, export_summary
 from .store import LABELS, ReviewStore, cell_image
 
@@ -144,18 +146,27 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
 
 
 class _GradCam:
-    """Grad-CAM maps of cells, made on first request with the run's model (PyTorch) and cached."""
+    """Grad-CAM maps of cells, made on first request and cached per model. The model is the one given,
+    else the one the count ran with (its answers are the ones on the page; recorded as given, so a
+    relative path is read from the folder the review starts in, as the images are), else the bundled one."""
 
     def __init__(self, store: ReviewStore, model: str | os.PathLike | None):
+        if model is None and store.meta("kind") == "count" and store.meta("model") != describe_model(None):
+            model = store.meta("model")
+            if not Path(model).exists():
+                log.warning(
+                    "the count's model %s is not found from %s: pass --model for its Grad-CAM maps", model, Path.cwd()
+                )
+        key = hashlib.blake2b(str(model and Path(model).resolve()).encode(), digest_size=4).hexdigest()
         self.store, self.model_path, self.model, self.lock = store, model, None, threading.Lock()
+        self.cache = store.folder / "gradcam" / key
 
     def __call__(self, cell: dict) -> Path:
 
         from ..gradcam import grad_cam, overlay
-        from ..loading import resolve_model
         from ..preprocess import Preprocess, to_tensor
 
-        path = self.store.folder / "gradcam" / f"{cell['id']}.png"
+        path = self.cache / f"{cell['id']}.png"
         if path.is_file():
             return path
         with self.lock:  # one model, one computation at a time
@@ -163,7 +174,7 @@ class _GradCam:
                 self.model = resolve_model(self.model_path, needs_torch="Grad-CAM")
             seen = Preprocess.of(self.model.config)(cell_image(cell))
             heat, _ = grad_cam(self.model, to_tensor(seen)[None])
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             overlay(seen, heat[0]).resize((256, 128)).save(path)
         return path
 

@@ -205,6 +205,14 @@ def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
     with pytest.raises(WbcidError, match="under review in .*predictions.review, which imported these predictions"):
         predict(None, images[:2], tmp_path / "predictions.csv")  # the review would show and export the old ones
     assert (tmp_path / "predictions.csv").read_bytes() == before
+    # named as verified cells (adapt --data, evaluate --data) it scored the model against its own labels: 1.0
+    with pytest.raises(WbcidError, match="output of `wbcid predict`: .*`wbcid review .*only 'path,label'"):
+        read_cells(tmp_path / "predictions.csv")
+    client.put(f"/api/cells/{cells[0]['id']}", json={"label": "basophil"})
+    client.post("/api/export")
+    with pytest.raises(WbcidError, match="pass .*predictions.review/verified, its exported review"):
+        read_cells(tmp_path / "predictions.csv")
+    assert read_cells(tmp_path / "predictions.review" / "verified").labels.tolist() == [CLASSES.index("basophil")]
     predict(None, images[:2], tmp_path / "unsuffixed")  # `--out` takes any name
     assert len(ReviewStore.open(tmp_path / "unsuffixed").cells()) == 2
     with pytest.raises(WbcidError, match="to review cell images, classify them first: `wbcid predict"):

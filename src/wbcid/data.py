@@ -28,7 +28,14 @@ import numpy as np
 
 from .contract import CLASSES
 from .errors import WbcidError
-from .files import IMAGE_SUFFIXES, read_table, refuse_count_folder
+from .files import (
+    IMAGE_SUFFIXES,
+    PREDICTION_COLUMNS,
+    model_labelled,
+    prediction_review,
+    read_table,
+    refuse_count_folder,
+)
 
 log = logging.getLogger("wbcid")
 
@@ -268,6 +275,9 @@ def training_record(cells: Sequence[Cell], origin: str) -> dict:
 def _read_manifest(csv_path: Path) -> CellSet:
     table = read_table(csv_path, dtype=str)
     table.columns = [str(c).strip().lower() for c in table.columns]  # "Path,Label" is the same manifest
+    if PREDICTION_COLUMNS <= set(table.columns):  # read as labelled cells, it scored the model against itself
+        refusal = model_labelled(csv_path, "predict", prediction_review(csv_path))
+        raise WbcidError(f"{refusal} (or, with labels you corrected in it yourself, a copy with only 'path,label')")
     missing_cols = {"path", "label"} - set(table.columns)
     if missing_cols:
         raise WbcidError(f"{csv_path}: manifest needs columns 'path' and 'label' (missing {sorted(missing_cols)})")

@@ -20,6 +20,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 COUNT_LOG = "fields.jsonl"  # a count's log of finished fields (for --resume): it marks a `wbcid count` folder
 REVIEW_DATABASE = "review.sqlite"  # a review's corrections: marks its folder (and a count folder under review)
 OUTPUT_MARKERS = {COUNT_LOG: "a count", REVIEW_DATABASE: "a review", "model.pt": "a model's run"}
+PREDICTION_COLUMNS = {"path", "label", "probability", "ood_score", "flagged"}  # of every `wbcid predict` CSV
 
 
 def output_folder(path: str | os.PathLike, what: str, run: bool = False) -> Path:
@@ -77,14 +78,20 @@ def refuse_count_folder(path: Path, labelled: bool = False) -> None:
             f"{path} is the output of `wbcid count` (annotated fields and cut cells): pass the smear fields "
             "or cell images themselves"
         )
-    export = path / "verified"  # where the review page's Export button writes
+    raise model_labelled(path, "count", path)
+
+
+def model_labelled(output: Path, command: str, review: Path) -> WbcidError:
+    """The refusal of a command's output named as verified cells, saying where its verified cells are
+    (``review``: the folder the review page exports into) or how to make them."""
+    export = review / "verified"  # where the review page's Export button writes
     then = (
         f"pass {export}, its exported review"
         if (export / "manifest.csv").is_file()
-        else f"verify them with `wbcid review {path}`, export them and pass the export"
+        else f"verify them with `wbcid review {output}`, export them and pass the export"
     )
-    raise WbcidError(
-        f"{path} is the output of `wbcid count`: its cells carry the model's labels, not verified ones; {then}"
+    return WbcidError(
+        f"{output} is the output of `wbcid {command}`: its cells carry the model's labels, not verified ones; {then}"
     )
 
 

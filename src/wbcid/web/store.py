@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from ..data import CLASSES
 from ..errors import WbcidError
-from ..files import COUNT_LOG, IMAGE_SUFFIXES, REVIEW_DATABASE, prediction_review, read_table
+from ..files import COUNT_LOG, IMAGE_SUFFIXES, PREDICTION_COLUMNS, REVIEW_DATABASE, prediction_review, read_table
 from ..smear.counting import CONTEXT, open_field
 from ..smear.differential import REFERENCE_RANGES, differential
 
@@ -297,7 +297,7 @@ def _count_meta(result: dict) -> dict:
 
 def _prediction_rows(csv_path: Path) -> list[tuple]:
     table = read_table(csv_path)
-    missing = {"path", "label", "probability", "ood_score", "flagged"} - set(table.columns)
+    missing = PREDICTION_COLUMNS - set(table.columns)
     if missing:
         raise WbcidError(f"{csv_path}: not a `wbcid predict` CSV (missing columns {sorted(missing)})")
     table = table[table["label"].isin(CLASSES)]  # unreadable images have no call to review

@@ -160,8 +160,10 @@ def test_export_is_readable_training_data(run: Path, tmp_path: Path):
     assert sorted(CLASSES[i] for i in manifest.labels) == ["eosinophil", "lymphocyte"]  # 'other' is not training data
     assert sorted(CLASSES[i] for i in read_cells(out / "cells").labels) == ["eosinophil", "lymphocyte"]
     assert read_cells(out).paths == manifest.paths  # the export's folder reads as its manifest (adapt --data DIR)
-    with pytest.raises(WbcidError, match=f"pass {out}, its exported review"):
-        read_cells(run)
+    assert read_cells(out / "counts.json").paths == manifest.paths  # as its folder ("... missing on disk")
+    for named in (run, run / "counts.json"):
+        with pytest.raises(WbcidError, match=f"{run} is the output .* pass {out}, its exported review"):
+            read_cells(named)
     report = (out / "report.html").read_text()
     assert "3 cell(s) verified by a person" in report
 

@@ -29,6 +29,7 @@ import numpy as np
 from .contract import CLASSES
 from .errors import WbcidError
 from .files import (
+    COUNT_LOG,
     IMAGE_SUFFIXES,
     PREDICTION_COLUMNS,
     model_labelled,
@@ -205,6 +206,8 @@ def read_cells(
     path = Path(path)
     if not path.exists():
         raise WbcidError(f"data path does not exist: {path}")
+    if path.name == "counts.json" and any((path.parent / name).is_file() for name in (COUNT_LOG, "manifest.csv")):
+        path = path.parent  # a count's or an export's counts.json stands for its folder (as for `wbcid review`)
     refuse_count_folder(path, labelled=True)
     manifests = [path / name for name in MANIFESTS if (path / name).is_file()] if path.is_dir() else []
     if manifests:  # a data folder's manifest, or the one `wbcid review --export` writes beside its cells

@@ -292,8 +292,9 @@ def test_gradcam_view_of_a_cell(run: Path):
     assert len(list((run / "gradcam").glob(f"*/{cell['id']}.png"))) == 1  # made once, then served from the cache
 
 
-def test_gradcam_explains_the_model_the_count_ran_with(run: Path, tmp_path: Path, caplog):
-    """Without --model the maps were the bundled model's, even for a count made with the lab's model."""
+@pytest.mark.parametrize("kind", ["count", "predictions"])
+def test_gradcam_explains_the_model_that_made_the_run(kind: str, run: Path, data_root: Path, tmp_path: Path, caplog):
+    """Without --model the maps were the bundled model's, even for a run made with the lab's model."""
     import torch
 
     from wbcid.contract import BUNDLED
@@ -302,20 +303,24 @@ def test_gradcam_explains_the_model_the_count_ran_with(run: Path, tmp_path: Path
     lab = load_checkpoint(BUNDLED)
     with torch.no_grad():  # another model: a head of random weights looks at the features otherwise
         lab.head[-1].weight.normal_(generator=torch.Generator().manual_seed(0))
-    save_model(lab, tmp_path / "mylab" / "model.pt")
-    result = json.loads((run / "counts.json").read_text())
-    (run / "counts.json").write_text(json.dumps({**result, "model": str(tmp_path / "mylab")}))
-    (run / "review.sqlite").unlink(missing_ok=True)
+    mylab = save_model(lab, tmp_path / "mylab" / "model.pt").parent
+    if kind == "count":
+        result = json.loads((run / "counts.json").read_text())
+        (run / "counts.json").write_text(json.dumps({**result, "model": str(mylab)}))
+        (run / "review.sqlite").unlink(missing_ok=True)
+    else:
+        run = tmp_path / "cells.csv"
+        predict(mylab, [sorted((data_root / "cells/lisc" / c).glob("*.jpg"))[0] for c in CLASSES], run)
 
     def gradcam(model: Path | None) -> bytes:
         client = TestClient(create_app(run, model))
         return client.get(f"/api/cells/{client.get('/api/cells').json()['cells'][0]['id']}/gradcam").content
 
     recorded = gradcam(None)
-    assert recorded == gradcam(tmp_path / "mylab") and recorded != gradcam(BUNDLED)
-    shutil.rmtree(tmp_path / "mylab")
+    assert recorded == gradcam(mylab) and recorded != gradcam(BUNDLED)
+    shutil.rmtree(mylab)
     create_app(run)
-    assert "count's model" in caplog.text and "is not found from" in caplog.text
+    assert f"the model that made this run, {mylab}, is not found from" in caplog.text
 
 
 def test_a_run_with_several_specimens_has_a_differential_for_each(data_root: Path, tmp_path: Path):

@@ -72,7 +72,8 @@ def test_end_to_end_train_evaluate_predict(pbc_small, tmp_path):
     written = pd.read_csv(tmp_path / "pred.csv")
     assert list(written.columns) == ["path", "label", "probability", "ood_score", "flagged", "error"] + [
         f"p_{c}" for c in CLASSES
-    ]
+    ] + ["model"]
+    assert (written.model == str(run)).all()
     assert len(written) == 10 and set(written.label) <= set(CLASSES)
     assert written.ood_score.notna().all()  # training fitted the OOD scorer
     assert (written.flagged == (written.ood_score > 1)).all()

@@ -384,7 +384,9 @@ def review(
     ] = "127.0.0.1",
     model: Annotated[
         Path | None,
-        typer.Option(help="Model for the Grad-CAM maps (run directory or .pt); default: the one the count ran with."),
+        typer.Option(
+            help="Model for the Grad-CAM maps (run directory or .pt); default: the one that made the count or CSV."
+        ),
     ] = None,
     reviewer: Annotated[
         str | None, typer.Option(help="Name recorded with each correction; default: your user.")

@@ -17,7 +17,7 @@ from .data import CLASSES
 from .decoding import GREY_REASON, image_batches
 from .errors import WbcidError
 from .files import Inputs, list_images, output_file, refuse_reviewed_predictions
-from .loading import Model, resolve_model
+from .loading import Model, describe_model, resolve_model
 from .preprocess import TORCH_BATCH, Preprocess, as_input
 from .serving import OnnxModel, choose_precision
 
@@ -199,18 +199,20 @@ def predict(
     """Classify image files (folders are searched recursively); one row per image.
 
     Columns: ``path``, ``label``, ``probability``, ``ood_score``, ``flagged`` (not like the cells
-    the model knows, or unreadable: check by eye, see :mod:`wbcid.ood`), ``error`` and
-    ``p_<class>`` for each class. Unreadable images keep their row with an empty label and an
-    ``error``, so no input silently disappears; if none could be read the CSV is still written
-    and :class:`WbcidError` is raised. ``precision``: see :func:`wbcid.serving.choose_precision`.
+    the model knows, or unreadable: check by eye, see :mod:`wbcid.ood`), ``error``, ``p_<class>``
+    for each class and ``model`` (as reports name it). Unreadable images keep their row with an
+    empty label and an ``error``, so no input silently disappears; if none could be read the CSV
+    is still written and :class:`WbcidError` is raised. ``precision``: see :func:`wbcid.serving.choose_precision`.
     """
     if out_csv is not None:
         refuse_reviewed_predictions(output_file(out_csv, "predictions.csv"))
     files = list_images(paths)  # missing or empty inputs fail before the model loads
+    name = describe_model(model)
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(files)))
     probs, ood, ok, grey = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
     table = prediction_table(probs, ood, ok, grey)
     table.insert(0, "path", [str(f) for f in files])
+    table["model"] = name  # which model answered: a review's Grad-CAM maps are by it, and merged CSVs keep it
     if out_csv is not None:
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out_csv, index=False, float_format="%.5f")

@@ -85,7 +85,7 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
             {
                 "classes": CLASSES,
                 "run": str(store.meta("run")),
-                "model": str(store.meta("model")),
+                "model": store.meta("model") or "not recorded",
                 "warnings": store.meta("warnings", []),
                 "reviewer": reviewer,
             },
@@ -147,15 +147,18 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
 
 class _GradCam:
     """Grad-CAM maps of cells, made on first request and cached per model. The model is the one given,
-    else the one the count ran with (its answers are the ones on the page; recorded as given, so a
-    relative path is read from the folder the review starts in, as the images are), else the bundled one."""
+    else the one that made the count or prediction CSV (its answers are the ones on the page; recorded
+    as given, so a relative path is read from the folder the review starts in, as the images are)."""
 
     def __init__(self, store: ReviewStore, model: str | os.PathLike | None):
-        if model is None and store.meta("kind") == "count" and store.meta("model") != describe_model(None):
-            model = store.meta("model")
+        recorded = store.meta("model")  # None: a prediction CSV from before wbcid recorded it
+        if model is None and recorded not in (None, describe_model(None)) and " + " not in recorded:
+            model = recorded
             if not Path(model).exists():
                 log.warning(
-                    "the count's model %s is not found from %s: pass --model for its Grad-CAM maps", model, Path.cwd()
+                    "the model that made this run, %s, is not found from %s: pass --model for Grad-CAM",
+                    model,
+                    Path.cwd(),
                 )
         key = hashlib.blake2b(str(model and Path(model).resolve()).encode(), digest_size=4).hexdigest()
         self.store, self.model_path, self.model, self.lock = store, model, None, threading.Lock()

@@ -73,7 +73,7 @@ class ReviewStore:
             result = json.loads((run / "counts.json").read_text())  # read once: rows and meta both come from it
             folder, rows, meta = run, _count_rows(result), _count_meta(result)
         elif run.is_file() and run.suffix.lower() not in IMAGE_SUFFIXES:  # `predict --out` takes any name
-            folder, rows, meta = prediction_review(run), _prediction_rows(run), {"model": "see the prediction run"}
+            folder, (rows, meta) = prediction_review(run), _prediction_rows(run)
         elif run.is_dir() and (run / COUNT_LOG).is_file():
             raise WbcidError(f"{run}: the count did not finish; complete it with `wbcid count ... --resume` first")
         else:
@@ -295,11 +295,14 @@ def _count_meta(result: dict) -> dict:
     }
 
 
-def _prediction_rows(csv_path: Path) -> list[tuple]:
+def _prediction_rows(csv_path: Path) -> tuple[list[tuple], dict]:
+    """The cells of a `wbcid predict` CSV, and its meta: the model that answered, where the CSV names one."""
     table = read_table(csv_path)
     missing = PREDICTION_COLUMNS - set(table.columns)
     if missing:
         raise WbcidError(f"{csv_path}: not a `wbcid predict` CSV (missing columns {sorted(missing)})")
+    models = sorted(set(table.get("model", [])))
+    meta = {"kind": "predictions", "model": models[0] if len(models) == 1 else " + ".join(models) or None}
     table = table[table["label"].isin(CLASSES)]  # unreadable images have no call to review
     flags = table["flagged"].astype(str).str.lower().isin(["true", "1"])
     return [
@@ -314,7 +317,7 @@ def _prediction_rows(csv_path: Path) -> list[tuple]:
             row.label,
         )
         for row, flag in zip(table.itertuples(index=False), flags)
-    ]
+    ], meta
 
 
 def _save_atomic(image: Image.Image, path: Path) -> None:

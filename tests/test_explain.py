@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from wbcid.contract import BUNDLED
 from wbcid.data import CLASSES, read_cells
 from wbcid.decoding import decode_image
 from wbcid.errors import WbcidError
@@ -40,8 +41,9 @@ def test_explain_writes_one_overlay_per_readable_image(data_root, tmp_path):
             assert image.size == (512, 256)  # the input as the model saw it | the overlay
     with pytest.raises(WbcidError, match="none of the 1 images could be read"):  # not "wrote 0 images"
         explain(None, [bad], tmp_path / "none")
-    with pytest.raises(WbcidError, match="already holds Grad-CAM images; choose another --out"):
-        explain(None, good, tmp_path / "cam")  # another model's answers would sit beside these
+    assert explain(None, good, tmp_path / "cam") == written  # the same model again (after Ctrl-C, say): fine
+    with pytest.raises(WbcidError, match=r"holds Grad-CAM images of another model \(bundled model .*choose another"):
+        explain(BUNDLED, good, tmp_path / "cam")  # its answers would sit beside these under other names
 
 
 def test_two_inputs_with_one_name_get_two_files(data_root, tmp_path):

@@ -184,7 +184,8 @@ def evaluate(
     """Score a model on labelled images (any layout); writes metrics.json and report.md."""
     from .evaluation import evaluate as run_evaluation
 
-    metrics = run_evaluation(model, data, out, source, split, adabn=adabn, tta=tta, precision=precision)
+    with _interrupted("nothing was written (the metrics need every cell)"):
+        metrics = run_evaluation(model, data, out, source, split, adabn=adabn, tta=tta, precision=precision)
     typer.echo(
         f"n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
         f"balanced_accuracy={metrics['balanced_accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f}"
@@ -209,7 +210,8 @@ def predict(
     """Classify images; writes one CSV row per image with all five class probabilities."""
     from .inference import predict as run_prediction
 
-    table = run_prediction(model, paths, out, adabn=adabn, tta=tta, precision=precision)
+    with _interrupted(f"nothing was written to {out} (the CSV is written once every image is classified)"):
+        table = run_prediction(model, paths, out, adabn=adabn, tta=tta, precision=precision)
     counts = table["label"].replace("", "(unreadable)").value_counts()
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
     if table["flagged"].any():
@@ -415,7 +417,8 @@ def explain(
     """Grad-CAM: show which part of each cell image decided the model's answer."""
     from .gradcam import explain as run_explain
 
-    written = run_explain(model, paths, out)
+    with _interrupted(f"the Grad-CAM images written so far are in {out}; the same command writes them all"):
+        written = run_explain(model, paths, out)
     typer.echo(f"wrote {len(written)} Grad-CAM image(s) to {out}")
 
 

@@ -14,17 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
 from .data import CLASSES
 from .decoding import try_decode
 from .errors import WbcidError
 from .files import Inputs, list_images, output_folder
-from .loading import resolve_model
+from .loading import describe_model, resolve_model
 from .models import WBCNet
 from .preprocess import Preprocess, to_tensor
 
 log = logging.getLogger("wbcid")
+MADE_BY = "wbcid model"  # PNG text: which model an image explains, so two models' images never share a folder
 
 
 def last_conv(model: WBCNet) -> nn.Conv2d:
@@ -67,13 +69,16 @@ def explain(
     """Write ``<name>_gradcam.png`` (input as the model saw it | overlay) per image; unreadable ones are
     skipped, and an error says so when none was readable."""
     out_dir = output_folder(out_dir, "the Grad-CAM images")
-    if out_dir.is_dir() and next(out_dir.glob("*_gradcam_*.png"), None):
+    name = describe_model(model)
+    if out_dir.is_dir() and (earlier := _made_by(out_dir)) not in (None, name):
         raise WbcidError(
-            f"{out_dir} already holds Grad-CAM images; choose another --out (two runs' images would mix there: "
-            "each name carries its model's answer)"
+            f"{out_dir} holds Grad-CAM images of another model ({earlier}); choose another --out (the two "
+            "models' images would mix there: each name carries its model's answer)"
         )
     files = list_images(paths)
     model = resolve_model(model, needs_torch="Grad-CAM (it needs gradients)")
+    made_by = PngInfo()
+    made_by.add_text(MADE_BY, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, used = [], set()
     for path in files:
@@ -89,8 +94,18 @@ def explain(
             stem += "_"
         used.add(stem)
         target = out_dir / f"{stem}_gradcam_{CLASSES[int(predicted[0])]}.png"
-        overlay(big, heat_big).save(target)
+        overlay(big, heat_big).save(target, pnginfo=made_by)
         written.append(target)
     if not written:
         raise WbcidError(f"none of the {len(files)} images could be read")
     return written
+
+
+def _made_by(out_dir: Path) -> str | None:
+    """The model whose Grad-CAM images ``out_dir`` holds (as written in each PNG), or None if it holds none;
+    an image without the record is another model's for all we know."""
+    earlier = next(out_dir.glob("*_gradcam_*.png"), None)
+    if earlier is None:
+        return None
+    with Image.open(earlier) as image:
+        return getattr(image, "text", {}).get(MADE_BY, "not recorded")

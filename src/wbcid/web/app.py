@@ -151,7 +151,7 @@ class _GradCam:
     as given, so a relative path is read from the folder the review starts in, as the images are)."""
 
     def __init__(self, store: ReviewStore, model: str | os.PathLike | None):
-        recorded = store.meta("model")  # None: a prediction CSV from before wbcid recorded it
+        recorded = store.meta("model") if store.meta("kind") else None  # a CSV reviewed before wbcid recorded it
         if model is None and recorded not in (None, describe_model(None)) and " + " not in recorded:
             model = recorded
             if not Path(model).exists():

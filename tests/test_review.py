@@ -353,6 +353,8 @@ def test_an_export_says_what_it_holds_and_when_there_is_nothing_to_adapt_to(run:
     said, page = export()
     assert "0 verified cell(s) of the five types exported" in said and "nothing for `wbcid adapt`" in said
     assert page["exported"] == 0 and "nothing for `wbcid adapt`" in page["summary"]
+    with pytest.raises(WbcidError, match="this export of a review holds no verified cell of the five types"):
+        read_cells(tmp_path / "verified")  # adapt --data said "no labelled images of the five classes found"
     store.set_label(first, "other", reviewer="tester")  # a verified cell, but not one of the five types
     said, page = export()
     assert "0 verified cell(s) of the five types" in said and "1 verified as not a WBC" in said

@@ -225,6 +225,11 @@ def read_cells(
     cellset = cellset.select(sources, splits)
     if known_only:
         cellset = cellset.known()
+    if not cellset.cells and path.name == "manifest.csv" and (path.parent / "counts.json").is_file():
+        raise WbcidError(  # only a review's export has both
+            f"{path.parent}: this export of a review holds no verified cell of the five types; verify some with "
+            "`wbcid review` and export again"
+        )
     if not cellset.cells:
         wanted = f"labelled images of the five classes ({', '.join(CLASSES)})" if known_only else "images"
         why = "; ".join(f"{count} {reason}" for reason, count in sorted(cellset.skipped.items()))

@@ -50,3 +50,27 @@ def test_fields_without_red_cells_fall_back_to_the_default_with_a_warning(tmp_pa
     assert scale["cell_diameter"] == DEFAULT_CELL_DIAMETER and scale["how"].startswith("default")
     assert "--cell-diameter" in caplog.text
     assert "3 sampled field(s) (1 of them unreadable)" in caplog.text  # not blamed on the red cells alone
+
+
+def test_fields_of_several_magnifications_in_one_folder_are_named_in_a_warning(data_root, tmp_path):
+    """One scale for all fields was silently wrong for some: raabin's red cells are 1.7x PBC's."""
+    from wbcid.smear.counting import count
+    from wbcid.smear.learned import find_objects
+
+    root = data_root / "smears" / "txl_pbc"
+    fields = pd.read_csv(root / "fields.csv").sort_values("image")
+    test = fields[fields.split == "test"]
+
+    def paths(source: str, n: int = 10) -> list:
+        return [root / "images" / name for name in test[test.source == source].image[:n]]
+
+    mixed = paths("raabin") + paths("pbc")
+    assert "several microscopes or magnifications" in estimate_scale(mixed, refine=find_objects)["warning"]
+    for one in ("raabin", "pbc", "bccd"):  # one lab's fields, and no warning without the detector's boxes
+        assert "warning" not in estimate_scale(paths(one, 20), refine=find_objects)
+    assert "warning" not in estimate_scale(mixed)
+    for path in mixed:
+        (tmp_path / "fields").mkdir(exist_ok=True)
+        (tmp_path / "fields" / path.name).symlink_to(path)
+    result = count(None, tmp_path / "fields", tmp_path / "out")  # the warning is in counts.json and the report
+    assert any("put each in its own folder" in w for w in result["warnings"])

@@ -40,6 +40,13 @@ log = logging.getLogger("wbcid")
 DEFAULT_CELL_DIAMETER = 200.0  # px: BCCD's 640x480 fields at 100x; used when no field shows red cells
 SCALE_FIELDS = 20  # fields sampled to measure the scale (16 ms each)
 REFINE_ROUNDS = 3  # at most; each runs the sampled fields through the detector again (~10 ms each)
+# Fields of several microscopes or magnifications in one folder get one scale, wrong for some of them. A
+# field's own red-cell size (the learned detector's, each field's rbc_diameter) lay within 15 % of the
+# annotated one on 95-100 % of the held-out fields of each of TXL-PBC's four labs and BCCD (docs/scale.md,
+# second table), so one microscope's sampled fields rarely leave that band around their median; more than
+# a third of them outside it (about 7x the share expected) points to several scales in one folder.
+# Granulometry alone (--detector stain) is too loose for this (within 15 % on 79-96 %: first table).
+SCALE_BAND, MIXED_SHARE = 0.15, 1 / 3
 MAX_CELLS_ACROSS = 40  # a field wider than 40 WBCs is not a smear field at WBC magnification (reasoned)
 MIN_FIELD = 16  # pixels: a smaller image cannot show a WBC at any magnification (reasoned, not fitted)
 
@@ -174,6 +181,10 @@ def count(
         specimen: given if cell_diameter else estimate_scale(members, refine=RED_CELL_BOXES.get(detector))
         for specimen, members in groups.items()
     }
+    for specimen, scale in scales.items():
+        if "warning" in scale:
+            notes.append(f"specimen {specimen}: {scale['warning']}" if len(scales) > 1 else scale["warning"])
+            log.warning(notes[-1])
     specimen_of = {field: specimen for specimen, members in groups.items() for field in members}
     model = resolve_model(model, precision=choose_precision("fp32" if precision == "auto" else precision, len(fields)))
     if unverified := model.config.unverified_warning():  # in counts.json and the report, beside the counts
@@ -287,19 +298,19 @@ def estimate_scale(
         )
         return {"cell_diameter": DEFAULT_CELL_DIAMETER, "how": "default: no red cells found", "fields_measured": 0}
     rbc = granulometry = float(np.median(found))
-    how = "from the red cells"
+    how, measured = "from the red cells", []  # only the detector's boxes are tight enough to tell mixed scales
     for _ in range(REFINE_ROUNDS if refine is not None else 0):
         boxed = [m for m in map_ahead(partial(measure, diameter=wbc_diameter(rbc)), picked) if m is not None]
         if not boxed:
             break
-        rbc, previous, how = float(np.median(boxed)), rbc, "from the red cells, boxed by the detector"
+        rbc, previous, how, measured = float(np.median(boxed)), rbc, "from the red cells, boxed by the detector", boxed
         if abs(rbc / previous - 1) < 0.02:  # settled: the detector sees the cells at the size it was trained on
             break
     diameter = round(wbc_diameter(rbc), 1)
     log.info(
         "scale from the red cells of %d field(s): red cells %.0f px, WBCs about %.0f px", len(found), rbc, diameter
     )
-    return {
+    scale = {
         "cell_diameter": diameter,
         "how": how,
         "rbc_diameter": round(rbc, 1),
@@ -307,6 +318,15 @@ def estimate_scale(
         "fields_measured": len(found),
         "fields_without_red_cells": len(picked) - len(found),
     }
+    off = [m for m in measured if abs(m / rbc - 1) > SCALE_BAND]
+    if len(measured) >= 6 and len(off) > MIXED_SHARE * len(measured):
+        scale["warning"] = (
+            f"{len(off)} of {len(measured)} sampled fields have red cells more than {SCALE_BAND:.0%} off their "
+            f"median {rbc:.0f} px ({min(measured):.0f} to {max(measured):.0f} px), unlike the fields of one "
+            "microscope: if they come from several microscopes or magnifications, put each in its own folder "
+            "(a folder of folders gets a scale per folder), or pass --cell-diameter"
+        )
+    return scale
 
 
 def count_field(

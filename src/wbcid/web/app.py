@@ -139,7 +139,7 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
             "path": str(out),
             "verified": counts["verified_by_person"],
             "exported": counts["exported"],
-            "summary": export_summary(out),
+            "summary": export_summary(out, counts),
         }
 
     return app

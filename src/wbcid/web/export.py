@@ -99,11 +99,12 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool =
     return out
 
 
-def export_summary(out: str | os.PathLike) -> str:
+def export_summary(out: str | os.PathLike, result: dict | None = None) -> str:
     """What the export at ``out`` holds, in one line: the command prints it and the page shows it,
-    so a technologist learns there, not from a failing `wbcid adapt`, that it holds no cell to adapt to."""
+    so a technologist learns there, not from a failing `wbcid adapt`, that it holds no cell to adapt to.
+    ``result``: its counts.json, if already read."""
     out = Path(out)
-    result = json.loads((out / "counts.json").read_text())
+    result = result or json.loads((out / "counts.json").read_text())
     verified, exported = result["verified_by_person"], result["exported"]
     line = f"{exported} verified cell(s) of the five types exported to {out} (manifest: {out / 'manifest.csv'})"
     if verified > exported:  # "not a WBC" cells count in the differential's audit, not as training data

@@ -146,6 +146,27 @@ def test_resolve_model_serves_the_bundled_model_by_onnx_unless_pytorch_is_needed
         resolve_model(BUNDLED_ONNX, needs_torch="adaptation")
 
 
+def test_a_runs_own_onnx_export_stands_for_its_model_where_pytorch_is_needed(tmp_path):
+    """A count made with --model RUN/model.onnx could not show Grad-CAM maps though RUN/model.pt was there."""
+    import os
+    import shutil
+
+    from wbcid.contract import BUNDLED
+    from wbcid.export import export_onnx
+    from wbcid.loading import resolve_model
+    from wbcid.models import WBCNet, load_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(BUNDLED, run / "model.pt")
+    export_onnx(load_checkpoint(run / "model.pt"), run / "model.onnx")
+    assert isinstance(resolve_model(run / "model.onnx", needs_torch="Grad-CAM"), WBCNet)
+    later = (run / "model.onnx").stat().st_mtime + 10  # model.pt retrained since: the export is another model
+    os.utime(run / "model.pt", (later, later))
+    with pytest.raises(WbcidError, match="Grad-CAM needs the PyTorch model"):
+        resolve_model(run / "model.onnx", needs_torch="Grad-CAM")
+
+
 def test_the_network_refuses_uint8_pixels_that_would_run_255_times_too_bright(pbc_small):
     """uint8 cells through ``features`` ran without a word and gave features that made every head fail
     (a benchmark's frozen heads first looked hopeless for this); ``as_input`` is the way in."""

@@ -39,6 +39,13 @@ def served_file(run: Path) -> Path:
     return onnx
 
 
+def _torch_twin(path: Path) -> Path:
+    """A run's own model.onnx stands for its model.pt where PyTorch is needed (Grad-CAM of a count made
+    with it, adapt, AdaBN), if it is not older than model.pt: then it is an export of that very model."""
+    twin = path.parent / "model.pt"
+    return twin if path.name == RUN_ONNX and twin.is_file() and served_file(path.parent) == path else path
+
+
 def resolve_model(
     model: Model | str | os.PathLike | None = None, needs_torch: str | None = None, precision: str = "fp32"
 ) -> Model:
@@ -67,6 +74,8 @@ def resolve_model(
         path = Path(model)
     if path.is_dir() and not needs_torch:
         path = served_file(path)
+    if needs_torch:
+        path = _torch_twin(path)
     if path.suffix == ".onnx" and path.is_file():
         if needs_torch:
             raise WbcidError(f"{refusal}: {path}")

@@ -85,18 +85,18 @@ class ReviewStore:
         if not rows:
             raise WbcidError(f"{run}: no cells to review (no WBC was found or read)")
         store = cls(folder)
-        if not store.path.is_file():  # checked before the review's folder and database are made
+        fresh = not store.path.is_file()
+        if fresh:  # checked before the review's folder and database are made
             rows = _located(rows, run)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             with store._connect() as db:
                 db.executescript(SCHEMA)
                 if db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 0:
-                    rows = _located(rows, run)
                     db.executemany(
                         "INSERT INTO cells (image, specimen, box, model_label, confidence, ood_score, flagged, "
                         "label) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        rows,
+                        rows if fresh else _located(rows, run),
                     )
                     db.executemany(
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",

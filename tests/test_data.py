@@ -205,6 +205,8 @@ def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):
     image = next((data_root / "cells" / "lisc" / "basophil").glob("*.jpg"))
     (tmp_path / "caps.csv").write_text(f"Path,Label\n{image},Basophil\n")
     assert read_cells(tmp_path / "caps.csv").class_counts()["basophil"] == 1
+    (tmp_path / "excel.csv").write_text(f"\ufeffpath;label\r\n{image};basophil\r\n")  # Excel, many locales
+    assert read_cells(tmp_path / "excel.csv").class_counts()["basophil"] == 1  # was: "missing ['label', 'path']"
     (tmp_path / "gone.csv").write_text("path,label\n" + "".join(f"img{i}.jpg,neutrophil\n" for i in range(20)))
     with pytest.raises(WbcidError, match=r"20 of 20 paths do not exist \(paths are relative to the CSV's folder"):
         read_cells(tmp_path / "gone.csv")

@@ -282,6 +282,8 @@ def training_record(cells: Sequence[Cell], origin: str) -> dict:
 
 def _read_manifest(csv_path: Path) -> CellSet:
     table = read_table(csv_path, dtype=str)
+    if len(table.columns) == 1 and (sep := next((s for s in ";\t" if s in str(table.columns[0])), None)):
+        table = read_table(csv_path, dtype=str, sep=sep)  # Excel saves "CSV" with semicolons in many locales
     table.columns = [str(c).strip().lower() for c in table.columns]  # "Path,Label" is the same manifest
     if PREDICTION_COLUMNS <= set(table.columns):  # read as labelled cells, it scored the model against itself
         refusal = model_labelled(csv_path, "predict", prediction_review(csv_path))

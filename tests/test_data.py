@@ -37,13 +37,27 @@ from wbcid.preprocess import Preprocess
         ("1", "neutrophil"),
         ("5", "basophil"),
         (3, "monocyte"),
+        ("neutrófilos", "neutrophil"),  # a lab's own language: es, pt, it, fr, de
+        ("Linfócito", "lymphocyte"),
+        ("linfociti", "lymphocyte"),
+        ("Lymphozyten", "lymphocyte"),
+        ("monocitos", "monocyte"),
+        ("Monozyt", "monocyte"),
+        ("éosinophiles", "eosinophil"),
+        ("Eosinophile", "eosinophil"),
+        ("basófilo", "basophil"),
+        ("Neutrophile", "neutrophil"),
     ],
 )
 def test_parse_label_maps_synonyms(name, expected):
     assert CLASSES[parse_label(name)] == expected
 
 
-@pytest.mark.parametrize("name", ["platelet", "erythroblast", "ig", "-1", "0", "6", "m", "", "cell"])
+@pytest.mark.parametrize(
+    "name",
+    ["platelet", "erythroblast", "ig", "-1", "0", "6", "m", "", "cell", "monoblast", "lymphoblast", "basophilie"]
+    + ["eosinophilic myelocyte", "neutrophilia", "Granulozyten", "promonocito"],
+)
 def test_parse_label_rejects_what_is_not_ours(name):
     assert parse_label(name) is None
 

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -62,18 +63,40 @@ _ALIASES = {
     "bas": 4,
     "baoso": 4,
 }
+# The five names in Spanish, Portuguese, Italian, French and German (accents dropped): a stem, and the
+# endings those languages add to it (neutrófilo, Lymphozyten, monociti, éosinophiles, basófilos).
+# Only these endings: "monoblast", "basophilie" or "eosinophilic myelocyte" are not ours.
+_STEMS = {
+    "neutrofil": 0,
+    "neutrophil": 0,
+    "linfocit": 1,
+    "lymphocyt": 1,
+    "lymphozyt": 1,
+    "monocit": 2,
+    "monocyt": 2,
+    "monozyt": 2,
+    "eosinofil": 3,
+    "eosinophil": 3,
+    "basofil": 4,
+    "basophil": 4,
+}
+_ENDINGS = ("", "s", "e", "es", "o", "os", "a", "as", "i", "er", "en")
 
 
 def parse_label(name: object) -> int | None:
     """Map a label as written by some dataset to a class index, or ``None`` if it is not ours.
 
     Accepts class names in any case, plurals, unambiguous prefixes of at least three letters
-    (``neut``, ``eosi``), known abbreviations, and the original JSON's 1-based integers.
+    (``neut``, ``eosi``), known abbreviations, the names in five more languages (``_STEMS``), and
+    the original JSON's 1-based integers.
     """
     text = str(name).strip().lower()
     if re.fullmatch(r"[1-5](\.0)?", text):
         return int(float(text)) - 1
-    word = re.sub(r"[^a-z]", "", text)
+    word = re.sub(r"[^a-z]", "", unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode())
+    for stem, index in _STEMS.items():
+        if word.startswith(stem) and word[len(stem) :] in _ENDINGS:
+            return index
     if word in _ALIASES:
         return _ALIASES[word]
     for candidate in (word, word.removesuffix("s")):

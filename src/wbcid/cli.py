@@ -20,7 +20,10 @@ Data = Annotated[Path, typer.Option("--data", help="Manifest CSV, ImageFolder ro
 Sources = Annotated[list[str] | None, typer.Option("--source", help="Keep only this source (repeatable).")]
 Splits = Annotated[list[str] | None, typer.Option("--split", help="Keep only this split (repeatable).")]
 ModelPath = Annotated[
-    Path | None, typer.Option("--model", help="Run directory or model .pt file; default: the bundled pretrained model.")
+    Path | None,
+    typer.Option(
+        "--model", help="Run directory, model .pt or exported .onnx file; default: the bundled pretrained model."
+    ),
 ]
 Augment = Annotated[
     str,

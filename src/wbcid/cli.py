@@ -22,7 +22,9 @@ Splits = Annotated[list[str] | None, typer.Option("--split", help="Keep only thi
 ModelPath = Annotated[
     Path | None,
     typer.Option(
-        "--model", help="Run directory, model .pt or exported .onnx file; default: the bundled pretrained model."
+        "--model",
+        help="Run directory or model file (.pt; or a `wbcid export` .onnx to predict, evaluate or count); "
+        "default: the bundled pretrained model.",
     ),
 ]
 Augment = Annotated[

@@ -144,7 +144,7 @@ def test_missing_and_empty_inputs_fail_with_a_message(tmp_path):
     with pytest.raises(WbcidError, match="no labelled images"):
         read_cells(tmp_path / "empty")
     bad = tmp_path / "bad.csv"
-    bad.write_text("file,class\na.jpg,neutrophil\n")
+    bad.write_text("name,kind\na.jpg,neutrophil\n")
     with pytest.raises(WbcidError, match="columns 'path' and 'label'"):
         read_cells(bad)
     with pytest.raises(WbcidError, match="no images"):
@@ -221,6 +221,11 @@ def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):
     assert read_cells(tmp_path / "caps.csv").class_counts()["basophil"] == 1
     (tmp_path / "excel.csv").write_text(f"\ufeffpath;label\r\n{image};basophil\r\n")  # Excel, many locales
     assert read_cells(tmp_path / "excel.csv").class_counts()["basophil"] == 1  # was: "missing ['label', 'path']"
+    (tmp_path / "lims.csv").write_text(f"Image,Cell Type\n{image},basophil\n")  # a lab's own names
+    assert read_cells(tmp_path / "lims.csv").class_counts()["basophil"] == 1
+    (tmp_path / "two.csv").write_text(f"file,filename,class\n{image},{image},basophil\n")  # which? not guessed
+    with pytest.raises(WbcidError, match=r"missing \['path'\]; read as them where only one is there: path: file"):
+        read_cells(tmp_path / "two.csv")
     (tmp_path / "gone.csv").write_text("path,label\n" + "".join(f"img{i}.jpg,neutrophil\n" for i in range(20)))
     with pytest.raises(WbcidError, match=r"20 of 20 paths do not exist \(paths are relative to the CSV's folder"):
         read_cells(tmp_path / "gone.csv")

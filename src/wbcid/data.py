@@ -43,6 +43,10 @@ log = logging.getLogger("wbcid")
 
 DATA_ENV = "WBCID_DATA"
 MANIFESTS = ("cells.csv", "manifest.csv")  # what a folder given as data is read by, first found
+COLUMN_NAMES = {  # other names of a manifest's two columns, used where exactly one of them is there
+    "path": ("file", "filename", "file_name", "image", "image_path", "img"),
+    "label": ("class", "category", "cell_type", "celltype", "type"),
+}
 
 # Abbreviations and typos seen in public WBC datasets (PBC file prefixes, Kaggle folders, ...).
 _ALIASES = {
@@ -307,13 +311,21 @@ def _read_manifest(csv_path: Path) -> CellSet:
     table = read_table(csv_path, dtype=str)
     if len(table.columns) == 1 and (sep := next((s for s in ";\t" if s in str(table.columns[0])), None)):
         table = read_table(csv_path, dtype=str, sep=sep)  # Excel saves "CSV" with semicolons in many locales
-    table.columns = [str(c).strip().lower() for c in table.columns]  # "Path,Label" is the same manifest
+    table.columns = [re.sub(r"[\s-]+", "_", str(c).strip().lower()) for c in table.columns]  # "Path", "Cell type"
     if PREDICTION_COLUMNS <= set(table.columns):  # read as labelled cells, it scored the model against itself
         refusal = model_labelled(csv_path, "predict", prediction_review(csv_path))
         raise WbcidError(f"{refusal} (or, with labels you corrected in it yourself, a copy with only 'path,label')")
+    for column, others in COLUMN_NAMES.items():  # a lab's own table: "filename,class", "image,cell type", ...
+        named = [c for c in table.columns if c in others]
+        if column not in table.columns and len(named) == 1:
+            table = table.rename(columns={named[0]: column})
+            log.info("%s: column '%s' read as the %s", csv_path, named[0], column)
     missing_cols = {"path", "label"} - set(table.columns)
     if missing_cols:
-        raise WbcidError(f"{csv_path}: manifest needs columns 'path' and 'label' (missing {sorted(missing_cols)})")
+        raise WbcidError(
+            f"{csv_path}: manifest needs columns 'path' and 'label' (missing {sorted(missing_cols)}; read as them "
+            f"where only one is there: {'; '.join(f'{k}: ' + ', '.join(v) for k, v in COLUMN_NAMES.items())})"
+        )
     cells, skipped = [], Counter()
     for row in table.itertuples(index=False):
         file = csv_path.parent / row.path

@@ -37,6 +37,7 @@ from .files import (
     prediction_review,
     read_table,
     refuse_count_folder,
+    review_export,
 )
 
 log = logging.getLogger("wbcid")
@@ -233,7 +234,7 @@ def read_cells(
     path = Path(path)
     if not path.exists():
         raise WbcidError(f"data path does not exist: {path}")
-    if path.name == "counts.json" and any((path.parent / name).is_file() for name in (COUNT_LOG, "manifest.csv")):
+    if path.name == "counts.json" and ((path.parent / COUNT_LOG).is_file() or review_export(path.parent)):
         path = path.parent  # a count's or an export's counts.json stands for its folder (as for `wbcid review`)
     refuse_count_folder(path, labelled=True)
     manifests = [path / name for name in MANIFESTS if (path / name).is_file()] if path.is_dir() else []
@@ -252,8 +253,8 @@ def read_cells(
     cellset = cellset.select(sources, splits)
     if known_only:
         cellset = cellset.known()
-    if not cellset.cells and path.name == "manifest.csv" and (path.parent / "counts.json").is_file():
-        raise WbcidError(  # only a review's export has both
+    if not cellset.cells and path.name == "manifest.csv" and review_export(path.parent):
+        raise WbcidError(
             f"{path.parent}: this export of a review holds no verified cell of the five types; verify some with "
             "`wbcid review` and export again"
         )

@@ -81,13 +81,19 @@ def refuse_count_folder(path: Path, labelled: bool = False) -> None:
     raise model_labelled(path, "count", path)
 
 
+def review_export(folder: Path) -> bool:
+    """Whether ``folder`` is an export of a review (`wbcid review --export`, the page's Export button):
+    only an export holds a manifest.csv beside a counts.json."""
+    return (folder / "manifest.csv").is_file() and (folder / "counts.json").is_file()
+
+
 def model_labelled(output: Path, command: str, review: Path) -> WbcidError:
     """The refusal of a command's output named as verified cells, saying where its verified cells are
     (``review``: the folder the review page exports into) or how to make them."""
     export = review / "verified"  # where the review page's Export button writes
     then = (
         f"pass {export}, its exported review"
-        if (export / "manifest.csv").is_file()
+        if review_export(export)
         else f"verify them with `wbcid review {output}`, export them and pass the export"
     )
     return WbcidError(

@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..data import CLASSES
 from ..errors import WbcidError
+from ..files import review_export
 from .store import ReviewStore, cell_image
 
 
@@ -128,4 +129,4 @@ def _replaceable(out: Path) -> bool:
         earlier = json.loads((out / "counts.json").read_text())
     except (OSError, ValueError):
         return False
-    return (out / "manifest.csv").is_file() and isinstance(earlier, dict) and "verified_by_person" in earlier
+    return review_export(out) and isinstance(earlier, dict) and "verified_by_person" in earlier

@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field
 from .. import __version__
 from ..data import CLASSES
 from ..errors import WbcidError
-from ..loading import describe_model, resolve_model
+from ..loading import resolve_model
 from .export import export_review, export_summary
 from .store import LABELS, ReviewStore, cell_image
 
@@ -151,15 +151,10 @@ class _GradCam:
     as given, so a relative path is read from the folder the review starts in, as the images are)."""
 
     def __init__(self, store: ReviewStore, model: str | os.PathLike | None):
-        recorded = store.meta("model") if store.meta("kind") else None  # a CSV reviewed before wbcid recorded it
-        if model is None and recorded not in (None, describe_model(None)) and " + " not in recorded:
-            model = recorded
-            if not Path(model).exists():
-                log.warning(
-                    "the model that made this run, %s, is not found from %s: pass --model for Grad-CAM",
-                    model,
-                    Path.cwd(),
-                )
+        if model is None and (model := store.made_by()) is not None and not Path(model).exists():
+            log.warning(
+                "the model that made this run, %s, is not found from %s: pass --model for Grad-CAM", model, Path.cwd()
+            )
         key = hashlib.blake2b(str(model and Path(model).resolve()).encode(), digest_size=4).hexdigest()
         self.store, self.model_path, self.model, self.lock = store, model, None, threading.Lock()
         self.cache = store.folder / "gradcam" / key

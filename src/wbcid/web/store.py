@@ -23,12 +23,14 @@ from PIL import Image, ImageDraw
 from ..data import CLASSES
 from ..errors import WbcidError
 from ..files import COUNT_LOG, IMAGE_SUFFIXES, PREDICTION_COLUMNS, REVIEW_DATABASE, prediction_review, read_table
+from ..loading import describe_model
 from ..smear.counting import CONTEXT, open_field
 from ..smear.differential import REFERENCE_RANGES, differential
 
 OTHER = "other"  # not a WBC (or not one of the five types): left out of the differential
 LABELS = (*CLASSES, OTHER)
 THUMB = 128
+SEVERAL = " + "  # joins the models of a CSV merged from several predictions
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -122,6 +124,12 @@ class ReviewStore:
         with self._connect() as db:
             row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row["value"])
+
+    def made_by(self) -> str | None:
+        """The model that made the run, as recorded (a path, relative to where it ran), or None: the
+        bundled model, several models (a merged CSV), or a CSV reviewed before wbcid recorded it."""
+        model = self.meta("model") if self.meta("kind") else None
+        return None if model in (None, describe_model(None)) or SEVERAL in model else model
 
     def cells(self) -> list[dict]:
         """All cells, flagged and least confident first (the review queue's order)."""
@@ -302,7 +310,7 @@ def _prediction_rows(csv_path: Path) -> tuple[list[tuple], dict]:
     if missing:
         raise WbcidError(f"{csv_path}: not a `wbcid predict` CSV (missing columns {sorted(missing)})")
     models = sorted(set(table.get("model", [])))
-    meta = {"kind": "predictions", "model": models[0] if len(models) == 1 else " + ".join(models) or None}
+    meta = {"kind": "predictions", "model": SEVERAL.join(models) or None}
     table = table[table["label"].isin(CLASSES)]  # unreadable images have no call to review
     flags = table["flagged"].astype(str).str.lower().isin(["true", "1"])
     return [

@@ -8,6 +8,7 @@ import socket
 import threading
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
@@ -363,3 +364,27 @@ def test_an_export_says_what_it_holds_and_when_there_is_nothing_to_adapt_to(run:
     said, page = export()
     assert "1 verified cell(s) of the five types" in said and "nothing for" not in said
     assert (page["verified"], page["exported"]) == (2, 1) and len(read_cells(Path(page["path"])).labels) == 1
+
+
+def test_an_export_keeps_every_change_in_order_undone_ones_too(run: Path, tmp_path: Path):
+    """A correction changed again or undone leaves no trace in the verified labels; the export's
+    audit.csv is where a laboratory reads who changed which cell, from what to what, and when."""
+    store = ReviewStore.open(run)
+    first, second = store.cells()[:2]
+    store.set_label(first["id"], "eosinophil", reviewer="ana")
+    store.set_label(first["id"], "monocyte", reviewer="ben")
+    store.set_label(second["id"], "other", reviewer="ana")
+    store.set_label(second["id"], None, reviewer="ana")  # undone: back to the model's call
+    out = export_review(store, tmp_path / "verified")
+    audit = pd.read_csv(out / "audit.csv", keep_default_na=False)
+    assert list(audit.columns) == ["change", "at", "reviewer", "cell_id", "image", "old_label", "old_reviewed",
+                                   "new_label", "new_reviewed"]  # fmt: skip
+    assert audit[["cell_id", "reviewer", "old_label", "new_label", "new_reviewed"]].values.tolist() == [
+        [first["id"], "ana", first["model_label"], "eosinophil", 1],
+        [first["id"], "ben", "eosinophil", "monocyte", 1],
+        [second["id"], "ana", second["model_label"], "other", 1],
+        [second["id"], "ana", "other", second["model_label"], 0],
+    ]
+    assert audit["image"].tolist() == [first["image"]] * 2 + [second["image"]] * 2
+    assert read_cells(out).paths and len(read_cells(out).paths) == 1  # only the monocyte is training data
+    assert "Every change made in the review (4)" in (out / "report.html").read_text()

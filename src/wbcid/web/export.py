@@ -2,7 +2,8 @@
 
 ``cells/<label>/<id>.png`` plus ``manifest.csv`` are readable by every ``--data`` option (and so
 by ``wbcid adapt``); cells cut from one field share a ``group``, so a later split keeps them on
-one side. ``counts.json`` and ``report.html`` say, cell by cell, whose label each count rests on.
+one side. ``counts.json`` and ``report.html`` say, cell by cell, whose label each count rests on, and
+``audit.csv`` lists every change made in the review, in order, undone ones too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pandas as pd
 from ..data import CLASSES
 from ..errors import WbcidError
 from ..files import review_export
-from .store import ReviewStore, cell_image
+from .store import AUDIT_COLUMNS, ReviewStore, cell_image
 
 
 def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool = True) -> Path:
@@ -87,11 +88,13 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool =
         ],
     }
     (partial / "counts.json").write_text(json.dumps(result, indent=2))
+    audit = store.audit()
+    pd.DataFrame(audit, columns=AUDIT_COLUMNS).to_csv(partial / "audit.csv", index=False)
     env = jinja2.Environment(loader=jinja2.PackageLoader("wbcid.web"), autoescape=True)
     corrected = [c for c in cells if c["reviewed"] and c["label"] != c["model_label"]]
     (partial / "report.html").write_text(
         env.get_template("verified_report.html").render(
-            totals=totals, model=result["model"], run=result["run"], corrected=corrected
+            totals=totals, model=result["model"], run=result["run"], corrected=corrected, changes=len(audit)
         )
     )
     if out.exists():

@@ -31,6 +31,17 @@ OTHER = "other"  # not a WBC (or not one of the five types): left out of the dif
 LABELS = (*CLASSES, OTHER)
 THUMB = 128
 SEVERAL = " + "  # joins the models of a CSV merged from several predictions
+AUDIT_COLUMNS = (  # ReviewStore.audit's keys, in the order an export's audit.csv lists them
+    "change",
+    "at",
+    "reviewer",
+    "cell_id",
+    "image",
+    "old_label",
+    "old_reviewed",
+    "new_label",
+    "new_reviewed",
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -166,8 +177,14 @@ class ReviewStore:
             return _cell(db.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone())
 
     def audit(self) -> list[dict]:
+        """Every change in the order made, undone ones too, each with the image its cell comes from
+        (the trail a laboratory keeps of who changed which result, and when)."""
         with self._connect() as db:
-            return [dict(row) for row in db.execute("SELECT * FROM audit ORDER BY id")]
+            rows = db.execute(
+                "SELECT audit.id AS change, audit.at, audit.reviewer, cell_id, cells.image, old_label, old_reviewed, "
+                "new_label, new_reviewed FROM audit JOIN cells ON cells.id = audit.cell_id ORDER BY audit.id"
+            )
+            return [dict(row) for row in rows]
 
     def differential(self) -> dict:
         """The live differential: reviewed labels, and the model's for unflagged cells nobody reviewed.

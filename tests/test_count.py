@@ -4,9 +4,12 @@ counts.json, annotated fields and a report out, bad inputs included."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import pandas as pd
 import pytest
@@ -85,6 +88,7 @@ def test_bad_labels_and_reference_files_are_clear_errors(tmp_path):
 def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
     smears = data_root / "smears" / "bccd" / "images"
     fields = [smears / f"BloodImage_{i:05d}.jpg" for i in (0, 10, 34, 100)]  # 6 WBCs
+    fields[0] = Path(shutil.copy(fields[0], tmp_path / "field #1 50%?.jpg"))  # a name a URL must escape
     grey = tmp_path / "grey.png"
     Image.open(fields[0]).convert("L").save(grey)
     corrupt = tmp_path / "corrupt.jpg"
@@ -119,6 +123,9 @@ def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
         assert images[str(f)]["rbc_diameter"] == pytest.approx(scale["rbc_diameter"], rel=0.15)
     html = (out / "report.html").read_text()
     assert "95 % interval" in html and "corrupt.jpg" in html and "Reference ranges" in html and "red cells" in html
+    shown = re.findall(r'<img[^>]* src="([^"]+)"', html)
+    assert len(shown) == totals["flagged"] + len(fields) and all((out / unquote(src)).is_file() for src in shown)
+    assert all(src == quote(unquote(src)) for src in shown)  # '#', '?', '%', spaces escaped: the browser finds them
     assert "scale: WBCs about" in result.stdout
     assert len(list((out / "flagged").glob("*.jpg"))) == totals["flagged"]
 

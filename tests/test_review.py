@@ -205,7 +205,10 @@ def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
     assert client.get(f"/api/cells/{cells[0]['id']}/image").status_code == 200
     assert (tmp_path / "predictions.review" / "review.sqlite").is_file()
     before = (tmp_path / "predictions.csv").read_bytes()
-    with pytest.raises(WbcidError, match="under review in .*predictions.review, which imported these predictions"):
+    with pytest.raises(
+        WbcidError,
+        match="under review in .*predictions.review, which imported its cells once: write the new run to another file",
+    ):
         predict(None, images[:2], tmp_path / "predictions.csv")  # the review would show and export the old ones
     assert (tmp_path / "predictions.csv").read_bytes() == before
     # named as verified cells (adapt --data, evaluate --data) it scored the model against its own labels: 1.0
@@ -388,3 +391,16 @@ def test_an_export_keeps_every_change_in_order_undone_ones_too(run: Path, tmp_pa
     assert audit["image"].tolist() == [first["image"]] * 2 + [second["image"]] * 2
     assert read_cells(out).paths and len(read_cells(out).paths) == 1  # only the monocyte is training data
     assert "Every change made in the review (4)" in (out / "report.html").read_text()
+
+
+def test_a_count_under_review_is_not_resumed_with_more_fields(data_root: Path, tmp_path: Path):
+    """`count --resume` added a new field's cells to counts.json while the review, which imported the
+    count once, kept showing and exporting the old cells."""
+    fields = [data_root / "smears/bccd/images" / name for name in FIELDS[:3]]
+    run = tmp_path / "run"
+    count(None, fields[:2], run, cell_diameter=200)
+    ReviewStore.open(run)
+    before = (run / "counts.json").read_bytes()
+    with pytest.raises(WbcidError, match=f"{run} is under review in {run}, .* another folder, or move .*review.sqlite"):
+        count(None, fields, run, cell_diameter=200, resume=True)
+    assert (run / "counts.json").read_bytes() == before

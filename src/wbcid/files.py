@@ -56,14 +56,14 @@ def prediction_review(predictions: str | os.PathLike) -> Path:
     return Path(predictions).with_suffix(".review")
 
 
-def refuse_reviewed_predictions(predictions: Path) -> None:
-    """Keep a CSV under review: its review imported these predictions once, so new ones written over
-    them would be shown and exported as the old (checked before any work)."""
-    review = prediction_review(predictions)
-    if predictions.is_file() and review.is_dir():
+def refuse_reviewed(run: Path, review: Path) -> None:
+    """Keep a run under review: its review (in ``review``) imported the run's cells once, so a new run
+    written over it would be shown and exported as the old (checked before any work)."""
+    if run.exists() and (review / REVIEW_DATABASE).is_file():
+        kind = "folder" if run.is_dir() else "file"
         raise WbcidError(
-            f"{predictions} is under review in {review}, which imported these predictions: write the new ones "
-            f"to another file, or move {review} aside first"
+            f"{run} is under review in {review}, which imported its cells once: write the new run to another "
+            f"{kind}, or move {review / REVIEW_DATABASE} (the corrections) aside first"
         )
 
 

@@ -16,7 +16,7 @@ from .contract import flagged
 from .data import CLASSES
 from .decoding import GREY_REASON, image_batches
 from .errors import WbcidError
-from .files import Inputs, list_images, output_file, refuse_reviewed_predictions
+from .files import Inputs, list_images, output_file, prediction_review, refuse_reviewed
 from .loading import Model, describe_model, resolve_model
 from .preprocess import TORCH_BATCH, Preprocess, as_input
 from .serving import OnnxModel, choose_precision
@@ -205,7 +205,8 @@ def predict(
     is still written and :class:`WbcidError` is raised. ``precision``: see :func:`wbcid.serving.choose_precision`.
     """
     if out_csv is not None:
-        refuse_reviewed_predictions(output_file(out_csv, "predictions.csv"))
+        out_csv = output_file(out_csv, "predictions.csv")
+        refuse_reviewed(out_csv, prediction_review(out_csv))
     files = list_images(paths)  # missing or empty inputs fail before the model loads
     name = describe_model(model)
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(files)))

@@ -24,7 +24,7 @@ from ..contract import flagged
 from ..data import CLASSES
 from ..decoding import GREY_MODES, GREY_REASON, UNREADABLE, map_ahead
 from ..errors import WbcidError
-from ..files import COUNT_LOG, Inputs, input_paths, list_images, output_folder
+from ..files import COUNT_LOG, Inputs, input_paths, list_images, output_folder, refuse_reviewed
 from ..inference import predict_scores, resolve_tta, softmax
 from ..loading import Model, describe_model, resolve_model
 from ..preprocess import Preprocess, upright_rgb
@@ -171,6 +171,7 @@ def count(
         raise WbcidError(f"--detector must be one of {', '.join(DETECTORS)}, not {detector!r}")
     if not resume and (out_dir / COUNT_LOG).exists():  # before the scale and the model: seconds to minutes
         raise WbcidError(f"{out_dir} already holds a count; pass --resume to continue it or choose another --out")
+    refuse_reviewed(out_dir, out_dir)  # a resumed count would add fields its review never shows
     paths = input_paths(paths)
     fields = list_images(paths)  # missing or empty inputs fail before the model loads
     groups, notes = group_fields(paths, fields)

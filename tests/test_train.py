@@ -164,6 +164,40 @@ def test_a_few_cells_split_without_a_crash_or_are_refused_clearly(data_root):
         split_train_val(cells.subset([np.flatnonzero(cells.labels == n)[0] for n in range(5)]))  # one per class
 
 
+def test_specimen_folders_are_groups_that_a_split_keeps_whole(data_root, tmp_path):
+    """Cells filed as patient/class/image read with their classes (they were all 'not one of ours'),
+    and a hold-out takes whole patients, so no patient validates on its own cells."""
+    lisc = read_cells(data_root / "cells" / "lisc")
+    for p in range(12):
+        for n, name in enumerate(CLASSES):
+            (tmp_path / f"patient{p}" / name.title()).mkdir(parents=True)
+            for i in np.flatnonzero(lisc.labels == n)[3 * p : 3 * p + 2]:
+                (tmp_path / f"patient{p}" / name.title() / lisc.cells[i].path.name).symlink_to(lisc.cells[i].path)
+    cells = read_cells(tmp_path)
+    assert cells.class_counts() == dict.fromkeys(CLASSES, 24) and {c.group for c in cells.cells} == {
+        f"patient{p}" for p in range(12)
+    }
+    for seed in range(5):
+        train, val = split_train_val(cells, 0.15, seed=seed)
+        assert len(train) + len(val) == len(cells) and len(val) >= 10
+        assert not {c.group for c in train.cells} & {c.group for c in val.cells}
+        assert all(train.class_counts().values()) and all(val.class_counts().values())
+    basophil = CLASSES.index("basophil")  # three patients, fewer than the folds: basophils in patient0 only
+    few = cells.subset(
+        [
+            c.group in ("patient0", "patient1", "patient2") and (c.label != basophil or c.group == "patient0")
+            for c in cells.cells
+        ]
+    )
+    for seed in range(10):
+        train, val = split_train_val(few, 0.15, seed=seed)
+        assert len(val) and not {c.group for c in train.cells} & {c.group for c in val.cells}
+        assert all(train.class_counts().values()) and "patient0" not in {c.group for c in val.cells}
+    with pytest.raises(WbcidError, match="every group of them .* is needed to train its class"):
+        unique = {"patient0": basophil, "patient1": 0}  # each patient holds the only cells of a class
+        split_train_val(few.subset([unique.get(c.group) == c.label for c in few.cells]))
+
+
 def test_a_file_in_the_way_of_the_run_is_refused_before_training(pbc_small, tmp_path):
     from wbcid.benchmark import run_benchmark
 

@@ -4,7 +4,8 @@ Layouts (detected from the path by :func:`read_cells`):
 
 * a manifest CSV (``path,label[,source,split,group]``; paths relative to the CSV), or a folder
   holding ``cells.csv``;
-* an ImageFolder tree (class folders, names matched with :func:`parse_label`);
+* an ImageFolder tree (class folders, names matched with :func:`parse_label`, or specimen folders
+  of class folders);
 * the original project's layout: images plus a JSON file ``{filename: "1".."5"}`` (``"-1"`` = skip).
 
 Labels are always indices into :data:`CLASSES`; a test set that lacks classes is never re-indexed.
@@ -353,9 +354,18 @@ def _read_manifest(csv_path: Path) -> CellSet:
 
 
 def _read_image_folder(root: Path) -> CellSet:
+    """Class folders, or folders of class folders (``patient1/neutrophil/...``, as laboratories file
+    cells by specimen): each such folder is a group, so a split keeps its cells on one side."""
     cells, skipped = [], Counter()
     for folder in sorted(d for d in root.iterdir() if d.is_dir()):
         label = parse_label(folder.name)
+        if label is None and any(parse_label(d.name) is not None for d in folder.iterdir() if d.is_dir()):
+            inner = _read_image_folder(folder)
+            cells += [
+                replace(c, source=root.name, group="/".join(filter(None, (folder.name, c.group)))) for c in inner.cells
+            ]
+            skipped += inner.skipped
+            continue
         files = [f for f in sorted(folder.rglob("*")) if f.is_file()]
         images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
         if len(images) < len(files):
@@ -398,8 +408,8 @@ def draw_per_class(cells: CellSet, k: int, seed: int = 0) -> tuple[np.ndarray, n
     rng = np.random.default_rng(seed)
     labels = cells.labels
     units: dict[str, list[int]] = {}
-    for i, c in enumerate(cells.cells):
-        units.setdefault(c.group or f"#{i}", []).append(i)
+    for i, group in enumerate(group_ids(cells)):
+        units.setdefault(group, []).append(i)
     chosen: set[int] = set()
     for label in range(len(CLASSES)):
         wanted = min(k, int((labels == label).sum()) // 2)
@@ -418,7 +428,8 @@ def split_train_val(
     """Use the data's own ``split`` column when it has one (test rows never train); else stratify.
 
     A manifest with a split column trains on ``train`` and validates on ``val`` (carved out of
-    ``train`` if there is none); other layouts get a stratified ``val_fraction`` hold-out. Where
+    ``train`` if there is none); other layouts get a stratified ``val_fraction`` hold-out, of whole
+    groups where cells share one (:func:`group_ids`), so a picture's cells never validate its own. Where
     there are too few cells to stratify, ``every_class_trains`` keeps one cell of each class in
     training (:func:`training_pool` splits per source, where another source may train the class).
     """
@@ -435,25 +446,64 @@ def split_train_val(
 
     if len(cells) < 2:
         raise WbcidError(f"{cells.origin}: {len(cells)} labelled cell(s); training needs 2 or more (1 validates)")
-    labels = cells.labels
-    present = np.bincount(labels)
-    present = present[present > 0]
-    n_val = math.ceil(val_fraction * len(cells))  # as scikit-learn rounds a fractional test_size
-    stratified = present.min() >= 2 and len(present) <= min(n_val, len(cells) - n_val)  # else it refuses
-    stratify = labels if stratified else None
-    idx_train, idx_val = train_test_split(
-        np.arange(len(cells)), test_size=val_fraction, random_state=seed, stratify=stratify
-    )
-    # unstratified, a class's only cells may all land in validation, where it is never learned: one trains
+    labels, groups = cells.labels, group_ids(cells)
+    if len(set(groups)) >= 2 and len(set(groups)) < len(cells):  # cells of one picture or specimen: never both sides
+        idx_train, idx_val = _group_split(labels, groups, val_fraction, seed)
+    else:
+        present = np.bincount(labels)
+        present = present[present > 0]
+        n_val = math.ceil(val_fraction * len(cells))  # as scikit-learn rounds a fractional test_size
+        stratified = present.min() >= 2 and len(present) <= min(n_val, len(cells) - n_val)  # else it refuses
+        idx_train, idx_val = train_test_split(
+            np.arange(len(cells)), test_size=val_fraction, random_state=seed, stratify=labels if stratified else None
+        )
+    # unstratified, a class's only cells may all land in validation, where it is never learned: one trains,
+    # with the rest of its group
     lost = sorted(set(labels[idx_val]) - set(labels[idx_train])) if every_class_trains else []
-    moved = [idx_val[labels[idx_val] == c][0] for c in lost]
+    lost_groups = {groups[idx_val[labels[idx_val] == c][0]] for c in lost}
+    moved = [i for i in idx_val if groups[i] in lost_groups]
     idx_train, idx_val = np.concatenate([idx_train, moved]).astype(int), np.setdiff1d(idx_val, moved)
     if not len(idx_val):
+        needed = (
+            "every one is needed"
+            if len(set(groups)) == len(cells)
+            else "every group of them (one picture or specimen) is needed"
+        )
         raise WbcidError(
-            f"{cells.origin}: {len(cells)} labelled cells, and every one is needed to train its class: none is "
+            f"{cells.origin}: {len(cells)} labelled cells, and {needed} to train its class: none is "
             "left to validate on; add cells (two or more of some class)"
         )
     return cells.subset(sorted(idx_train)), cells.subset(sorted(idx_val))
+
+
+def group_ids(cells: CellSet) -> np.ndarray:
+    """Each cell's ``group``: cells cut from one picture, or filed under one specimen, share it; a cell
+    without one is a group of its own."""
+    return np.array([c.group or f"#{i}" for i, c in enumerate(cells.cells)])
+
+
+def _group_split(
+    labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices with whole groups on each side: one fold of about ``val_fraction``
+    stratified by class (scikit-learn), or, with fewer groups than folds, random groups added to
+    validation up to that share, each only if every class keeps training cells."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    index = np.arange(len(labels))
+    folds = max(2, round(1 / val_fraction))
+    if len(set(groups)) >= folds:
+        with warnings.catch_warnings():  # "the least populated class has only N members": expected here
+            warnings.simplefilter("ignore", UserWarning)
+            return next(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(index, labels, groups))
+    val = np.zeros(len(labels), bool)
+    for group in np.random.default_rng(seed).permutation(np.unique(groups)):
+        trial = val | (groups == group)
+        if val.sum() < val_fraction * len(labels) and set(labels[~trial]) == set(labels):
+            val = trial
+    return index[~val], index[val]
 
 
 def sample_per_class(cells: CellSet, n: int, seed: int = 0) -> CellSet:

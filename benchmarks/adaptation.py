@@ -6,7 +6,7 @@
 
 The model must never have seen the target labs: the PBC-only default model
 (``wbcid train --data ../shared/data/cells.csv --source pbc --out runs/pbc``). For each lab and K,
-``--draws`` random draws of K verified cells per class (``wbcid.data.draw_per_class``: at most half
+``--draws`` random draws of K verified cells per class (``wbcid.splits.draw_per_class``: at most half
 of a class, groups kept whole) adapt the model (``wbcid.adaptation.adapt_model``, the function
 ``wbcid adapt`` calls), which is then scored on the lab's *remaining* cells (macro-F1 over the
 classes present, share flagged), on PBC's test split (forgetting) and on the OOD task (AUROC of
@@ -43,12 +43,13 @@ from wbcid.adaptation import (
     suffix_scores,
 )
 from wbcid.benchmark import OTHER_SOURCES
-from wbcid.data import CLASSES, draw_per_class, read_cells
+from wbcid.data import CLASSES, read_cells
 from wbcid.decoding import load_images
 from wbcid.evaluation import compute_metrics
 from wbcid.inference import predict_scores
 from wbcid.loading import resolve_model
 from wbcid.preprocess import Preprocess
+from wbcid.splits import draw_per_class
 from wbcid.testtime import adapt_batchnorm
 
 OUT = Path("docs/adaptation")

@@ -2,7 +2,7 @@
 
     python benchmarks/frozen_heads.py --model runs/pbc [--ks 5 10] [--draws 5] [--compare docs/adaptation/musts-tta.json]
 
-The draws are those of ``benchmarks/adaptation.py`` (``wbcid.data.draw_per_class``, seed = draw), so
+The draws are those of ``benchmarks/adaptation.py`` (``wbcid.splits.draw_per_class``, seed = draw), so
 every row pairs with the fine-tuned row of ``--compare`` made from the same base model. The base
 model stays frozen; its penultimate features of the verified cells, over the 8 rotations and flips
 of each, fit one of two heads that replace its own:
@@ -33,7 +33,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from wbcid.benchmark import OTHER_SOURCES
-from wbcid.data import draw_per_class, read_cells
+from wbcid.data import read_cells
 from wbcid.decoding import load_images
 from wbcid.evaluation import compute_metrics
 from wbcid.inference import dihedral_views
@@ -41,6 +41,7 @@ from wbcid.loading import resolve_model
 from wbcid.models import WBCNet
 from wbcid.ood import image_features
 from wbcid.preprocess import Preprocess
+from wbcid.splits import draw_per_class
 
 OUT = Path("docs/frozen_heads")
 HEADS = ("prototypes", "linear probe")

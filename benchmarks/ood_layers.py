@@ -45,11 +45,12 @@ from sklearn.metrics import roc_auc_score
 
 from wbcid.adaptation import AdaptConfig, adapt_model, class_shares, make_replay, prefix_views, with_lab_clusters
 from wbcid.augment import train_augmentation
-from wbcid.data import draw_per_class, read_cells, sample_per_class
+from wbcid.data import read_cells
 from wbcid.decoding import load_images
 from wbcid.loading import resolve_model
 from wbcid.ood import MahalanobisScore, class_statistics
 from wbcid.preprocess import Preprocess
+from wbcid.splits import draw_per_class, sample_per_class
 
 OUT = Path("docs/ood_layers")
 TAPS = {"stage4": 4, "stage5": 5}  # layer groups of WBCNet.split (stem = 0) whose pooled outputs are scored

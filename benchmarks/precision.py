@@ -44,12 +44,13 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from wbcid.benchmark import OTHER_SOURCES, TRAIN_SOURCE
 from wbcid.contract import BUNDLED_ONNX, flagged
-from wbcid.data import read_cells, sample_per_class
+from wbcid.data import read_cells
 from wbcid.decoding import load_images
 from wbcid.loading import resolve_model
 from wbcid.models import create_model
 from wbcid.preprocess import Preprocess, as_input
 from wbcid.serving import OUTPUTS, OnnxModel, bf16_missing, session
+from wbcid.splits import sample_per_class
 
 
 def training_steps(steps: int) -> dict[str, float]:

@@ -32,10 +32,11 @@ import pandas as pd
 from common import cpu_description, parser, setup, write_results
 
 from wbcid.contract import BUNDLED, BUNDLED_ONNX
-from wbcid.data import CLASSES, draw_per_class, read_cells
+from wbcid.data import CLASSES, read_cells
 from wbcid.decoding import image_batches
 from wbcid.preprocess import Preprocess
 from wbcid.serving import OnnxModel, bf16_missing
+from wbcid.splits import draw_per_class
 
 WBCID = [sys.executable, "-m", "wbcid"]
 
@@ -173,7 +174,7 @@ def main() -> None:
         )
     if adapt_seconds is not None:
         lines.append(
-            f"`wbcid adapt` with 10 verified {args.adapt_lab} cells per class (`wbcid.data.draw_per_class`, "
+            f"`wbcid adapt` with 10 verified {args.adapt_lab} cells per class (`wbcid.splits.draw_per_class`, "
             f"seed 0), the bundled model as base, replaying its training cells, whole command: {adapt_seconds:.1f} s "
             "(once; it now also exports the run's model.onnx)."
         )

@@ -24,13 +24,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from wbcid.benchmark import training_pool
 from wbcid.contract import BUNDLED, BUNDLED_ONNX
 from wbcid.data import default_data_root, read_cells
 from wbcid.export import export_onnx
 from wbcid.inference import agreement
 from wbcid.loading import resolve_model
 from wbcid.models import load_checkpoint, save_model
+from wbcid.splits import training_pool
 from wbcid.train import TrainConfig, fit
 from wbcid.training_statistics import record_data_statistics, refit_training_statistics
 

@@ -19,7 +19,7 @@ from conftest import write_manifest
 
 from wbcid import adaptation
 from wbcid.adaptation import AdaptConfig, adapt
-from wbcid.data import CLASSES, draw_per_class, read_cells
+from wbcid.data import CLASSES, read_cells
 from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
 from wbcid.inference import agreement
@@ -28,6 +28,7 @@ from wbcid.models import create_model, load_checkpoint, save_model
 from wbcid.preprocess import Preprocess
 from wbcid.serving import OnnxModel
 from wbcid.smear.counting import count
+from wbcid.splits import draw_per_class
 from wbcid.train import TrainConfig, fit
 
 # The tests that need `pbc_model` train it (minutes) and are marked slow one by one, so that the

@@ -11,12 +11,13 @@ from PIL import Image
 
 from wbcid.augment import RandomLowResolution, RandomStainJitter, train_augmentation
 from wbcid.crop import MARGIN, canonical_crop, crop_box, find_nucleus, framing
-from wbcid.data import read_cells, recorded_training_cells, split_train_val, training_pool, training_record
+from wbcid.data import read_cells, recorded_training_cells, training_record
 from wbcid.errors import WbcidError
 from wbcid.evaluation import bootstrap_intervals, compute_metrics
 from wbcid.inference import predict_scores
 from wbcid.models import create_model
 from wbcid.preprocess import Preprocess, fit_stain_reference, to_tensor, white_balance
+from wbcid.splits import split_train_val, training_pool
 from wbcid.testtime import adapt_batchnorm, batchnorm_statistics
 
 

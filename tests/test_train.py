@@ -19,7 +19,7 @@ from torch import nn
 
 from wbcid import train
 from wbcid.contract import ModelConfig
-from wbcid.data import CLASSES, read_cells, split_train_val
+from wbcid.data import CLASSES, read_cells
 from wbcid.decoding import load_images
 from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
@@ -28,6 +28,7 @@ from wbcid.loading import resolve_model
 from wbcid.models import create_model, load_checkpoint
 from wbcid.preprocess import Preprocess
 from wbcid.serving import OnnxModel
+from wbcid.splits import split_train_val
 from wbcid.train import FrozenPrefix, TrainConfig, cpu_has_bf16, fit, resolve_precision, shard, train_one_epoch
 
 FAST = dict(model="efficientnet_lite0", input_size=96, epochs=3, batch_size=16, lr=3e-3)

@@ -15,7 +15,7 @@ _API = {
     "Cell": "data",
     "CellSet": "data",
     "read_cells": "data",
-    "draw_per_class": "data",
+    "draw_per_class": "splits",
     "WbcidError": "errors",
     "compute_metrics": "evaluation",
     "evaluate": "evaluation",

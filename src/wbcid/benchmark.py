@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CellSet, read_cells, training_pool
+from .data import CellSet, read_cells
 from .errors import WbcidError
 from .evaluation import evaluate
 from .files import output_folder
+from .splits import training_pool
 from .train import TrainConfig, fit
 
 TRAIN_SOURCE = "pbc"

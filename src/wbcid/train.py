@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .augment import train_augmentation
 from .contract import PRECISIONS, Freeze
-from .data import CLASSES, CellSet, read_cells, split_train_val, training_record
+from .data import CLASSES, CellSet, read_cells, training_record
 from .decoding import load_images, try_decode
 from .errors import WbcidError
 from .evaluation import compute_metrics
@@ -43,6 +43,7 @@ from .models import WBCNet, create_model, read_saved, save_model
 from .preprocess import REFERENCE_SAMPLE, Preprocess, fit_stain_reference
 from .reports import plot_history, write_evaluation_report, write_run_report
 from .serving import NO_BF16_UNITS
+from .splits import split_train_val
 from .training_statistics import record_training_statistics
 
 log = logging.getLogger("wbcid")

@@ -11,11 +11,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..augment import train_augmentation
-from ..data import CLASSES, CellSet, read_cells, recorded_training_cells, sample_per_class, split_train_val
+from ..data import CLASSES, CellSet, read_cells, recorded_training_cells
 from ..decoding import load_images
 from ..models import WBCNet, run_tapped
 from ..ood import cat_tapped, class_statistics
 from ..preprocess import Preprocess, as_input
+from ..splits import sample_per_class, split_train_val
 from ..train import autocast
 from .config import AdaptConfig
 

@@ -16,7 +16,6 @@ cut cells are not cells, and misses them at the border of real fields.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import WbcidError
+from ..export import torchscript_onnx
 from .detect import read_yolo_boxes
 from .learned import MULTIPLE, RBC, STRIDE, WBC, WORK_DIAMETER
 from .scale import annotated_rbc_diameter, wbc_diameter
@@ -218,20 +218,12 @@ def export_detector(model: CenterNet, path: str | Path) -> Path:
     """Write ``model`` as ONNX with free input height and width (multiples of 32)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The TorchScript exporter, deprecated: the torch.export one took 167 s for this small network
-    # here, against seconds, and the test suite exports one.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model.eval(),
-            (torch.rand(1, 3, MULTIPLE * 6, MULTIPLE * 5),),
-            str(path),
-            input_names=["image"],
-            output_names=["boxes"],
-            dynamic_axes={
-                "image": {0: "batch", 2: "height", 3: "width"},
-                "boxes": {0: "batch", 2: "rows", 3: "columns"},
-            },
-            dynamo=False,
-        )
+    onnx = torchscript_onnx(
+        model.eval(),
+        torch.rand(1, 3, MULTIPLE * 6, MULTIPLE * 5),
+        ["image"],
+        ["boxes"],
+        {"image": {0: "batch", 2: "height", 3: "width"}, "boxes": {0: "batch", 2: "rows", 3: "columns"}},
+    )
+    path.write_bytes(onnx)
     return path

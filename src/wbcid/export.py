@@ -51,9 +51,12 @@ def export_onnx(model: WBCNet, path: str | os.PathLike, opset: int = 18) -> Path
     model = copy.deepcopy(model).eval().float().to(memory_format=torch.contiguous_format)
     size, batch = model.config.input_size, {0: "batch"}
     free = {name: batch for name in ["image", *OUTPUTS]}
-    proto = onnx.load_from_string(
-        torchscript_onnx(_Scores(model).eval(), torch.rand(2, 3, size, size), ["image"], OUTPUTS, free, opset)
-    )
+    with warnings.catch_warnings():  # the trace fixes branches on the maps' sizes: fixed here, only the batch is free
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        onnx_bytes = torchscript_onnx(
+            _Scores(model).eval(), torch.rand(2, 3, size, size), ["image"], OUTPUTS, free, opset
+        )
+    proto = onnx.load_from_string(onnx_bytes)
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(model.config.shareable().to_dict())})
     onnx.save(proto, path)
     return path

@@ -6,6 +6,7 @@ The page (``GET /``) is one Jinja2 template and a little plain JavaScript over t
 * ``PUT /api/cells/{id}`` with ``{"label": L}`` (one of the five types or ``other``) -> the cell;
   422 for any other label, 404 for an unknown id; ``DELETE /api/cells/{id}/review`` undoes it;
 * ``GET /api/differential`` -> the live totals, shaped like ``counts.json``'s;
+* ``GET /api/audit`` -> ``{"changes": [...]}``: every change in order, undone ones too (the export's audit.csv);
 * ``GET /api/cells/{id}/image``, ``/field``, ``/gradcam`` -> the cell, its field with its box,
   and its Grad-CAM map; files are found through the cell's row, never through a request path;
 * ``POST /api/export`` -> writes the verified cells and differential (see :mod:`wbcid.web.export`) and
@@ -116,6 +117,10 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
     @app.get("/api/differential")
     def live_differential() -> dict:
         return store.differential()
+
+    @app.get("/api/audit")
+    def audit() -> dict:
+        return {"changes": store.audit()}
 
     @app.get("/api/cells/{cell_id}/image")
     def image(cell_id: int) -> FileResponse:

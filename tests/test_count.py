@@ -89,6 +89,7 @@ def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
     smears = data_root / "smears" / "bccd" / "images"
     fields = [smears / f"BloodImage_{i:05d}.jpg" for i in (0, 10, 34, 100)]  # 6 WBCs
     fields[0] = Path(shutil.copy(fields[0], tmp_path / "field #1 50%?.jpg"))  # a name a URL must escape
+    fields[1] = Path(shutil.copy(fields[1], tmp_path / f"{'é' * 125}.jpg"))  # 254 bytes: over 255 with a prefix
     grey = tmp_path / "grey.png"
     Image.open(fields[0]).convert("L").save(grey)
     corrupt = tmp_path / "corrupt.jpg"

@@ -56,6 +56,9 @@ def test_two_inputs_with_one_name_get_two_files(data_root, tmp_path):
         shutil.copy(source, tmp_path / folder / "cell.jpg")
     written = explain(None, [tmp_path / "a" / "cell.jpg", tmp_path / "b" / "cell.jpg"], tmp_path / "out")
     assert len(set(written)) == 2 and all(p.is_file() for p in written)
+    long = [shutil.copy(source, tmp_path / folder / f"{'é' * 120}.jpg") for folder, source in zip("ab", sources)]
+    written = explain(None, long, tmp_path / "long")  # 244-byte names: with '_gradcam_<type>.png' added, over 255
+    assert len(set(written)) == 2 and all(p.is_file() and len(p.name.encode()) <= 255 for p in written)
 
 
 def test_an_onnx_model_is_refused_with_a_reason(data_root, tmp_path):

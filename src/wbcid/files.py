@@ -51,6 +51,12 @@ def output_file(path: str | os.PathLike, example: str) -> Path:
     return path
 
 
+def short_name(name: str, limit: int = 150) -> str:
+    """``name`` cut to at most ``limit`` UTF-8 bytes: output files named after an input (with a prefix
+    or suffix added) then stay within the 255 bytes most file systems allow a name."""
+    return name.encode()[:limit].decode(errors="ignore")
+
+
 def prediction_review(predictions: str | os.PathLike) -> Path:
     """The folder beside a `wbcid predict` CSV that holds its review (database, thumbnails, export)."""
     return Path(predictions).with_suffix(".review")

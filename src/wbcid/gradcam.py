@@ -20,7 +20,7 @@ from torch import nn
 from .data import CLASSES
 from .decoding import try_decode
 from .errors import WbcidError
-from .files import Inputs, list_images, output_folder
+from .files import Inputs, list_images, output_folder, short_name
 from .loading import describe_model, resolve_model
 from .models import WBCNet
 from .preprocess import Preprocess, to_tensor
@@ -89,7 +89,8 @@ def explain(
         heat, predicted = grad_cam(model, to_tensor(seen)[None])
         big = np.asarray(Image.fromarray(seen).resize((size, size), Image.Resampling.BILINEAR))
         heat_big = np.asarray(Image.fromarray((heat[0] * 255).astype(np.uint8)).resize((size, size))) / 255
-        stem = Path(path).stem if Path(path).stem not in used else f"{Path(path).parent.name}_{Path(path).stem}"
+        stem = short_name(Path(path).stem)
+        stem = stem if stem not in used else short_name(f"{Path(path).parent.name}_{Path(path).stem}")
         while stem in used:  # two inputs with one name never share an output file
             stem += "_"
         used.add(stem)

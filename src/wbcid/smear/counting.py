@@ -24,7 +24,7 @@ from ..contract import flagged
 from ..data import CLASSES
 from ..decoding import GREY_MODES, GREY_REASON, UNREADABLE, map_ahead
 from ..errors import WbcidError
-from ..files import COUNT_LOG, Inputs, input_paths, list_images, output_folder, refuse_reviewed
+from ..files import COUNT_LOG, Inputs, input_paths, list_images, output_folder, refuse_reviewed, short_name
 from ..inference import predict_scores, resolve_tta, softmax
 from ..loading import Model, describe_model, resolve_model
 from ..preprocess import Preprocess, upright_rgb
@@ -358,7 +358,7 @@ def count_field(
         entry["rbc_diameter"] = round(rbc, 1)
     if not calls:
         entry["warnings"].append("no WBC found in this field")
-    entry["annotated"] = str(Path("annotated") / f"{index:04d}_{path.stem}.jpg")
+    entry["annotated"] = str(Path("annotated") / f"{index:04d}_{short_name(path.stem)}.jpg")
     annotate(image, calls).save(out_dir / entry["annotated"], quality=90)
     return entry
 

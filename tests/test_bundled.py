@@ -156,3 +156,27 @@ def test_serving_the_bundled_model_never_imports_pytorch(data_root, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+def test_an_output_inside_a_file_is_refused_before_any_work(data_root, tmp_path, monkeypatch, capsys):
+    """`--out notes.txt/p.csv` (a slip) failed with a traceback, and predict only after classifying
+    every image; an error of the file system itself is one line too, not a traceback."""
+    from wbcid.cli import main
+    from wbcid.files import makeable
+
+    (tmp_path / "notes.txt").write_text("a lab's notes")
+    images = sorted((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))[:2]
+    for out in (tmp_path / "notes.txt" / "p.csv", tmp_path / "notes.txt" / "a" / "b.csv"):
+        with pytest.raises(WbcidError, match="notes.txt is a file, so .* cannot be made inside it"):
+            predict(Path("not-loaded-before-the-check.pt"), images, out)
+    assert makeable(tmp_path / "new" / "deeper" / "p.csv") == tmp_path / "new" / "deeper" / "p.csv"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "p.csv"))
+
+    monkeypatch.setattr("wbcid.inference.predict", full_disk)
+    monkeypatch.setattr(sys, "argv", ["wbcid", "predict", str(images[0]), "--out", str(tmp_path / "p.csv")])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: [Errno 28] No space left on device: '{tmp_path / 'p.csv'}'"

@@ -526,3 +526,6 @@ def main() -> None:
     except WbcidError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
+    except OSError as exc:  # the file system's answer (a full disk, no permission), not a defect of wbcid
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None

@@ -28,7 +28,7 @@ def output_folder(path: str | os.PathLike, what: str, run: bool = False) -> Path
     the way would otherwise fail only at the end, losing the work. A run (``run=True``: training,
     adaptation) goes only into a new or empty folder; anything else never into a model's run
     directory (an evaluation there replaced the training's own report.md)."""
-    path = Path(path)
+    path = makeable(path)
     if path.exists() and not path.is_dir():
         raise WbcidError(f"{path} is a file; --out takes the folder to write {what} into")
     if run and path.is_dir() and any(path.iterdir()):  # an adapted run, an evaluation, the data itself...
@@ -45,9 +45,19 @@ def output_folder(path: str | os.PathLike, what: str, run: bool = False) -> Path
 
 def output_file(path: str | os.PathLike, example: str) -> Path:
     """``path`` as the file a command writes, checked before any work (see :func:`output_folder`)."""
-    path = Path(path)
+    path = makeable(path)
     if path.is_dir():
         raise WbcidError(f"{path} is a folder; --out takes the file to write, e.g. {path / example}")
+    return path
+
+
+def makeable(path: str | os.PathLike) -> Path:
+    """``path``, if its folders can be made: a file where one of them should be (a typing slip in
+    --out) failed only when the results were written, after all the work, and with a traceback."""
+    path = Path(path)
+    existing = next((parent for parent in path.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise WbcidError(f"{existing} is a file, so {path} cannot be made inside it: name another output")
     return path
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..data import CLASSES
 from ..errors import WbcidError
-from ..files import review_export
+from ..files import makeable, review_export
 from .store import AUDIT_COLUMNS, ReviewStore, cell_image
 
 
@@ -26,7 +26,7 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool =
     """Write the verified cells and the verified differential to ``out_dir``; returns it. An
     earlier export there is replaced; any other folder is refused, never deleted. ``chosen``: the
     user named ``out_dir`` (the page's button exports to a fixed folder, so another is no choice)."""
-    out = Path(out_dir)
+    out = makeable(out_dir)
     if not _replaceable(out):
         then = " or choose another folder" if chosen else ", then export again"
         raise WbcidError(

@@ -6,6 +6,7 @@ a cell validating, or tested, beside its own picture's cells would flatter the m
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 
@@ -14,6 +15,8 @@ import numpy as np
 from .contract import CLASSES
 from .data import CellSet
 from .errors import WbcidError
+
+log = logging.getLogger("wbcid")
 
 
 def draw_per_class(cells: CellSet, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +67,8 @@ def split_train_val(
     if len(cells) < 2:
         raise WbcidError(f"{cells.origin}: {len(cells)} labelled cell(s); training needs 2 or more (1 validates)")
     labels, groups = cells.labels, group_ids(cells)
-    if len(set(groups)) >= 2 and len(set(groups)) < len(cells):  # cells of one picture or specimen: never both sides
+    grouped = 2 <= len(set(groups)) < len(cells)  # cells of one picture or specimen: never on both sides
+    if grouped:
         idx_train, idx_val = _group_split(labels, groups, val_fraction, seed)
     else:
         present = np.bincount(labels)
@@ -81,15 +85,14 @@ def split_train_val(
     moved = [i for i in idx_val if groups[i] in lost_groups]
     idx_train, idx_val = np.concatenate([idx_train, moved]).astype(int), np.setdiff1d(idx_val, moved)
     if not len(idx_val):
-        needed = (
-            "every one is needed"
-            if len(set(groups)) == len(cells)
-            else "every group of them (one picture or specimen) is needed"
-        )
+        needed = "every group of them (one picture or specimen) is needed" if grouped else "every one is needed"
         raise WbcidError(
             f"{cells.origin}: {len(cells)} labelled cells, and {needed} to train its class: none is "
             "left to validate on; add cells (two or more of some class)"
         )
+    if grouped:
+        held_out, every = len(set(groups[idx_val])), len(set(groups))
+        log.info("validating on whole groups (pictures or specimens): %d of %d", held_out, every)
     return cells.subset(sorted(idx_train)), cells.subset(sorted(idx_val))
 
 

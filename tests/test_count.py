@@ -83,6 +83,19 @@ def test_bad_labels_and_reference_files_are_clear_errors(tmp_path):
         read_reference(path)
     path.write_text(json.dumps({c: [1, 2] for c in CLASSES}))
     assert read_reference(path)["basophil"] == (1.0, 2.0)
+    lab = {"Basophils": [0, 2], "Neutrophils": [40, 75], "Lymphozyten": [20, 45], "MONO": [2, 10]}
+    lab["eosinófilos"] = [1, 6]
+    path.write_text(json.dumps(lab))  # named as the lab names its class folders, in its own order
+    assert list(read_reference(path).items()) == [
+        ("neutrophil", (40, 75)),
+        ("lymphocyte", (20, 45)),
+        ("monocyte", (2, 10)),
+        ("eosinophil", (1, 6)),
+        ("basophil", (0, 2)),
+    ]
+    path.write_text(json.dumps(lab | {"neutrophil": [50, 70], "platelets": [1, 2]}))
+    with pytest.raises(WbcidError, match="'Neutrophils' and 'neutrophil' both name neutrophil; unknown class 'plat"):
+        read_reference(path)
 
 
 def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from scipy.special import betaincinv
 
-from ..data import CLASSES
+from ..data import CLASSES, parse_label
 from ..errors import WbcidError
 
 # Adult reference ranges of the differential, in percent. Laboratories differ (method, population):
@@ -84,7 +84,8 @@ def differential(labels: Sequence[str], reference: dict[str, tuple[float, float]
 
 
 def read_reference(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
-    """Reference ranges in percent from JSON ``{"neutrophil": [40, 75], ...}``: every class, nothing else."""
+    """Reference ranges in percent from JSON ``{"neutrophil": [40, 75], ...}``: every class, nothing else
+    (named as class folders may be: ``Neutrophils``, ``Lymphozyten``)."""
     example = f'{{"neutrophil": [40, 75], ...}} for each of {", ".join(CLASSES)}'
     try:
         raw = json.loads(Path(path).read_text())
@@ -92,13 +93,18 @@ def read_reference(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
         raise WbcidError(f"{path}: cannot read reference ranges ({exc}); expected JSON like {example}") from exc
     if not isinstance(raw, dict):
         raise WbcidError(f"{path}: expected a JSON object like {example}")
-    problems = [f"unknown class {k!r}" for k in raw if k not in CLASSES]
-    problems += [f"{name} is missing" for name in CLASSES if name not in raw]
+    problems, named = [], {}  # class -> (key, value); keys read as --data reads class folders ("Neutrophils")
+    for key, value in raw.items():
+        index = parse_label(key)
+        if index is None:
+            problems.append(f"unknown class {key!r}")
+        elif CLASSES[index] in named:
+            problems.append(f"{named[CLASSES[index]][0]!r} and {key!r} both name {CLASSES[index]}")
+        else:
+            named[CLASSES[index]] = key, value
+    problems += [f"{name} is missing" for name in CLASSES if name not in named]
     ranges = {}
-    for name in CLASSES:
-        value = raw.get(name)
-        if name not in raw:
-            continue
+    for name, (_, value) in named.items():
         if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
             problems.append(f"{name} must be [low, high], not {value!r}")
             continue
@@ -110,4 +116,4 @@ def read_reference(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
         problems.append("every upper limit is <= 1: give percentages (e.g. 40-75), not fractions")
     if problems:
         raise WbcidError(f"{path}: {'; '.join(problems)} (expected percentages, JSON like {example})")
-    return ranges
+    return {name: ranges[name] for name in CLASSES}

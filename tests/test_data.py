@@ -47,6 +47,13 @@ from wbcid.preprocess import Preprocess
         ("Eosinophile", "eosinophil"),
         ("basófilo", "basophil"),
         ("Neutrophile", "neutrophil"),
+        ("Neutrophil, segmented", "neutrophil"),  # several words, the others not changing the type
+        ("Neutrophil (band)", "neutrophil"),
+        ("neutrophile Granulozyten", "neutrophil"),
+        ("polynucléaires éosinophiles", "eosinophil"),
+        ("basophilic granulocyte", "basophil"),
+        ("neutrófilos segmentados", "neutrophil"),
+        ("Stabkernige Neutrophile", "neutrophil"),
     ],
 )
 def test_parse_label_maps_synonyms(name, expected):
@@ -56,7 +63,8 @@ def test_parse_label_maps_synonyms(name, expected):
 @pytest.mark.parametrize(
     "name",
     ["platelet", "erythroblast", "ig", "-1", "0", "6", "m", "", "cell", "monoblast", "lymphoblast", "basophilie"]
-    + ["eosinophilic myelocyte", "neutrophilia", "Granulozyten", "promonocito"],
+    + ["eosinophilic myelocyte", "neutrophilia", "Granulozyten", "promonocito", "eosinophilic", "Lymphocyte, variant"]
+    + ["large granular lymphocyte", "reactive lymphocyte", "segmented", "neutrophilic myelocyte granulocyte"],
 )
 def test_parse_label_rejects_what_is_not_ours(name):
     assert parse_label(name) is None

@@ -86,22 +86,44 @@ _STEMS = {
     "basophil": 4,
 }
 _ENDINGS = ("", "s", "e", "es", "o", "os", "a", "as", "i", "er", "en")
+# Labels of several words name a type with words that do not change it: the granulocyte in
+# "neutrophile Granulozyten" and "polynucléaires éosinophiles", the nucleus of a CellaVision
+# "Neutrophil, segmented" or "band". With one of these, the type word may be an adjective
+# ("eosinophilic granulocyte"); any other word ("variant", "myelocyte", "reactive") is not ours.
+_QUALIFIERS = {
+    "granulocyte", "granulocytes", "granulozyt", "granulozyten", "granulocito", "granulocitos", "granulociti",
+    "polynucleaire", "polynucleaires", "segmented", "segmentado", "segmentados", "segmentati", "segmentkernige",
+    "segmentkernig", "band", "banda", "cayado", "stab", "stabkernige", "stabkernig",
+}  # fmt: skip
+_ADJECTIVE_ENDINGS = ("ic", "ico", "icos", "ique", "iques")
+
+
+def _stem_match(word: str, endings: Sequence[str]) -> int | None:
+    for stem, index in _STEMS.items():
+        if word.startswith(stem) and word[len(stem) :] in endings:
+            return index
+    return None
 
 
 def parse_label(name: object) -> int | None:
     """Map a label as written by some dataset to a class index, or ``None`` if it is not ours.
 
     Accepts class names in any case, plurals, unambiguous prefixes of at least three letters
-    (``neut``, ``eosi``), known abbreviations, the names in five more languages (``_STEMS``), and
-    the original JSON's 1-based integers.
+    (``neut``, ``eosi``), known abbreviations, the names in five more languages (``_STEMS``), with
+    words that do not change the type (``_QUALIFIERS``), and the original JSON's 1-based integers.
     """
     text = str(name).strip().lower()
     if re.fullmatch(r"[1-5](\.0)?", text):
         return int(float(text)) - 1
-    word = re.sub(r"[^a-z]", "", unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode())
-    for stem, index in _STEMS.items():
-        if word.startswith(stem) and word[len(stem) :] in _ENDINGS:
-            return index
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    word = re.sub(r"[^a-z]", "", ascii_text)
+    found = _stem_match(word, _ENDINGS)
+    if found is not None:
+        return found
+    words = re.findall(r"[a-z]+", ascii_text)
+    named = [w for w in words if w not in _QUALIFIERS]
+    if len(named) == 1 < len(words):  # "Neutrophil, segmented", "neutrophile Granulozyten"
+        return _stem_match(named[0], _ENDINGS + _ADJECTIVE_ENDINGS)
     if word in _ALIASES:
         return _ALIASES[word]
     for candidate in (word, word.removesuffix("s")):

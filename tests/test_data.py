@@ -234,6 +234,10 @@ def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):
     (tmp_path / "two.csv").write_text(f"file,filename,class\n{image},{image},basophil\n")  # which? not guessed
     with pytest.raises(WbcidError, match=r"missing \['path'\]; read as them where only one is there: path: file"):
         read_cells(tmp_path / "two.csv")
+    (tmp_path / "cells" / "neutrophil").mkdir(parents=True)
+    (tmp_path / "cells" / "neutrophil" / "a.jpg").symlink_to(image)
+    (tmp_path / "windows.csv").write_text("path,label\ncells\\neutrophil\\a.jpg,neutrophil\n")  # made on Windows
+    assert read_cells(tmp_path / "windows.csv").paths == [tmp_path / "cells" / "neutrophil" / "a.jpg"]
     (tmp_path / "gone.csv").write_text("path,label\n" + "".join(f"img{i}.jpg,neutrophil\n" for i in range(20)))
     with pytest.raises(WbcidError, match=r"20 of 20 paths do not exist \(paths are relative to the CSV's folder"):
         read_cells(tmp_path / "gone.csv")

@@ -23,7 +23,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
@@ -352,6 +352,8 @@ def _read_manifest(csv_path: Path) -> CellSet:
     cells, skipped = [], Counter()
     for row in table.itertuples(index=False):
         file = csv_path.parent / row.path
+        if not file.is_file() and "\\" in row.path:  # a manifest written on Windows: cells\neutrophil\a.jpg
+            file = csv_path.parent / PureWindowsPath(row.path).as_posix()
         if not file.is_file():
             skipped["listed in the manifest but missing on disk"] += 1
             continue

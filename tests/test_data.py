@@ -238,6 +238,11 @@ def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):
     (tmp_path / "cells" / "neutrophil" / "a.jpg").symlink_to(image)
     (tmp_path / "windows.csv").write_text("path,label\ncells\\neutrophil\\a.jpg,neutrophil\n")  # made on Windows
     assert read_cells(tmp_path / "windows.csv").paths == [tmp_path / "cells" / "neutrophil" / "a.jpg"]
+    (tmp_path / "tabs.tsv").write_text("path\tlabel\ncells/neutrophil/a.jpg\tneutrophil\n")
+    assert read_cells(tmp_path / "tabs.tsv").paths == [tmp_path / "cells" / "neutrophil" / "a.jpg"]
+    (tmp_path / "cells.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(WbcidError, match="cells.xlsx is a spreadsheet: save it as CSV"):
+        read_cells(tmp_path / "cells.xlsx")
     (tmp_path / "gone.csv").write_text("path,label\n" + "".join(f"img{i}.jpg,neutrophil\n" for i in range(20)))
     with pytest.raises(WbcidError, match=r"20 of 20 paths do not exist \(paths are relative to the CSV's folder"):
         read_cells(tmp_path / "gone.csv")

@@ -262,7 +262,7 @@ def read_cells(
     manifests = [path / name for name in MANIFESTS if (path / name).is_file()] if path.is_dir() else []
     if manifests:  # a data folder's manifest, or the one `wbcid review --export` writes beside its cells
         path = manifests[0]
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() in (".csv", ".tsv"):
         cellset = _read_manifest(path)
     elif path.suffix.lower() == ".json":
         cellset = _read_json_layout(path)
@@ -270,6 +270,8 @@ def read_cells(
         jsons = sorted(path.glob("*.json"))
         has_class_dirs = any(parse_label(d.name) is not None for d in path.iterdir() if d.is_dir())
         cellset = _read_json_layout(jsons[0]) if jsons and not has_class_dirs else _read_image_folder(path)
+    elif path.suffix.lower() in (".xlsx", ".xls", ".ods"):
+        raise WbcidError(f"{path} is a spreadsheet: save it as CSV (columns path,label) and pass the .csv")
     else:
         raise WbcidError(f"{path}: expected a manifest .csv, a labels .json, or a folder of class folders")
     cellset = cellset.select(sources, splits)

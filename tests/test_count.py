@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -365,3 +366,28 @@ def test_a_cell_cut_by_the_field_edge_is_flagged_not_counted(data_root, tmp_path
     (cell,) = cut["images"][0]["detections"]
     assert cell["edge"] and cell["flagged"] and cut["totals"]["counted"] == 0 and cut["totals"]["flagged"] == 1
     assert "cut by the field" in (tmp_path / "cut" / "report.html").read_text()
+
+
+def test_fields_over_pils_pixel_limits_are_said_in_a_labs_words(data_root, tmp_path, monkeypatch, capsys):
+    """Over PIL's limit (89 Mpx) a field printed a 'decompression bomb DOS attack' warning, and over
+    twice it (179 Mpx) it was 'could not read' with that text: a whole-slide scan, not an attack.
+    The limit is lowered here so that a 640x480 field stands for such a scan."""
+    from PIL import Image
+
+    from wbcid.cli import main
+    from wbcid.smear.counting import count
+
+    field = data_root / "smears" / "bccd" / "images" / "BloodImage_00001.jpg"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 640 * 480 // 3)  # over twice the limit: refused by PIL
+    with pytest.raises(WbcidError, match="none of the 1 images could be read"):
+        count(None, [field], tmp_path / "scan", cell_diameter=200)
+    error = json.loads((tmp_path / "scan" / "fields.jsonl").read_text().splitlines()[1])["error"]
+    assert error == "could not read the image (more than the 0.205 Mpx wbcid reads: a whole-slide scan? cut it into " \
+        "fields and count those)"  # fmt: skip
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 640 * 480 * 2 // 3)  # over the limit, under twice it: counted
+    monkeypatch.setattr(sys, "argv", ["wbcid", "count", "--out", str(tmp_path / "big"), str(field)])
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        main()
+    assert not [w for w in seen if "pixels" in str(w.message)] and "bomb" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "big" / "counts.json").read_text())["totals"]["detected"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -520,6 +521,9 @@ def models() -> None:
 def main() -> None:
     """Entry point: user errors become one clear line and exit status 2, not a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # libraries: warnings only
+    # PIL warns of a "decompression bomb DOS attack" from 89 Mpx: a stitched field that large counts as
+    # it is, and from 179 Mpx PIL refuses and wbcid says why (decoding.unreadable_reason)
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     log.setLevel(logging.INFO)  # wbcid's own progress
     try:
         app()

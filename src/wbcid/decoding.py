@@ -138,6 +138,15 @@ def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> t
     return torch.from_numpy(np.ascontiguousarray(images)), kept
 
 
+def unreadable_reason(exc: BaseException) -> str:
+    """Why a file could not be read (one of ``UNREADABLE``), in a laboratory's words: PIL's limit on
+    pixels, a guard against decompression bombs, is met by whole-slide scans, not by fields."""
+    if isinstance(exc, Image.DecompressionBombError):
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+        return f"more than the {limit:.3g} Mpx wbcid reads: a whole-slide scan? cut it into fields and count those"
+    return f"{exc.__class__.__name__}: {exc}"
+
+
 def try_decode(path: Path, prep: Preprocess) -> np.ndarray | None:
     """:func:`decode_image`, or ``None`` for a file that is not a readable image."""
     decoded = _try_decode(path, prep)

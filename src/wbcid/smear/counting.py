@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..contract import flagged
 from ..data import CLASSES
-from ..decoding import GREY_MODES, GREY_REASON, UNREADABLE, map_ahead
+from ..decoding import GREY_MODES, GREY_REASON, UNREADABLE, map_ahead, unreadable_reason
 from ..errors import WbcidError
 from ..files import COUNT_LOG, Inputs, input_paths, list_images, output_folder, refuse_reviewed, short_name
 from ..inference import predict_scores, resolve_tta, softmax
@@ -344,7 +344,7 @@ def count_field(
     try:
         image, mode = open_field(path)
     except UNREADABLE as exc:
-        entry["error"] = f"could not read the image ({exc.__class__.__name__}: {exc})"
+        entry["error"] = f"could not read the image ({unreadable_reason(exc)})"
         log.warning("%s: %s", path, entry["error"])
         return entry
     entry["size"] = list(image.size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,26 @@ def test_an_output_inside_a_file_is_refused_before_any_work(data_root, tmp_path,
         main()
     assert exited.value.code == 1
     assert capsys.readouterr().err.strip() == f"error: [Errno 28] No space left on device: '{tmp_path / 'p.csv'}'"
+
+
+def test_options_may_be_written_name_equals_value(data_root, tmp_path, monkeypatch, capsys):
+    """As ultralytics' `yolo train data=...`: `wbcid predict out=p.csv tta=false ...`; a file named
+    like an option assignment but not one ('a=b.jpg') stays an input."""
+    from wbcid.cli import as_options, main
+
+    assert as_options(["count", "out=c", "cell_diameter=200", "tta=false", "resume=yes", "a=b.jpg", "x"]) == [
+        "count", "--out", "c", "--cell-diameter", "200", "--no-tta", "--resume", "a=b.jpg", "x",
+    ]  # fmt: skip
+    assert as_options(["adapt", "data=a", "data=b", "--out=r"]) == ["adapt", "--data", "a", "--data", "b", "--out=r"]
+    assert as_options(["--help"]) == ["--help"] and as_options(["nocommand", "out=x"]) == ["nocommand", "out=x"]
+    image = next((data_root / "cells" / "lisc" / "basophil").glob("*.jpg"))
+    odd = Path(shutil.copy(image, tmp_path / "out=odd.jpg"))
+    monkeypatch.setattr(sys, "argv", ["wbcid", "predict", f"out={tmp_path / 'p.csv'}", "tta=false", str(odd)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 0
+    assert pd.read_csv(tmp_path / "p.csv").path.tolist() == [str(odd)]
+    monkeypatch.setattr(sys, "argv", ["wbcid", "predict", "tta=perhaps", str(odd)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2 and "tta=perhaps: tta is a switch, true or false" in capsys.readouterr().err

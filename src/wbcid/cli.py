@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -523,6 +524,35 @@ def models() -> None:
     typer.echo(f"{'timm:<name>':20s} any timm architecture (ImageNet weights with --download-weights or --weights)")
 
 
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def as_options(args: list[str]) -> list[str]:
+    """``wbcid count out=counts/slide1 tta=false fields/``, as ultralytics' ``yolo train data=...``
+    is written: each ``name=value`` that names an option of the command becomes ``--name value``
+    (``--name`` or ``--no-name`` for a switch); anything else, a file named ``a=b.jpg`` included,
+    is left as it is."""
+    if not args or args[0].startswith("-"):  # --help, --version: no command to read options from
+        return args
+    command = typer.main.get_command(app).commands.get(args[0])
+    if command is None:
+        return args
+    options = {o.removeprefix("--"): p for p in command.params for o in p.opts if o.startswith("--")}
+    rewritten = args[:1]
+    for arg in args[1:]:
+        name, equals, value = arg.partition("=")
+        option = options.get(name.replace("_", "-")) if equals and not arg.startswith("-") else None
+        if option is None:
+            rewritten.append(arg)
+        elif not option.is_flag:
+            rewritten += [option.opts[0], value]
+        elif value.lower() in TRUE + FALSE:
+            rewritten.append(option.opts[0] if value.lower() in TRUE else option.secondary_opts[0])
+        else:
+            raise WbcidError(f"{arg}: {name} is a switch, true or false")
+    return rewritten
+
+
 def main() -> None:
     """Entry point: user errors become one clear line and exit status 2, not a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # libraries: warnings only
@@ -531,7 +561,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     log.setLevel(logging.INFO)  # wbcid's own progress
     try:
-        app()
+        app(as_options(sys.argv[1:]))
     except WbcidError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -165,8 +165,14 @@ def _images_in(folder: Path, outputs: dict[Path, str]) -> list[Path]:
 
 
 def read_table(csv_path: Path, **options) -> pd.DataFrame:
-    """A CSV a user named (empty cells stay empty strings), or a clear message if it is not one."""
+    """A CSV a user named (empty cells stay empty strings), or a clear message if it is not one. Not
+    UTF-8, it is read as Windows-1252: what Excel's plain "CSV" saves in Western European locales
+    (``neutrófilos`` as one byte per letter)."""
     try:
-        return pd.read_csv(csv_path, keep_default_na=False, **options)
+        try:
+            return pd.read_csv(csv_path, keep_default_na=False, **options)
+        except UnicodeDecodeError:
+            log.info("%s: not UTF-8, read as Windows-1252 (Excel's CSV)", csv_path)
+            return pd.read_csv(csv_path, keep_default_na=False, encoding="cp1252", **options)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise WbcidError(f"{csv_path}: not a readable CSV ({str(exc).strip()})") from exc

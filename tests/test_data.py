@@ -240,9 +240,10 @@ def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):
     assert read_cells(tmp_path / "windows.csv").paths == [tmp_path / "cells" / "neutrophil" / "a.jpg"]
     (tmp_path / "células").mkdir()
     (tmp_path / "células" / "b.jpg").symlink_to(image)
-    excel = "path;label\r\ncells/neutrophil/a.jpg;neutrófilos\r\ncélulas/b.jpg;Basófilo\r\n"
+    excel = "path;label\r\ncells/neutrophil/a.jpg;neutrófilos\r\n;\r\ncélulas/b.jpg;Basófilo\r\n;\r\n"
     (tmp_path / "ansi.csv").write_bytes(excel.encode("cp1252"))  # Excel's plain "CSV" in Western locales
-    assert [CLASSES[i] for i in read_cells(tmp_path / "ansi.csv").labels] == ["neutrophil", "basophil"]
+    ansi = read_cells(tmp_path / "ansi.csv")
+    assert [CLASSES[i] for i in ansi.labels] == ["neutrophil", "basophil"] and not ansi.skipped  # blank rows: no rows
     (tmp_path / "tabs.tsv").write_text("path\tlabel\ncells/neutrophil/a.jpg\tneutrophil\n")
     assert read_cells(tmp_path / "tabs.tsv").paths == [tmp_path / "cells" / "neutrophil" / "a.jpg"]
     (tmp_path / "cells.xlsx").write_bytes(b"PK\x03\x04")

@@ -351,6 +351,7 @@ def _read_manifest(csv_path: Path) -> CellSet:
             f"{csv_path}: manifest needs columns 'path' and 'label' (missing {sorted(missing_cols)}; read as them "
             f"where only one is there: {'; '.join(f'{k}: ' + ', '.join(v) for k, v in COLUMN_NAMES.items())})"
         )
+    table = table[(table.path.str.strip() != "") | (table.label.str.strip() != "")]  # a sheet's blank rows
     cells, skipped = [], Counter()
     for row in table.itertuples(index=False):
         file = csv_path.parent / row.path

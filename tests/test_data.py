@@ -112,10 +112,16 @@ def test_image_folder_synonyms_unknown_folders_and_stray_files(data_root, tmp_pa
     (tmp_path / "platelets").mkdir()
     (tmp_path / "platelets" / "x.jpg").write_bytes(b"")
     (tmp_path / "NEUTROPHIL" / "notes.txt").write_text("not an image")
+    for name in ("NEUTROPHIL/._a.jpg", "eosi/.DS_Store", ".ipynb_checkpoints/b.jpg", "eosi/.cache/c.jpg"):  # not data
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"\x00\x05\x16\x07 macOS's AppleDouble, not an image")
     cells = read_cells(tmp_path)
     assert cells.class_counts() == {"neutrophil": 3, "lymphocyte": 0, "monocyte": 0, "eosinophil": 3, "basophil": 3}
     reasons = " ".join(cells.skipped)
-    assert "'platelets'" in reasons and "not an image" in reasons
+    assert "'platelets'" in reasons and "not an image" in reasons and "ipynb" not in reasons
+    assert cells.skipped["not an image file (by extension)"] == 1  # notes.txt, not .DS_Store
+    found = list_images([tmp_path])  # predict, count, explain
+    assert len(found) == 10 and not [f for f in found if f.name.startswith(".") or ".cache" in f.parts]
 
 
 def test_original_json_layout(data_root, tmp_path):

@@ -33,6 +33,7 @@ from .files import (
     COUNT_LOG,
     IMAGE_SUFFIXES,
     PREDICTION_COLUMNS,
+    hidden,
     model_labelled,
     prediction_review,
     read_table,
@@ -383,7 +384,7 @@ def _read_image_folder(root: Path) -> CellSet:
     """Class folders, or folders of class folders (``patient1/neutrophil/...``, as laboratories file
     cells by specimen): each such folder is a group, so a split keeps its cells on one side."""
     cells, skipped = [], Counter()
-    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+    for folder in sorted(d for d in root.iterdir() if d.is_dir() and not hidden(d.name)):
         label = parse_label(folder.name)
         if label is None and any(parse_label(d.name) is not None for d in folder.iterdir() if d.is_dir()):
             inner = _read_image_folder(folder)
@@ -392,7 +393,8 @@ def _read_image_folder(root: Path) -> CellSet:
             ]
             skipped += inner.skipped
             continue
-        files = [f for f in sorted(folder.rglob("*")) if f.is_file()]
+        visible = (f for f in folder.rglob("*") if not any(map(hidden, f.relative_to(folder).parts)))
+        files = sorted(f for f in visible if f.is_file())
         images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
         if len(images) < len(files):
             skipped["not an image file (by extension)"] += len(files) - len(images)

@@ -160,8 +160,15 @@ def _images_in(folder: Path, outputs: dict[Path, str]) -> list[Path]:
             outputs[Path(root)] = what
             folders.clear()
             continue
-        found += [Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        folders[:] = [f for f in folders if not hidden(f)]
+        found += [Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES and not hidden(f)]
     return sorted(f for f in found if f.is_file())
+
+
+def hidden(name: str) -> bool:
+    """A file or folder no one put there as data: macOS's "._field.jpg" beside every image copied to
+    a USB stick (not an image, though named one), ".DS_Store", ".ipynb_checkpoints"."""
+    return name.startswith(".")
 
 
 def read_table(csv_path: Path, **options) -> pd.DataFrame:

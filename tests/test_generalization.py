@@ -200,6 +200,19 @@ def test_bootstrap_intervals_bracket_the_estimate():
         low, high = ci[key]
         assert low < point[key] < high and high - low < 0.15
     assert bootstrap_intervals(y_true, y_pred) == ci  # seeded
+    assert bootstrap_intervals(y_true, y_pred, groups=np.arange(300).astype(str)) == ci  # each cell its own group
+
+
+def test_bootstrap_intervals_resample_whole_groups_of_alike_cells():
+    """20 specimens of 10 cells each, every specimen's cells all right or all wrong (5 of 20): resampled
+    cell by cell the interval pretended to 200 independent cells, about a third as wide."""
+    y_true = np.tile(np.repeat(np.arange(4), 50), 1)
+    groups = np.repeat(np.arange(20), 10)
+    y_pred = np.where(np.isin(groups, [0, 5, 10, 15, 19]), (y_true + 1) % 4, y_true)
+    cells, whole = bootstrap_intervals(y_true, y_pred), bootstrap_intervals(y_true, y_pred, groups=groups)
+    for key in ("accuracy", "macro_f1"):
+        assert whole[key][0] < compute_metrics(y_true, y_pred)[key] < whole[key][1]
+        assert whole[key][1] - whole[key][0] > 2 * (cells[key][1] - cells[key][0])
 
 
 def test_training_pool_keeps_splits_and_never_leaks_a_holdout(data_root):

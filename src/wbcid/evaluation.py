@@ -23,6 +23,7 @@ from .inference import predict_proba, resolve_tta
 from .loading import ADAPTED_CELLS, Model, describe_model, resolve_model
 from .reports import write_evaluation_report
 from .serving import choose_precision, served_precision
+from .splits import group_ids
 
 log = logging.getLogger("wbcid")
 
@@ -69,24 +70,41 @@ def flagged_metrics(y_true: np.ndarray, y_pred: np.ndarray, flags: np.ndarray) -
 
 
 def bootstrap_intervals(
-    y_true: np.ndarray, y_pred: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
     """Percentile bootstrap intervals for accuracy, balanced accuracy and macro-F1.
 
-    Cells are resampled with replacement; averages run over the classes present in the full
-    test set (a resample that misses a rare class scores it 0, as a model would be scored on it).
+    Cells are resampled with replacement; where cells share a group (``groups``: one picture or
+    specimen, :func:`wbcid.splits.group_ids`), whole groups are: such cells are alike, so counting
+    each as independent made intervals too narrow. Averages run over the classes present in the
+    full test set (a resample that misses a rare class scores it 0, as a model would be scored on it).
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     k = len(CLASSES)
     present = np.bincount(y_true, minlength=k) > 0
-    idx = np.random.default_rng(seed).integers(0, len(y_true), (resamples, len(y_true)))
-    cells = y_true[idx] * k + y_pred[idx]
-    cm = np.stack([np.bincount(row, minlength=k * k) for row in cells]).reshape(resamples, k, k)
+    rng = np.random.default_rng(seed)
+    ids = np.unique(groups, return_inverse=True)[1] if groups is not None else None
+    if ids is None or ids.max() + 1 == len(y_true):  # every cell its own group: the cell bootstrap
+        idx = rng.integers(0, len(y_true), (resamples, len(y_true)))
+        cells = y_true[idx] * k + y_pred[idx]
+        cm = np.stack([np.bincount(row, minlength=k * k) for row in cells])
+    else:  # each resample's confusion counts: how often each group was drawn, times the group's counts
+        per_group = np.zeros((ids.max() + 1, k * k))
+        np.add.at(per_group, (ids, y_true * k + y_pred), 1)
+        drawn = rng.integers(0, len(per_group), (resamples, len(per_group)))
+        times = np.stack([np.bincount(row, minlength=len(per_group)) for row in drawn])
+        cm = times @ per_group
+    cm = cm.reshape(resamples, k, k)
     tp, support, predicted = cm.diagonal(axis1=1, axis2=2), cm.sum(2), cm.sum(1)
     recall = np.divide(tp, support, out=np.zeros(tp.shape), where=support > 0)
     f1 = np.divide(2 * tp, support + predicted, out=np.zeros(tp.shape), where=(support + predicted) > 0)
     scores = {
-        "accuracy": tp.sum(1) / len(y_true),
+        "accuracy": tp.sum(1) / cm.sum((1, 2)),
         "balanced_accuracy": recall[:, present].mean(1),
         "macro_f1": f1[:, present].mean(1),
     }
@@ -142,7 +160,7 @@ def evaluate(
             cells.origin,
             ", ".join(absent),
         )
-    metrics["ci95"] = bootstrap_intervals(cells.labels[ok], probs[ok].argmax(1))
+    metrics["ci95"] = bootstrap_intervals(cells.labels[ok], probs[ok].argmax(1), groups=group_ids(cells)[ok])
     if not np.isnan(ood[ok]).all():  # grey images are flagged as predict flags them
         metrics["flagged"] = flagged_metrics(cells.labels[ok], probs[ok].argmax(1), flagged(ood[ok]) | grey[ok])
     metrics["grey"] = int(grey.sum())

@@ -72,7 +72,10 @@ def test_a_cell_stored_in_grey_is_flagged_with_the_reason(data_root, tmp_path, c
     manifest.write_text(f"path,label\n{colour},basophil\n{grey},basophil\n")
     metrics = evaluate(None, manifest, tmp_path / "evaluation")
     assert metrics["grey"] == 1 and metrics["flagged"]["flagged"] == table.flagged.sum()  # as predict flags
-    assert "1 image(s) were stored in grey" in (tmp_path / "evaluation" / "report.md").read_text()
+    report = (tmp_path / "evaluation" / "report.md").read_text()
+    assert "1 image(s) were stored in grey" in report
+    low, high = metrics["ci95"]["macro_f1"]  # the report gives the intervals, not only metrics.json
+    assert f"{metrics['macro_f1']:.4f} [{low:.4f}, {high:.4f}] |" in report
 
 
 def test_nothing_readable_is_an_error_after_the_csv_is_written(tmp_path):

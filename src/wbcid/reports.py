@@ -73,10 +73,15 @@ def metrics_table(rows: dict[str, dict]) -> str:
     """Markdown table of headline metrics, one row per named test set."""
     lines = ["| set | n | accuracy | balanced accuracy | macro-F1 |", "|---|---:|---:|---:|---:|"]
     for name, m in rows.items():
-        lines.append(
-            f"| {name} | {m['n']} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} |"
-        )
+        scores = [_with_interval(m, key) for key in ("accuracy", "balanced_accuracy", "macro_f1")]
+        lines.append(f"| {name} | {m['n']} | {' | '.join(scores)} |")
     return "\n".join(lines)
+
+
+def _with_interval(metrics: dict, key: str) -> str:
+    """The score, and its 95 % bootstrap interval in brackets where the metrics hold one."""
+    interval = metrics.get("ci95", {}).get(key)
+    return f"{metrics[key]:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
 
 
 def per_class_table(metrics: dict) -> str:
@@ -113,7 +118,8 @@ def write_evaluation_report(metrics: dict, out_dir: Path, title: str) -> Path:
         [
             f"# {title}",
             metrics_table({"test": metrics}),
-            "Macro-F1 and balanced accuracy average over the classes present in the test set.",
+            "Macro-F1 and balanced accuracy average over the classes present in the test set. In brackets: "
+            "95 % bootstrap intervals (whole groups resampled where cells share one: a field, a specimen).",
             "## Per class",
             per_class_table(metrics),
             *notes,

@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Identify white blood cells in blood-smear images.",
-    rich_markup_mode=None,  # plain help: 0.15 s to print, not 0.3 (rich), and wraps in any terminal
+    rich_markup_mode=None,  # plain help: about 0.1 s to print, not 0.2-0.3 (rich), and wraps in any terminal
 )
 log = logging.getLogger("wbcid")
 

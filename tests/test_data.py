@@ -47,6 +47,8 @@ from wbcid.preprocess import Preprocess
         ("Eosinophile", "eosinophil"),
         ("basófilo", "basophil"),
         ("Neutrophile", "neutrophil"),
+        ("Linfos", "lymphocyte"),  # an abbreviation in the lab's language
+        ("Monoz", "monocyte"),
         ("Neutrophil, segmented", "neutrophil"),  # several words, the others not changing the type
         ("Neutrophil (band)", "neutrophil"),
         ("neutrophile Granulozyten", "neutrophil"),

@@ -87,6 +87,7 @@ _STEMS = {
     "basophil": 4,
 }
 _ENDINGS = ("", "s", "e", "es", "o", "os", "a", "as", "i", "er", "en")
+_NAMES = {**{name: i for i, name in enumerate(CLASSES)}, **_STEMS}  # whose prefixes abbreviate a type
 # Labels of several words name a type with words that do not change it: the granulocyte in
 # "neutrophile Granulozyten" and "polynucléaires éosinophiles", the nucleus of a CellaVision
 # "Neutrophil, segmented" or "band". With one of these, the type word may be an adjective
@@ -110,7 +111,7 @@ def parse_label(name: object) -> int | None:
     """Map a label as written by some dataset to a class index, or ``None`` if it is not ours.
 
     Accepts class names in any case, plurals, unambiguous prefixes of at least three letters
-    (``neut``, ``eosi``), known abbreviations, the names in five more languages (``_STEMS``), with
+    (``neut``, ``eosi``, ``linfo``), known abbreviations, the names in five more languages (``_STEMS``), with
     words that do not change the type (``_QUALIFIERS``), and the original JSON's 1-based integers.
     """
     text = str(name).strip().lower()
@@ -130,10 +131,10 @@ def parse_label(name: object) -> int | None:
     for candidate in (word, word.removesuffix("s")):
         if candidate in CLASSES:
             return CLASSES.index(candidate)
-        if len(candidate) >= 3:
-            hits = [i for i, c in enumerate(CLASSES) if c.startswith(candidate)]
+        if len(candidate) >= 3:  # a prefix of one type's name, in any of the languages: "neut", "linfo"
+            hits = {i for name, i in _NAMES.items() if name.startswith(candidate)}
             if len(hits) == 1:
-                return hits[0]
+                return hits.pop()
     return None
 
 

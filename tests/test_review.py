@@ -211,7 +211,7 @@ def test_review_of_a_prediction_csv(data_root: Path, tmp_path: Path):
     before = (tmp_path / "predictions.csv").read_bytes()
     with pytest.raises(
         WbcidError,
-        match="under review in .*predictions.review, which imported its cells once: write the new run to another file",
+        match="under review in .*predictions.review, and the review imported its cells once: .* another file",
     ):
         predict(None, images[:2], tmp_path / "predictions.csv")  # the review would show and export the old ones
     assert (tmp_path / "predictions.csv").read_bytes() == before
@@ -405,6 +405,9 @@ def test_a_count_under_review_is_not_resumed_with_more_fields(data_root: Path, t
     count(None, fields[:2], run, cell_diameter=200)
     ReviewStore.open(run)
     before = (run / "counts.json").read_bytes()
-    with pytest.raises(WbcidError, match=f"{run} is under review in {run}, .* another folder, or move .*review.sqlite"):
+    with pytest.raises(
+        WbcidError,
+        match=f"{run} is under review, and the review imported its cells once: .* another folder, or move .*sqlite",
+    ):
         count(None, fields, run, cell_diameter=200, resume=True)
     assert (run / "counts.json").read_bytes() == before

@@ -77,8 +77,9 @@ def refuse_reviewed(run: Path, review: Path) -> None:
     written over it would be shown and exported as the old (checked before any work)."""
     if run.exists() and (review / REVIEW_DATABASE).is_file():
         kind = "folder" if run.is_dir() else "file"
+        where = "" if review == run else f" in {review}"
         raise WbcidError(
-            f"{run} is under review in {review}, which imported its cells once: write the new run to another "
+            f"{run} is under review{where}, and the review imported its cells once: write the new run to another "
             f"{kind}, or move {review / REVIEW_DATABASE} (the corrections) aside first"
         )
 

@@ -196,6 +196,8 @@ def test_options_may_be_written_name_equals_value(data_root, tmp_path, monkeypat
     ]  # fmt: skip
     assert as_options(["adapt", "data=a", "data=b", "--out=r"]) == ["adapt", "--data", "a", "--data", "b", "--out=r"]
     assert as_options(["--help"]) == ["--help"] and as_options(["nocommand", "out=x"]) == ["nocommand", "out=x"]
+    assert as_options(["predict", "adabn=false", "x"]) == ["predict", "x"]  # a switch with no --no- form: off
+    assert as_options(["predict", "adapt=true", "x"]) == ["predict", "--adabn", "x"]  # its old name too
     image = next((data_root / "cells" / "lisc" / "basophil").glob("*.jpg"))
     odd = Path(shutil.copy(image, tmp_path / "out=odd.jpg"))
     monkeypatch.setattr(sys, "argv", ["wbcid", "predict", f"out={tmp_path / 'p.csv'}", "tta=false", str(odd)])

@@ -546,8 +546,10 @@ def as_options(args: list[str]) -> list[str]:
             rewritten.append(arg)
         elif not option.is_flag:
             rewritten += [option.opts[0], value]
-        elif value.lower() in TRUE + FALSE:
-            rewritten.append(option.opts[0] if value.lower() in TRUE else option.secondary_opts[0])
+        elif value.lower() in TRUE:
+            rewritten.append(option.opts[0])
+        elif value.lower() in FALSE:
+            rewritten += option.secondary_opts[:1]  # a switch without a --no- form is off unless given
         else:
             raise WbcidError(f"{arg}: {name} is a switch, true or false")
     return rewritten

@@ -198,6 +198,8 @@ def test_options_may_be_written_name_equals_value(data_root, tmp_path, monkeypat
     assert as_options(["--help"]) == ["--help"] and as_options(["nocommand", "out=x"]) == ["nocommand", "out=x"]
     assert as_options(["predict", "adabn=false", "x"]) == ["predict", "x"]  # a switch with no --no- form: off
     assert as_options(["predict", "adapt=true", "x"]) == ["predict", "--adabn", "x"]  # its old name too
+    with pytest.raises(WbcidError, match="out=: give out a value"):
+        as_options(["count", "out=", "fields"])  # --out "" would have been the current folder
     image = next((data_root / "cells" / "lisc" / "basophil").glob("*.jpg"))
     odd = Path(shutil.copy(image, tmp_path / "out=odd.jpg"))
     monkeypatch.setattr(sys, "argv", ["wbcid", "predict", f"out={tmp_path / 'p.csv'}", "tta=false", str(odd)])

@@ -544,6 +544,8 @@ def as_options(args: list[str]) -> list[str]:
         option = options.get(name.replace("_", "-")) if equals and not arg.startswith("-") else None
         if option is None:
             rewritten.append(arg)
+        elif not value:  # "out=" would be the current folder
+            raise WbcidError(f"{arg}: give {name} a value")
         elif not option.is_flag:
             rewritten += [option.opts[0], value]
         elif value.lower() in TRUE:

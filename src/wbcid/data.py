@@ -87,7 +87,6 @@ _STEMS = {
     "basophil": 4,
 }
 _ENDINGS = ("", "s", "e", "es", "o", "os", "a", "as", "i", "er", "en")
-_NAMES = {**{name: i for i, name in enumerate(CLASSES)}, **_STEMS}  # whose prefixes abbreviate a type
 # Labels of several words name a type with words that do not change it: the granulocyte in
 # "neutrophile Granulozyten" and "polynucléaires éosinophiles", the nucleus of a CellaVision
 # "Neutrophil, segmented" or "band". With one of these, the type word may be an adjective
@@ -128,11 +127,9 @@ def parse_label(name: object) -> int | None:
         return _stem_match(named[0], _ENDINGS + _ADJECTIVE_ENDINGS)
     if word in _ALIASES:
         return _ALIASES[word]
-    for candidate in (word, word.removesuffix("s")):
-        if candidate in CLASSES:
-            return CLASSES.index(candidate)
-        if len(candidate) >= 3:  # a prefix of one type's name, in any of the languages: "neut", "linfo"
-            hits = {i for name, i in _NAMES.items() if name.startswith(candidate)}
+    for candidate in (word, word.removesuffix("s")):  # whole names matched their stem above
+        if len(candidate) >= 3:  # a prefix of one type's stem, in any of the languages: "neut", "linfo"
+            hits = {i for stem, i in _STEMS.items() if stem.startswith(candidate)}
             if len(hits) == 1:
                 return hits.pop()
     return None

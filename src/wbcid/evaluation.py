@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -195,10 +196,19 @@ def training_overlap(config: ModelConfig, cells: CellSet, run: str | os.PathLike
 def _copies(known: Sequence[Path], candidates: Sequence[Path]) -> int:
     """How many ``candidates`` hold the bytes of a ``known`` file: sizes first (a stat), digests only
     where a size matches, so an evaluation of thousands of cells hashes almost none."""
-    known = [p for p in known if p.is_file()]
-    sizes = {p.stat().st_size for p in known}
-    maybe = [p for p in candidates if p.is_file() and p.stat().st_size in sizes]
+    known_sizes = {p: size for p in known if (size := _size(p)) is not None}
+    sizes = set(known_sizes.values())
+    maybe = [p for p in candidates if _size(p) in sizes]
     if not maybe:
         return 0
-    digests = {file_identity(p) for p in known}
+    digests = {file_identity(p) for p in known_sizes}
     return sum(file_identity(p) in digests for p in maybe)
+
+
+def _size(path: Path) -> int | None:
+    """A file's size in bytes, from one stat; None where there is no such file."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None

@@ -532,7 +532,7 @@ def as_options(args: list[str]) -> list[str]:
     is written: each ``name=value`` that names an option of the command becomes ``--name value``
     (``--name`` or ``--no-name`` for a switch); anything else, a file named ``a=b.jpg`` included,
     is left as it is."""
-    if not args or args[0].startswith("-"):  # --help, --version: no command to read options from
+    if not args or args[0].startswith("-") or not any("=" in arg for arg in args[1:]):  # nothing to rewrite
         return args
     command = typer.main.get_command(app).commands.get(args[0])
     if command is None:

@@ -211,3 +211,50 @@ def test_options_may_be_written_name_equals_value(data_root, tmp_path, monkeypat
     with pytest.raises(SystemExit) as exited:
         main()
     assert exited.value.code == 2 and "tta=perhaps: tta is a switch, true or false" in capsys.readouterr().err
+
+
+def test_an_interrupted_prediction_resumes_without_redoing_what_it_finished(data_root, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in predict kept nothing (the CSV was written once, at the end): now each finished batch
+    is kept, and --resume classifies only the rest, to the same table as one whole run."""
+    import wbcid.inference
+    from wbcid.cli import main
+    from wbcid.inference import progress_log
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    images = [*sorted((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))[:10], bad]
+    whole = predict(None, images, tmp_path / "whole.csv", batch_size=4)
+    assert not progress_log(tmp_path / "whole.csv").exists()  # a finished prediction leaves only its CSV
+    real, classified = wbcid.inference.predict_scores, []
+
+    def stopped_after(batches: int):
+        def scores(model, images, tta=None):
+            if len(classified) == batches:
+                raise KeyboardInterrupt
+            classified.append(len(images[0]))
+            return real(model, images, tta)
+
+        return scores
+
+    out = tmp_path / "p.csv"
+    monkeypatch.setattr(wbcid.inference, "predict_scores", stopped_after(0))
+    monkeypatch.setattr(sys, "argv", ["wbcid", "predict", *map(str, images), "--out", str(out)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 130 and f"kept in {progress_log(out)}. Continue" in capsys.readouterr().err
+    progress_log(out).unlink()
+    monkeypatch.setattr(wbcid.inference, "predict_scores", stopped_after(2))
+    with pytest.raises(KeyboardInterrupt):
+        predict(None, images, out, batch_size=4)
+    assert not out.exists() and len(progress_log(out).read_text().splitlines()) == 1 + 8  # settings, 2 batches
+    with pytest.raises(WbcidError, match="holds an interrupted prediction into .*pass --resume"):
+        predict(None, images, out, batch_size=4)
+    with pytest.raises(WbcidError, match=r"other settings \(TTA off, now on\)"):
+        predict(None, images, out, batch_size=4, tta=True, resume=True)
+    classified.clear()
+    monkeypatch.setattr(wbcid.inference, "predict_scores", stopped_after(99))
+    resumed = predict(None, images, out, batch_size=4, resume=True)
+    assert classified == [3]  # the two monocytes and the broken file not kept before
+    pd.testing.assert_frame_equal(resumed, whole)
+    assert pd.read_csv(out).label.tolist() == pd.read_csv(tmp_path / "whole.csv").label.tolist()
+    assert not progress_log(out).exists()

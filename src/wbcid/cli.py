@@ -218,12 +218,17 @@ def predict(
     adabn: AdaBN = False,
     tta: Tta = None,
     precision: ServePrecision = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted prediction into --out.")] = False,
 ) -> None:
     """Classify images; writes one CSV row per image with all five class probabilities."""
     from .inference import predict as run_prediction
+    from .inference import progress_log
 
-    with _interrupted(f"nothing was written to {out} (the CSV is written once every image is classified)"):
-        table = run_prediction(model, paths, out, adabn=adabn, tta=tta, precision=precision)
+    kept = _resumable(f"the images classified so far are kept in {progress_log(out)}")
+    if adabn:  # its statistics come from all the images at once
+        kept = _interrupted(f"nothing was written to {out} (with --adabn the CSV is written once, at the end)")
+    with kept:
+        table = run_prediction(model, paths, out, adabn=adabn, tta=tta, precision=precision, resume=resume)
     counts = table["label"].replace("", "(unreadable)").value_counts()
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
     if table["flagged"].any():

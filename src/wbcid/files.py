@@ -5,10 +5,12 @@ overwrites finished work (a training's run, a count being reviewed).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -82,6 +84,43 @@ def refuse_reviewed(run: Path, review: Path) -> None:
             f"{run} is under review{where}, and the review imported its cells once: write the new run to another "
             f"{kind}, or move {review / REVIEW_DATABASE} (the corrections) aside first"
         )
+
+
+Settings = dict[str, tuple[str, Callable[[Any], str]]]  # a setting's key: its name for people, how to show a value
+
+
+def finished_work(
+    log_path: Path, settings: dict, words: Settings, elsewhere: str, unrecorded: dict | None = None
+) -> dict:
+    """What a resumable command (count, predict) finished before it was stopped, by ``path``: its log
+    holds one JSON object per line, the first the command's settings, so results of two settings are
+    never mixed (``words`` names and shows each; ``elsewhere`` says where to write instead;
+    ``unrecorded``: the settings of logs written before they were recorded). A last line cut short
+    by a crash mid-write is removed from the file, and its work done again."""
+    if not log_path.exists():
+        return {}
+    text = log_path.read_text()
+    rows = text.splitlines(keepends=True)
+    lines = []
+    for number, line in enumerate(rows):
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(rows) - 1 or line.endswith("\n"):
+                raise WbcidError(f"{log_path}: line {number + 1} is damaged; {elsewhere}") from None
+            log.warning("%s: the last entry was cut short by an interruption; doing it again", log_path)
+            log_path.write_text(text[: len(text) - len(line)])
+    before = (unrecorded or {}) | (lines[0] if lines else settings)
+    if changed := [
+        f"{label} {show(before[key]) if key in before else 'not recorded'}, now {show(settings[key])}"
+        for key, (label, show) in words.items()
+        if before.get(key) != settings[key]
+    ]:
+        raise WbcidError(
+            f"{log_path} was made with other settings ({'; '.join(changed)}); --resume continues the same "
+            f"command on the same inputs: {elsewhere}"
+        )
+    return {entry["path"]: entry for entry in lines[1:]}
 
 
 def refuse_count_folder(path: Path, labelled: bool = False) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -16,10 +17,10 @@ from .contract import flagged
 from .data import CLASSES
 from .decoding import GREY_REASON, image_batches
 from .errors import WbcidError
-from .files import Inputs, list_images, output_file, prediction_review, refuse_reviewed
+from .files import Inputs, finished_work, list_images, output_file, prediction_review, refuse_reviewed
 from .loading import Model, describe_model, resolve_model
 from .preprocess import TORCH_BATCH, Preprocess, as_input
-from .serving import OnnxModel, choose_precision
+from .serving import OnnxModel, choose_precision, served_precision
 
 if TYPE_CHECKING:
     from .models import WBCNet
@@ -112,13 +113,15 @@ def predict_proba(
     progress: bool = True,
     adabn: bool = False,
     tta: bool | None = None,
+    on_batch: Callable[[Sequence[Path], Scores], None] | None = None,
 ) -> Scores:
     """Class probabilities and OOD scores of image files, with which could be read and which are grey.
 
     Unreadable and grey images are counted in a warning. ``adabn`` re-estimates batch-norm
     statistics on these images first (they should come from one lab); ``tta`` averages over
     rotations and flips (``None``: the model's own setting). See :mod:`wbcid.testtime` and
-    :mod:`wbcid.ood`.
+    :mod:`wbcid.ood`. ``on_batch`` is given each batch's files and scores as they finish (predict
+    keeps them, so an interrupted run resumes).
     """
     batches = image_batches(paths, Preprocess.of(model.config), batch_size, workers)
     if adabn:
@@ -130,18 +133,24 @@ def predict_proba(
 
         batches = list(batches)
         model = adapt_batchnorm(model, torch.cat([torch.from_numpy(b.images[b.readable]) for b in batches]))
-    probs, ood, ok, grey = [], [], [], []
-    for batch in tqdm(
-        batches, total=-(-len(paths) // batch_size), desc="predicting", disable=None if progress else True, leave=False
+    done: list[Scores] = []
+    for start, batch in zip(
+        range(0, len(paths), batch_size),
+        tqdm(
+            batches,
+            total=-(-len(paths) // batch_size),
+            desc="predicting",
+            disable=None if progress else True,
+            leave=False,
+        ),
     ):
-        logits, scores = predict_scores(model, [batch.images], tta)
-        probs.append(softmax(logits))
-        ood.append(scores)
-        ok.append(batch.readable)
-        grey.append(batch.grey)
-    probs_all, ood_all, ok_all = np.concatenate(probs), np.concatenate(ood).astype(np.float64), np.concatenate(ok)
-    grey_all = np.concatenate(grey)
-    probs_all[~ok_all], ood_all[~ok_all] = np.nan, np.nan
+        logits, ood = predict_scores(model, [batch.images], tta)
+        probs, ood = softmax(logits), ood.astype(np.float64)
+        probs[~batch.readable], ood[~batch.readable] = np.nan, np.nan
+        done.append(Scores(probs, ood, batch.readable, batch.grey))
+        if on_batch is not None:
+            on_batch(paths[start : start + batch_size], done[-1])
+    probs_all, ood_all, ok_all, grey_all = join_scores(done)
     if not ok_all.all():
         log.warning(
             "%d of %d images could not be read and have no prediction, e.g. %s",
@@ -154,6 +163,13 @@ def predict_proba(
             "%d grey-scale image(s) flagged: %s (e.g. %s)", grey_all.sum(), GREY_REASON, paths[grey_all.argmax()]
         )
     return Scores(probs_all, ood_all, ok_all, grey_all)
+
+
+def join_scores(parts: Sequence[Scores]) -> Scores:
+    """The scores of several runs over parts of the images, as one (in the order given)."""
+    if not parts:
+        return Scores(np.empty((0, len(CLASSES)), np.float32), np.empty(0), np.empty(0, bool), np.empty(0, bool))
+    return Scores(*(np.concatenate(column) for column in zip(*parts)))
 
 
 def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray, grey: np.ndarray) -> pd.DataFrame:
@@ -195,6 +211,7 @@ def predict(
     adabn: bool = False,
     tta: bool | None = None,
     precision: str = "auto",
+    resume: bool = False,
 ) -> pd.DataFrame:
     """Classify image files (folders are searched recursively); one row per image.
 
@@ -203,20 +220,76 @@ def predict(
     for each class and ``model`` (as reports name it). Unreadable images keep their row with an
     empty label and an ``error``, so no input silently disappears; if none could be read the CSV
     is still written and :class:`WbcidError` is raised. ``precision``: see :func:`wbcid.serving.choose_precision`.
+    Until the CSV is written, each finished batch is kept in :func:`progress_log`: ``resume=True``
+    continues an interrupted prediction there (same model and settings) without redoing them.
     """
+    progress = None
     if out_csv is not None:
         out_csv = output_file(out_csv, "predictions.csv")
         refuse_reviewed(out_csv, prediction_review(out_csv))
+        progress = progress_log(out_csv)
+        if not resume and progress.exists():
+            raise WbcidError(
+                f"{progress} holds an interrupted prediction into {out_csv}: pass --resume to continue it, or delete it"
+            )
+    elif resume:
+        raise WbcidError("resume continues a prediction into a CSV: give the CSV it was writing (out_csv)")
+    if resume and adabn:
+        raise WbcidError("--adabn estimates from all the images at once, so it cannot --resume: run it again whole")
     files = list_images(paths)  # missing or empty inputs fail before the model loads
     name = describe_model(model)
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(files)))
-    probs, ood, ok, grey = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
+    if progress is None or adabn:
+        probs, ood, ok, grey = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
+    else:
+        probs, ood, ok, grey = _predict_kept(model, files, progress, name, batch_size, tta)
     table = prediction_table(probs, ood, ok, grey)
     table.insert(0, "path", [str(f) for f in files])
     table["model"] = name  # which model answered: a review's Grad-CAM maps are by it, and merged CSVs keep it
     if out_csv is not None:
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out_csv, index=False, float_format="%.5f")
+        if progress is not None:
+            progress.unlink(missing_ok=True)
     if not ok.any():
         raise WbcidError(f"none of the {len(files)} images could be read (each has a row with an 'error')")
     return table
+
+
+def progress_log(out_csv: Path) -> Path:
+    """Where a prediction into ``out_csv`` keeps its finished images until the CSV is written."""
+    return out_csv.with_name(out_csv.name + ".progress.jsonl")
+
+
+def _predict_kept(
+    model: Model, files: list[Path], progress: Path, name: str, batch_size: int, tta: bool | None
+) -> Scores:
+    """:func:`predict_proba`, keeping each finished image in ``progress`` (one JSON line) and taking
+    the images a stopped run kept there as they are: resumed, the scores are those of one whole run."""
+    settings = {"model": name, "tta": resolve_tta(model, tta), "precision": served_precision(model)["arithmetic"]}
+    words = {"model": ("model", str), "tta": ("TTA", lambda on: "on" if on else "off"), "precision": ("precision", str)}
+    done = finished_work(progress, settings, words, f"delete {progress} to start again, or write to another --out")
+    todo = [i for i, path in enumerate(files) if str(path) not in done]
+    if done:
+        log.info("resuming: %d of %d images were classified before", len(files) - len(todo), len(files))
+
+    def keep(batch_files: Sequence[Path], scores: Scores) -> None:
+        for path, probs, ood, ok, grey in zip(batch_files, *scores):
+            entry = {"path": str(path), "probs": probs.tolist() if ok else None, "ood": float(ood), "grey": bool(grey)}
+            kept.write(json.dumps(entry) + "\n")
+        kept.flush()
+
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    with progress.open("a") as kept:
+        if not progress.stat().st_size:
+            kept.write(json.dumps(settings) + "\n")
+        new = predict_proba(model, [files[i] for i in todo], batch_size, tta=tta, on_batch=keep)
+    probs, ood = np.full((len(files), len(CLASSES)), np.nan, np.float32), np.full(len(files), np.nan)
+    ok, grey = np.zeros(len(files), bool), np.zeros(len(files), bool)
+    probs[todo], ood[todo], ok[todo], grey[todo] = new
+    for i, path in enumerate(files):
+        if (entry := done.get(str(path))) is not None:
+            ok[i], ood[i], grey[i] = entry["probs"] is not None, entry["ood"], entry["grey"]
+            if ok[i]:
+                probs[i] = entry["probs"]
+    return Scores(probs, ood, ok, grey)

@@ -24,7 +24,16 @@ from ..contract import flagged
 from ..data import CLASSES
 from ..decoding import GREY_MODES, GREY_REASON, UNREADABLE, map_ahead, unreadable_reason
 from ..errors import WbcidError
-from ..files import COUNT_LOG, Inputs, input_paths, list_images, output_folder, refuse_reviewed, short_name
+from ..files import (
+    COUNT_LOG,
+    Inputs,
+    finished_work,
+    input_paths,
+    list_images,
+    output_folder,
+    refuse_reviewed,
+    short_name,
+)
 from ..inference import predict_scores, resolve_tta, softmax
 from ..loading import Model, describe_model, resolve_model
 from ..preprocess import Preprocess, upright_rgb
@@ -383,8 +392,8 @@ def field_problems(image: Image.Image, cell_diameter: float) -> list[str]:
     return []
 
 
-def _changed_settings(before: dict, now: dict) -> list[str]:
-    """What differs between a count's recorded settings and this command's, in words."""
+def _finished_fields(log_path: Path, settings: dict) -> dict[str, dict]:
+    """Fields already counted in ``log_path`` (by path); refuses to mix counts of two settings."""
 
     def scale(scales: dict) -> str:
         return ", ".join(f"{name}: WBCs {s['cell_diameter']:g} px ({s['how']})" for name, s in scales.items())
@@ -395,37 +404,7 @@ def _changed_settings(before: dict, now: dict) -> list[str]:
         "detector": ("--detector", str),
         "model": ("model", str),
     }
-    return [
-        f"{label} {show(before[key]) if key in before else 'not recorded'}, now {show(now[key])}"
-        for key, (label, show) in words.items()
-        if before.get(key) != now[key]
-    ]
-
-
-def _finished_fields(log_path: Path, settings: dict) -> dict[str, dict]:
-    """Fields already counted in ``log_path`` (by path); refuses to mix counts of two settings.
-
-    A last line cut short by a crash mid-write is removed from the file and its field counted again.
-    """
-    if not log_path.exists():
-        return {}
-    text = log_path.read_text()
-    rows = text.splitlines(keepends=True)
-    lines = []
-    for number, line in enumerate(rows):
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(rows) - 1 or line.endswith("\n"):
-                raise WbcidError(f"{log_path}: line {number + 1} is damaged; count into a new --out") from None
-            log.warning("%s: the last field was cut short by an interruption; counting it again", log_path)
-            log_path.write_text(text[: len(text) - len(line)])
-    if lines and (changed := _changed_settings({"tta": False, **lines[0]}, settings)):  # old counts: single-view
-        raise WbcidError(
-            f"{log_path.parent} was counted with other settings ({'; '.join(changed)}); --resume continues the "
-            "same command on the same fields: count these into another --out"
-        )
-    return {entry["path"]: entry for entry in lines[1:]}
+    return finished_work(log_path, settings, words, "count these into another --out", unrecorded={"tta": False})
 
 
 def open_field(path: str | os.PathLike) -> tuple[Image.Image, str]:

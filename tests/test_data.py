@@ -246,6 +246,9 @@ def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):
     (tmp_path / "cells" / "neutrophil" / "a.jpg").symlink_to(image)
     (tmp_path / "windows.csv").write_text("path,label\ncells\\neutrophil\\a.jpg,neutrophil\n")  # made on Windows
     assert read_cells(tmp_path / "windows.csv").paths == [tmp_path / "cells" / "neutrophil" / "a.jpg"]
+    (tmp_path / "drive.csv").write_text("path,label\nC:\\study\\cells\\neutrophil\\a.jpg,neutrophil\n")
+    with pytest.raises(WbcidError, match=r"C:\\study.* are where the images were on a Windows machine; write them rel"):
+        read_cells(tmp_path / "drive.csv")  # was: "1 of 1 paths do not exist", and the path shown was wrong
     (tmp_path / "células").mkdir()
     (tmp_path / "células" / "b.jpg").symlink_to(image)
     excel = "path;label\r\ncells/neutrophil/a.jpg;neutrófilos\r\n;\r\ncélulas/b.jpg;Basófilo\r\n;\r\n"

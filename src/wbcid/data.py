@@ -371,9 +371,15 @@ def _read_manifest(csv_path: Path) -> CellSet:
             )
         )
     if table.size and not cells:
+        first = table.path.iloc[0]
+        if PureWindowsPath(first).drive and not Path(first).is_absolute():  # C:\cells\a.jpg, moved off Windows
+            raise WbcidError(
+                f"{csv_path}: its paths, e.g. {first}, are where the images were on a Windows machine; write them "
+                f"relative to the CSV's folder ({csv_path.parent}), e.g. cells\\neutrophil\\a.jpg"
+            )
         raise WbcidError(
             f"{csv_path}: {len(table)} of {len(table)} paths do not exist (paths are relative to the "
-            f"CSV's folder, {csv_path.parent}), e.g. {csv_path.parent / table.path.iloc[0]}"
+            f"CSV's folder, {csv_path.parent}), e.g. {csv_path.parent / first}"
         )
     return CellSet(cells, skipped, str(csv_path))
 

@@ -79,6 +79,26 @@ def test_draws_respect_groups_and_leave_half_of_each_class():
     assert not groups & {cells.cells[i].group for i in rest}  # a picture's cells stay on one side
 
 
+def test_the_cross_fitting_keeps_a_fields_cells_on_one_side():
+    """A review export's cells of one field sat on both halves of adapt's cross-fitting, so held-out
+    cells looked more like the verified ones than the lab's other cells do; without shared groups
+    (every benchmark's data) the halves are as before: each class split evenly."""
+    from wbcid.adaptation.finetune import cross_fit_folds
+
+    labels = np.array([0] * 8 + [1] * 8 + [2])
+    fields = np.array([f"field{i // 3}" for i in range(len(labels))])  # three cells a field
+    alone = np.array([f"#{i}" for i in range(len(labels))])
+    split_before = 0
+    for seed in range(20):
+        fold = cross_fit_folds(labels, fields, seed)
+        assert all(len(set(fold[fields == f])) == 1 for f in set(fields)) and 0 < fold.sum() < len(fold)
+        plain = cross_fit_folds(labels, None, seed)
+        assert (cross_fit_folds(labels, alone, seed) == plain).all()
+        assert all(abs(2 * plain[labels == c].sum() - (labels == c).sum()) <= 1 for c in range(3))
+        split_before += any(len(set(plain[fields == f])) == 2 for f in set(fields))
+    assert split_before == 20  # the old halves split some field at every seed
+
+
 def test_the_replay_weighs_its_classes_as_in_all_the_training_cells(data_root: Path):
     """The replay draws each class evenly; its statistics must weigh them as the training data does
     (PBC's training cells are far from even), or the adapted OOD score loses what was measured."""

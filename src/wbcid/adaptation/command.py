@@ -20,6 +20,7 @@ from ..files import list_images, output_folder
 from ..loading import ADAPTED_CELLS, describe_model, resolve_model
 from ..models import WBCNet, save_model
 from ..preprocess import Preprocess
+from ..splits import group_ids
 from .config import AdaptConfig
 from .finetune import adapt_model
 from .replay import decode_replay, make_replay
@@ -82,7 +83,7 @@ def adapt(
             "no training cells of the base model to replay (pass --replay DATA): the adapted model "
             "may forget the labs it knew, and its OOD threshold rests on the verified cells alone"
         )
-    adapted = adapt_model(base, images, cells.labels, config, bank, unlabelled_images)
+    adapted = adapt_model(base, images, cells.labels, config, bank, unlabelled_images, group_ids(cells))
     statistics_images = images if bank is None else torch.cat([images, bank.images])
     adapted.source_statistics = batchnorm_statistics(adapted, statistics_images)
     verified = [[str(c.path.resolve()), CLASSES[c.label]] for c in cells.cells]

@@ -34,8 +34,10 @@ def adapt_model(
     config: AdaptConfig | None = None,
     replay: Replay | None = None,
     unlabelled: torch.Tensor | None = None,
+    groups: np.ndarray | None = None,
 ) -> WBCNet:
-    """A copy of ``base`` fine-tuned on verified cells (uint8 NCHW ``images``, class indices ``labels``).
+    """A copy of ``base`` fine-tuned on verified cells (uint8 NCHW ``images``, class indices ``labels``;
+    ``groups``: cells of one field or specimen share one, and stay on one side of the cross-fitting).
 
     ``replay`` keeps the base model's own labs (see :func:`make_replay`). ``unlabelled`` images of
     the same lab first set every batch-norm layer to the lab's statistics (source-aware AdaBN,
@@ -60,7 +62,9 @@ def adapt_model(
     planned = config.steps * ((len(images) > 0) + pseudo) + halves  # a fold with no cell trains no half-model
     with tqdm(total=planned, desc="fine-tuning", unit="step", leave=False, disable=None) as progress:
         model = fine_tune(base, [(images, labels, config.views)], config, replay, progress) if len(images) else base
-        stretch = _cross_fitted_stretch(base, images, labels, config, replay, progress) if config.cross_fit else 1.0
+        stretch = 1.0
+        if config.cross_fit:
+            stretch = _cross_fitted_stretch(base, images, labels, config, replay, progress, groups)
         if pseudo:
             pseudo_images, pseudo_labels = pseudo_label(model, unlabelled)
             log.info("pseudo-labels: %d of %d unlabelled cells", len(pseudo_labels), len(unlabelled))
@@ -84,6 +88,7 @@ def _cross_fitted_stretch(
     config: AdaptConfig,
     replay: Replay | None,
     progress: tqdm | None = None,
+    groups: np.ndarray | None = None,
 ) -> float:
     """How much the flag threshold must grow so that at most 5 % of the lab's *other* cells are flagged.
 
@@ -106,12 +111,8 @@ def _cross_fitted_stretch(
     """
     from ..inference import predict_scores
 
-    fold = np.zeros(len(labels), dtype=bool)
-    rng = np.random.default_rng(config.seed)
+    fold = cross_fit_folds(labels, groups, config.seed)
     half_config = replace(config, steps=config.cross_fit_steps or config.steps)
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        fold[members[rng.integers(2) :: 2]] = True  # a class with one cell lands in a random fold
     scores = []
     for held_out in (fold, ~fold):
         if held_out.all() or not held_out.any():
@@ -121,6 +122,22 @@ def _cross_fitted_stretch(
     method = config.cross_fit_quantile
     factor = float(np.quantile(np.concatenate(scores), QUANTILE, method=method)) if scores else float("nan")
     return factor if factor > 1 else 1.0  # NaN (no scorer, or nothing held out): unchanged
+
+
+def cross_fit_folds(labels: np.ndarray, groups: np.ndarray | None, seed: int) -> np.ndarray:
+    """The cross-fitting's two halves (``True``: the first), each class split evenly in random order
+    (a class with one cell lands in a random half), and cells that share a group on one side: cells
+    of one field look alike, so on both sides they made held-out cells look more like the lab's
+    verified ones than its other cells do. Without shared groups, the split is the same as before."""
+    fold = np.zeros(len(labels), dtype=bool)
+    side: dict = {}
+    rng = np.random.default_rng(seed)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        start = rng.integers(2)
+        for k, i in enumerate(members):  # alternating; a cell whose group already has a side joins it
+            fold[i] = side.setdefault(i if groups is None else groups[i], (k + start) % 2 == 0)
+    return fold
 
 
 def _stretch_threshold(model: WBCNet, stretch: float) -> WBCNet:

@@ -243,6 +243,12 @@ def test_an_interrupted_prediction_resumes_without_redoing_what_it_finished(data
         main()
     assert exited.value.code == 130 and f"kept in {progress_log(out)}. Continue" in capsys.readouterr().err
     progress_log(out).unlink()
+    real_listing = wbcid.inference.list_images
+    monkeypatch.setattr(wbcid.inference, "list_images", lambda paths: stopped_after(0)(None, None))
+    with pytest.raises(SystemExit):
+        main()  # stopped while still listing the images: nothing to resume
+    assert capsys.readouterr().err.strip() == "interrupted; nothing was finished yet."
+    monkeypatch.setattr(wbcid.inference, "list_images", real_listing)
     monkeypatch.setattr(wbcid.inference, "predict_scores", stopped_after(2))
     with pytest.raises(KeyboardInterrupt):
         predict(None, images, out, batch_size=4)

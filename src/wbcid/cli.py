@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -93,17 +93,25 @@ ProtocolTta = Annotated[bool, typer.Option(help="Average predictions over rotati
 
 
 @contextmanager
-def _interrupted(kept: str) -> Iterator[None]:
+def _interrupted(kept: str | Callable[[], str]) -> Iterator[None]:
     """Ctrl-C in a long command: say what was kept (and how to continue), instead of a traceback."""
     try:
         yield
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted; {kept}.", err=True)
+        typer.echo(f"\ninterrupted; {kept if isinstance(kept, str) else kept()}.", err=True)
         raise typer.Exit(130) from None
 
 
-def _resumable(kept: str):
-    return _interrupted(f"{kept}. Continue with the same command plus --resume")
+def _resumable(kept: str, log: Path | None = None):
+    """:func:`_interrupted` for a command that ``--resume`` continues; ``log``: the file its finished
+    work is kept in, which an interruption in the first seconds (reading, loading) has not made yet."""
+
+    def said() -> str:
+        if log is not None and not log.exists():
+            return "nothing was finished yet"
+        return f"{kept}. Continue with the same command plus --resume"
+
+    return _interrupted(said)
 
 
 def _version(value: bool) -> None:
@@ -224,7 +232,7 @@ def predict(
     from .inference import predict as run_prediction
     from .inference import progress_log
 
-    kept = _resumable(f"the images classified so far are kept in {progress_log(out)}")
+    kept = _resumable(f"the images classified so far are kept in {progress_log(out)}", progress_log(out))
     if adabn:  # its statistics come from all the images at once
         kept = _interrupted(f"nothing was written to {out} (with --adabn the CSV is written once, at the end)")
     with kept:
@@ -268,7 +276,7 @@ def count(
     from .smear.counting import count as run_count
     from .smear.differential import read_reference
 
-    with _resumable(f"finished fields are in {out / COUNT_LOG}"):
+    with _resumable(f"finished fields are in {out / COUNT_LOG}", out / COUNT_LOG):
         ranges = read_reference(reference) if reference else None
         result = run_count(model, paths, out, cell_diameter, ranges, resume, detector, tta, precision)
     specimens = result["specimens"]

@@ -216,6 +216,7 @@ def test_options_may_be_written_name_equals_value(data_root, tmp_path, monkeypat
 def test_an_interrupted_prediction_resumes_without_redoing_what_it_finished(data_root, tmp_path, monkeypatch, capsys):
     """Ctrl-C in predict kept nothing (the CSV was written once, at the end): now each finished batch
     is kept, and --resume classifies only the rest, to the same table as one whole run."""
+    import wbcid.files
     import wbcid.inference
     from wbcid.cli import main
     from wbcid.inference import progress_log
@@ -257,6 +258,9 @@ def test_an_interrupted_prediction_resumes_without_redoing_what_it_finished(data
         predict(None, images, out, batch_size=4)
     with pytest.raises(WbcidError, match=r"other settings \(TTA off, now on\)"):
         predict(None, images, out, batch_size=4, tta=True, resume=True)
+    with wbcid.files.appending(progress_log(out)):  # as a second terminal's run would hold it
+        with pytest.raises(WbcidError, match="another wbcid command is writing into .*p.csv.progress.jsonl now"):
+            predict(None, images, out, batch_size=4, resume=True)
     classified.clear()
     monkeypatch.setattr(wbcid.inference, "predict_scores", stopped_after(99))
     resumed = predict(None, images, out, batch_size=4, resume=True)

@@ -8,13 +8,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
 
 from .errors import WbcidError
+
+try:
+    import fcntl
+except ImportError:  # Windows: logs are not locked
+    fcntl = None
 
 log = logging.getLogger("wbcid")
 
@@ -121,6 +127,21 @@ def finished_work(
             f"command on the same inputs: {elsewhere}"
         )
     return {entry["path"]: entry for entry in lines[1:]}
+
+
+@contextmanager
+def appending(log_path: Path) -> Iterator[TextIO]:
+    """``log_path`` (see :func:`finished_work`) opened to append to, by this command alone: a second
+    command resumed into the same output at once redid the first one's work and wrote it twice."""
+    with log_path.open("a") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+            except BlockingIOError:
+                raise WbcidError(
+                    f"another wbcid command is writing into {log_path} now: let it finish, or stop it, first"
+                ) from None
+        yield handle
 
 
 def refuse_count_folder(path: Path, labelled: bool = False) -> None:

@@ -17,7 +17,7 @@ from .contract import flagged
 from .data import CLASSES
 from .decoding import GREY_REASON, image_batches
 from .errors import WbcidError
-from .files import Inputs, finished_work, list_images, output_file, prediction_review, refuse_reviewed
+from .files import Inputs, appending, finished_work, list_images, output_file, prediction_review, refuse_reviewed
 from .loading import Model, describe_model, resolve_model
 from .preprocess import TORCH_BATCH, Preprocess, as_input
 from .serving import OnnxModel, choose_precision, served_precision
@@ -280,7 +280,7 @@ def _predict_kept(
         kept.flush()
 
     progress.parent.mkdir(parents=True, exist_ok=True)
-    with progress.open("a") as kept:
+    with appending(progress) as kept:
         if not progress.stat().st_size:
             kept.write(json.dumps(settings) + "\n")
         new = predict_proba(model, [files[i] for i in todo], batch_size, tta=tta, on_batch=keep)

@@ -27,6 +27,7 @@ from ..errors import WbcidError
 from ..files import (
     COUNT_LOG,
     Inputs,
+    appending,
     finished_work,
     input_paths,
     list_images,
@@ -215,7 +216,7 @@ def count(
         return entry | {"specimen": specimen_of[path]}, True
 
     images = []
-    with (out_dir / COUNT_LOG).open("a") as field_log:
+    with appending(out_dir / COUNT_LOG) as field_log:
         if not done:
             field_log.write(json.dumps(settings) + "\n")
         counted = map_ahead(work, range(len(fields)))  # fields in parallel threads, the log written in order

@@ -56,6 +56,9 @@ from wbcid.preprocess import Preprocess
         ("basophilic granulocyte", "basophil"),
         ("neutrófilos segmentados", "neutrophil"),
         ("Stabkernige Neutrophile", "neutrophil"),
+        ("NEUTROPHIL (n=120)", "neutrophil"),  # a count in the folder's name
+        ("Eosinophil, n = 7", "eosinophil"),
+        ("Monocyte cells", "monocyte"),
     ],
 )
 def test_parse_label_maps_synonyms(name, expected):
@@ -66,7 +69,8 @@ def test_parse_label_maps_synonyms(name, expected):
     "name",
     ["platelet", "erythroblast", "ig", "-1", "0", "6", "m", "", "cell", "monoblast", "lymphoblast", "basophilie"]
     + ["eosinophilic myelocyte", "neutrophilia", "Granulozyten", "promonocito", "eosinophilic", "Lymphocyte, variant"]
-    + ["large granular lymphocyte", "reactive lymphocyte", "segmented", "neutrophilic myelocyte granulocyte"],
+    + ["large granular lymphocyte", "reactive lymphocyte", "segmented", "neutrophilic myelocyte granulocyte"]
+    + ["plasma cell", "smudge cells", "n=12", "lymphocyte, plasma cell"],
 )
 def test_parse_label_rejects_what_is_not_ours(name):
     assert parse_label(name) is None

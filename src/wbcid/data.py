@@ -95,6 +95,7 @@ _QUALIFIERS = {
     "granulocyte", "granulocytes", "granulozyt", "granulozyten", "granulocito", "granulocitos", "granulociti",
     "polynucleaire", "polynucleaires", "segmented", "segmentado", "segmentados", "segmentati", "segmentkernige",
     "segmentkernig", "band", "banda", "cayado", "stab", "stabkernige", "stabkernig",
+    "cell", "cells", "celula", "celulas", "cellula", "cellule", "zelle", "zellen",  # "Neutrophil cells (n=120)"
 }  # fmt: skip
 _ADJECTIVE_ENDINGS = ("ic", "ico", "icos", "ique", "iques")
 
@@ -111,11 +112,13 @@ def parse_label(name: object) -> int | None:
 
     Accepts class names in any case, plurals, unambiguous prefixes of at least three letters
     (``neut``, ``eosi``, ``linfo``), known abbreviations, the names in five more languages (``_STEMS``), with
-    words that do not change the type (``_QUALIFIERS``), and the original JSON's 1-based integers.
+    words that do not change the type (``_QUALIFIERS``) or a count (``n=120``), and the original JSON's 1-based
+    integers.
     """
     text = str(name).strip().lower()
     if re.fullmatch(r"[1-5](\.0)?", text):
         return int(float(text)) - 1
+    text = re.sub(r"\bn\s*=\s*\d+", " ", text)  # a count written into the name: "NEUTROPHIL (n=120)"
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     word = re.sub(r"[^a-z]", "", ascii_text)
     found = _stem_match(word, _ENDINGS)

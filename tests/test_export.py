@@ -36,6 +36,20 @@ def test_onnx_runtime_agrees_with_pytorch_on_real_cells(exported, pbc_small):
     assert result["max_probability_difference"] < 1e-4
 
 
+def test_the_exported_padding_is_fixed_so_onnx_runtime_folds_it_into_the_convolutions(exported, tmp_path):
+    """EfficientNet-Lite's strided "same" convolutions computed their padding from each input's size,
+    and traced, that arithmetic stayed in the graph: ONNX Runtime kept five Pad and Slice nodes it
+    could not fold, and served an adapted run 40 % slower than the same model exported by torch.export."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable, unlike ALL
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(exported[1]), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(tmp_path / "optimised.onnx").graph.node]
+    assert ops.count("Conv") + ops.count("FusedConv") == 49 and not {"Pad", "Slice"} & set(ops)
+
+
 def test_onnx_file_carries_the_preprocessing_contract(exported, pbc_small):
     model, path = exported
     props = {p.key: p.value for p in onnx.load(path).metadata_props}

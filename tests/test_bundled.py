@@ -258,7 +258,7 @@ def test_an_interrupted_prediction_resumes_without_redoing_what_it_finished(data
         predict(None, images, out, batch_size=4)
     with pytest.raises(WbcidError, match=r"other settings \(TTA off, now on\)"):
         predict(None, images, out, batch_size=4, tta=True, resume=True)
-    with wbcid.files.appending(progress_log(out)):  # as a second terminal's run would hold it
+    with wbcid.files.appending(progress_log(out), {}):  # as a second terminal's run would hold it
         with pytest.raises(WbcidError, match="another wbcid command is writing into .*p.csv.progress.jsonl now"):
             predict(None, images, out, batch_size=4, resume=True)
     classified.clear()

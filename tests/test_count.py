@@ -226,6 +226,28 @@ def test_a_field_cut_short_mid_write_is_counted_again_on_resume(data_root, tmp_p
     assert len(log.read_text().splitlines()) == 3 and all(json.loads(line) for line in log.read_text().splitlines())
 
 
+def test_a_count_stopped_before_its_first_field_resumes_again_and_again(data_root, tmp_path, monkeypatch):
+    """Stopped after it logged its settings but before its first field, a resumed count logged them
+    again, and every later --resume failed on that second settings line (a KeyError)."""
+    import wbcid.smear.counting as counting
+
+    fields = [data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg" for i in (0, 10)]
+    real = counting.count_field
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(counting, "count_field", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        counting.count(None, fields, tmp_path / "c")
+    monkeypatch.setattr(counting, "count_field", real)
+    first = counting.count(None, fields, tmp_path / "c", resume=True)
+    again = counting.count(None, fields, tmp_path / "c", resume=True)
+    assert again["totals"] == first["totals"]
+    lines = [json.loads(line) for line in (tmp_path / "c" / "fields.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and "path" not in lines[0] and all("path" in entry for entry in lines[1:])
+
+
 def test_a_count_written_inside_its_input_folder_does_not_count_itself(data_root, tmp_path, caplog):
     """Its annotated fields and cut cells were taken as new fields: --resume found other settings."""
     from wbcid.smear.counting import count

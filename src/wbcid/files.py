@@ -130,9 +130,11 @@ def finished_work(
 
 
 @contextmanager
-def appending(log_path: Path) -> Iterator[TextIO]:
-    """``log_path`` (see :func:`finished_work`) opened to append to, by this command alone: a second
-    command resumed into the same output at once redid the first one's work and wrote it twice."""
+def appending(log_path: Path, settings: dict) -> Iterator[TextIO]:
+    """``log_path`` (see :func:`finished_work`) opened to append to, by this command alone (a second
+    command resumed into the same output at once redid the first one's work and wrote it twice),
+    beginning with ``settings`` where it is still empty (only there: a count stopped before its
+    first field logged them again when resumed, and every later --resume failed on them)."""
     with log_path.open("a") as handle:
         if fcntl is not None:
             try:
@@ -141,6 +143,9 @@ def appending(log_path: Path) -> Iterator[TextIO]:
                 raise WbcidError(
                     f"another wbcid command is writing into {log_path} now: let it finish, or stop it, first"
                 ) from None
+        if not log_path.stat().st_size:
+            handle.write(json.dumps(settings) + "\n")
+            handle.flush()
         yield handle
 
 

@@ -280,9 +280,7 @@ def _predict_kept(
         kept.flush()
 
     progress.parent.mkdir(parents=True, exist_ok=True)
-    with appending(progress) as kept:
-        if not progress.stat().st_size:
-            kept.write(json.dumps(settings) + "\n")
+    with appending(progress, settings) as kept:
         new = predict_proba(model, [files[i] for i in todo], batch_size, tta=tta, on_batch=keep)
     probs, ood = np.full((len(files), len(CLASSES)), np.nan, np.float32), np.full(len(files), np.nan)
     ok, grey = np.zeros(len(files), bool), np.zeros(len(files), bool)

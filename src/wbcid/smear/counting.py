@@ -216,9 +216,7 @@ def count(
         return entry | {"specimen": specimen_of[path]}, True
 
     images = []
-    with appending(out_dir / COUNT_LOG) as field_log:
-        if not done:
-            field_log.write(json.dumps(settings) + "\n")
+    with appending(out_dir / COUNT_LOG, settings) as field_log:
         counted = map_ahead(work, range(len(fields)))  # fields in parallel threads, the log written in order
         for entry, new in tqdm(counted, total=len(fields), desc="counting", disable=None, leave=False):
             if new:

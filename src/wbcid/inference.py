@@ -150,7 +150,7 @@ def predict_proba(
         done.append(Scores(probs, ood, batch.readable, batch.grey))
         if on_batch is not None:
             on_batch(paths[start : start + batch_size], done[-1])
-    probs_all, ood_all, ok_all, grey_all = join_scores(done)
+    probs_all, ood_all, ok_all, grey_all = _joined(done)
     if not ok_all.all():
         log.warning(
             "%d of %d images could not be read and have no prediction, e.g. %s",
@@ -165,11 +165,11 @@ def predict_proba(
     return Scores(probs_all, ood_all, ok_all, grey_all)
 
 
-def join_scores(parts: Sequence[Scores]) -> Scores:
-    """The scores of several runs over parts of the images, as one (in the order given)."""
-    if not parts:
+def _joined(batches: Sequence[Scores]) -> Scores:
+    """The scores of consecutive batches as one; of none, empty arrays."""
+    if not batches:
         return Scores(np.empty((0, len(CLASSES)), np.float32), np.empty(0), np.empty(0, bool), np.empty(0, bool))
-    return Scores(*(np.concatenate(column) for column in zip(*parts)))
+    return Scores(*(np.concatenate(column) for column in zip(*batches)))
 
 
 def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray, grey: np.ndarray) -> pd.DataFrame:

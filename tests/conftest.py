@@ -40,3 +40,15 @@ def pbc_small(cells_table: pd.DataFrame, data_root: Path, tmp_path_factory) -> P
         for label in pbc.label.unique()
     ]
     return write_manifest(pd.concat(parts), data_root, tmp_path_factory.mktemp("pbc") / "manifest.csv")
+
+
+def optimised_ops(onnx_path: Path, tmp_path: Path) -> list[str]:
+    """The operators ONNX Runtime runs of a model, after its portable graph optimisations."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable, unlike ALL
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(tmp_path / "optimised.onnx").graph.node]

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import onnx
 import pytest
+from conftest import optimised_ops
 
 import wbcid
 from wbcid.data import read_cells
@@ -40,13 +41,7 @@ def test_the_exported_padding_is_fixed_so_onnx_runtime_folds_it_into_the_convolu
     """EfficientNet-Lite's strided "same" convolutions computed their padding from each input's size,
     and traced, that arithmetic stayed in the graph: ONNX Runtime kept five Pad and Slice nodes it
     could not fold, and served an adapted run 40 % slower than the same model exported by torch.export."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable, unlike ALL
-    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    ort.InferenceSession(str(exported[1]), options, providers=["CPUExecutionProvider"])
-    ops = [node.op_type for node in onnx.load(tmp_path / "optimised.onnx").graph.node]
+    ops = optimised_ops(exported[1], tmp_path)
     assert ops.count("Conv") + ops.count("FusedConv") == 49 and not {"Pad", "Slice"} & set(ops)
 
 

@@ -232,9 +232,12 @@ def predict(
     from .inference import predict as run_prediction
     from .inference import progress_log
 
-    kept = _resumable(f"the images classified so far are kept in {progress_log(out)}", progress_log(out))
-    if adabn:  # its statistics come from all the images at once
-        kept = _interrupted(f"nothing was written to {out} (with --adabn the CSV is written once, at the end)")
+    progress = progress_log(out)
+    kept = (  # --adabn's statistics come from all the images at once: it keeps no log
+        _interrupted(f"nothing was written to {out} (with --adabn the CSV is written once, at the end)")
+        if adabn
+        else _resumable(f"the images classified so far are kept in {progress}", progress)
+    )
     with kept:
         table = run_prediction(model, paths, out, adabn=adabn, tta=tta, precision=precision, resume=resume)
     counts = table["label"].replace("", "(unreadable)").value_counts()

@@ -129,6 +129,7 @@ def cross_fit_folds(labels: np.ndarray, groups: np.ndarray | None, seed: int) ->
     (a class with one cell lands in a random half), and cells that share a group on one side: cells
     of one field look alike, so on both sides they made held-out cells look more like the lab's
     verified ones than its other cells do. Without shared groups, the split is the same as before."""
+    groups = np.arange(len(labels)) if groups is None else groups
     fold = np.zeros(len(labels), dtype=bool)
     side: dict = {}
     rng = np.random.default_rng(seed)
@@ -136,7 +137,7 @@ def cross_fit_folds(labels: np.ndarray, groups: np.ndarray | None, seed: int) ->
         members = rng.permutation(np.flatnonzero(labels == label))
         start = rng.integers(2)
         for k, i in enumerate(members):  # alternating; a cell whose group already has a side joins it
-            fold[i] = side.setdefault(i if groups is None else groups[i], (k + start) % 2 == 0)
+            fold[i] = side.setdefault(groups[i], (k + start) % 2 == 0)
     return fold
 
 

@@ -15,6 +15,7 @@ cut cells are not cells, and misses them at the border of real fields.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +220,7 @@ def export_detector(model: CenterNet, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx = torchscript_onnx(
-        model.eval(),
+        copy.deepcopy(model.eval()),  # its padding is fixed for the export; the model stays as it is
         torch.rand(1, 3, MULTIPLE * 6, MULTIPLE * 5),
         ["image"],
         ["boxes"],

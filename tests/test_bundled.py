@@ -162,6 +162,27 @@ def test_serving_the_bundled_model_never_imports_pytorch(data_root, tmp_path):
     assert result.stdout.strip() == "False"
 
 
+def test_a_wrong_data_path_fails_before_the_heavy_imports(tmp_path):
+    """A mistyped --data took 2-6 s to report (PyTorch, scikit-learn and the model loaded first): the
+    commands now read their data, or list their images, before importing what does the work."""
+    missing = str(tmp_path / "no-such-folder")
+    commands = [
+        ["train", "--data", missing, "--out", str(tmp_path / "t")],
+        ["evaluate", "--data", missing, "--out", str(tmp_path / "e")],
+        ["adapt", "--data", missing, "--out", str(tmp_path / "a")],
+        ["explain", missing, "--out", str(tmp_path / "x")],
+    ]
+    for args in commands:
+        code = (
+            "import atexit, sys; atexit.register(lambda: print(sorted({'torch', 'sklearn'} & set(sys.modules)))); "
+            f"from wbcid.cli import main; sys.argv = ['wbcid', *{args!r}]; main()"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert "no-such-folder" in result.stderr and "Traceback" not in result.stderr
+        assert result.stdout.strip() == "[]", args[0]
+
+
 def test_an_output_inside_a_file_is_refused_before_any_work(data_root, tmp_path, monkeypatch, capsys):
     """`--out notes.txt/p.csv` (a slip) failed with a traceback, and predict only after classifying
     every image; an error of the file system itself is one line too, not a traceback."""

@@ -164,6 +164,8 @@ def train(
 ) -> None:
     """Train a classifier; writes the model, config, history and report to --out."""
     from .data import read_cells
+
+    cells = read_cells(data, source)  # a wrong path fails in a second, before PyTorch is imported
     from .train import TrainConfig, fit
 
     config = TrainConfig(
@@ -186,7 +188,7 @@ def train(
         seed=seed,
     )
     with _resumable("finished epochs are saved"):
-        fit(read_cells(data, source), out, config, resume=resume)
+        fit(cells, out, config, resume=resume)
     typer.echo(f"run written to {out} (report: {out / 'report.md'})")
 
 
@@ -202,10 +204,13 @@ def evaluate(
     precision: ServePrecision = "auto",
 ) -> None:
     """Score a model on labelled images (any layout); writes metrics.json and report.md."""
+    from .data import read_cells
+
+    cells = read_cells(data, source, split)  # a wrong path fails before scikit-learn and the model load
     from .evaluation import evaluate as run_evaluation
 
     with _interrupted("nothing was written (the metrics need every cell)"):
-        metrics = run_evaluation(model, data, out, source, split, adabn=adabn, tta=tta, precision=precision)
+        metrics = run_evaluation(model, cells, out, adabn=adabn, tta=tta, precision=precision)
     typer.echo(
         f"n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
         f"balanced_accuracy={metrics['balanced_accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f}"
@@ -380,6 +385,9 @@ def adapt(
     seed: int = 0,
 ) -> None:
     """Learn a new lab from a few verified cells (few-shot fine-tuning with replay); writes a run directory."""
+    from .data import read_all
+
+    cells = read_all(data)  # a wrong path or label fails in a second, before PyTorch is imported
     from .adaptation import AdaptConfig
     from .adaptation import adapt as run_adaptation
 
@@ -394,7 +402,7 @@ def adapt(
         seed=seed,
     )
     with _interrupted("nothing was written; the base model is unchanged"):
-        run = run_adaptation(data, out, model, config, replay, unlabelled)
+        run = run_adaptation(cells, out, model, config, replay, unlabelled)
     record = json.loads((run / "config.json").read_text())
     cells = ", ".join(f"{k} {v}" for k, v in record["verified_cells"].items())
     again = f"{record['base_model']} adapted again" if record["continued_from"] else "adapted"
@@ -443,10 +451,13 @@ def explain(
     model: ModelPath = None,
 ) -> None:
     """Grad-CAM: show which part of each cell image decided the model's answer."""
+    from .files import list_images
+
+    files = list_images(paths)  # a wrong path fails in a second, before PyTorch is imported
     from .gradcam import explain as run_explain
 
     with _interrupted(f"the Grad-CAM images written so far are in {out}; the same command writes them all"):
-        written = run_explain(model, paths, out)
+        written = run_explain(model, files, out)
     typer.echo(f"wrote {len(written)} Grad-CAM image(s) to {out}")
 
 

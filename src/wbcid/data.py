@@ -242,6 +242,11 @@ def file_identity(path: Path) -> object:
         return path.resolve()
 
 
+def read_all(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> CellSet:
+    """The cells of one layout or several (a repeated ``--data``) as one set (:meth:`CellSet.merged`)."""
+    return CellSet.merged([read_cells(path) for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)])
+
+
 def read_cells(
     path: str | os.PathLike,
     sources: str | Sequence[str] | None = None,

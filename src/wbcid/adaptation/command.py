@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..data import CLASSES, Cell, CellSet, read_cells
+from ..data import CLASSES, Cell, CellSet, read_all, read_cells
 from ..decoding import load_images
 from ..files import list_images, output_folder
 from ..loading import ADAPTED_CELLS, describe_model, resolve_model
@@ -53,13 +53,9 @@ def adapt(
     config = config or AdaptConfig()
     config = replace(config, precision=config.resolved_precision)
     out = output_folder(out_dir, "the adapted run", run=True)
+    cells = data if isinstance(data, CellSet) else read_all(data)  # a wrong path fails before the model loads
     base = resolve_model(model, needs_torch="adaptation")
     base.split(config.trainable_groups)  # a number of layer groups the model lacks fails before any decoding
-    if isinstance(data, CellSet):
-        cells = data
-    else:
-        sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        cells = CellSet.merged([read_cells(path) for path in sources])
     start, new = model, len(cells)
     if config.earlier and base.config.adaptation:
         start, cells = earlier_rounds(base, model, cells)

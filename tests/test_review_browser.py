@@ -194,3 +194,27 @@ def test_the_api_docs_render_without_the_internet(server, browser):
     browser.get(url + "api/docs")
     WebDriverWait(browser, 20).until(lambda d: "/api/cells/{cell_id}" in d.find_element(By.TAG_NAME, "body").text)
     assert "wbcid review" in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_the_page_fits_a_tablet_and_a_phone(server, browser):
+    """The two columns had fixed widths: on a tablet beside the microscope (820 px) the gallery was one
+    tile wide, on a phone the page scrolled sideways and the label buttons were off screen."""
+    url, _ = server
+    browser.set_window_size(820, 1180)
+    browser.get(url)
+    tops = _settled(browser, lambda d: [t.rect["y"] for t in _tiles(d)[:3]] or False)
+    assert len(tops) == 3 and len(set(tops)) == 1  # three tiles side by side
+    width = "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    scroll, client = browser.execute_script(width)
+    assert scroll <= client
+    browser.set_window_size(390, 844)
+    browser.refresh()
+    last = _tile_ids(browser)[-1]
+    _settled(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'.tile[data-id="{last}"]').click() or True)
+    scroll, client = browser.execute_script(width)
+    assert scroll <= client
+    button = browser.find_element(By.CSS_SELECTOR, '#buttons button[data-label="lymphocyte"]')
+    bottom = browser.execute_script("return arguments[0].getBoundingClientRect().bottom <= innerHeight", button)
+    assert bottom  # at hand beside the last tile, at the far end of the page
+    button.click()
+    WebDriverWait(browser, 10).until(lambda d: "saved cell " + last in d.find_element(By.ID, "status").text)

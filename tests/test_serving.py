@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def test_bf16_averages_over_rotations_and_flips_recheck_their_own_close_calls(da
 def test_precision_is_chosen_by_job_size_and_refused_clearly_where_missing(monkeypatch):
     assert choose_precision("fp32", 10**6) == "fp32"
     assert choose_precision("auto", 10) == "fp32"  # OpenVINO's start-up would cost more than it saves
-    expected = "fp32" if serving.bf16_missing() else "bf16"
+    expected = "fp32" if serving.bf16_missing() else "auto"  # OnnxModel measures whether bf16 pays
     assert choose_precision("auto", serving.BF16_MIN_IMAGES) == expected
     with pytest.raises(WbcidError, match="one of auto, fp32, bf16"):
         choose_precision("half", 10)
@@ -78,3 +79,67 @@ def test_evaluate_records_the_precision_it_ran_in(pbc_small, tmp_path):
     recorded = json.loads((out / "metrics.json").read_text())["precision"]
     assert recorded["arithmetic"] == precision
     assert ("rechecked_in_fp32" in recorded) == (precision == "bf16")
+
+
+def _fake_bf16(seconds_per_image: float | None):
+    """An OpenVINO stand-in: fp32's results, after a pause per image (``None``: at once, as zeros)."""
+
+    def make(path, threads):
+        fp32 = serving.session(path, threads)
+
+        def run(x):
+            if seconds_per_image is None:
+                return np.zeros((len(x), 5), np.float32), np.full(len(x), 0.5, np.float32)
+            time.sleep(seconds_per_image * len(x))
+            return tuple(fp32.run(serving.OUTPUTS, {"image": x}))
+
+        return run
+
+    return make
+
+
+def test_auto_takes_bf16_only_where_it_measures_faster(monkeypatch, data_root):
+    """On an Intel Xeon with AVX-512 BF16 but no AMX, OpenVINO's bf16 ran the network at 0.7x fp32's
+    speed, and ``auto`` took it for any CPU with bf16 units: 2,000 cells took 10 s instead of 8."""
+    monkeypatch.setattr(serving, "bf16_missing", lambda: None)
+    monkeypatch.setattr(serving, "_openvino_bf16", _fake_bf16(0.05))  # far slower than fp32's few ms
+    slow = OnnxModel(BUNDLED_ONNX, precision="auto")
+    assert slow.precision == "fp32" and slow._bf16 is None
+    recorded = serving.served_precision(slow)
+    assert recorded["arithmetic"] == "fp32"
+    assert recorded["measured"]["bf16_ms_per_image"] > recorded["measured"]["fp32_ms_per_image"]
+    monkeypatch.setattr(serving, "_openvino_bf16", _fake_bf16(None))
+    fast = OnnxModel(BUNDLED_ONNX, precision="auto")
+    assert fast.precision == "bf16" and serving.served_precision(fast)["arithmetic"] == "bf16"
+    monkeypatch.setattr(serving, "_openvino_bf16", _fake_bf16(0.05))
+    assert OnnxModel(BUNDLED_ONNX, precision="bf16").precision == "bf16"  # asked for: not measured
+    assert "measured" not in serving.served_precision(OnnxModel(BUNDLED_ONNX, precision="bf16"))
+
+
+def test_a_resumed_prediction_keeps_the_arithmetic_it_began_in(monkeypatch, data_root, tmp_path):
+    """``auto`` measures afresh each time it starts, so a resumed prediction could measure the other way
+    and be refused as made with other settings: it continues in the arithmetic its log records."""
+    import wbcid.inference
+    from wbcid.inference import predict, progress_log
+
+    monkeypatch.setattr(serving, "bf16_missing", lambda: None)
+    monkeypatch.setattr(serving, "BF16_MIN_IMAGES", 2)
+    monkeypatch.setattr(serving, "_openvino_bf16", _fake_bf16(0.0))  # as fast as fp32 itself: bf16 does not pay
+    images = sorted((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))[:6]
+    out = tmp_path / "p.csv"
+    real = wbcid.inference.predict_scores
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def stop_after_one(model, batches, tta=None):
+        monkeypatch.setattr(wbcid.inference, "predict_scores", interrupted)
+        return real(model, batches, tta)
+
+    monkeypatch.setattr(wbcid.inference, "predict_scores", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        predict(None, images, out, batch_size=3, precision="bf16")
+    assert '"precision": "bf16"' in progress_log(out).read_text().splitlines()[0]
+    monkeypatch.setattr(wbcid.inference, "predict_scores", real)
+    resumed = predict(None, images, out, batch_size=3, resume=True)  # auto, which would measure fp32 here
+    assert len(resumed) == 6 and resumed.label.ne("").all()

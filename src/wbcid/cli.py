@@ -65,8 +65,8 @@ ServePrecision = Annotated[
         "--precision",
         help="Arithmetic of an ONNX model (the bundled one, a run's model.onnx, a `wbcid export`): fp32 (ONNX "
         "Runtime) or bf16 (OpenVINO on a CPU with bf16 units, faster; close calls and scores near the flag "
-        "threshold are rechecked in fp32, so labels and flags agree with fp32); auto: bf16 where available "
-        "for 512 or more images (count: fp32, its calls are too small to gain).",
+        "threshold are rechecked in fp32, so labels and flags agree with fp32); auto: bf16 for 512 or more images "
+        "where it measures faster on this CPU (count: fp32, its calls are too small to gain).",
     ),
 ]
 Weights = Annotated[Path | None, typer.Option(help="Local ImageNet weights file for the backbone.")]

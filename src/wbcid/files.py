@@ -129,6 +129,15 @@ def finished_work(
     return {entry["path"]: entry for entry in lines[1:]}
 
 
+def logged_settings(log_path: Path) -> dict:
+    """The settings a resumable command's log (:func:`finished_work`) begins with; ``{}`` before there are any."""
+    try:
+        with log_path.open() as handle:
+            return json.loads(handle.readline())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 @contextmanager
 def appending(log_path: Path, settings: dict) -> Iterator[TextIO]:
     """``log_path`` (see :func:`finished_work`) opened to append to, by this command alone (a second

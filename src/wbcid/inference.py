@@ -17,7 +17,16 @@ from .contract import flagged
 from .data import CLASSES
 from .decoding import GREY_REASON, image_batches
 from .errors import WbcidError
-from .files import Inputs, appending, finished_work, list_images, output_file, prediction_review, refuse_reviewed
+from .files import (
+    Inputs,
+    appending,
+    finished_work,
+    list_images,
+    logged_settings,
+    output_file,
+    prediction_review,
+    refuse_reviewed,
+)
 from .loading import Model, describe_model, resolve_model
 from .preprocess import TORCH_BATCH, Preprocess, as_input
 from .serving import OnnxModel, choose_precision, served_precision
@@ -238,6 +247,8 @@ def predict(
         raise WbcidError("--adabn estimates from all the images at once, so it cannot --resume: run it again whole")
     files = list_images(paths)  # missing or empty inputs fail before the model loads
     name = describe_model(model)
+    if resume and precision == "auto":  # continue in the arithmetic it began in: ``auto`` measures afresh
+        precision = logged_settings(progress).get("precision", precision)
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(files)))
     if progress is None or adabn:
         probs, ood, ok, grey = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)

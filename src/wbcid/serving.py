@@ -7,12 +7,14 @@ canonical crop, colour normalisation, class order) is the :class:`~wbcid.contrac
 stored as ONNX metadata under ``wbcid_config``.
 
 Precision: ONNX Runtime runs the graph in fp32. Where OpenVINO is installed and the CPU has bf16
-units (AVX-512 BF16 or AMX), the same file can run in bf16, the network 1.7-2.5x as fast on the
-two CPUs measured (docs/precision.md). bf16 moves the logits by up to about 0.2 and the OOD score
-by up to about 10 %, so a cell whose two best classes are closer than :data:`RECHECK_MARGIN`, or
-whose OOD score is near the flag threshold (:data:`RECHECK_OOD`), is run again in fp32: labels
-and flags then agree with fp32 whatever the CPU, and both bands are properties of the arithmetic,
-not of any lab's cells.
+units (AVX-512 BF16 or AMX), the same file can run in bf16: the network 1.7-2.5x as fast on two
+CPUs measured (docs/precision.md, docs/precision_amx.md), but 0.7x on a third (an Intel Xeon with
+AVX-512 BF16 and no AMX, where OpenVINO reorders every convolution's data), so ``auto`` measures
+both on the CPU it runs on before it takes bf16 (:meth:`OnnxModel.bf16_pays`). bf16 moves the logits
+by up to about 0.2 and the OOD score by up to about 10 %, so a cell whose two best classes are
+closer than :data:`RECHECK_MARGIN`, or whose OOD score is near the flag threshold
+(:data:`RECHECK_OOD`), is run again in fp32: labels and flags then agree with fp32 whatever the CPU,
+and both bands are properties of the arithmetic, not of any lab's cells.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import functools
 import json
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -39,6 +42,10 @@ NO_BF16_UNITS = "this CPU has no bf16 units (AVX-512 BF16 or AMX)"  # bf16 refus
 # ``auto`` turns to bf16 from this many images: below it, OpenVINO's start-up (about 0.4 s measured
 # here) costs more than bf16 saves (about 1 ms per image on one core).
 BF16_MIN_IMAGES = 512
+# The share of cells whose bf16 result is rechecked in fp32, which bf16 must save time for: the median
+# of the five labs' shares (4-38 %: docs/precision.md, docs/precision_amx.md), as no job's is known ahead.
+RECHECKED_SHARE = 0.27
+PROBE_IMAGES = 16  # images each arithmetic is timed on (random pixels: the time does not depend on them)
 
 
 def _threads(threads: int | None) -> int:
@@ -73,14 +80,15 @@ def bf16_missing() -> str | None:
 
 
 def choose_precision(requested: str, images: int) -> str:
-    """``fp32`` or ``bf16`` for a job of ``images`` images; ``auto`` takes bf16 where it pays."""
+    """The arithmetic for a job of ``images`` images: ``fp32``, ``bf16``, or ``auto`` where bf16 could
+    pay, i.e. for a job large enough on a CPU with bf16 units (:class:`OnnxModel` then measures it)."""
     if requested not in PRECISIONS:
         raise WbcidError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
     if requested == "fp32" or (requested == "auto" and images < BF16_MIN_IMAGES):
         return "fp32"
     missing = bf16_missing()  # imports OpenVINO: only asked where bf16 would be used
     if missing is None:
-        return "bf16"
+        return requested
     if requested == "bf16":
         raise WbcidError(f"--precision bf16: {missing}; use --precision fp32")
     return "fp32"
@@ -105,8 +113,9 @@ def _openvino_bf16(path: str | os.PathLike, threads: int | None):
 class OnnxModel:
     """An exported model with a WBCNet's ``config`` and ``scores``, on NumPy arrays.
 
-    ``precision``: ``fp32`` (ONNX Runtime) or ``bf16`` (OpenVINO, close calls rechecked in fp32);
-    ``rechecked`` counts the images recomputed so.
+    ``precision``: ``fp32`` (ONNX Runtime), ``bf16`` (OpenVINO, close calls rechecked in fp32), or
+    ``auto``: bf16 where it measures faster here (:meth:`bf16_pays`); ``rechecked`` counts the images
+    recomputed in fp32, ``measured`` holds the seconds per image ``auto`` compared.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, precision: str = "fp32"):
@@ -116,9 +125,27 @@ class OnnxModel:
             raise WbcidError(f"{path} was not exported by wbcid (no {METADATA_KEY} metadata)")
         self.config = ModelConfig.from_dict(json.loads(meta[METADATA_KEY]))
         self.precision = choose_precision(precision, BF16_MIN_IMAGES)  # a model alone: ``auto`` as for a big job
-        self._bf16 = _openvino_bf16(path, threads) if self.precision == "bf16" else None
+        self._bf16 = _openvino_bf16(path, threads) if self.precision != "fp32" else None
         self.rechecked = 0
         self._counting = threading.Lock()  # count's fields call scores from several threads
+        self.measured: dict[str, float] = {}
+        if self.precision == "auto":
+            self.precision = "bf16" if self.bf16_pays() else "fp32"
+            self._bf16 = self._bf16 if self.precision == "bf16" else None
+
+    def bf16_pays(self) -> bool:
+        """Whether bf16 runs the network here in less time than fp32, its fp32 rechecks of
+        ``RECHECKED_SHARE`` of the cells included; each is timed on its second call (the first
+        allocates), on ``PROBE_IMAGES`` images. The times are kept in ``measured``."""
+        size = self.config.input_size
+        x = np.random.default_rng(0).random((PROBE_IMAGES, 3, size, size), dtype=np.float32)
+        for name, run in (("fp32", self._fp32), ("bf16", self._bf16)):
+            run(x)
+            start = time.perf_counter()
+            run(x)
+            self.measured[f"{name}_ms_per_image"] = round((time.perf_counter() - start) / len(x) * 1e3, 3)
+        fp32, bf16 = self.measured["fp32_ms_per_image"], self.measured["bf16_ms_per_image"]
+        return bf16 + RECHECKED_SHARE * fp32 < fp32
 
     def scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits ``(n, 5)`` and OOD scores ``(n,)`` for a float NCHW batch in [0, 1]."""
@@ -157,6 +184,8 @@ class OnnxModel:
 
 def served_precision(model: object) -> dict:
     """What a model's results were computed in, for the record (PyTorch models: fp32)."""
+    chosen = {"measured": model.measured} if isinstance(model, OnnxModel) and model.measured else {}  # by ``auto``
     if isinstance(model, OnnxModel) and model.precision == "bf16":
-        return {"arithmetic": "bf16", "rechecked_in_fp32": model.rechecked}  # network evaluations, TTA views too
-    return {"arithmetic": "fp32"}
+        # rechecked: network evaluations, TTA views too
+        return {"arithmetic": "bf16", "rechecked_in_fp32": model.rechecked} | chosen
+    return {"arithmetic": "fp32"} | chosen

@@ -241,7 +241,7 @@ def report(r: dict) -> str:
     rechecked = ", ".join(f"{s} {v:.1%}" for s, v in r.get("rechecked_share", {}).items())
     served = (
         f"""
-`wbcid bf16` is what `--precision bf16` (and `auto` from 512 images) serves: OpenVINO bf16, with
+`wbcid bf16` is what `--precision bf16` (and `auto` from 512 images, where it measures faster) serves: OpenVINO bf16, with
 every cell whose two best logits are closer than `RECHECK_MARGIN` (0.5), or whose OOD score is
 within a factor exp(`RECHECK_OOD`) = exp(0.25) of the flag threshold, recomputed in fp32. Share of
 cells recomputed: {rechecked}. The largest bf16-fp32 differences on the {r["calibration_cells"]}

@@ -7,14 +7,14 @@ canonical crop, colour normalisation, class order) is the :class:`~wbcid.contrac
 stored as ONNX metadata under ``wbcid_config``.
 
 Precision: ONNX Runtime runs the graph in fp32. Where OpenVINO is installed and the CPU has bf16
-units (AVX-512 BF16 or AMX), the same file can run in bf16: the network 1.7-2.5x as fast on two
-CPUs measured (docs/precision.md, docs/precision_amx.md), but 0.7x on a third (an Intel Xeon with
-AVX-512 BF16 and no AMX, where OpenVINO reorders every convolution's data), so ``auto`` measures
-both on the CPU it runs on before it takes bf16 (:meth:`OnnxModel.bf16_pays`). bf16 moves the logits
-by up to about 0.2 and the OOD score by up to about 10 %, so a cell whose two best classes are
-closer than :data:`RECHECK_MARGIN`, or whose OOD score is near the flag threshold
-(:data:`RECHECK_OOD`), is run again in fp32: labels and flags then agree with fp32 whatever the CPU,
-and both bands are properties of the arithmetic, not of any lab's cells.
+units (AVX-512 BF16 or AMX), the same file can run in bf16: the network 1.7-1.9x as fast as in ONNX
+Runtime fp32 on two CPUs measured (docs/precision.md, docs/precision_amx.md), but 0.77x on a third,
+an Intel Xeon with AVX-512 BF16 and no AMX (docs/precision_xeon_bf16.md), so ``auto`` measures both
+on the CPU it runs on before it takes bf16 (:meth:`OnnxModel.bf16_pays`). bf16 moves the logits by
+up to about 0.2 and the OOD score by up to about 10 %, so a cell whose two best classes are closer
+than :data:`RECHECK_MARGIN`, or whose OOD score is near the flag threshold (:data:`RECHECK_OOD`), is
+run again in fp32: labels and flags then agree with fp32 whatever the CPU, and both bands are
+properties of the arithmetic, not of any lab's cells.
 """
 
 from __future__ import annotations

@@ -234,6 +234,29 @@ def test_list_images_leaves_out_what_wbcid_wrote_inside_the_folder(data_root, tm
     assert "runs/mylab (a model's run)" in caplog.text
 
 
+def test_other_image_formats_are_read_or_left_out_with_a_warning(data_root, tmp_path, caplog):
+    """GIF, JPEG 2000, AVIF and Windows' .jfif JPEGs were left out unsaid, though Pillow reads them;
+    a phone's HEIC photos (and raw, DICOM, whole-slide files), which it cannot, are named and counted."""
+    from PIL import Image
+
+    from wbcid.inference import predict
+
+    cell = Image.open(next((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))).convert("RGB")
+    for name in ("a.jfif", "b.gif", "c.jp2", "d.avif"):
+        cell.save(tmp_path / name, format="JPEG" if name.endswith("jfif") else None)
+    (tmp_path / "e.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (tmp_path / "notes.txt").write_text("not an image")
+    table = predict(None, tmp_path)
+    assert [Path(p).name for p in table.path] == ["a.jfif", "b.gif", "c.jp2", "d.avif"]
+    assert (table.label == "monocyte").all() and (table.error == "").all()
+    assert "left out images in formats wbcid does not read (1 .heic): save them as JPEG" in caplog.text
+    assert "notes.txt" not in caplog.text and ".txt" not in caplog.text
+    for name in ("a.jfif", "b.gif", "c.jp2", "d.avif"):
+        (tmp_path / name).unlink()
+    with pytest.raises(WbcidError, match=r"no images .* 1 \.heic file\(s\) in formats wbcid does not read"):
+        list_images(tmp_path)
+
+
 def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):
     """Issue 13.13: 'Path,Label' was refused; all-missing paths said only 'no labelled images found'."""
     image = next((data_root / "cells" / "lisc" / "basophil").glob("*.jpg"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,11 @@ except ImportError:  # Windows: logs are not locked
 
 log = logging.getLogger("wbcid")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# what Pillow reads without plug-ins (its wheels bring JPEG 2000 and AVIF); .jfif is JPEG as Windows names it
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".jp2", ".j2k", ".avif"}
+# images it cannot read (phones' HEIC, camera raw, DICOM, whole-slide scans): left out of a folder with a warning
+UNREAD_SUFFIXES = {".heic", ".heif", ".dng", ".cr2", ".nef", ".arw", ".dcm", ".svs", ".ndpi", ".mrxs", ".czi", ".vsi"}
+UNREAD_ADVICE = "save them as JPEG, PNG or TIFF (a whole-slide scan: cut it into fields)"
 COUNT_LOG = "fields.jsonl"  # a count's log of finished fields (for --resume): it marks a `wbcid count` folder
 REVIEW_DATABASE = "review.sqlite"  # a review's corrections: marks its folder (and a count folder under review)
 OUTPUT_MARKERS = {COUNT_LOG: "a count", REVIEW_DATABASE: "a review", "model.pt": "a model's run"}
@@ -207,10 +212,11 @@ def list_images(paths: Inputs) -> list[Path]:
         raise WbcidError("no images or folders given")
     found: list[Path] = []
     outputs: dict[Path, str] = {}
+    unread: Counter[str] = Counter()
     for p in paths:
         refuse_count_folder(p)
         if p.is_dir():
-            found += _images_in(p, outputs)
+            found += _images_in(p, outputs, unread)
         elif p.is_file():
             found.append(p)
         else:
@@ -220,15 +226,20 @@ def list_images(paths: Inputs) -> list[Path]:
             "left out wbcid's own output in the folders searched (its images are not new cells): %s",
             "; ".join(f"{folder} ({what})" for folder, what in sorted(outputs.items())),
         )
+    formats = ", ".join(f"{n} {suffix}" for suffix, n in sorted(unread.items()))
     if not found:
-        raise WbcidError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
+        also = f"; {formats} file(s) in formats wbcid does not read: {UNREAD_ADVICE}" if unread else ""
+        raise WbcidError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}{also}")
+    if unread:
+        log.warning("left out images in formats wbcid does not read (%s): %s", formats, UNREAD_ADVICE)
     return found
 
 
-def _images_in(folder: Path, outputs: dict[Path, str]) -> list[Path]:
+def _images_in(folder: Path, outputs: dict[Path, str], unread: Counter[str]) -> list[Path]:
     """Image files under ``folder``, sorted, without the folders wbcid wrote (added to ``outputs``): a
     count's annotated fields and cut cells, a review's thumbnails or a run's plots, searched as input,
-    were classified as cells (a count resumed into a folder inside its input counted its own output)."""
+    were classified as cells (a count resumed into a folder inside its input counted its own output).
+    Images in formats it cannot read are counted in ``unread`` by suffix (they were left out unsaid)."""
     found = []
     for root, folders, files in os.walk(folder):
         if what := next((what for marker, what in OUTPUT_MARKERS.items() if marker in files), None):
@@ -236,7 +247,9 @@ def _images_in(folder: Path, outputs: dict[Path, str]) -> list[Path]:
             folders.clear()
             continue
         folders[:] = [f for f in folders if not hidden(f)]
-        found += [Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES and not hidden(f)]
+        suffixes = [(f, Path(f).suffix.lower()) for f in files if not hidden(f)]
+        found += [Path(root) / f for f, suffix in suffixes if suffix in IMAGE_SUFFIXES]
+        unread.update(suffix for _, suffix in suffixes if suffix in UNREAD_SUFFIXES)
     return sorted(f for f in found if f.is_file())
 
 

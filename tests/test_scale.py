@@ -40,6 +40,28 @@ def test_a_huge_field_is_measured_as_its_smaller_copy(data_root):
     assert huge / small == pytest.approx(8, rel=0.1)
 
 
+def test_a_photo_through_the_eyepiece_is_measured_inside_its_dark_ring(data_root, tmp_path):
+    """A phone held to the eyepiece sees the field in a black disc: the ring read as one huge red cell,
+    and the scale came out 3.5x too large (every WBC then 'did not fit in the field')."""
+    from PIL import ImageDraw
+
+    fields = sorted((data_root / "smears" / "bccd" / "images").glob("*.jpg"))[::36][:10]
+    ringed = []
+    for field in fields:
+        with Image.open(field) as image:
+            w, h = image.size
+            disc = Image.new("L", (w, h), 0)
+            ImageDraw.Draw(disc).ellipse(((w - h) / 2, 0, (w + h) / 2, h), fill=255)
+            disc = disc.resize((w // 4, h // 4)).resize((w, h), Image.Resampling.BILINEAR)  # a soft edge
+            Image.composite(image.convert("RGB"), Image.new("RGB", (w, h), (6, 6, 6)), disc).save(
+                ringed_path := tmp_path / field.name
+            )
+        ringed.append(ringed_path)
+    plain, through = estimate_scale(fields), estimate_scale(ringed)
+    assert through["fields_measured"] == 10
+    assert through["rbc_diameter"] / plain["rbc_diameter"] == pytest.approx(1, abs=0.15)  # 0.92; the bar of test 1
+
+
 def test_fields_without_red_cells_fall_back_to_the_default_with_a_warning(tmp_path, caplog):
     blank, tiny = tmp_path / "blank.png", tmp_path / "tiny.png"
     Image.new("RGB", (400, 300), (240, 230, 235)).save(blank)

@@ -17,6 +17,14 @@ from skimage.filters import threshold_multiotsu
 
 MARGIN = 2.0  # crop side / nucleus extent: leaves room for the cytoplasm of large cells
 SEGMENT_SIZE = 112  # longest side of the copy the nucleus is found in
+BLACK = 25  # brightest channel below this: no stain is that dark under a lamp, only what blocks the light
+
+
+def unlit(rgb: np.ndarray) -> np.ndarray:
+    """Pixels no light reached (uint8 HWC in): a scanner's black border, padding, the dark ring of a
+    photo taken through the eyepiece. No stain is among them, so they are neither nuclei nor red cells.
+    (The channel-wise maximum: 25x faster than ``max(axis=2)``.)"""
+    return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < BLACK
 
 
 def find_nucleus(rgb: np.ndarray) -> tuple[float, float, float] | None:
@@ -27,8 +35,7 @@ def find_nucleus(rgb: np.ndarray) -> tuple[float, float, float] | None:
     """
     green = rgb[..., 1].astype(np.float32)
     height, width = green.shape
-    # black scanner borders and padding are not nuclei (channel-wise maximum: 25x faster than max(axis=2))
-    artefact = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < 25
+    artefact = unlit(rgb)
     if artefact.any():
         green[artefact] = np.median(green[~artefact]) if not artefact.all() else 0
     green = ndimage.gaussian_filter(green, sigma=max(1.0, min(height, width) / 100))

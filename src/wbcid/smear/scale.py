@@ -11,7 +11,8 @@ red-cell diameter.
 
 The red-cell mask: optical density of green (red cells, WBCs and platelets absorb it; the pale
 background does not), split by a three-class Otsu into background, red cells and nuclei, holes
-(the central pallor) filled. The field is first resized to ``WORK_SIDE`` pixels on its long side.
+(the central pallor) filled; pixels no light reached (the dark ring of a photo through the eyepiece,
+:func:`wbcid.crop.unlit`) are neither. The field is first resized to ``WORK_SIDE`` pixels on its long side.
 
 Constants and where they were chosen (``benchmarks/scale.py`` measures the result on all sources):
 
@@ -28,8 +29,11 @@ from PIL import Image
 from scipy import ndimage
 from skimage.filters import threshold_multiotsu
 
+from ..crop import unlit
+
 WORK_SIDE = 128  # long side of the copy measured (16 ms per field here)
 MIN_RADIUS = 2  # work pixels; smaller objects are noise and specks
+DENSITY_SIGMA = 1  # work pixels of Gaussian smoothing of the optical density
 MIN_RED_SHARE = 0.02  # a field whose mask covers less than this has too few red cells to measure
 RBC_BOX_PER_DISC = 1.21  # chosen on TXL-PBC's BCCD fields (see the module docstring)
 WBC_PER_RBC = 1.85  # 200 / 108, chosen on BCCD
@@ -42,12 +46,17 @@ def rbc_diameter(image: Image.Image) -> float | None:
     work = image.convert("RGB").resize(
         (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR
     )
-    density = ndimage.gaussian_filter(-np.log((np.asarray(work, dtype=np.float32)[..., 1] + 1) / 256), 1)
+    rgb = np.asarray(work)
+    density = ndimage.gaussian_filter(-np.log((rgb[..., 1].astype(np.float32) + 1) / 256), DENSITY_SIGMA)
+    # an eyepiece photo's dark ring read as one huge red cell (3.5x the field's red cells, measured on
+    # BCCD fields given a ring), and its edge, dense too, closed a hole that filled the field: the
+    # unlit pixels are left out, with the 2 sigma of smoothing around them where their darkness leaks in
+    lit = ~ndimage.binary_dilation(unlit(rgb), iterations=2 * DENSITY_SIGMA)
     try:
-        background = threshold_multiotsu(density, classes=3)[0]
-    except ValueError:  # too few distinct values: blank or tiny
+        background = threshold_multiotsu(density[lit], classes=3)[0]
+    except ValueError:  # too few distinct values: blank, tiny or unlit
         return None
-    mask = ndimage.binary_fill_holes(density > background)
+    mask = ndimage.binary_fill_holes((density > background) & lit)
     if mask.mean() < MIN_RED_SHARE or mask.all():
         return None
     spectrum = _pattern_spectrum(mask)

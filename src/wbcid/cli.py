@@ -404,11 +404,11 @@ def adapt(
     with _interrupted("nothing was written; the base model is unchanged"):
         run = run_adaptation(cells, out, model, config, replay, unlabelled)
     record = json.loads((run / "config.json").read_text())
-    cells = ", ".join(f"{k} {v}" for k, v in record["verified_cells"].items())
+    per_class = ", ".join(f"{k} {v}" for k, v in record["verified_cells"].items())
     again = f"{record['base_model']} adapted again" if record["continued_from"] else "adapted"
     before = f", {record['earlier_cells']} of them verified for {model}" if record["earlier_cells"] else ""
     typer.echo(
-        f"{again} to {sum(record['verified_cells'].values())} verified cells ({cells}{before}) in "
+        f"{again} to {sum(record['verified_cells'].values())} verified cells ({per_class}{before}) in "
         f"{record['seconds']:.0f} s; model: {run} (use it with --model {run})"
     )
 

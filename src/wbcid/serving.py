@@ -115,7 +115,7 @@ class OnnxModel:
 
     ``precision``: ``fp32`` (ONNX Runtime), ``bf16`` (OpenVINO, close calls rechecked in fp32), or
     ``auto``: bf16 where it measures faster here (:meth:`bf16_pays`); ``rechecked`` counts the images
-    recomputed in fp32, ``measured`` holds the seconds per image ``auto`` compared.
+    recomputed in fp32, ``measured`` the milliseconds per image ``auto`` compared.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, precision: str = "fp32"):

@@ -218,3 +218,14 @@ def test_the_page_fits_a_tablet_and_a_phone(server, browser):
     assert bottom  # at hand beside the last tile, at the far end of the page
     button.click()
     WebDriverWait(browser, 10).until(lambda d: "saved cell " + last in d.find_element(By.ID, "status").text)
+
+
+def test_the_count_report_fits_a_phone(server, browser):
+    """report.html had no viewport tag and a table and field images wider than a phone: the page
+    scrolled sideways; now only its table does."""
+    _, run = server
+    browser.set_window_size(390, 844)
+    browser.get((run / "report.html").as_uri())
+    width = "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    scroll, client = _settled(browser, lambda d: d.execute_script(width))
+    assert browser.find_elements(By.CSS_SELECTOR, "img.field") and scroll <= client

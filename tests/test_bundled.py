@@ -54,7 +54,21 @@ def test_unreadable_files_keep_their_row_without_a_label(data_root, tmp_path):
     assert table.path.tolist() == [str(good), str(bad)]
     assert table.label[0] in CLASSES and table.label[1] == ""
     assert table.loc[1, [f"p_{c}" for c in CLASSES]].isna().all()
-    assert table.flagged.tolist() == [table.flagged[0], True] and table.error.tolist() == ["", UNREADABLE_MESSAGE]
+    assert table.flagged.tolist() == [table.flagged[0], True] and table.error[0] == ""
+    assert table.error[1] == f"{UNREADABLE_MESSAGE} (UnidentifiedImageError: cannot identify image file '{bad}')"
+
+
+def test_a_file_too_large_to_read_says_why(data_root, monkeypatch, tmp_path):
+    """predict said only "could not be read as an image" where count says why: past PIL's limit on
+    pixels (179 Mpx; lowered here so that a cell image meets it), a whole-slide scan, not a cell."""
+    from PIL import Image
+
+    cell = next((data_root / "cells" / "lisc" / "monocyte").iterdir())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(WbcidError, match="none of the 1 images"):
+        predict(None, [cell], tmp_path / "p.csv")
+    error = pd.read_csv(tmp_path / "p.csv", keep_default_na=False).error[0]
+    assert error.startswith(UNREADABLE_MESSAGE) and "a whole-slide scan? cut it into fields" in error
 
 
 def test_a_cell_stored_in_grey_is_flagged_with_the_reason(data_root, tmp_path, caplog):
@@ -84,7 +98,7 @@ def test_nothing_readable_is_an_error_after_the_csv_is_written(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(WbcidError, match="none of the 1 images"):
         predict(None, [bad], tmp_path / "out.csv")
-    assert pd.read_csv(tmp_path / "out.csv", keep_default_na=False).error.tolist() == [UNREADABLE_MESSAGE]
+    assert pd.read_csv(tmp_path / "out.csv", keep_default_na=False).error[0].startswith(UNREADABLE_MESSAGE + " (")
     cli = subprocess.run(
         [sys.executable, "-m", "wbcid", "predict", str(bad), "--out", str(tmp_path / "o2.csv")],
         capture_output=True,

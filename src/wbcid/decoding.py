@@ -147,6 +147,17 @@ def unreadable_reason(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
+def why_unreadable(path: str | os.PathLike) -> str:
+    """Why the file at ``path`` is not a readable image (:func:`unreadable_reason`), asked again for the
+    few that failed: a batch keeps only whether each file could be read. Empty if it reads now."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except UNREADABLE as exc:
+        return unreadable_reason(exc)
+    return ""
+
+
 def try_decode(path: Path, prep: Preprocess) -> np.ndarray | None:
     """:func:`decode_image`, or ``None`` for a file that is not a readable image."""
     decoded = _try_decode(path, prep)

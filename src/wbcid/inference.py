@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .contract import flagged
 from .data import CLASSES
-from .decoding import GREY_REASON, image_batches
+from .decoding import GREY_REASON, image_batches, why_unreadable
 from .errors import WbcidError
 from .files import (
     Inputs,
@@ -255,6 +255,9 @@ def predict(
     else:
         probs, ood, ok, grey = _predict_kept(model, files, progress, name, batch_size, tta)
     table = prediction_table(probs, ood, ok, grey)
+    for i in np.flatnonzero(~ok):  # say why, as count does: a truncated file, a whole-slide scan, ...
+        if reason := why_unreadable(files[i]):
+            table.loc[i, "error"] = f"{UNREADABLE_MESSAGE} ({reason})"
     table.insert(0, "path", [str(f) for f in files])
     table["model"] = name  # which model answered: a review's Grad-CAM maps are by it, and merged CSVs keep it
     if out_csv is not None:

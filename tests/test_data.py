@@ -257,6 +257,15 @@ def test_other_image_formats_are_read_or_left_out_with_a_warning(data_root, tmp_
         list_images(tmp_path)
 
 
+def test_a_folder_of_unsorted_images_is_not_labelled_data_and_the_message_says_what_is(data_root, tmp_path):
+    """A folder of cell images without class folders said only "no labelled images found"."""
+    for cell in sorted((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))[:3]:
+        (tmp_path / cell.name).symlink_to(cell)
+    (tmp_path / "._a.jpg").write_bytes(b"macOS metadata")
+    with pytest.raises(WbcidError, match=r"its 3 image\(s\) lie in the folder itself.*class folders.*wbcid predict"):
+        read_cells(tmp_path)
+
+
 def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):
     """Issue 13.13: 'Path,Label' was refused; all-missing paths said only 'no labelled images found'."""
     image = next((data_root / "cells" / "lisc" / "basophil").glob("*.jpg"))

@@ -292,7 +292,13 @@ def read_cells(
     if not cellset.cells:
         wanted = f"labelled images of the five classes ({', '.join(CLASSES)})" if known_only else "images"
         why = "; ".join(f"{count} {reason}" for reason, count in sorted(cellset.skipped.items()))
-        raise WbcidError(f"{path}: no {wanted} found" + (f" (skipped: {why})" if why else ""))
+        files = path.iterdir() if path.is_dir() else ()
+        loose = sum(f.suffix.lower() in IMAGE_SUFFIXES and not hidden(f.name) for f in files)
+        hint = (
+            f"; its {loose} image(s) lie in the folder itself, with no type: put them in class folders "
+            "(neutrophil/, ...), list them in a manifest CSV (path,label), or classify them with `wbcid predict`"
+        )
+        raise WbcidError(f"{path}: no {wanted} found" + (f" (skipped: {why})" if why else "") + hint * bool(loose))
     cellset.report_skipped()
     return cellset
 

@@ -4,6 +4,7 @@ counts.json, annotated fields and a report out, bad inputs included."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from urllib.parse import quote, unquote
 
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from wbcid.data import CLASSES
 from wbcid.errors import WbcidError
@@ -373,7 +374,8 @@ def test_a_folder_of_folders_is_counted_per_specimen(data_root, tmp_path):
 
 
 def test_a_cell_cut_by_the_field_edge_is_flagged_not_counted(data_root, tmp_path):
-    """Issue 12 (field edges): a WBC whose box touches the border is partly outside the image."""
+    """Issue 12 (field edges): a WBC whose box touches the border is partly outside the image; so is
+    one that the dark ring of a photo through the eyepiece cuts."""
     from wbcid.smear.counting import count, on_edge
 
     assert on_edge((0, 40, 90, 120), (640, 480)) and on_edge((500, 40, 640, 120), (640, 480))
@@ -388,6 +390,14 @@ def test_a_cell_cut_by_the_field_edge_is_flagged_not_counted(data_root, tmp_path
     (cell,) = cut["images"][0]["detections"]
     assert cell["edge"] and cell["flagged"] and cut["totals"]["counted"] == 0 and cut["totals"]["flagged"] == 1
     assert "cut by the field" in (tmp_path / "cut" / "report.html").read_text()
+    with Image.open(field) as image:  # a photo through the eyepiece: its dark ring cuts the cell's far side
+        w, h = image.size
+        reach = math.hypot((x0 + x1) / 2 - w / 2, (y0 + y1) / 2 - h / 2) + (x1 - x0) / 4
+        disc = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(disc).ellipse((w / 2 - reach, h / 2 - reach, w / 2 + reach, h / 2 + reach), fill=255)
+        Image.composite(image.convert("RGB"), Image.new("RGB", (w, h), (6, 6, 6)), disc).save(tmp_path / "ring.png")
+    (cell,) = count(None, [tmp_path / "ring.png"], tmp_path / "ring", cell_diameter=200)["images"][0]["detections"]
+    assert cell["edge"] and cell["flagged"]  # it was counted as a whole cell
 
 
 def test_fields_over_pils_pixel_limits_are_said_in_a_labs_words(data_root, tmp_path, monkeypatch, capsys):

@@ -210,7 +210,14 @@ def test_the_page_fits_a_tablet_and_a_phone(server, browser):
     browser.set_window_size(390, 844)
     browser.refresh()
     last = _tile_ids(browser)[-1]
-    _settled(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'.tile[data-id="{last}"]').click() or True)
+
+    def tap(d) -> bool:  # as a finger does: on the tile where it is seen, above the buttons
+        tile = d.find_element(By.CSS_SELECTOR, f'.tile[data-id="{last}"]')
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", tile)
+        tile.click()
+        return True
+
+    _settled(browser, tap)
     scroll, client = browser.execute_script(width)
     assert scroll <= client
     button = browser.find_element(By.CSS_SELECTOR, '#buttons button[data-label="lymphocyte"]')
@@ -218,6 +225,14 @@ def test_the_page_fits_a_tablet_and_a_phone(server, browser):
     assert bottom  # at hand beside the last tile, at the far end of the page
     button.click()
     WebDriverWait(browser, 10).until(lambda d: "saved cell " + last in d.find_element(By.ID, "status").text)
+    _, run = server
+
+    def reviewed() -> bool:
+        return {c["id"]: c["reviewed"] for c in ReviewStore.open(run).cells()}[int(last)]
+
+    assert reviewed()
+    browser.find_element(By.ID, "undo").click()  # no "u" key on a phone: a button does it
+    WebDriverWait(browser, 10).until(lambda d: not reviewed())
 
 
 def test_the_count_report_fits_a_phone(server, browser):

@@ -169,6 +169,7 @@ document.addEventListener("keydown", (event) => {
 });
 document.querySelectorAll("#buttons button[data-label]").forEach((b) => b.addEventListener("click", () => setLabel(b.dataset.label)));
 $("#confirm").addEventListener("click", () => setLabel(cells[selected].model_label));
+$("#undo").addEventListener("click", undoLast);  // a tablet or phone has no "u" key
 $("#export").addEventListener("click", async () => {
   try {
     status((await api("POST", "/api/export")).summary);

@@ -34,6 +34,7 @@ from .files import (
     IMAGE_SUFFIXES,
     PREDICTION_COLUMNS,
     hidden,
+    input_paths,
     model_labelled,
     prediction_review,
     read_table,
@@ -244,7 +245,7 @@ def file_identity(path: Path) -> object:
 
 def read_all(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> CellSet:
     """The cells of one layout or several (a repeated ``--data``) as one set (:meth:`CellSet.merged`)."""
-    return CellSet.merged([read_cells(path) for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)])
+    return CellSet.merged([read_cells(path) for path in input_paths(paths)])
 
 
 def read_cells(

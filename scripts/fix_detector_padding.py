@@ -57,14 +57,13 @@ def fix_padding(model: onnx.ModelProto) -> onnx.ModelProto:
     for node, amounts in zip([n for n in graph.node if n.op_type == "Pad"], pad_amounts(model)):
         graph.initializer.append(numpy_helper.from_array(np.array(amounts, np.int64), f"{node.name}/pads"))
         node.input[1] = f"{node.name}/pads"
-    while dead := [  # nodes whose outputs nothing reads, until none is left
-        n
-        for n in graph.node
-        if not set(n.output) & ({i for m in graph.node for i in m.input} | {o.name for o in graph.output})
-    ]:
+    while True:  # drop nodes whose outputs nothing reads, until none is left
+        used = {i for n in graph.node for i in n.input}
+        dead = [n for n in graph.node if not set(n.output) & (used | {o.name for o in graph.output})]
+        if not dead:
+            break
         for node in dead:
             graph.node.remove(node)
-    used = {i for n in graph.node for i in n.input}
     for unused in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(unused)
     onnx.checker.check_model(fixed)

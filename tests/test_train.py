@@ -118,7 +118,11 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(pbc_small, t
     assert (tmp_path / "resumed" / "last.pt").is_file() and not (tmp_path / "resumed" / "history.csv").exists()
     with pytest.raises(WbcidError, match="--resume"):
         fit(cells, tmp_path / "resumed", TrainConfig(**config))
+    for named in (tmp_path / "resumed", tmp_path / "resumed" / "model.pt"):  # was served, flagging nothing
+        with pytest.raises(WbcidError, match="has not finished.*--resume"):
+            resolve_model(named)
     fit(cells, tmp_path / "resumed", resume=True)
+    assert isinstance(resolve_model(tmp_path / "resumed"), OnnxModel)  # finished: served from its export
 
     straight, resumed = (
         load_checkpoint(tmp_path / "straight" / "last.pt"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
@@ -46,6 +47,21 @@ def _torch_twin(path: Path) -> Path:
     return twin if path.name == RUN_ONNX and twin.is_file() and served_file(path.parent) == path else path
 
 
+def _refuse_unfinished(path: Path) -> None:
+    """A run whose training is still going (or was stopped) has a ``model.pt``, the best epoch so far,
+    but no OOD scorer, export or report yet: served, it would flag nothing. :func:`wbcid.train.fit`
+    writes ``report.md`` last, so a ``last.pt`` without one is a training that has not finished."""
+    run = path if path.is_dir() else path.parent
+    last = run / "last.pt"
+    if path.suffix != ".onnx" and last.is_file() and not (run / "report.md").is_file():
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(last.stat().st_mtime))
+        raise WbcidError(
+            f"the training in {run} has not finished (its last epoch was saved {written}): its model has no "
+            f"out-of-distribution scorer yet. Wait for it to end, or, if it was stopped, finish it with "
+            f"`wbcid train --data DATA --out {run} --resume`"
+        )
+
+
 def resolve_model(
     model: Model | str | os.PathLike | None = None, needs_torch: str | None = None, precision: str = "fp32"
 ) -> Model:
@@ -76,6 +92,7 @@ def resolve_model(
         path = served_file(path)
     if needs_torch:
         path = _torch_twin(path)
+    _refuse_unfinished(path)
     if path.suffix == ".onnx" and path.is_file():
         if needs_torch:
             raise WbcidError(f"{refusal}: {path}")

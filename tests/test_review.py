@@ -271,6 +271,33 @@ def test_a_review_finds_its_images_from_any_folder(data_root: Path, tmp_path: Pa
         store.field_view(gone)
 
 
+def test_a_missing_image_leaves_its_cell_in_the_review_and_out_of_the_export(data_root: Path, tmp_path: Path, caplog):
+    """One image moved or deleted refused the whole review at its start, and an export after it
+    failed, locking the verified work away; now only that cell goes without a picture."""
+    cells = sorted((data_root / "cells/bccd/eosinophil").glob("*.jpg"))[:3]
+    for cell in cells:
+        shutil.copy(cell, tmp_path)
+    rows = "".join(f"{tmp_path / c.name},eosinophil,0.9,0.5,False\n" for c in cells)
+    (tmp_path / "cells.csv").write_text("path,label,probability,ood_score,flagged\n" + rows)
+    (tmp_path / cells[0].name).unlink()  # before the review's first start
+    client = TestClient(create_app(tmp_path / "cells.csv"))
+    listed = client.get("/api/cells").json()["cells"]
+    assert sum(c["missing"] for c in listed) == 1
+    gone = next(c["id"] for c in listed if c["missing"])
+    assert client.get(f"/api/cells/{gone}/image").status_code == 409
+    for cell in listed:
+        assert client.put(f"/api/cells/{cell['id']}", json={"label": "lymphocyte"}).json()["missing"] == cell["missing"]
+    (tmp_path / cells[1].name).unlink()  # after it started: thumbnails of the rest are still cut
+    store = ReviewStore.open(tmp_path / "cells.csv")
+    assert store.make_thumbnails() == 1
+    assert client.get("/api/differential").json()["classes"]["lymphocyte"]["count"] == 3
+    exported = client.post("/api/export").json()
+    assert exported["exported"] == 1 and "2 verified cell(s) whose image could not be read" in exported["summary"]
+    out = Path(exported["path"])
+    assert len(pd.read_csv(out / "manifest.csv")) == 1
+    assert json.loads((out / "counts.json").read_text())["totals"]["classes"]["lymphocyte"]["count"] == 3
+
+
 def test_a_damaged_review_database_is_reported_and_kept(run: Path):
     damaged = b"not a database, but perhaps a person's corrections" * 20
     (run / "review.sqlite").write_bytes(damaged)

@@ -2,7 +2,8 @@
 
 The page (``GET /``) is one Jinja2 template and a little plain JavaScript over this HTTP API:
 
-* ``GET /api/cells`` -> ``{"cells": [...]}`` (review-queue order: flagged, then least confident);
+* ``GET /api/cells`` -> ``{"cells": [...]}`` (review-queue order: flagged, then least confident;
+  ``missing``: the cell's image is no longer where the run recorded it);
 * ``PUT /api/cells/{id}`` with ``{"label": L}`` (one of the five types or ``other``) -> the cell;
   422 for any other label, 404 for an unknown id; ``DELETE /api/cells/{id}/review`` undoes it;
 * ``GET /api/differential`` -> the live totals, shaped like ``counts.json``'s;
@@ -74,6 +75,11 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
         except KeyError:
             raise HTTPException(404, f"no cell {cell_id}") from None
 
+    def marked(*cells: dict) -> list[dict]:
+        """Cells as the page gets them: each says whether its image is gone (a stat per image: cheap)."""
+        gone = store.missing()
+        return [cell | {"missing": cell["image"] in gone} for cell in cells]
+
     @app.exception_handler(WbcidError)
     def refused(request: Request, exc: WbcidError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
@@ -94,23 +100,23 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
 
     @app.get("/api/cells")
     def cells() -> dict:
-        return {"cells": store.cells()}
+        return {"cells": marked(*store.cells())}
 
     @app.get("/api/cells/{cell_id}")
     def get_cell(cell_id: int) -> dict:
-        return one(cell_id)
+        return marked(one(cell_id))[0]
 
     @app.put("/api/cells/{cell_id}")
     def correct(cell_id: int, body: Correction) -> dict:
         try:
-            return store.set_label(cell_id, body.label, body.reviewer or reviewer)
+            return marked(store.set_label(cell_id, body.label, body.reviewer or reviewer))[0]
         except KeyError:
             raise HTTPException(404, f"no cell {cell_id}") from None
 
     @app.delete("/api/cells/{cell_id}/review")
     def undo(cell_id: int) -> dict:
         try:
-            return store.set_label(cell_id, None, reviewer)
+            return marked(store.set_label(cell_id, None, reviewer))[0]
         except KeyError:
             raise HTTPException(404, f"no cell {cell_id}") from None
 
@@ -203,7 +209,16 @@ def serve(
         raise WbcidError(f"{port} is not a port: pass --port 0-65535 (0: any free port)")
     address = _resolve(host)  # a host that is not one fails before the thumbnails are cut
     app = create_app(run, model, reviewer)
-    made = ReviewStore.open(run).make_thumbnails()
+    store = ReviewStore.open(run)
+    if gone := store.missing():
+        log.warning(
+            "%d of the run's images are not where it records them, e.g. %s: their cells stay in the "
+            "differential and can be labelled, but show no picture (unless cut before) and are not exported; "
+            "put them back to see them",
+            len(gone),
+            min(gone),
+        )
+    made = store.make_thumbnails()
     if made:
         log.info("cut %d thumbnails (cached for the next start)", made)
     if not ipaddress.ip_address(address).is_loopback:

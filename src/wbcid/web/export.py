@@ -36,13 +36,18 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool =
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     cells = store.cells()
-    rows = []
+    rows, unreadable = [], []
     for cell in cells:
         if not cell["reviewed"] or cell["label"] not in CLASSES:
             continue
+        try:  # an image gone since the review began costs its cell as training data, not the export
+            picture = cell_image(cell)
+        except WbcidError:
+            unreadable.append(cell["id"])
+            continue
         path = Path("cells") / cell["label"] / f"{cell['id']}.png"
         (partial / path).parent.mkdir(parents=True, exist_ok=True)
-        cell_image(cell).save(partial / path)
+        picture.save(partial / path)
         rows.append(
             {
                 "path": str(path),
@@ -66,6 +71,7 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool =
         "totals": totals,
         "verified_by_person": totals["verified"],
         "exported": len(rows),  # the verified cells of the five types: the manifest's rows
+        "not_exported": unreadable,  # ids of verified cells of the five types whose image could not be read
         "model_only": totals["to_review"],
         "cells": [
             {
@@ -111,8 +117,14 @@ def export_summary(out: str | os.PathLike, result: dict | None = None) -> str:
     result = result or json.loads((out / "counts.json").read_text())
     verified, exported = result["verified_by_person"], result["exported"]
     line = f"{exported} verified cell(s) of the five types exported to {out} (manifest: {out / 'manifest.csv'})"
-    if verified > exported:  # "not a WBC" cells count in the differential's audit, not as training data
-        line += f"; {verified - exported} verified as not a WBC are in counts.json only"
+    unreadable = len(result.get("not_exported", []))  # exports before wbcid recorded them have no such key
+    if verified > exported + unreadable:  # "not a WBC" cells count in the differential's audit, not as training data
+        line += f"; {verified - exported - unreadable} verified as not a WBC are in counts.json only"
+    if unreadable:
+        line += (
+            f"; {unreadable} verified cell(s) whose image could not be read (moved or deleted?) are in the "
+            "differential but not exported: put the images back and export again"
+        )
     if not exported:
         line += "; nothing for `wbcid adapt` to learn from yet: verify some cells of the five types and export again"
     return line

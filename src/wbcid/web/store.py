@@ -222,9 +222,22 @@ class ReviewStore:
             _save_atomic(image, path)
         return path
 
+    def missing(self) -> set[str]:
+        """The run's images that are not on disk (moved or deleted since the review started): their
+        cells stay in the differential and can be labelled, but have no picture to show or export."""
+        with self._connect() as db:
+            images = [row[0] for row in db.execute("SELECT DISTINCT image FROM cells")]
+        return {image for image in images if not os.path.isfile(image)}
+
     def make_thumbnails(self) -> int:
-        """Cut every missing thumbnail now (the server does this once at start); returns how many."""
-        ids = [c["id"] for c in self.cells() if not (self.folder / "thumbs" / f"{c['id']}.jpg").is_file()]
+        """Cut every thumbnail not yet cut (the server does this once at start) whose image is there;
+        returns how many."""
+        gone = self.missing()
+        ids = [
+            c["id"]
+            for c in self.cells()
+            if c["image"] not in gone and not (self.folder / "thumbs" / f"{c['id']}.jpg").is_file()
+        ]
         for cell_id in ids:
             self.thumbnail(cell_id)
         return len(ids)
@@ -293,16 +306,17 @@ def _field(cell: dict) -> Image.Image:
     try:
         return open_field(cell["image"])[0]
     except OSError as exc:
-        raise WbcidError(f"cannot read {cell['image']} ({exc}): a review needs its images where they were") from exc
+        raise WbcidError(f"cannot read {cell['image']} ({exc}): moved or deleted? put it back to see the cell") from exc
 
 
 def _located(rows: list[tuple], run: Path) -> list[tuple]:
     """``rows`` with each image's path made absolute, so that a review started from any folder finds
     them: ``count`` and ``predict`` record paths as given, relative ones to the folder they ran in.
-    A missing image is an error here, before any review, not a broken page later."""
+    No image found is an error here (the review started from another folder), not a page of broken
+    pictures; some missing (moved or deleted since) are a warning when the server starts."""
     found = {image: os.path.abspath(image) for image in {row[0] for row in rows}}
     missing = sorted(image for image, path in found.items() if not os.path.isfile(path))
-    if missing:
+    if len(missing) == len(found):
         raise WbcidError(
             f"{run}: {len(missing)} of its {len(found)} images are not where it records them, e.g. {missing[0]}; "
             f"relative paths are read from the folder you are in ({os.getcwd()}): start the review from "

@@ -47,7 +47,7 @@ function setView(name) {
 function caption(cell) {
   const mark = cell.reviewed ? "\u2713 " : cell.flagged ? "? " : "";
   const was = cell.reviewed && cell.label !== cell.model_label ? ` (model: ${cell.model_label})` : "";
-  return `${mark}${cell.label} ${cell.confidence.toFixed(2)}${was}`;
+  return `${mark}${cell.label} ${cell.confidence.toFixed(2)}${was}${cell.missing ? " (image missing)" : ""}`;
 }
 
 function tile(cell, index) {
@@ -95,7 +95,8 @@ function select(index) {
   const cell = cells[selected];
   $("#selected").textContent = `cell ${cell.id}: model ${cell.model_label} (${cell.confidence.toFixed(2)}, OOD ${
     cell.ood_score === null ? "n/a" : cell.ood_score.toFixed(2)})${cell.flagged ? ", flagged" : ""}; ` +
-    `${cell.reviewed ? `verified by ${cell.reviewer} as ${cell.label}` : "not yet verified"}; from ${cell.image}`;
+    `${cell.reviewed ? `verified by ${cell.reviewer} as ${cell.label}` : "not yet verified"}; from ${cell.image}` +
+    (cell.missing ? " (not found there: moved or deleted? put it back to see the cell)" : "");
   $("#field").src = `/api/cells/${cell.id}/field`;
   $("#gradcam").src = `/api/cells/${cell.id}/gradcam`;
 }

@@ -125,7 +125,7 @@ def export_summary(out: str | os.PathLike, result: dict | None = None) -> str:
             f"; {unreadable} verified cell(s) whose image could not be read (moved or deleted?) are in the "
             "differential but not exported: put the images back and export again"
         )
-    if not exported:
+    if not exported and not unreadable:
         line += "; nothing for `wbcid adapt` to learn from yet: verify some cells of the five types and export again"
     return line
 

@@ -76,8 +76,8 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
             raise HTTPException(404, f"no cell {cell_id}") from None
 
     def marked(*cells: dict) -> list[dict]:
-        """Cells as the page gets them: each says whether its image is gone (a stat per image: cheap)."""
-        gone = store.missing()
+        """Cells as the page gets them: each says whether its image is gone (one stat per image)."""
+        gone = store.missing(cell["image"] for cell in cells)
         return [cell | {"missing": cell["image"] in gone} for cell in cells]
 
     @app.exception_handler(WbcidError)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -222,12 +222,14 @@ class ReviewStore:
             _save_atomic(image, path)
         return path
 
-    def missing(self) -> set[str]:
-        """The run's images that are not on disk (moved or deleted since the review started): their
-        cells stay in the differential and can be labelled, but have no picture to show or export."""
-        with self._connect() as db:
-            images = [row[0] for row in db.execute("SELECT DISTINCT image FROM cells")]
-        return {image for image in images if not os.path.isfile(image)}
+    def missing(self, images: Iterable[str] | None = None) -> set[str]:
+        """The run's images (or those of ``images``) that are not on disk (moved or deleted since the
+        review started): their cells stay in the differential and can be labelled, but have no
+        picture to show or export."""
+        if images is None:
+            with self._connect() as db:
+                images = [row[0] for row in db.execute("SELECT DISTINCT image FROM cells")]
+        return {image for image in set(images) if not os.path.isfile(image)}
 
     def make_thumbnails(self) -> int:
         """Cut every thumbnail not yet cut (the server does this once at start) whose image is there;

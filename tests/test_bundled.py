@@ -246,6 +246,13 @@ def test_options_may_be_written_name_equals_value(data_root, tmp_path, monkeypat
     with pytest.raises(SystemExit) as exited:
         main()
     assert exited.value.code == 2 and "tta=perhaps: tta is a switch, true or false" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    for empty in (["--out", "", str(odd)], ["--out", str(tmp_path / "q.csv"), ""]):  # "$OUT", "$CELLS" unset
+        monkeypatch.setattr(sys, "argv", ["wbcid", "predict", *empty])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        assert exited.value.code == 2 and "an empty argument" in capsys.readouterr().err
+    assert not (tmp_path / "q.csv").exists()  # the current folder's images were classified into it
 
 
 def test_an_interrupted_prediction_resumes_without_redoing_what_it_finished(data_root, tmp_path, monkeypatch, capsys):

@@ -584,6 +584,16 @@ def as_options(args: list[str]) -> list[str]:
     return rewritten
 
 
+def refuse_empty(args: list[str]) -> None:
+    """An empty argument (``--out "$OUT"`` with ``OUT`` unset in a script) would name the current
+    folder: ``count`` wrote its results there and ``wbcid count --out c "$FIELDS"`` counted every image
+    in it. No option of wbcid takes an empty value, so one is always a slip."""
+    if "" in args:
+        at = args.index("")
+        after = f" after {args[at - 1]}" if at else ""
+        raise WbcidError(f"an empty argument{after} (an unset variable in a script?): it would name the current folder")
+
+
 def main() -> None:
     """Entry point: user errors become one clear line and exit status 2, not a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # libraries: warnings only
@@ -592,6 +602,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     log.setLevel(logging.INFO)  # wbcid's own progress
     try:
+        refuse_empty(sys.argv[1:])
         app(as_options(sys.argv[1:]))
     except WbcidError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -1,7 +1,8 @@
 """End to end in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
 correct one cell with the keyboard and one with a click, reload, and see both and the new differential;
 walk the review queue, switch to the by-type view, and find it kept after a reload; read why an
-export or a Grad-CAM view the server cannot make is missing; read the API docs offline.
+export or a Grad-CAM view the server cannot make is missing, and why a cell shows no picture; read
+the API docs offline.
 
 Never skipped: `.ci/run` installs the browser where it is missing. Nothing is downloaded: the
 driver and browser paths are given, so Selenium Manager is never asked.
@@ -34,8 +35,12 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 @pytest.fixture
 def server(data_root: Path, tmp_path: Path, request):
-    """The app over a fresh count of four BCCD fields; ``indirect`` parametrisation passes a ``--model``."""
-    fields = sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:4]
+    """The app over a fresh count of copies of four BCCD fields (a test may delete one); ``indirect``
+    parametrisation passes a ``--model``."""
+    (tmp_path / "fields").mkdir()
+    fields = [
+        Path(shutil.copy(f, tmp_path / "fields")) for f in sorted((data_root / "smears/bccd/images").glob("*.jpg"))[:4]
+    ]
     run = tmp_path / "run"
     count(None, fields, run)
     with socket.socket() as s:  # a free port
@@ -186,6 +191,19 @@ def test_a_view_the_server_cannot_make_says_why(server, browser):
     WebDriverWait(browser, 20).until(lambda d: "no Grad-CAM" in d.find_element(By.ID, "status").text)
     said = browser.find_element(By.ID, "status").text
     assert "409" in said and "Grad-CAM needs the PyTorch model" in said
+
+
+def test_a_cell_whose_image_has_gone_says_so(server, browser):
+    """A field moved or deleted after the count: its cells stay on the page, saying why they show nothing."""
+    url, run = server
+    first = ReviewStore.open(run).cells()[0]
+    Path(first["image"]).unlink()
+    browser.get(url)
+    captions = _settled(browser, lambda d: {t.get_attribute("data-id"): t.text for t in _tiles(d)})
+    assert captions[str(first["id"])].endswith("(image missing)")
+    assert sum(c.endswith("(image missing)") for c in captions.values()) < len(captions)  # only that field's cells
+    assert "not found there" in browser.find_element(By.ID, "selected").text  # the first cell, selected on load
+    WebDriverWait(browser, 20).until(lambda d: "moved or deleted?" in d.find_element(By.ID, "status").text)
 
 
 def test_the_api_docs_render_without_the_internet(server, browser):

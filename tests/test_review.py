@@ -190,6 +190,11 @@ def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):
     store.set_label(store.cells()[1]["id"], "basophil")
     again = export_review(store, first)  # an earlier export is replaced by the newer one
     assert sorted(CLASSES[i] for i in read_cells(again).labels) == ["basophil", "monocyte"]
+    (again / "adapted").mkdir()  # `wbcid adapt --data verified --out verified/adapted`: deleted by the next export
+    (again / "adapted" / "model.onnx").write_bytes(b"a lab's adapted model")
+    with pytest.raises(WbcidError, match=r"earlier export, but also holds .*\(adapted\).*move that out"):
+        export_review(store, again)
+    assert (again / "adapted" / "model.onnx").read_bytes() == b"a lab's adapted model"
 
 
 def test_page_escapes_what_it_shows(counted: Path, tmp_path: Path):

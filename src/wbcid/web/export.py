@@ -21,17 +21,24 @@ from ..errors import WbcidError
 from ..files import makeable, review_export
 from .store import AUDIT_COLUMNS, ReviewStore, cell_image
 
+EXPORT_ENTRIES = {"cells", "manifest.csv", "counts.json", "audit.csv", "report.html"}  # all an export writes
+
 
 def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool = True) -> Path:
     """Write the verified cells and the verified differential to ``out_dir``; returns it. An
     earlier export there is replaced; any other folder is refused, never deleted. ``chosen``: the
     user named ``out_dir`` (the page's button exports to a fixed folder, so another is no choice)."""
     out = makeable(out_dir)
+    then = " or choose another folder" if chosen else ", then export again"
     if not _replaceable(out):
-        then = " or choose another folder" if chosen else ", then export again"
         raise WbcidError(
             f"{out} exists and is not an earlier export of a review; move it aside{then} (a folder that is not an "
             "export is never replaced)"
+        )
+    if out.is_dir() and (other := sorted(p.name for p in out.iterdir() if p.name not in EXPORT_ENTRIES)):
+        raise WbcidError(
+            f"{out} is an earlier export, but also holds what an export does not write ({', '.join(other[:3])}"
+            f"{', ...' if len(other) > 3 else ''}), which replacing it would delete; move that out{then}"
         )
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -209,6 +209,13 @@ def test_an_output_inside_a_file_is_refused_before_any_work(data_root, tmp_path,
         with pytest.raises(WbcidError, match="notes.txt is a file, so .* cannot be made inside it"):
             predict(Path("not-loaded-before-the-check.pt"), images, out)
     assert makeable(tmp_path / "new" / "deeper" / "p.csv") == tmp_path / "new" / "deeper" / "p.csv"
+    manifest = tmp_path / "cells.csv"  # a lab's labelled cells, named as --out by a slip: it was replaced
+    manifest.write_text("path,label\ncells/a.jpg,monocyte\n")
+    with pytest.raises(WbcidError, match="cells.csv exists and is not an earlier `wbcid predict` CSV"):
+        predict(None, images, manifest)
+    assert manifest.read_text() == "path,label\ncells/a.jpg,monocyte\n"
+    predict(None, images, tmp_path / "p.csv")
+    assert len(predict(None, images[:1], tmp_path / "p.csv")) == len(pd.read_csv(tmp_path / "p.csv")) == 1  # replaced
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "p.csv"))

@@ -5,6 +5,7 @@ overwrites finished work (a training's run, a count being reviewed).
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -61,6 +62,24 @@ def output_file(path: str | os.PathLike, example: str) -> Path:
     path = makeable(path)
     if path.is_dir():
         raise WbcidError(f"{path} is a folder; --out takes the file to write, e.g. {path / example}")
+    return path
+
+
+def prediction_output(path: str | os.PathLike) -> Path:
+    """``path`` as the CSV ``predict`` writes: an earlier prediction there is replaced, any other file
+    refused (``--out cells.csv`` in a data folder replaced the lab's manifest with predictions)."""
+    path = output_file(path, "predictions.csv")
+    if path.is_file():
+        try:
+            with path.open(newline="", errors="replace") as handle:
+                header = set(next(csv.reader(handle), []))
+        except (OSError, csv.Error):
+            header = set()
+        if not PREDICTION_COLUMNS <= header:
+            raise WbcidError(
+                f"{path} exists and is not an earlier `wbcid predict` CSV, which is all predict replaces; "
+                "choose another --out"
+            )
     return path
 
 

@@ -23,7 +23,7 @@ from .files import (
     finished_work,
     list_images,
     logged_settings,
-    output_file,
+    prediction_output,
     prediction_review,
     refuse_reviewed,
 )
@@ -234,7 +234,7 @@ def predict(
     """
     progress = None
     if out_csv is not None:
-        out_csv = output_file(out_csv, "predictions.csv")
+        out_csv = prediction_output(out_csv)
         refuse_reviewed(out_csv, prediction_review(out_csv))
         progress = progress_log(out_csv)
         if not resume and progress.exists():

@@ -303,6 +303,25 @@ def test_a_missing_image_leaves_its_cell_in_the_review_and_out_of_the_export(dat
     assert json.loads((out / "counts.json").read_text())["totals"]["classes"]["lymphocyte"]["count"] == 3
 
 
+def test_a_review_moved_with_its_images_carries_on(data_root: Path, tmp_path: Path):
+    """A count and its fields moved together (to a USB disk, another workstation's mount) lost every
+    picture: the review records absolute paths. They are found where they lay relative to it."""
+    lab = tmp_path / "lab"
+    (lab / "fields").mkdir(parents=True)
+    for name in FIELDS[:2]:
+        shutil.copy(data_root / "smears/bccd/images" / name, lab / "fields")
+    count(None, sorted((lab / "fields").iterdir()), lab / "counts" / "slide1")
+    store = ReviewStore.open(lab / "counts" / "slide1")
+    verified = store.cells()[0]["id"]
+    store.set_label(verified, "monocyte")
+    moved = Path(shutil.move(lab, tmp_path / "usb" / "lab"))
+    store = ReviewStore.open(moved / "counts" / "slide1")
+    assert all(Path(c["image"]).parent == moved / "fields" for c in store.cells())
+    assert not store.missing() and store.make_thumbnails() == len(store.cells())
+    assert store.cell(verified)["label"] == "monocyte" and store.field_view(verified).is_file()
+    assert export_review(store, tmp_path / "verified").joinpath("cells", "monocyte", f"{verified}.png").is_file()
+
+
 def test_a_damaged_review_database_is_reported_and_kept(run: Path):
     damaged = b"not a database, but perhaps a person's corrections" * 20
     (run / "review.sqlite").write_bytes(damaged)

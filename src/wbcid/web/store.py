@@ -11,6 +11,7 @@ cell's row, never through a path from a request.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,7 @@ from ..loading import describe_model
 from ..smear.counting import CONTEXT, open_field
 from ..smear.differential import REFERENCE_RANGES, differential
 
+log = logging.getLogger("wbcid")
 OTHER = "other"  # not a WBC (or not one of the five types): left out of the differential
 LABELS = (*CLASSES, OTHER)
 THUMB = 128
@@ -75,6 +77,8 @@ class ReviewStore:
     def __init__(self, folder: Path):
         self.folder = folder
         self.path = folder / REVIEW_DATABASE
+        self.here = str(folder.resolve())
+        self.began_in: str | None = None  # ``here`` when the cells were imported
 
     @classmethod
     def open(cls, run: str | os.PathLike) -> ReviewStore:
@@ -113,13 +117,16 @@ class ReviewStore:
                     )
                     db.executemany(
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                        [(k, json.dumps(v)) for k, v in {**meta, "run": str(run)}.items()],
+                        [(k, json.dumps(v)) for k, v in {**meta, "run": str(run), "folder": store.here}.items()],
                     )
         except sqlite3.DatabaseError as exc:  # damaged, or another program's file: never overwritten here
             raise WbcidError(
                 f"{store.path} is not a readable review database ({exc}); it may hold corrections, so it is "
                 "left as it is: move it aside to start the review afresh"
             ) from exc
+        store.began_in = store.meta("folder")  # None for a review begun before wbcid recorded it
+        if store.began_in not in (None, store.here):
+            log.info("the review began in %s: images are also looked for where they lay relative to it", store.began_in)
         return store
 
     @contextmanager
@@ -146,14 +153,14 @@ class ReviewStore:
         """All cells, flagged and least confident first (the review queue's order)."""
         with self._connect() as db:
             rows = db.execute("SELECT * FROM cells ORDER BY flagged DESC, confidence ASC, id").fetchall()
-        return [_cell(row) for row in rows]
+        return [self._cell(row) for row in rows]
 
     def cell(self, cell_id: int) -> dict:
         with self._connect() as db:
             row = db.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone()
         if row is None:
             raise KeyError(cell_id)
-        return _cell(row)
+        return self._cell(row)
 
     def set_label(self, cell_id: int, label: str | None, reviewer: str = "") -> dict:
         """Record a person's label (``None``: undo the review, back to the model's call)."""
@@ -174,7 +181,7 @@ class ReviewStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (cell_id, row["label"], row["reviewed"], new_label, reviewed, reviewer, now),
             )
-            return _cell(db.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone())
+            return self._cell(db.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone())
 
     def audit(self) -> list[dict]:
         """Every change in the order made, undone ones too, each with the image its cell comes from
@@ -185,6 +192,25 @@ class ReviewStore:
                 "new_label, new_reviewed FROM audit JOIN cells ON cells.id = audit.cell_id ORDER BY audit.id"
             )
             return [dict(row) for row in rows]
+
+    def _cell(self, row: sqlite3.Row) -> dict:
+        cell = dict(row)
+        cell["box"] = json.loads(cell["box"]) if cell["box"] else None
+        cell["flagged"], cell["reviewed"] = bool(cell["flagged"]), bool(cell["reviewed"])
+        cell["image"] = cell["field"] = self._now_at(cell["image"])
+        return cell
+
+    def _now_at(self, image: str) -> str:
+        """Where an image is now: where the run recorded it or, for a run moved together with its images
+        (to another disk, or a workstation that mounts them elsewhere), at the same place relative to the
+        review's folder as when the review began (the database keeps the recorded path)."""
+        if self.began_in in (None, self.here):
+            return image
+        try:
+            moved = os.path.normpath(os.path.join(self.here, os.path.relpath(image, self.began_in)))
+        except ValueError:  # Windows: another drive than the one the review began on
+            return image
+        return moved if os.path.isfile(moved) else image
 
     def differential(self) -> dict:
         """The live differential: reviewed labels, and the model's for unflagged cells nobody reviewed.
@@ -226,10 +252,8 @@ class ReviewStore:
         """The run's images (or those of ``images``) that are not on disk (moved or deleted since the
         review started): their cells stay in the differential and can be labelled, but have no
         picture to show or export."""
-        if images is None:
-            with self._connect() as db:
-                images = [row[0] for row in db.execute("SELECT DISTINCT image FROM cells")]
-        return {image for image in set(images) if not os.path.isfile(image)}
+        images = {cell["image"] for cell in self.cells()} if images is None else set(images)
+        return {image for image in images if not os.path.isfile(image)}
 
     def make_thumbnails(self) -> int:
         """Cut every thumbnail not yet cut (the server does this once at start) whose image is there;
@@ -276,14 +300,6 @@ def _totals(cells: list[dict], reference: dict) -> dict:
     for name, row in totals["classes"].items():
         row["flagged_closest"] = sum(c["model_label"] == name for c in flagged)
     return totals
-
-
-def _cell(row: sqlite3.Row) -> dict:
-    cell = dict(row)
-    cell["box"] = json.loads(cell["box"]) if cell["box"] else None
-    cell["flagged"], cell["reviewed"] = bool(cell["flagged"]), bool(cell["reviewed"])
-    cell["field"] = cell["image"]
-    return cell
 
 
 def _count_rows(result: dict) -> list[tuple]:

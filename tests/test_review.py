@@ -270,6 +270,11 @@ def test_a_review_finds_its_images_from_any_folder(data_root: Path, tmp_path: Pa
     with pytest.raises(WbcidError, match=missing):
         ReviewStore.open(tmp_path / "elsewhere.csv")
     assert not (tmp_path / "elsewhere.review").exists()  # a review that did not start leaves nothing behind
+    gone = "".join(f"{tmp_path / 'gone' / c.name},eosinophil,0.9,0.5,False\n" for c in cells)
+    (tmp_path / "absolute.csv").write_text("path,label,probability,ood_score,flagged\n" + gone)
+    with pytest.raises(WbcidError, match="moved since\\? put them back there") as refused:  # not: "start from ..."
+        ReviewStore.open(tmp_path / "absolute.csv")
+    assert "folder you are in" not in str(refused.value)
     (tmp_path / "lab" / "eosinophil" / cells[0].name).unlink()  # gone after the review started
     gone = next(c["id"] for c in store.cells() if c["image"].endswith(cells[0].name))
     with pytest.raises(WbcidError, match=f"cannot read .*{cells[0].name}"):

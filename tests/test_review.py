@@ -308,14 +308,18 @@ def test_a_missing_image_leaves_its_cell_in_the_review_and_out_of_the_export(dat
     assert json.loads((out / "counts.json").read_text())["totals"]["classes"]["lymphocyte"]["count"] == 3
 
 
-def test_a_review_moved_with_its_images_carries_on(data_root: Path, tmp_path: Path):
+def test_a_review_moved_with_its_images_carries_on(data_root: Path, tmp_path: Path, monkeypatch):
     """A count and its fields moved together (to a USB disk, another workstation's mount) lost every
-    picture: the review records absolute paths. They are found where they lay relative to it."""
+    picture, reviewed before or after the move: a review records absolute paths, a count the paths as
+    given. They are found where they lay relative to it."""
     lab = tmp_path / "lab"
     (lab / "fields").mkdir(parents=True)
     for name in FIELDS[:2]:
         shutil.copy(data_root / "smears/bccd/images" / name, lab / "fields")
     count(None, sorted((lab / "fields").iterdir()), lab / "counts" / "slide1")
+    monkeypatch.chdir(lab)  # paths relative to where the count ran
+    count(None, [Path("fields") / name for name in FIELDS[:2]], Path("counts") / "slide2")
+    monkeypatch.chdir(tmp_path)
     store = ReviewStore.open(lab / "counts" / "slide1")
     verified = store.cells()[0]["id"]
     store.set_label(verified, "monocyte")
@@ -325,6 +329,8 @@ def test_a_review_moved_with_its_images_carries_on(data_root: Path, tmp_path: Pa
     assert not store.missing() and store.make_thumbnails() == len(store.cells())
     assert store.cell(verified)["label"] == "monocyte" and store.field_view(verified).is_file()
     assert export_review(store, tmp_path / "verified").joinpath("cells", "monocyte", f"{verified}.png").is_file()
+    later = ReviewStore.open(moved / "counts" / "slide2")  # first reviewed after the move
+    assert {Path(c["image"]).parent for c in later.cells()} == {moved / "fields"} and not later.missing()
 
 
 def test_a_damaged_review_database_is_reported_and_kept(run: Path):

@@ -255,6 +255,7 @@ def count(
         "totals": summarise(images, reference),
         "specimens": specimens,
         "warnings": notes,
+        "counted_in": {"folder": str(out_dir.resolve()), "cwd": os.getcwd()},  # a review finds fields moved with it
         "reference": {
             "source": REFERENCE_SOURCE if reference is None else "user-supplied",
             "ranges": reference or REFERENCE_RANGES,

@@ -89,8 +89,9 @@ class ReviewStore:
         if run.is_dir() and (run / "counts.json").is_file():
             result = json.loads((run / "counts.json").read_text())  # read once: rows and meta both come from it
             folder, rows, meta = run, _count_rows(result), _count_meta(result)
+            counted_in = result.get("counted_in")  # None for a count made before wbcid recorded it
         elif run.is_file() and run.suffix.lower() not in IMAGE_SUFFIXES:  # `predict --out` takes any name
-            folder, (rows, meta) = prediction_review(run), _prediction_rows(run)
+            folder, (rows, meta), counted_in = prediction_review(run), _prediction_rows(run), None
         elif run.is_dir() and (run / COUNT_LOG).is_file():
             raise WbcidError(f"{run}: the count did not finish; complete it with `wbcid count ... --resume` first")
         else:
@@ -104,7 +105,7 @@ class ReviewStore:
         store = cls(folder)
         fresh = not store.path.is_file()
         if fresh:  # checked before the review's folder and database are made
-            rows = _located(rows, run)
+            rows = _located(rows, run, counted_in)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             with store._connect() as db:
@@ -113,7 +114,7 @@ class ReviewStore:
                     db.executemany(
                         "INSERT INTO cells (image, specimen, box, model_label, confidence, ood_score, flagged, "
                         "label) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        rows if fresh else _located(rows, run),
+                        rows if fresh else _located(rows, run, counted_in),
                     )
                     db.executemany(
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -206,10 +207,7 @@ class ReviewStore:
         review's folder as when the review began (the database keeps the recorded path)."""
         if self.began_in in (None, self.here):
             return image
-        try:
-            moved = os.path.normpath(os.path.join(self.here, os.path.relpath(image, self.began_in)))
-        except ValueError:  # Windows: another drive than the one the review began on
-            return image
+        moved = _relocated(image, self.began_in, self.here)
         return moved if os.path.isfile(moved) else image
 
     def differential(self) -> dict:
@@ -327,12 +325,31 @@ def _field(cell: dict) -> Image.Image:
         raise WbcidError(f"cannot read {cell['image']} ({exc}): moved or deleted? put it back to see the cell") from exc
 
 
-def _located(rows: list[tuple], run: Path) -> list[tuple]:
+def _relocated(image: str, then: str, now: str) -> str:
+    """Where ``image``, recorded when a run's folder was ``then``, lies now that the folder is ``now``,
+    if the run was moved together with its images (a path to check, not one known to exist)."""
+    try:
+        return os.path.normpath(os.path.join(now, os.path.relpath(image, then)))
+    except ValueError:  # Windows: another drive than the one the run was on
+        return image
+
+
+def _located(rows: list[tuple], run: Path, counted_in: dict | None = None) -> list[tuple]:
     """``rows`` with each image's path made absolute, so that a review started from any folder finds
     them: ``count`` and ``predict`` record paths as given, relative ones to the folder they ran in.
-    No image found is an error here (the review started from another folder), not a page of broken
-    pictures; some missing (moved or deleted since) are a warning when the server starts."""
-    found = {image: os.path.abspath(image) for image in {row[0] for row in rows}}
+    A count also records that folder and its own (``counted_in``): moved together with its fields,
+    they are found where they lay relative to it. No image found is an error here (the review
+    started from another folder), not a page of broken pictures; some missing (moved or deleted
+    since) are a warning when the server starts."""
+
+    def where(image: str) -> str:
+        path = os.path.abspath(image)
+        if counted_in and not os.path.isfile(path):
+            moved = _relocated(os.path.join(counted_in["cwd"], image), counted_in["folder"], os.path.abspath(run))
+            return moved if os.path.isfile(moved) else path
+        return path
+
+    found = {image: where(image) for image in {row[0] for row in rows}}
     missing = sorted(image for image, path in found.items() if not os.path.isfile(path))
     if len(missing) == len(found):
         where = (

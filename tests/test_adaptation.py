@@ -145,7 +145,7 @@ def test_the_base_model_is_unchanged_and_the_run_is_an_ordinary_model(
     assert isinstance(served, OnnxModel) and served.config == checkpoint.shareable()
     assert len(checkpoint.adaptation["verified"]) == sum(checkpoint.adaptation["cells"].values())  # for a later round
     assert checkpoint.adaptation["base_path"] == str(pbc_model.resolve())
-    assert not {"verified", "base_path"} & served.config.adaptation.keys()  # the file a lab shares names no local file
+    assert not {"verified", "base_path", "folder"} & served.config.adaptation.keys()  # what a lab shares: no path
     assert served.config.adaptation["cells"] == checkpoint.adaptation["cells"]  # but still counts them
     cells = sorted((data_root / "cells/bccd").rglob("*.jpg"))[:16]
     check = agreement(load_checkpoint(adapted), served, cells)
@@ -494,6 +494,31 @@ def test_a_second_round_adapts_the_base_again_to_every_verified_cell(
     at_once = adapt([bccd[0], second_round], tmp_path / "at_once", pbc_model, TINY)
     assert _same_weights(load_checkpoint(run), load_checkpoint(at_once))
     assert load_checkpoint(run).config.adaptation["cells"] == record["verified_cells"]
+
+
+@pytest.mark.slow
+def test_a_second_round_finds_the_first_when_the_lab_folder_moved(
+    pbc_model: Path, bccd, second_round: Path, tmp_path: Path, monkeypatch, caplog
+):
+    """A lab's folder (its verified cells, base model and first round) moved between rounds, to
+    another disk or workstation: the round-1 cells and base were "no longer on disk", so round 2
+    forgot round 1. They are found where they lay relative to the round-1 run."""
+    lab = tmp_path / "lab"
+    (lab / "verified").mkdir(parents=True)
+    first = pd.read_csv(bccd[0])
+    for path in first.path:
+        shutil.copy(path, lab / "verified")
+    first.assign(path=[Path(p).name for p in first.path]).to_csv(lab / "verified" / "manifest.csv", index=False)
+    shutil.copytree(pbc_model, lab / "runs" / "base")
+    adapt(lab / "verified", lab / "runs" / "round1", lab / "runs" / "base", TINY)
+    moved = Path(shutil.move(lab, tmp_path / "elsewhere" / "lab"))
+    seen = _fine_tuning_inputs(monkeypatch)
+    with caplog.at_level("WARNING", logger="wbcid"):
+        adapt(second_round, tmp_path / "round2", moved / "runs" / "round1", TINY)
+    ((start, labels),) = seen
+    assert _same_weights(start, load_checkpoint(moved / "runs" / "base"))  # round 1's base, found again
+    assert len(labels) == len(first) + len(read_cells(second_round))  # round 1's cells too
+    assert "no longer on disk" not in caplog.text and "is not here" not in caplog.text
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ CLASSES: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil"
 BUNDLED = Path(__file__).parent / "weights" / "wbcid-default.pt"  # see weights/MODEL_CARD.md
 BUNDLED_ONNX = BUNDLED.with_suffix(".onnx")  # the same model for ONNX Runtime: 2x faster on CPU
 PRECISIONS = ("auto", "fp32", "bf16")  # arithmetic options of training, adaptation and serving
-LOCAL_PATHS = {"verified", "base_path"}  # what an adaptation records that ModelConfig.shareable drops
+LOCAL_PATHS = {"verified", "base_path", "folder"}  # what an adaptation records that ModelConfig.shareable drops
 BUNDLED_TRAINING = {"origin": None, "sources": ["pbc", "lisc", "tecom", "cellavision", "bccd"], "all_splits": True}
 Freeze = str | int  # "none", "backbone", or the number of leading backbone layer groups to freeze
 

@@ -83,6 +83,16 @@ def prediction_output(path: str | os.PathLike) -> Path:
     return path
 
 
+def relocated(path: str, then: str, now: str) -> str:
+    """Where ``path``, recorded when a run's folder was ``then``, lies now that the folder is ``now``,
+    if the run was moved together with what it records (another disk, a workstation that mounts the
+    lab's share elsewhere): a path to check, not one known to exist."""
+    try:
+        return os.path.normpath(os.path.join(now, os.path.relpath(path, then)))
+    except ValueError:  # Windows: another drive than the one the run was on
+        return path
+
+
 def makeable(path: str | os.PathLike) -> Path:
     """``path``, if its folders can be made: a file where one of them should be (a typing slip in
     --out) failed only when the results were written, after all the work, and with a traceback."""

@@ -23,7 +23,15 @@ from PIL import Image, ImageDraw
 
 from ..data import CLASSES
 from ..errors import WbcidError
-from ..files import COUNT_LOG, IMAGE_SUFFIXES, PREDICTION_COLUMNS, REVIEW_DATABASE, prediction_review, read_table
+from ..files import (
+    COUNT_LOG,
+    IMAGE_SUFFIXES,
+    PREDICTION_COLUMNS,
+    REVIEW_DATABASE,
+    prediction_review,
+    read_table,
+    relocated,
+)
 from ..loading import describe_model
 from ..smear.counting import CONTEXT, open_field
 from ..smear.differential import REFERENCE_RANGES, differential
@@ -207,7 +215,7 @@ class ReviewStore:
         review's folder as when the review began (the database keeps the recorded path)."""
         if self.began_in in (None, self.here):
             return image
-        moved = _relocated(image, self.began_in, self.here)
+        moved = relocated(image, self.began_in, self.here)
         return moved if os.path.isfile(moved) else image
 
     def differential(self) -> dict:
@@ -325,15 +333,6 @@ def _field(cell: dict) -> Image.Image:
         raise WbcidError(f"cannot read {cell['image']} ({exc}): moved or deleted? put it back to see the cell") from exc
 
 
-def _relocated(image: str, then: str, now: str) -> str:
-    """Where ``image``, recorded when a run's folder was ``then``, lies now that the folder is ``now``,
-    if the run was moved together with its images (a path to check, not one known to exist)."""
-    try:
-        return os.path.normpath(os.path.join(now, os.path.relpath(image, then)))
-    except ValueError:  # Windows: another drive than the one the run was on
-        return image
-
-
 def _located(rows: list[tuple], run: Path, counted_in: dict | None = None) -> list[tuple]:
     """``rows`` with each image's path made absolute, so that a review started from any folder finds
     them: ``count`` and ``predict`` record paths as given, relative ones to the folder they ran in.
@@ -345,7 +344,7 @@ def _located(rows: list[tuple], run: Path, counted_in: dict | None = None) -> li
     def where(image: str) -> str:
         path = os.path.abspath(image)
         if counted_in and not os.path.isfile(path):
-            moved = _relocated(os.path.join(counted_in["cwd"], image), counted_in["folder"], os.path.abspath(run))
+            moved = relocated(os.path.join(counted_in["cwd"], image), counted_in["folder"], os.path.abspath(run))
             return moved if os.path.isfile(moved) else path
         return path
 

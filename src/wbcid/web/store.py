@@ -351,7 +351,7 @@ def _located(rows: list[tuple], run: Path, counted_in: dict | None = None) -> li
     found = {image: where(image) for image in {row[0] for row in rows}}
     missing = sorted(image for image, path in found.items() if not os.path.isfile(path))
     if len(missing) == len(found):
-        where = (
+        advice = (
             "moved since? put them back there, or count them again where they are now"
             if os.path.isabs(missing[0])  # the folder the review starts from makes no difference
             else f"relative paths are read from the folder you are in ({os.getcwd()}): start the review from "
@@ -359,7 +359,7 @@ def _located(rows: list[tuple], run: Path, counted_in: dict | None = None) -> li
         )
         raise WbcidError(
             f"{run}: {len(missing)} of its {len(found)} images are not where it records them, e.g. {missing[0]}; "
-            + where
+            + advice
         )
     return [(found[row[0]], *row[1:]) for row in rows]
 

@@ -266,6 +266,8 @@ def test_a_review_finds_its_images_from_any_folder(data_root: Path, tmp_path: Pa
     monkeypatch.chdir(tmp_path)
     store = ReviewStore.open(tmp_path / "here.csv")
     assert store.make_thumbnails() == 2 and all(Path(c["image"]).is_absolute() for c in store.cells())
+    shutil.copy(tmp_path / "here.csv", tmp_path / "lab" / "beside.csv")  # paths relative to the CSV's folder
+    assert not ReviewStore.open(tmp_path / "lab" / "beside.csv").missing()  # started from another folder
     missing = f"2 of its 2 images are not where it records them, e.g. eosinophil/{cells[0].name}"
     with pytest.raises(WbcidError, match=missing):
         ReviewStore.open(tmp_path / "elsewhere.csv")

@@ -97,9 +97,11 @@ class ReviewStore:
         if run.is_dir() and (run / "counts.json").is_file():
             result = json.loads((run / "counts.json").read_text())  # read once: rows and meta both come from it
             folder, rows, meta = run, _count_rows(result), _count_meta(result)
-            counted_in = result.get("counted_in")  # None for a count made before wbcid recorded it
+            made_in = result.get("counted_in")  # None for a count made before wbcid recorded it
         elif run.is_file() and run.suffix.lower() not in IMAGE_SUFFIXES:  # `predict --out` takes any name
-            folder, (rows, meta), counted_in = prediction_review(run), _prediction_rows(run), None
+            folder, (rows, meta) = prediction_review(run), _prediction_rows(run)
+            # not recorded in a CSV: taken to have run in the CSV's folder (as a manifest's paths are read)
+            made_in = {"cwd": os.path.abspath(run.parent), "folder": os.path.abspath(run)}
         elif run.is_dir() and (run / COUNT_LOG).is_file():
             raise WbcidError(f"{run}: the count did not finish; complete it with `wbcid count ... --resume` first")
         else:
@@ -113,7 +115,7 @@ class ReviewStore:
         store = cls(folder)
         fresh = not store.path.is_file()
         if fresh:  # checked before the review's folder and database are made
-            rows = _located(rows, run, counted_in)
+            rows = _located(rows, run, made_in)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             with store._connect() as db:
@@ -122,7 +124,7 @@ class ReviewStore:
                     db.executemany(
                         "INSERT INTO cells (image, specimen, box, model_label, confidence, ood_score, flagged, "
                         "label) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        rows if fresh else _located(rows, run, counted_in),
+                        rows if fresh else _located(rows, run, made_in),
                     )
                     db.executemany(
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -333,18 +335,19 @@ def _field(cell: dict) -> Image.Image:
         raise WbcidError(f"cannot read {cell['image']} ({exc}): moved or deleted? put it back to see the cell") from exc
 
 
-def _located(rows: list[tuple], run: Path, counted_in: dict | None = None) -> list[tuple]:
+def _located(rows: list[tuple], run: Path, made_in: dict | None = None) -> list[tuple]:
     """``rows`` with each image's path made absolute, so that a review started from any folder finds
     them: ``count`` and ``predict`` record paths as given, relative ones to the folder they ran in.
-    A count also records that folder and its own (``counted_in``): moved together with its fields,
-    they are found where they lay relative to it. No image found is an error here (the review
-    started from another folder), not a page of broken pictures; some missing (moved or deleted
-    since) are a warning when the server starts."""
+    A count also records that folder and its own (``made_in``, its ``counted_in``): moved together
+    with its fields, they are found where they lay relative to it; a prediction CSV's are also looked
+    for relative to the CSV's folder. No image found is an error here (the review started from
+    another folder), not a page of broken pictures; some missing (moved or deleted since) are a
+    warning when the server starts."""
 
     def where(image: str) -> str:
         path = os.path.abspath(image)
-        if counted_in and not os.path.isfile(path):
-            moved = relocated(os.path.join(counted_in["cwd"], image), counted_in["folder"], os.path.abspath(run))
+        if made_in and not os.path.isfile(path):
+            moved = relocated(os.path.join(made_in["cwd"], image), made_in["folder"], os.path.abspath(run))
             return moved if os.path.isfile(moved) else path
         return path
 

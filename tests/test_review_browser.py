@@ -204,6 +204,8 @@ def test_a_cell_whose_image_has_gone_says_so(server, browser):
     assert sum(c.endswith("(image missing)") for c in captions.values()) < len(captions)  # only that field's cells
     assert "not found there" in browser.find_element(By.ID, "selected").text  # the first cell, selected on load
     WebDriverWait(browser, 20).until(lambda d: "moved or deleted?" in d.find_element(By.ID, "status").text)
+    warned = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "p.warn")]  # not only in the server's log
+    assert any(w.startswith("1 of the run's images are not where it records them") for w in warned)
 
 
 def test_the_api_docs_render_without_the_internet(server, browser):

@@ -93,7 +93,7 @@ def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, r
                 "classes": CLASSES,
                 "run": str(store.meta("run")),
                 "model": store.meta("model") or "not recorded",
-                "warnings": store.meta("warnings", []),
+                "warnings": store.meta("warnings", []) + _missing_warning(store),  # a technologist reads the page
                 "reviewer": reviewer,
             },
         )
@@ -188,6 +188,17 @@ class _GradCam:
         return path
 
 
+def _missing_warning(store: ReviewStore) -> list[str]:
+    """What the server says at start, and the page on each load, when images of the run have gone."""
+    if not (gone := store.missing()):
+        return []
+    return [
+        f"{len(gone)} of the run's images are not where it records them, e.g. {min(gone)}: their cells stay in "
+        "the differential and can be labelled, but show no picture (unless cut before) and are not exported; "
+        "put them back to see them"
+    ]
+
+
 def _user() -> str:
     try:
         return getpass.getuser()
@@ -210,14 +221,8 @@ def serve(
     address = _resolve(host)  # a host that is not one fails before the thumbnails are cut
     app = create_app(run, model, reviewer)
     store = ReviewStore.open(run)
-    if gone := store.missing():
-        log.warning(
-            "%d of the run's images are not where it records them, e.g. %s: their cells stay in the "
-            "differential and can be labelled, but show no picture (unless cut before) and are not exported; "
-            "put them back to see them",
-            len(gone),
-            min(gone),
-        )
+    for warning in _missing_warning(store):
+        log.warning(warning)
     made = store.make_thumbnails()
     if made:
         log.info("cut %d thumbnails (cached for the next start)", made)

@@ -343,12 +343,22 @@ def test_a_damaged_review_database_is_reported_and_kept(run: Path):
     assert (run / "review.sqlite").read_bytes() == damaged
 
 
-def test_a_port_in_use_or_a_bad_address_is_refused_before_the_address_is_announced(run: Path, capsys):
+def test_a_port_in_use_or_a_bad_address_is_refused_before_the_address_is_announced(run: Path, capsys, monkeypatch):
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
-        with pytest.raises(WbcidError, match="cannot serve on 127.0.0.1:.*pass --port"):
-            serve(run, port=other.getsockname()[1])
+        held = other.getsockname()[1]
+        with pytest.raises(WbcidError, match=f"cannot serve on 127.0.0.1:{held} .*pass another --port"):
+            serve(run, port=held)
+        with socket.socket() as spare:  # a port free a moment ago
+            spare.bind(("127.0.0.1", 0))
+            free = spare.getsockname()[1]
+        monkeypatch.setattr(wbcid.web.app, "PORTS", [held, free])  # a second review, no --port: the next port
+        with wbcid.web.app._listen("127.0.0.1", "127.0.0.1", None) as sock:
+            assert sock.getsockname()[1] == free
+        monkeypatch.setattr(wbcid.web.app, "PORTS", [held])
+        with pytest.raises(WbcidError, match=f"cannot serve on 127.0.0.1:{held}-{held} "):
+            serve(run)
     assert "review at" not in capsys.readouterr().out  # no link to the program that holds the port
     with pytest.raises(WbcidError, match="99999 is not a port"):  # was an OverflowError's traceback
         serve(run, port=99999)

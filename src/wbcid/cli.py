@@ -416,7 +416,9 @@ def adapt(
 @app.command()
 def review(
     run: Annotated[Path, typer.Argument(help="Output of `wbcid count` (its folder) or `wbcid predict` (its CSV).")],
-    port: Annotated[int, typer.Option(help="Port to serve on (0: any free port).")] = 8765,
+    port: Annotated[
+        int | None, typer.Option(help="Port to serve on (0: any free port); default: 8765, or the next free one.")
+    ] = None,
     host: Annotated[
         str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the review.")
     ] = "127.0.0.1",

@@ -46,6 +46,7 @@ from .store import LABELS, ReviewStore, cell_image
 
 log = logging.getLogger("wbcid")
 HERE = Path(__file__).parent
+PORTS = range(8765, 8775)  # the first free one serves a review without --port: one per slide, side by side
 
 
 class Correction(BaseModel):
@@ -209,14 +210,15 @@ def _user() -> str:
 def serve(
     run: str | os.PathLike,
     host: str = "127.0.0.1",
-    port: int = 8765,
+    port: int | None = None,
     model: str | os.PathLike | None = None,
     reviewer: str | None = None,
 ) -> None:
-    """Cut the thumbnails, then serve the review app until Ctrl-C (``port`` 0: any free port)."""
+    """Cut the thumbnails, then serve the review app until Ctrl-C (``port`` 0: any free port; None:
+    ``PORT``, or the next free one of ``PORTS``, so that a second review, of another slide, starts too)."""
     import uvicorn
 
-    if not 0 <= port <= 65535:
+    if port is not None and not 0 <= port <= 65535:
         raise WbcidError(f"{port} is not a port: pass --port 0-65535 (0: any free port)")
     address = _resolve(host)  # a host that is not one fails before the thumbnails are cut
     app = create_app(run, model, reviewer)
@@ -236,17 +238,21 @@ def serve(
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
-def _listen(host: str, address: str, port: int) -> socket.socket:
+def _listen(host: str, address: str, port: int | None) -> socket.socket:
     """The server's socket on ``host``'s ``address``, bound before the address is announced: a port that
-    another program (or a second review) holds gets a clear message, not a link to that program."""
-    sock = socket.socket(socket.AF_INET)  # _resolve gives IPv4 addresses
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
-    try:
-        sock.bind((address, port))
-    except OSError as exc:
-        sock.close()
-        raise WbcidError(f"cannot serve on {host}:{port} ({exc.strerror}): another review? pass --port") from exc
-    return sock
+    another program (or a second review) holds gets a clear message, not a link to that program. Without
+    a ``port``, the first free one of ``PORTS``."""
+    for candidate in PORTS if port is None else [port]:
+        sock = socket.socket(socket.AF_INET)  # _resolve gives IPv4 addresses
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+        try:
+            sock.bind((address, candidate))
+            return sock
+        except OSError as exc:
+            sock.close()
+            reason = exc.strerror
+    ports = f"{PORTS[0]}-{PORTS[-1]}" if port is None else port
+    raise WbcidError(f"cannot serve on {host}:{ports} ({reason}): other reviews? pass another --port")
 
 
 def _resolve(host: str) -> str:

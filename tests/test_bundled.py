@@ -214,6 +214,7 @@ def test_an_output_inside_a_file_is_refused_before_any_work(data_root, tmp_path,
     with pytest.raises(WbcidError, match="cells.csv exists and is not an earlier `wbcid predict` CSV"):
         predict(None, images, manifest)
     assert manifest.read_text() == "path,label\ncells/a.jpg,monocyte\n"
+    (tmp_path / "p.csv").touch()  # as `mktemp` makes it: nothing to lose
     predict(None, images, tmp_path / "p.csv")
     assert len(predict(None, images[:1], tmp_path / "p.csv")) == len(pd.read_csv(tmp_path / "p.csv")) == 1  # replaced
 

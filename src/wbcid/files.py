@@ -66,10 +66,11 @@ def output_file(path: str | os.PathLike, example: str) -> Path:
 
 
 def prediction_output(path: str | os.PathLike) -> Path:
-    """``path`` as the CSV ``predict`` writes: an earlier prediction there is replaced, any other file
-    refused (``--out cells.csv`` in a data folder replaced the lab's manifest with predictions)."""
+    """``path`` as the CSV ``predict`` writes: an earlier prediction there (or an empty file, as
+    ``mktemp`` makes) is replaced, any other file refused (``--out cells.csv`` in a data folder
+    replaced the lab's manifest with predictions)."""
     path = output_file(path, "predictions.csv")
-    if path.is_file():
+    if path.is_file() and path.stat().st_size:
         try:
             with path.open(newline="", errors="replace") as handle:
                 header = set(next(csv.reader(handle), []))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -274,7 +275,7 @@ def test_a_review_finds_its_images_from_any_folder(data_root: Path, tmp_path: Pa
     assert not (tmp_path / "elsewhere.review").exists()  # a review that did not start leaves nothing behind
     gone = "".join(f"{tmp_path / 'gone' / c.name},eosinophil,0.9,0.5,False\n" for c in cells)
     (tmp_path / "absolute.csv").write_text("path,label,probability,ood_score,flagged\n" + gone)
-    with pytest.raises(WbcidError, match="moved since\\? put them back there") as refused:  # not: "start from ..."
+    with pytest.raises(WbcidError, match="moved since\\? pass --images") as refused:  # not: "start from ..."
         ReviewStore.open(tmp_path / "absolute.csv")
     assert "folder you are in" not in str(refused.value)
     (tmp_path / "lab" / "eosinophil" / cells[0].name).unlink()  # gone after the review started
@@ -333,6 +334,35 @@ def test_a_review_moved_with_its_images_carries_on(data_root: Path, tmp_path: Pa
     assert export_review(store, tmp_path / "verified").joinpath("cells", "monocyte", f"{verified}.png").is_file()
     later = ReviewStore.open(moved / "counts" / "slide2")  # first reviewed after the move
     assert {Path(c["image"]).parent for c in later.cells()} == {moved / "fields"} and not later.missing()
+
+
+def test_images_moved_on_their_own_are_found_with_images(data_root: Path, tmp_path: Path, monkeypatch, capsys):
+    """Fields moved without the run (the share reorganised) showed no picture, and a review not yet
+    begun could not start: `--images` names the folder they are in now, laid out as before."""
+    from wbcid.cli import main
+
+    old = tmp_path / "share" / "slide1"
+    for specimen in ("a", "b"):  # two subfolders with the same file names: the layout, not the names, decides
+        (old / specimen).mkdir(parents=True)
+        shutil.copy(data_root / "smears/bccd/images" / FIELDS[0], old / specimen / "field.jpg")
+    count(None, [old], tmp_path / "counts" / "slide1")
+    fresh = Path(shutil.copytree(tmp_path / "counts" / "slide1", tmp_path / "counts" / "fresh"))
+    store = ReviewStore.open(tmp_path / "counts" / "slide1")
+    moved = Path(shutil.move(old, tmp_path / "archive" / "2026" / "slide1"))
+    assert len(store.missing()) == 2
+    store = ReviewStore.open(tmp_path / "counts" / "slide1", images=moved)
+    assert not store.missing() and {Path(c["image"]).parent.name for c in store.cells()} == {"a", "b"}
+    assert not ReviewStore.open(tmp_path / "counts" / "slide1").missing()  # kept for the review's later starts
+    with pytest.raises(WbcidError, match="moved since\\? pass --images"):  # begun after the move
+        ReviewStore.open(fresh)
+    command = ["wbcid", "review", str(fresh), "--images", str(moved), "--export", str(tmp_path / "v")]
+    monkeypatch.setattr(sys, "argv", command)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 0 and "exported to" in capsys.readouterr().out
+    assert all(Path(c["image"]).is_file() for c in ReviewStore.open(fresh).cells())
+    with pytest.raises(WbcidError, match="--images .*no such folder"):
+        ReviewStore.open(fresh, images=tmp_path / "nowhere")
 
 
 def test_a_damaged_review_database_is_reported_and_kept(run: Path):

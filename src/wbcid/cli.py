@@ -435,12 +435,17 @@ def review(
         Path | None,
         typer.Option(help="Write the verified cells (ImageFolder + manifest.csv) and differential here, then exit."),
     ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Folder the run's images were moved to (laid out below it as before); kept for the review."),
+    ] = None,
 ) -> None:
     """Verify a count in the browser: correct labels, keep every correction, export them for `wbcid adapt`."""
     from .web import ReviewStore, export_review, export_summary, serve
 
+    store = ReviewStore.open(run, images)  # records --images, which the review's later starts read
     if export is not None:
-        typer.echo(export_summary(export_review(ReviewStore.open(run), export)))
+        typer.echo(export_summary(export_review(store, export)))
         return
     with _interrupted("every correction is saved in the review database"):
         serve(run, host, port, model, reviewer)

@@ -196,7 +196,7 @@ def _missing_warning(store: ReviewStore) -> list[str]:
     return [
         f"{len(gone)} of the run's images are not where it records them, e.g. {min(gone)}: their cells stay in "
         "the differential and can be labelled, but show no picture (unless cut before) and are not exported; "
-        "put them back to see them"
+        "put them back, or start the review with --images FOLDER, the folder they were moved to"
     ]
 
 

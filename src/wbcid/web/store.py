@@ -87,10 +87,12 @@ class ReviewStore:
         self.path = folder / REVIEW_DATABASE
         self.here = str(folder.resolve())
         self.began_in: str | None = None  # ``here`` when the cells were imported
+        self.images_from: tuple[str, str] | None = None  # (the recorded images' common folder, where they are now)
 
     @classmethod
-    def open(cls, run: str | os.PathLike) -> ReviewStore:
-        """The store of a count folder or prediction CSV, importing its cells on first use."""
+    def open(cls, run: str | os.PathLike, images: str | os.PathLike | None = None) -> ReviewStore:
+        """The store of a count folder or prediction CSV, importing its cells on first use. ``images``:
+        the folder the run's images were moved to (kept for the review: later starts need not repeat it)."""
         run = Path(run)
         if run.is_file() and run.name == "counts.json":  # the count's file named instead of its folder
             run = run.parent
@@ -112,10 +114,12 @@ class ReviewStore:
             )
         if not rows:
             raise WbcidError(f"{run}: no cells to review (no WBC was found or read)")
+        if images is not None and not os.path.isdir(images):
+            raise WbcidError(f"--images {images}: no such folder (the one the run's images were moved to)")
         store = cls(folder)
         fresh = not store.path.is_file()
         if fresh:  # checked before the review's folder and database are made
-            rows = _located(rows, run, made_in)
+            rows = _located(rows, run, made_in, images)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             with store._connect() as db:
@@ -124,7 +128,7 @@ class ReviewStore:
                     db.executemany(
                         "INSERT INTO cells (image, specimen, box, model_label, confidence, ood_score, flagged, "
                         "label) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        rows if fresh else _located(rows, run, made_in),
+                        rows if fresh else _located(rows, run, made_in, images),
                     )
                     db.executemany(
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -136,6 +140,10 @@ class ReviewStore:
                 "left as it is: move it aside to start the review afresh"
             ) from exc
         store.began_in = store.meta("folder")  # None for a review begun before wbcid recorded it
+        if images is not None:
+            store._images_moved_to(images)
+        if (moved_to := store.meta("images_from")) is not None:
+            store.images_from = (store._recorded_root(), moved_to)
         if store.began_in not in (None, store.here):
             log.info("the review began in %s: images are also looked for where they lay relative to it", store.began_in)
         return store
@@ -214,11 +222,26 @@ class ReviewStore:
     def _now_at(self, image: str) -> str:
         """Where an image is now: where the run recorded it or, for a run moved together with its images
         (to another disk, or a workstation that mounts them elsewhere), at the same place relative to the
-        review's folder as when the review began (the database keeps the recorded path)."""
-        if self.began_in in (None, self.here):
-            return image
-        moved = relocated(image, self.began_in, self.here)
-        return moved if os.path.isfile(moved) else image
+        review's folder as when the review began, or below the folder ``--images`` named (the database
+        keeps the recorded path)."""
+        candidates = []
+        if self.began_in not in (None, self.here):
+            candidates.append(relocated(image, self.began_in, self.here))
+        if self.images_from is not None:
+            candidates.append(relocated(image, *self.images_from))
+        return next((path for path in candidates if os.path.isfile(path)), image)
+
+    def _images_moved_to(self, folder: str | os.PathLike) -> None:
+        """Look for the run's images under ``folder`` (``wbcid review --images``), laid out below it as
+        they were below their common folder; recorded for the review's later starts."""
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('images_from', ?)", (json.dumps(os.path.abspath(folder)),))
+        log.info("the run's images are also looked for in %s, laid out as below %s", folder, self._recorded_root())
+
+    def _recorded_root(self) -> str:
+        """The folder the run's images were recorded under."""
+        with self._connect() as db:
+            return common_folder([row[0] for row in db.execute("SELECT DISTINCT image FROM cells")])
 
     def differential(self) -> dict:
         """The live differential: reviewed labels, and the model's for unflagged cells nobody reviewed.
@@ -335,27 +358,41 @@ def _field(cell: dict) -> Image.Image:
         raise WbcidError(f"cannot read {cell['image']} ({exc}): moved or deleted? put it back to see the cell") from exc
 
 
-def _located(rows: list[tuple], run: Path, made_in: dict | None = None) -> list[tuple]:
+def common_folder(images: Iterable[str]) -> str:
+    """The folder that holds every one of ``images`` (absolute paths), however deep."""
+    folders = [os.path.dirname(image) for image in images]
+    try:
+        return os.path.commonpath(folders)
+    except ValueError:  # Windows: images on several drives
+        return folders[0]
+
+
+def _located(
+    rows: list[tuple], run: Path, made_in: dict | None = None, images: str | os.PathLike | None = None
+) -> list[tuple]:
     """``rows`` with each image's path made absolute, so that a review started from any folder finds
     them: ``count`` and ``predict`` record paths as given, relative ones to the folder they ran in.
     A count also records that folder and its own (``made_in``, its ``counted_in``): moved together
     with its fields, they are found where they lay relative to it; a prediction CSV's are also looked
-    for relative to the CSV's folder. No image found is an error here (the review started from
-    another folder), not a page of broken pictures; some missing (moved or deleted since) are a
-    warning when the server starts."""
+    for relative to the CSV's folder; with ``images`` (``--images``), below that folder as they lay
+    below their common one. No image found is an error here (the review started from another
+    folder), not a page of broken pictures; some missing (moved or deleted since) are a warning
+    when the server starts."""
+    root = common_folder(os.path.abspath(row[0]) for row in rows) if images is not None else ""
 
     def where(image: str) -> str:
-        path = os.path.abspath(image)
-        if made_in and not os.path.isfile(path):
-            moved = relocated(os.path.join(made_in["cwd"], image), made_in["folder"], os.path.abspath(run))
-            return moved if os.path.isfile(moved) else path
-        return path
+        candidates = [os.path.abspath(image)]
+        if made_in:
+            candidates.append(relocated(os.path.join(made_in["cwd"], image), made_in["folder"], os.path.abspath(run)))
+        if images is not None:
+            candidates.append(relocated(os.path.abspath(image), root, os.path.abspath(images)))
+        return next((path for path in candidates if os.path.isfile(path)), candidates[0])
 
     found = {image: where(image) for image in {row[0] for row in rows}}
     missing = sorted(image for image, path in found.items() if not os.path.isfile(path))
     if len(missing) == len(found):
         advice = (
-            "moved since? put them back there, or count them again where they are now"
+            "moved since? pass --images with the folder they were moved to, or put them back"
             if os.path.isabs(missing[0])  # the folder the review starts from makes no difference
             else f"relative paths are read from the folder you are in ({os.getcwd()}): start the review from "
             "the folder the count or prediction ran in"

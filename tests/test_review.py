@@ -284,7 +284,7 @@ def test_a_review_finds_its_images_from_any_folder(data_root: Path, tmp_path: Pa
         store.field_view(gone)
 
 
-def test_a_missing_image_leaves_its_cell_in_the_review_and_out_of_the_export(data_root: Path, tmp_path: Path, caplog):
+def test_a_missing_image_leaves_its_cell_in_the_review_and_out_of_the_export(data_root: Path, tmp_path: Path):
     """One image moved or deleted refused the whole review at its start, and an export after it
     failed, locking the verified work away; now only that cell goes without a picture."""
     cells = sorted((data_root / "cells/bccd/eosinophil").glob("*.jpg"))[:3]

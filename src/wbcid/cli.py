@@ -443,12 +443,11 @@ def review(
     """Verify a count in the browser: correct labels, keep every correction, export them for `wbcid adapt`."""
     from .web import ReviewStore, export_review, export_summary, serve
 
-    store = ReviewStore.open(run, images)  # records --images, which the review's later starts read
     if export is not None:
-        typer.echo(export_summary(export_review(store, export)))
+        typer.echo(export_summary(export_review(ReviewStore.open(run, images), export)))
         return
     with _interrupted("every correction is saved in the review database"):
-        serve(run, host, port, model, reviewer)
+        serve(run, host, port, model, reviewer, images)
 
 
 @app.command()

@@ -59,13 +59,20 @@ class Correction(BaseModel):
 assert set(Correction.model_fields["label"].annotation.__args__) == set(LABELS)
 
 
-def create_app(run: str | os.PathLike, model: str | os.PathLike | None = None, reviewer: str | None = None) -> FastAPI:
-    """The application over one run (a count folder or a prediction CSV)."""
-    store = ReviewStore.open(run)
+def create_app(
+    run: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    reviewer: str | None = None,
+    images: str | os.PathLike | None = None,
+) -> FastAPI:
+    """The application over one run (a count folder or a prediction CSV); ``images``: see
+    :meth:`ReviewStore.open`. Its store is ``app.state.store``."""
+    store = ReviewStore.open(run, images)
     reviewer = reviewer or _user()
     app = FastAPIOffline(  # serves its docs' assets itself: no CDN
         title="wbcid review", version=__version__, docs_url="/api/docs", redoc_url=None
     )
+    app.state.store = store
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     gradcam = _GradCam(store, model)
@@ -213,16 +220,17 @@ def serve(
     port: int | None = None,
     model: str | os.PathLike | None = None,
     reviewer: str | None = None,
+    images: str | os.PathLike | None = None,
 ) -> None:
-    """Cut the thumbnails, then serve the review app until Ctrl-C (``port`` 0: any free port; None:
-    ``PORT``, or the next free one of ``PORTS``, so that a second review, of another slide, starts too)."""
+    """Cut the thumbnails, then serve the review app until Ctrl-C (``port`` 0: any free port; None: the
+    first free one of ``PORTS``, so that a second review, of another slide, starts too)."""
     import uvicorn
 
     if port is not None and not 0 <= port <= 65535:
         raise WbcidError(f"{port} is not a port: pass --port 0-65535 (0: any free port)")
     address = _resolve(host)  # a host that is not one fails before the thumbnails are cut
-    app = create_app(run, model, reviewer)
-    store = ReviewStore.open(run)
+    app = create_app(run, model, reviewer, images)
+    store = app.state.store
     for warning in _missing_warning(store):
         log.warning(warning)
     made = store.make_thumbnails()

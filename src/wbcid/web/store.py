@@ -241,7 +241,7 @@ class ReviewStore:
     def _recorded_root(self) -> str:
         """The folder the run's images were recorded under."""
         with self._connect() as db:
-            return common_folder([row[0] for row in db.execute("SELECT DISTINCT image FROM cells")])
+            return _common_folder([row[0] for row in db.execute("SELECT DISTINCT image FROM cells")])
 
     def differential(self) -> dict:
         """The live differential: reviewed labels, and the model's for unflagged cells nobody reviewed.
@@ -289,12 +289,10 @@ class ReviewStore:
     def make_thumbnails(self) -> int:
         """Cut every thumbnail not yet cut (the server does this once at start) whose image is there;
         returns how many."""
-        gone = self.missing()
-        ids = [
-            c["id"]
-            for c in self.cells()
-            if c["image"] not in gone and not (self.folder / "thumbs" / f"{c['id']}.jpg").is_file()
-        ]
+        cells = self.cells()
+        gone = self.missing(c["image"] for c in cells)
+        cut = self.folder / "thumbs"
+        ids = [c["id"] for c in cells if c["image"] not in gone and not (cut / f"{c['id']}.jpg").is_file()]
         for cell_id in ids:
             self.thumbnail(cell_id)
         return len(ids)
@@ -358,7 +356,7 @@ def _field(cell: dict) -> Image.Image:
         raise WbcidError(f"cannot read {cell['image']} ({exc}): moved or deleted? put it back to see the cell") from exc
 
 
-def common_folder(images: Iterable[str]) -> str:
+def _common_folder(images: Iterable[str]) -> str:
     """The folder that holds every one of ``images`` (absolute paths), however deep."""
     folders = [os.path.dirname(image) for image in images]
     try:
@@ -378,7 +376,7 @@ def _located(
     below their common one. No image found is an error here (the review started from another
     folder), not a page of broken pictures; some missing (moved or deleted since) are a warning
     when the server starts."""
-    root = common_folder(os.path.abspath(row[0]) for row in rows) if images is not None else ""
+    root = _common_folder(os.path.abspath(row[0]) for row in rows) if images is not None else ""
 
     def where(image: str) -> str:
         candidates = [os.path.abspath(image)]

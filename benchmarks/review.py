@@ -8,7 +8,8 @@ and PBC-test cells, starts ``wbcid review``'s app with uvicorn on 127.0.0.1, and
 * thumbnails cut at the first start (cached for later starts);
 * gallery open: headless Chromium (Debian's) from navigation start until every tile is in the
   page and the differential is drawn, 5 loads (the first cold, then the browser's cache);
-* a correction saved: ``PUT /api/cells/{id}`` round trip over HTTP (committed to SQLite), 200 times.
+* a correction saved: ``PUT /api/cells/{id}`` round trip over HTTP (with the cell's version, as the
+  page sends it; committed to SQLite), 200 times.
 
 Writes docs/review.json and docs/review.md, and runs/review.png (a screenshot of the page; it shows
 the data's cells, so it stays out of the repository).
@@ -89,7 +90,7 @@ def main() -> None:
     labels = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "other"]
     saves = []
     for i in range(200):
-        body = json.dumps({"label": labels[i % 6]}).encode()
+        body = json.dumps({"label": labels[i % 6], "version": cells[i]["version"]}).encode()  # as the page sends it
         request = urllib.request.Request(
             f"{url}api/cells/{cells[i]['id']}", body, method="PUT", headers={"Content-Type": "application/json"}
         )
@@ -121,7 +122,7 @@ Command: `{result["command"]}` (this project's 2-core CPU machine, nothing else 
 | cells in the run | {made} |
 | thumbnails cut at the first start (then cached in the run) | {thumbnails:.1f} s |
 | gallery open in headless Chromium (its default view, the review queue), navigation to every tile and the differential drawn (first load, then 4 reloads) | {", ".join(f"{x:.2f} s" for x in opens)} |
-| a correction saved (`PUT /api/cells/{{id}}`, committed to SQLite, HTTP round trip), 200 corrections | median {result["correction_ms"]["median"]} ms, 95th percentile {result["correction_ms"]["p95"]} ms, max {result["correction_ms"]["max"]} ms |
+| a correction saved (`PUT /api/cells/{{id}}` with the version the page saw, committed to SQLite, HTTP round trip), 200 corrections | median {result["correction_ms"]["median"]} ms, 95th percentile {result["correction_ms"]["p95"]} ms, max {result["correction_ms"]["max"]} ms |
 
 Thumbnails load lazily (`loading="lazy"`), so opening the gallery does not wait for 1,000
 images. The benchmark saves a screenshot of the page to `runs/review.png`, outside the repository:

@@ -149,6 +149,44 @@ def test_two_clients_correcting_at_once_lose_nothing(run: Path):
     assert len(ReviewStore.open(run).audit()) == len(ids)
 
 
+def test_a_correction_made_without_seeing_another_is_refused(run: Path):
+    ana, ben = TestClient(create_app(run, reviewer="ana")), TestClient(create_app(run, reviewer="ben"))
+    cell = ana.get("/api/cells").json()["cells"][0]
+    url = f"/api/cells/{cell['id']}"
+    assert cell["version"] == ben.get(url).json()["version"] == 0  # both pages show the model's call
+    assert ana.put(url, json={"label": "monocyte", "version": 0}).json()["version"] == 1
+    for refused in (  # ben's page still shows version 0: his label and his undo would overwrite ana's
+        ben.put(url, json={"label": "basophil", "version": 0}),
+        ben.delete(f"{url}/review", params={"version": 0}),
+    ):
+        assert refused.status_code == 409
+        assert "changed since this page showed it (now verified as monocyte by ana)" in refused.json()["detail"]
+    assert (ben.get(url).json()["label"], len(ReviewStore.open(run).audit())) == ("monocyte", 1)
+    assert ben.put(url, json={"label": "basophil", "version": 1}).status_code == 200  # seen, then changed
+    assert ana.delete(f"{url}/review", params={"version": 1}).status_code == 409  # ana's undo came too late
+    assert ana.put(url, json={"label": "eosinophil"}).json()["label"] == "eosinophil"  # no version: set anyway
+
+    other = ana.get("/api/cells").json()["cells"][1]  # many pages at once on one version: one wins
+    answers = []
+    threads = [
+        threading.Thread(
+            target=lambda label: answers.append(
+                TestClient(create_app(run)).put(f"/api/cells/{other['id']}", json={"label": label, "version": 0})
+            ),
+            args=(label,),
+        )
+        for label in CLASSES
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(a.status_code for a in answers) == [200] + [409] * (len(CLASSES) - 1)
+    won = next(a.json()["label"] for a in answers if a.status_code == 200)
+    assert ana.get(f"/api/cells/{other['id']}").json()["label"] == won
+    assert [c["new_label"] for c in ReviewStore.open(run).audit() if c["cell_id"] == other["id"]] == [won]
+
+
 def test_export_is_readable_training_data(run: Path, tmp_path: Path):
     with pytest.raises(
         WbcidError, match=f"output of `wbcid count`: .*not verified ones; verify them with `wbcid review {run}"

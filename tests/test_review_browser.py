@@ -1,8 +1,8 @@
 """End to end in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
 correct one cell with the keyboard and one with a click, reload, and see both and the new differential;
 walk the review queue, switch to the by-type view, and find it kept after a reload; read why an
-export or a Grad-CAM view the server cannot make is missing, and why a cell shows no picture; read
-the API docs offline.
+export or a Grad-CAM view the server cannot make is missing, why a cell shows no picture, and why a
+label was not saved over another reviewer's; read the API docs offline.
 
 Never skipped: `.ci/run` installs the browser where it is missing. Nothing is downloaded: the
 driver and browser paths are given, so Selenium Manager is never asked.
@@ -206,6 +206,24 @@ def test_a_cell_whose_image_has_gone_says_so(server, browser):
     WebDriverWait(browser, 20).until(lambda d: "moved or deleted?" in d.find_element(By.ID, "status").text)
     warned = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "p.warn")]  # not only in the server's log
     assert any(w.startswith("1 of the run's images are not where it records them") for w in warned)
+
+
+def test_a_cell_someone_else_changed_is_not_overwritten(server, browser):
+    """Two reviewers of one slide (or a page left open for a while): a label set on a page that had not
+    seen the other's correction replaced it, and the audit trail was the only trace."""
+    url, run = server
+    browser.get(url)
+    first = _tile_ids(browser)[0]  # selected on load, showing the model's call
+    ReviewStore.open(run).set_label(int(first), "eosinophil", reviewer="ana")  # ana, on another page
+    browser.find_element(By.TAG_NAME, "body").send_keys("5")
+    WebDriverWait(browser, 10).until(lambda d: "not saved" in d.find_element(By.ID, "status").text)
+    assert "now verified as eosinophil by ana" in browser.find_element(By.ID, "status").text
+    caption = _settled(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'.tile[data-id="{first}"]').text)
+    assert caption.startswith("\u2713 eosinophil")  # the page now shows ana's label, on the same cell
+    assert _selected(browser) == first and ReviewStore.open(run).cell(int(first))["label"] == "eosinophil"
+    browser.find_element(By.TAG_NAME, "body").send_keys("5")  # seen now: the reviewer may still change it
+    WebDriverWait(browser, 10).until(lambda d: "saved cell " + first in d.find_element(By.ID, "status").text)
+    assert ReviewStore.open(run).cell(int(first))["label"] == "basophil"
 
 
 def test_the_api_docs_render_without_the_internet(server, browser):

@@ -4,8 +4,10 @@ The page (``GET /``) is one Jinja2 template and a little plain JavaScript over t
 
 * ``GET /api/cells`` -> ``{"cells": [...]}`` (review-queue order: flagged, then least confident;
   ``missing``: the cell's image is no longer where the run recorded it);
-* ``PUT /api/cells/{id}`` with ``{"label": L}`` (one of the five types or ``other``) -> the cell;
-  422 for any other label, 404 for an unknown id; ``DELETE /api/cells/{id}/review`` undoes it;
+* ``PUT /api/cells/{id}`` with ``{"label": L, "version": V}`` (one of the five types or ``other``;
+  ``V``: the cell's ``version`` the page showed) -> the cell; 422 for any other label, 404 for an
+  unknown id, 409 if the cell changed since version ``V`` (another reviewer, another tab: nothing is
+  saved); ``DELETE /api/cells/{id}/review?version=V`` undoes it;
 * ``GET /api/differential`` -> the live totals, shaped like ``counts.json``'s;
 * ``GET /api/audit`` -> ``{"changes": [...]}``: every change in order, undone ones too (the export's audit.csv);
 * ``GET /api/cells/{id}/image``, ``/field``, ``/gradcam`` -> the cell, its field with its box,
@@ -54,6 +56,12 @@ class Correction(BaseModel):
 
     label: Literal["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "other"]
     reviewer: str | None = Field(None, max_length=100)
+    version: int | None = Field(
+        None,
+        ge=0,
+        description="the cell's `version` as the client last saw it: if it has changed since, "
+        "nothing is saved (409); left out, the label is set whatever happened meanwhile",
+    )
 
 
 assert set(Correction.model_fields["label"].annotation.__args__) == set(LABELS)
@@ -117,14 +125,14 @@ def create_app(
     @app.put("/api/cells/{cell_id}")
     def correct(cell_id: int, body: Correction) -> dict:
         try:
-            return marked(store.set_label(cell_id, body.label, body.reviewer or reviewer))[0]
+            return marked(store.set_label(cell_id, body.label, body.reviewer or reviewer, body.version))[0]
         except KeyError:
             raise HTTPException(404, f"no cell {cell_id}") from None
 
     @app.delete("/api/cells/{cell_id}/review")
-    def undo(cell_id: int) -> dict:
+    def undo(cell_id: int, version: int | None = None) -> dict:
         try:
-            return marked(store.set_label(cell_id, None, reviewer))[0]
+            return marked(store.set_label(cell_id, None, reviewer, version))[0]
         except KeyError:
             raise HTTPException(404, f"no cell {cell_id}") from None
 

@@ -3,7 +3,8 @@
 A run is the output of ``wbcid count`` (a folder with ``counts.json``) or of ``wbcid predict``
 (a CSV). Its cells are imported once into SQLite (``review.sqlite``, WAL mode) in the run's
 review folder; each correction is one committed transaction with an audit row, so stopping or
-killing the server loses nothing and two browser tabs never lose each other's changes.
+killing the server loses nothing and two browser tabs never lose each other's changes (a correction
+made without seeing the cell's latest change is refused: see ``version``).
 Thumbnails are cut once and cached beside the database. Files are only ever reached through a
 cell's row, never through a path from a request.
 """
@@ -75,8 +76,16 @@ CREATE TABLE IF NOT EXISTS audit (
     new_label TEXT, new_reviewed INTEGER,
     reviewer TEXT, at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS audit_cell ON audit(cell_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# A cell's version is the number of changes made to it: a page sends the one it showed with a
+# correction, so a correction made on a page that had not seen another person's is refused, not applied.
+CELLS = "SELECT cells.*, (SELECT COUNT(*) FROM audit WHERE audit.cell_id = cells.id) AS version FROM cells"
+
+
+class ChangedMeanwhile(WbcidError):
+    """A correction made on a page that had not seen the cell's latest change."""
 
 
 class ReviewStore:
@@ -171,25 +180,34 @@ class ReviewStore:
     def cells(self) -> list[dict]:
         """All cells, flagged and least confident first (the review queue's order)."""
         with self._connect() as db:
-            rows = db.execute("SELECT * FROM cells ORDER BY flagged DESC, confidence ASC, id").fetchall()
+            rows = db.execute(f"{CELLS} ORDER BY flagged DESC, confidence ASC, id").fetchall()
         return [self._cell(row) for row in rows]
 
     def cell(self, cell_id: int) -> dict:
         with self._connect() as db:
-            row = db.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone()
+            row = db.execute(f"{CELLS} WHERE id = ?", (cell_id,)).fetchone()
         if row is None:
             raise KeyError(cell_id)
         return self._cell(row)
 
-    def set_label(self, cell_id: int, label: str | None, reviewer: str = "") -> dict:
-        """Record a person's label (``None``: undo the review, back to the model's call)."""
+    def set_label(self, cell_id: int, label: str | None, reviewer: str = "", version: int | None = None) -> dict:
+        """Record a person's label (``None``: undo the review, back to the model's call). ``version``:
+        the cell's version the person saw; if it changed since (another reviewer, another tab), nothing
+        is written and the error says what the cell is now."""
         if label is not None and label not in LABELS:
             raise WbcidError(f"label must be one of {', '.join(LABELS)}, not {label!r}")
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with self._connect() as db:
-            row = db.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone()
+            db.execute("BEGIN IMMEDIATE")  # read and write as one: no change can slip in between
+            row = db.execute(f"{CELLS} WHERE id = ?", (cell_id,)).fetchone()
             if row is None:
                 raise KeyError(cell_id)
+            if version is not None and version != row["version"]:
+                now_is = f"verified as {row['label']} by {row['reviewer']}" if row["reviewed"] else "not verified"
+                raise ChangedMeanwhile(
+                    f"cell {cell_id} was changed since this page showed it (now {now_is}): nothing was saved; "
+                    "look at it again"
+                )
             new_label, reviewed = (row["model_label"], 0) if label is None else (label, 1)
             db.execute(
                 "UPDATE cells SET label = ?, reviewed = ?, reviewer = ?, reviewed_at = ? WHERE id = ?",
@@ -200,7 +218,7 @@ class ReviewStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (cell_id, row["label"], row["reviewed"], new_label, reviewed, reviewer, now),
             )
-            return self._cell(db.execute("SELECT * FROM cells WHERE id = ?", (cell_id,)).fetchone())
+            return self._cell(db.execute(f"{CELLS} WHERE id = ?", (cell_id,)).fetchone())
 
     def audit(self) -> list[dict]:
         """Every change in the order made, undone ones too, each with the image its cell comes from

@@ -23,7 +23,9 @@ async function api(method, path, body) {
     const text = await response.text();
     let detail = text;
     try { detail = JSON.parse(text).detail ?? text; } catch {}
-    throw new Error(`${response.status} ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+    const error = new Error(`${response.status} ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+    error.status = response.status;
+    throw error;
   }
   return response.json();
 }
@@ -101,30 +103,36 @@ function select(index) {
   $("#gradcam").src = `/api/cells/${cell.id}/gradcam`;
 }
 
+// Each change sends the cell's version this page showed: a cell someone else changed meanwhile is refused.
 async function setLabel(label) {
   const cell = cells[selected];
-  undo.push({id: cell.id, label: cell.label, reviewed: cell.reviewed});
-  await save(selected, () => api("PUT", `/api/cells/${cell.id}`, {label}));
-  select(selected + 1);
+  if (await save(selected, () => api("PUT", `/api/cells/${cell.id}`, {label, version: cell.version}))) {
+    undo.push({id: cell.id, label: cell.label, reviewed: cell.reviewed});
+    select(selected + 1);
+  }
 }
 
 async function undoLast() {
   const last = undo.pop();
   if (!last) return status("nothing to undo");
   const index = cells.findIndex((c) => c.id === last.id);
-  await save(index, () => last.reviewed ? api("PUT", `/api/cells/${last.id}`, {label: last.label})
-                                        : api("DELETE", `/api/cells/${last.id}/review`));
+  const version = cells[index].version;
+  await save(index, () => last.reviewed ? api("PUT", `/api/cells/${last.id}`, {label: last.label, version})
+                                        : api("DELETE", `/api/cells/${last.id}/review?version=${version}`));
   select(index);
 }
 
-async function save(index, request) {
+async function save(index, request) {  // true once saved
   try {
     cells[index] = await request();
     refreshTile(index);
     await renderDifferential();
     status(`saved cell ${cells[index].id}: ${cells[index].label}`);
+    return true;
   } catch (error) {
     status(`not saved: ${error.message}`);
+    if (error.status === 409) await load();  // changed meanwhile: show the page as it is now
+    return false;
   }
 }
 

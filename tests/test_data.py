@@ -317,6 +317,41 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped_white(data_root, tmp_pat
     assert deep.mean() < 250 and np.abs(deep.astype(int) - flat.astype(int)).max() <= 1
 
 
+def test_a_cameras_twelve_bit_colour_tiff_reads_as_its_jpeg(data_root, tmp_path):
+    """A scientific camera's 12-bit data saved in a 16-bit colour TIFF was read by its high bytes:
+    nearly black, so predict flagged every cell and count stopped with a traceback."""
+    import tifffile
+    from PIL import Image
+
+    from wbcid.decoding import decode_image
+    from wbcid.preprocess import Preprocess
+    from wbcid.smear.counting import count
+
+    cell = next((data_root / "cells" / "lisc" / "eosinophil").glob("*.jpg"))
+    field = data_root / "smears/bccd/images/BloodImage_00000.jpg"
+    for name, source in (("cell", cell), ("field", field)):
+        twelve = np.asarray(Image.open(source).convert("RGB"), dtype=np.uint16) * 16  # 0..4080 of 4095
+        tifffile.imwrite(tmp_path / f"{name}.tif", twelve, photometric="rgb", compression="lzw")
+        planes = np.moveaxis(twelve * 16, -1, 0)  # full 16-bit range, stored plane by plane
+        tifffile.imwrite(tmp_path / f"{name}16.tif", planes, photometric="rgb", planarconfig="separate")
+    assert Image.open(tmp_path / "cell.tif").mode == "RGB"  # what PIL makes of it: its high bytes
+    prep = Preprocess(128)
+    jpeg = decode_image(cell, prep).astype(int)
+    for tiff in ("cell.tif", "cell16.tif"):
+        assert np.abs(decode_image(tmp_path / tiff, prep).astype(int) - jpeg).max() <= 2, tiff
+
+    (tmp_path / "broken.tif").write_bytes((tmp_path / "field.tif").read_bytes()[:5000])
+    jpeg_run, tiff_run = (
+        count(None, paths, tmp_path / out, cell_diameter=200)["images"]
+        for paths, out in (([field], "jpeg"), ([tmp_path / "field.tif", tmp_path / "broken.tif"], "tiff"))
+    )
+    assert jpeg_run[0]["detections"]
+    assert [(d["label"], d["box"]) for d in tiff_run[0]["detections"]] == [
+        (d["label"], d["box"]) for d in jpeg_run[0]["detections"]
+    ]
+    assert "cannot decode this TIFF's 16-bit samples" in tiff_run[1]["error"]  # damaged: skipped, said why
+
+
 def test_map_ahead_keeps_order_bounds_work_in_flight_and_stops_when_dropped():
     """Decoding and counting run through it: results in input order, never more than ``ahead``
     items started beyond what was consumed, and nothing new started once the consumer stops."""

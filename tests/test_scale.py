@@ -64,11 +64,14 @@ def test_a_photo_through_the_eyepiece_is_measured_inside_its_dark_ring(data_root
     )  # 0.92; 15 %: the bar of every source (above)
 
 
-def test_fields_without_red_cells_fall_back_to_the_default_with_a_warning(tmp_path, caplog):
+def test_fields_without_red_cells_fall_back_to_the_default_with_a_warning(data_root, tmp_path, caplog):
     blank, tiny = tmp_path / "blank.png", tmp_path / "tiny.png"
     Image.new("RGB", (400, 300), (240, 230, 235)).save(blank)
     Image.new("RGB", (2, 2), (120, 60, 160)).save(tiny)
     assert rbc_diameter(Image.open(blank)) is None and rbc_diameter(Image.open(tiny)) is None
+    field = np.asarray(Image.open(data_root / "smears/bccd/images/BloodImage_00000.jpg"))
+    dark = Image.fromarray(field // 16)  # the lamp turned low; 12-bit data read by its high byte: no light
+    assert rbc_diameter(dark) is None  # was an IndexError from Otsu's threshold of no pixels
     with caplog.at_level(logging.WARNING, logger="wbcid"):
         scale = estimate_scale([blank, tiny, tmp_path / "missing.png"])
     assert scale["cell_diameter"] == DEFAULT_CELL_DIAMETER and scale["how"].startswith("default")

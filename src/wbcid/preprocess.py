@@ -38,17 +38,54 @@ if TYPE_CHECKING:
 COLOURS = ("none", "white-balance", "macenko")
 WHITE_PERCENTILE = 99.0  # robust "brightest pixels": ignores a few saturated or dust pixels
 REFERENCE_SAMPLE = 200  # training images a Macenko reference is fitted on
+CAMERA_BITS = (8, 10, 12, 14, 16)  # the depths cameras digitise at: see eight_bit
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB, turned as the camera's EXIF orientation says; 16-bit and float images are scaled
-    down instead of clipped (PIL's ``convert("RGB")`` turns a 16-bit grey image all white)."""
+    """8-bit RGB, turned as the camera's EXIF orientation says. Samples wider than 8 bits are scaled
+    down, not clipped or cut to their high byte (see :func:`eight_bit`): PIL's ``convert("RGB")``
+    turns a 16-bit grey image all white, and PIL reads a 16-bit colour TIFF by its high bytes alone,
+    which leaves a camera's 12-bit data nearly black."""
+    if (wide := _wide_colour_tiff(image)) is not None:
+        orientation = image.getexif().get(ORIENTATION)
+        image = Image.fromarray(eight_bit(wide))
+        if orientation:
+            image.getexif()[ORIENTATION] = orientation
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        values = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if values.max() > 255 else 255.0 if values.max() > 1 else 1.0
-        image = Image.fromarray((np.clip(values / top, 0, 1) * 255).round().astype(np.uint8))
+        image = Image.fromarray(eight_bit(np.asarray(image)))
     return image.convert("RGB")
+
+
+def eight_bit(values: np.ndarray) -> np.ndarray:
+    """Samples as uint8, divided by the top of the smallest depth a camera digitises at (8, 10, 12, 14
+    or 16 bits) that their largest value fits in, or of [0, 1] for floats that fit there: a camera's
+    12-bit data stored in 16-bit words keeps its brightness."""
+    largest = float(values.max(initial=0))
+    if values.dtype.kind == "f" and largest <= 1:
+        top = 1.0
+    else:
+        top = 2.0 ** next((bits for bits in CAMERA_BITS if largest < 2**bits), CAMERA_BITS[-1]) - 1
+    return (np.clip(values.astype(np.float32) / top, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _wide_colour_tiff(image: Image.Image) -> np.ndarray | None:
+    """The samples of a colour TIFF stored with more than 8 bits each (PIL would keep only their high
+    bytes), read by tifffile; ``None`` for any other image."""
+    if image.format != "TIFF" or image.mode not in ("RGB", "RGBA") or max(image.tag_v2.get(258, (8,))) <= 8:
+        return None
+    import tifffile  # scikit-image's own TIFF reader; imagecodecs gives it LZW, PackBits and the rest
+
+    try:
+        with tifffile.TiffFile(getattr(image, "filename", None) or image.fp) as tiff:
+            page = tiff.pages[image.tell()]
+            samples = page.asarray()
+    except (ValueError, RuntimeError, KeyError) as exc:  # damaged data; a codec's failure; a codec missing
+        raise OSError(f"cannot decode this TIFF's {max(image.tag_v2[258])}-bit samples: {exc}") from exc
+    if page.axes.startswith("S"):  # stored plane by plane
+        samples = np.moveaxis(samples, 0, -1)
+    return samples[..., :3]
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:

@@ -52,6 +52,8 @@ def rbc_diameter(image: Image.Image) -> float | None:
     # BCCD fields given a ring), and its edge, dense too, closed a hole that filled the field: the
     # unlit pixels are left out, with the 2 sigma of smoothing around them where their darkness leaks in
     lit = ~ndimage.binary_dilation(unlit(rgb), iterations=2 * DENSITY_SIGMA)
+    if lit.mean() < MIN_RED_SHARE:  # nearly all dark: too few red cells can show (and Otsu fails on nothing)
+        return None
     try:
         background = threshold_multiotsu(density[lit], classes=3)[0]
     except ValueError:  # too few distinct values: blank, tiny or unlit

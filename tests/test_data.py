@@ -318,8 +318,9 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped_white(data_root, tmp_pat
 
 
 def test_a_cameras_twelve_bit_colour_tiff_reads_as_its_jpeg(data_root, tmp_path):
-    """A scientific camera's 12-bit data saved in a 16-bit colour TIFF was read by its high bytes:
-    nearly black, so predict flagged every cell and count stopped with a traceback."""
+    """A scientific camera's 12-bit data saved in a 16-bit colour TIFF (or PNG) was read by its high
+    bytes: nearly black, so predict flagged every cell and count stopped with a traceback."""
+    import imagecodecs
     import tifffile
     from PIL import Image
 
@@ -334,11 +335,12 @@ def test_a_cameras_twelve_bit_colour_tiff_reads_as_its_jpeg(data_root, tmp_path)
         tifffile.imwrite(tmp_path / f"{name}.tif", twelve, photometric="rgb", compression="lzw")
         planes = np.moveaxis(twelve * 16, -1, 0)  # full 16-bit range, stored plane by plane
         tifffile.imwrite(tmp_path / f"{name}16.tif", planes, photometric="rgb", planarconfig="separate")
+        (tmp_path / f"{name}.png").write_bytes(imagecodecs.png_encode(twelve))  # a 16-bit PNG, just the same
     assert Image.open(tmp_path / "cell.tif").mode == "RGB"  # what PIL makes of it: its high bytes
     prep = Preprocess(128)
     jpeg = decode_image(cell, prep).astype(int)
-    for tiff in ("cell.tif", "cell16.tif"):
-        assert np.abs(decode_image(tmp_path / tiff, prep).astype(int) - jpeg).max() <= 2, tiff
+    for wide in ("cell.tif", "cell16.tif", "cell.png"):
+        assert np.abs(decode_image(tmp_path / wide, prep).astype(int) - jpeg).max() <= 2, wide
 
     (tmp_path / "broken.tif").write_bytes((tmp_path / "field.tif").read_bytes()[:5000])
     jpeg_run, tiff_run = (

@@ -45,9 +45,9 @@ ORIENTATION = 0x0112  # the EXIF tag
 def upright_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB, turned as the camera's EXIF orientation says. Samples wider than 8 bits are scaled
     down, not clipped or cut to their high byte (see :func:`eight_bit`): PIL's ``convert("RGB")``
-    turns a 16-bit grey image all white, and PIL reads a 16-bit colour TIFF by its high bytes alone,
-    which leaves a camera's 12-bit data nearly black."""
-    if (wide := _wide_colour_tiff(image)) is not None:
+    turns a 16-bit grey image all white, and PIL reads a 16-bit colour TIFF or PNG by its high bytes
+    alone, which leaves a camera's 12-bit data nearly black."""
+    if (wide := _wide_colour(image)) is not None:
         orientation = image.getexif().get(ORIENTATION)
         image = Image.fromarray(eight_bit(wide))
         if orientation:
@@ -70,22 +70,38 @@ def eight_bit(values: np.ndarray) -> np.ndarray:
     return (np.clip(values.astype(np.float32) / top, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _wide_colour_tiff(image: Image.Image) -> np.ndarray | None:
-    """The samples of a colour TIFF stored with more than 8 bits each (PIL would keep only their high
-    bytes), read by tifffile; ``None`` for any other image."""
-    if image.format != "TIFF" or image.mode not in ("RGB", "RGBA") or max(image.tag_v2.get(258, (8,))) <= 8:
+def _wide_colour(image: Image.Image) -> np.ndarray | None:
+    """The samples of a colour TIFF or PNG stored with more than 8 bits each (PIL would keep only their
+    high bytes), read whole; ``None`` for any other image."""
+    if image.mode not in ("RGB", "RGBA"):
         return None
+    if image.format == "TIFF" and (bits := max(image.tag_v2.get(258, (8,)))) > 8:
+        read = _tiff_samples
+    elif image.format == "PNG" and image.tile and str(image.tile[0].args).endswith(";16B"):
+        bits, read = 16, _png_samples
+    else:
+        return None
+    try:
+        samples = read(image)
+    except (ValueError, RuntimeError, KeyError) as exc:  # damaged data; a codec's failure; a codec missing
+        raise OSError(f"cannot decode this {image.format}'s {bits}-bit samples: {exc}") from exc
+    return samples[..., :3]
+
+
+def _tiff_samples(image: Image.Image) -> np.ndarray:
     import tifffile  # scikit-image's own TIFF reader; imagecodecs gives it LZW, PackBits and the rest
 
-    try:
-        with tifffile.TiffFile(getattr(image, "filename", None) or image.fp) as tiff:
-            page = tiff.pages[image.tell()]
-            samples = page.asarray()
-    except (ValueError, RuntimeError, KeyError) as exc:  # damaged data; a codec's failure; a codec missing
-        raise OSError(f"cannot decode this TIFF's {max(image.tag_v2[258])}-bit samples: {exc}") from exc
-    if page.axes.startswith("S"):  # stored plane by plane
-        samples = np.moveaxis(samples, 0, -1)
-    return samples[..., :3]
+    with tifffile.TiffFile(getattr(image, "filename", None) or image.fp) as tiff:
+        page = tiff.pages[image.tell()]
+        samples = page.asarray()
+    return np.moveaxis(samples, 0, -1) if page.axes.startswith("S") else samples  # "S...": plane by plane
+
+
+def _png_samples(image: Image.Image) -> np.ndarray:
+    import imagecodecs
+
+    image.fp.seek(0)
+    return imagecodecs.png_decode(image.fp.read())
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:

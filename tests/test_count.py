@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
@@ -192,7 +193,8 @@ def test_an_interrupted_count_resumes_without_redoing_finished_fields(data_root,
 
 
 def test_blank_tiny_and_flat_fields_are_warnings_not_a_crash(data_root, tmp_path):
-    """Issue 13.1: a blank, 1x1, 2x2 or single-colour image stopped the whole count (Otsu's ValueError)."""
+    """Issue 13.1: a blank, 1x1, 2x2 or single-colour image stopped the whole count (Otsu's ValueError);
+    a dark one stopped it too (Otsu's IndexError, measuring the scale) or was counted as empty, unexplained."""
     from wbcid.smear.counting import count
 
     odd = {
@@ -201,15 +203,20 @@ def test_blank_tiny_and_flat_fields_are_warnings_not_a_crash(data_root, tmp_path
         "two.png": Image.new("RGB", (2, 2), (120, 40, 160)),
         "flat.png": Image.new("RGB", (300, 300), (200, 90, 180)),
     }
+    real = data_root / "smears" / "bccd" / "images" / "BloodImage_00000.jpg"
+    odd["dark.png"] = Image.fromarray(np.asarray(Image.open(real)) // 16)  # the lamp turned low; its scale failed
     for name, image in odd.items():
         image.save(tmp_path / name)
-    real = data_root / "smears" / "bccd" / "images" / "BloodImage_00000.jpg"
     result = count(None, [*(tmp_path / n for n in odd), real], tmp_path / "out")
     by_name = {Path(e["path"]).name: e for e in result["images"]}
     assert "too small" in " ".join(by_name["one.png"]["warnings"]) and "too small" in " ".join(
         by_name["two.png"]["warnings"]
     )
     assert "flat colour" in " ".join(by_name["blank.png"]["warnings"] + by_name["flat.png"]["warnings"])
+    assert (
+        "image is nearly black, no part of it lit (lamp, shutter or exposure?): nothing to count"
+        in (by_name["dark.png"]["warnings"])
+    )
     assert by_name[real.name]["detections"] and (tmp_path / "out" / "counts.json").is_file()
 
 

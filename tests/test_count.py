@@ -77,6 +77,44 @@ def test_too_few_cells_counted_says_how_to_get_more():
     )
 
 
+def test_many_cells_unlike_the_models_own_send_the_lab_to_review_and_adapt(data_root, tmp_path):
+    """A count of a lab the model does not know flagged most of its cells and said only "flagged for
+    review": now it says that they are clearly more than its threshold flags of its own cells, and
+    what to do. Cells cut by the edge are flagged for that, so they do not count."""
+    from markupsafe import escape
+
+    from wbcid.smear.counting import count, unfamiliar
+
+    def fields(flags: int, whole: int, edge: int = 0, score: float = 2.0) -> list[dict]:
+        cells = [(score if i < flags else 0.5, False) for i in range(whole)] + [(score, True)] * edge
+        detections = [
+            {
+                "box": [0, 0, 9, 9],
+                "label": "neutrophil",
+                "confidence": 0.9,
+                "ood_score": o,
+                "flagged": o > 1 or e,
+                "edge": e,
+            }
+            for o, e in cells
+        ]
+        return [{"detections": detections}]
+
+    assert unfamiliar(fields(20, 400, edge=200)) is None  # 5 %, as calibrated; the edge cells are left out
+    assert unfamiliar(fields(45, 400)) is None  # 11 %: its interval reaches below twice the 5 %
+    assert unfamiliar(fields(400, 400, score=math.nan)) is None  # no scorer: nothing to say
+    said = unfamiliar(fields(60, 400))  # 15 %: [11.7, 18.9] %
+    assert said.startswith("60 of 400 whole cells (15 %) are flagged as unlike the model's training cells, against 5 %")
+    assert "`wbcid review`" in said and "`wbcid adapt`" in said
+
+    smears = sorted((data_root / "smears" / "bccd" / "images").glob("*.jpg"))[:40]
+    result = count(None, smears, tmp_path / "out")
+    whole = [d for e in result["images"] for d in e.get("detections", []) if not d["edge"]]
+    assert sum(d["ood_score"] > 1 for d in whole) / len(whole) > 0.25  # BCCD's smear fields, for the bundled model
+    said = unfamiliar(result["images"])
+    assert said in result["warnings"] and str(escape(said)) in (tmp_path / "out" / "report.html").read_text()
+
+
 def test_bad_labels_and_reference_files_are_clear_errors(tmp_path):
     with pytest.raises(WbcidError, match="not one of the five"):
         differential(["neutrophil", "platelet"])
@@ -363,10 +401,11 @@ def test_a_folder_of_folders_is_counted_per_specimen(data_root, tmp_path):
         assert s["scale"]["how"].startswith("from the red cells")
         flagged = s["totals"]["flagged"]
         verify = f", or verify its {flagged} flagged cell(s) with `wbcid review`" if flagged else ""
-        assert s["warnings"] == [
+        assert s["warnings"][0] == (
             f"only {s['totals']['counted']} cells counted; a 100-cell differential needs "
             f"{100 - s['totals']['counted']} more (count more fields of this slide{verify})"
-        ]
+        )
+        assert all(" whole cells " in w for w in s["warnings"][1:])  # more flagged than the model's own labs give
     table = pd.read_csv(out / "specimens.csv")
     assert table.specimen.tolist() == list(specimens) and table.counted.sum() == counts["totals"]["counted"]
     busiest = max(specimens, key=lambda k: specimens[k]["totals"]["counted"])

@@ -24,6 +24,9 @@ BUNDLED_TRAINING = {"origin": None, "sources": ["pbc", "lisc", "tecom", "cellavi
 Freeze = str | int  # "none", "backbone", or the number of leading backbone layer groups to freeze
 
 
+QUANTILE = 0.95  # an OOD threshold is this quantile of the model's validation cells' scores (wbcid.ood)
+
+
 def flagged(ood_score: np.ndarray) -> np.ndarray:
     """Which predictions to check by eye: score above the threshold (NaN, i.e. no scorer: never)."""
     return np.asarray(ood_score, dtype=np.float64) > 1.0

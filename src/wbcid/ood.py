@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .contract import QUANTILE
 from .errors import WbcidError
 from .preprocess import TORCH_BATCH, as_input
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from .data import CellSet
     from .models import WBCNet
 
-QUANTILE = 0.95
 MIN_GROUP = 20  # fewest cells of one type from one lab that get their own cluster
 
 

@@ -46,6 +46,27 @@ def test_predict_without_a_model_uses_the_bundled_one(data_root, tmp_path):
     assert correct > 0.8  # these images were in its training data: a check that the weights are the trained ones
 
 
+def test_predict_says_when_clearly_more_cells_are_flagged_than_its_own_labs_give(
+    data_root, tmp_path, monkeypatch, capsys
+):
+    """The same step as count's: a folder of cells the model finds unfamiliar names review and adapt."""
+    from wbcid.cli import main
+
+    listed = pd.read_csv(data_root / "cells.csv")
+    cells = [data_root / p for p in listed.path[(listed.label == "platelet") & (listed.split == "test")][:30]]
+    familiar = read_cells(data_root / "cells.csv", sources=["pbc"], splits=["test"]).paths[:30]
+    said = {}
+    for name, paths in (("other", cells), ("pbc", familiar)):  # platelets; WBCs of a lab it learned
+        monkeypatch.setattr(sys, "argv", ["wbcid", "predict", "--out", str(tmp_path / f"{name}.csv"), *map(str, paths)])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        assert exited.value.code == 0
+        said[name] = capsys.readouterr().out
+    flags = pd.read_csv(tmp_path / "other.csv").flagged.sum()
+    assert f"warning: {flags} of 30 cells (" in said["other"] and "`wbcid adapt`" in said["other"]
+    assert pd.read_csv(tmp_path / "pbc.csv").flagged.sum() <= 3 and "warning" not in said["pbc"]
+
+
 def test_unreadable_files_keep_their_row_without_a_label(data_root, tmp_path):
     good = next((data_root / "cells" / "lisc" / "monocyte").iterdir())
     bad = tmp_path / "broken.png"

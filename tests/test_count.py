@@ -83,7 +83,7 @@ def test_many_cells_unlike_the_models_own_send_the_lab_to_review_and_adapt(data_
     what to do. Cells cut by the edge are flagged for that, so they do not count."""
     from markupsafe import escape
 
-    from wbcid.smear.counting import count, unfamiliar
+    from wbcid.smear.counting import count, unfamiliar_cells
 
     def fields(flags: int, whole: int, edge: int = 0, score: float = 2.0) -> list[dict]:
         cells = [(score if i < flags else 0.5, False) for i in range(whole)] + [(score, True)] * edge
@@ -100,10 +100,10 @@ def test_many_cells_unlike_the_models_own_send_the_lab_to_review_and_adapt(data_
         ]
         return [{"detections": detections}]
 
-    assert unfamiliar(fields(20, 400, edge=200)) is None  # 5 %, as calibrated; the edge cells are left out
-    assert unfamiliar(fields(45, 400)) is None  # 11 %: its interval reaches below twice the 5 %
-    assert unfamiliar(fields(400, 400, score=math.nan)) is None  # no scorer: nothing to say
-    said = unfamiliar(fields(60, 400))  # 15 %: [11.7, 18.9] %
+    assert unfamiliar_cells(fields(20, 400, edge=200)) is None  # 5 %, as calibrated; the edge cells are left out
+    assert unfamiliar_cells(fields(45, 400)) is None  # 11 %: its interval reaches below twice the 5 %
+    assert unfamiliar_cells(fields(400, 400, score=math.nan)) is None  # no scorer: nothing to say
+    said = unfamiliar_cells(fields(60, 400))  # 15 %: [11.7, 18.9] %
     assert said.startswith("60 of 400 whole cells (15 %) are flagged as unlike the model's training cells, against 5 %")
     assert "`wbcid review`" in said and "`wbcid adapt`" in said
 
@@ -111,7 +111,7 @@ def test_many_cells_unlike_the_models_own_send_the_lab_to_review_and_adapt(data_
     result = count(None, smears, tmp_path / "out")
     whole = [d for e in result["images"] for d in e.get("detections", []) if not d["edge"]]
     assert sum(d["ood_score"] > 1 for d in whole) / len(whole) > 0.25  # BCCD's smear fields, for the bundled model
-    said = unfamiliar(result["images"])
+    said = unfamiliar_cells(result["images"])
     assert said in result["warnings"] and str(escape(said)) in (tmp_path / "out" / "report.html").read_text()
 
 

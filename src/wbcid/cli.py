@@ -236,6 +236,7 @@ def predict(
     """Classify images; writes one CSV row per image with all five class probabilities."""
     from .inference import predict as run_prediction
     from .inference import progress_log
+    from .smear.differential import unfamiliar
 
     progress = progress_log(out)
     kept = (  # --adabn's statistics come from all the images at once: it keeps no log
@@ -252,6 +253,9 @@ def predict(
             f"{int(table['flagged'].sum())} flagged as unlike the cells the model knows, grey-scale or unreadable "
             "(columns 'flagged' and 'error'): check them by eye"
         )
+    scored = table["ood_score"][(table["error"] == "") & table["ood_score"].notna()]
+    if note := unfamiliar(int((scored > 1).sum()), len(scored)):
+        typer.echo(f"warning: {note}")
     typer.echo(f"predictions: {out}")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from ..contract import QUANTILE, flagged
+from ..contract import flagged
 from ..crop import BLACK, unlit
 from ..data import CLASSES
 from ..decoding import GREY_MODES, GREY_REASON, UNREADABLE, map_ahead, unreadable_reason
@@ -41,7 +41,7 @@ from ..loading import Model, describe_model, resolve_model
 from ..preprocess import Preprocess, upright_rgb
 from ..serving import choose_precision, served_precision
 from .detect import Box, FieldObjects, detect_cells
-from .differential import REFERENCE_RANGES, REFERENCE_SOURCE, differential, proportion_interval
+from .differential import REFERENCE_RANGES, REFERENCE_SOURCE, differential, unfamiliar
 from .learned import find_objects
 from .scale import rbc_diameter, wbc_diameter
 from .specimens import cells_short, group_fields, specimen_table
@@ -243,9 +243,9 @@ def count(
             "fields": len(members),
             "scale": scale,
             "totals": totals,
-            "warnings": [w for w in (cells_short(totals), unfamiliar(members)) if w],
+            "warnings": [w for w in (cells_short(totals), unfamiliar_cells(members)) if w],
         }
-    if note := unfamiliar(images):  # on the report and the review page: the lab's next step
+    if note := unfamiliar_cells(images):  # on the report and the review page: the lab's next step
         log.warning(note)
         notes.append(note)
     result = {
@@ -282,23 +282,10 @@ def summarise(images: list[dict], reference: dict[str, tuple[float, float]] | No
     return totals
 
 
-def unfamiliar(images: list[dict]) -> str | None:
-    """What to do when clearly more of these fields' whole cells are flagged than the model's threshold
-    flags of its own validation cells (1 - QUANTILE, 5 %), else None. "Clearly": the lower end of the
-    exact 95 % interval of the share above twice that, room reasoned for labs a model learned less well
-    (the bundled model flags 1.2-16.2 % of its five labs' test cells, docs/ood_bundled.md), far below
-    what a lab the model never saw gives (the PBC-only model: 4.8 % of PBC's test cells, 46-95 % of
-    each other lab's, docs/ood.md). Cells cut by the edge are flagged for that, so left out."""
+def unfamiliar_cells(images: list[dict]) -> str | None:
+    """:func:`unfamiliar` of these fields' whole cells: those cut by the edge are flagged for that."""
     whole = [c for e in images for c in _calls(e) if not c.edge and math.isfinite(c.ood_score)]
-    unlike, usual = sum(c.ood_score > 1 for c in whole), 1 - QUANTILE
-    if not whole or proportion_interval(unlike, len(whole))[0] <= 2 * usual:
-        return None
-    return (
-        f"{unlike} of {len(whole)} whole cells ({100 * unlike / len(whole):.0f} %) are flagged as unlike the model's "
-        f"training cells, against {100 * usual:.0f} % of its validation cells: these images differ from those it "
-        "learned from. Verify some with `wbcid review`; `wbcid adapt` then learns this lab from them, and flags its "
-        "ordinary cells no more (README: Your lab)"
-    )
+    return unfamiliar(sum(c.ood_score > 1 for c in whole), len(whole), "whole cells")
 
 
 def _calls(entry: dict) -> list[CellCall]:

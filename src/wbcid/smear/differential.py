@@ -13,6 +13,7 @@ from pathlib import Path
 
 from scipy.special import betaincinv
 
+from ..contract import QUANTILE
 from ..data import CLASSES, parse_label
 from ..errors import WbcidError
 
@@ -41,6 +42,24 @@ def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float
     low = betaincinv(k, n - k + 1, tail) if k > 0 else 0.0
     high = betaincinv(k + 1, n - k, 1 - tail) if k < n else 1.0
     return float(low), float(high)
+
+
+def unfamiliar(unlike: int, scored: int, cells: str = "cells") -> str | None:
+    """What to do when clearly more of ``scored`` cells are flagged as unlike the model's training cells
+    (``unlike``) than its threshold flags of its own validation cells (1 - QUANTILE, 5 %), else None.
+    "Clearly": the lower end of the exact 95 % interval of the share above twice that, room reasoned
+    for labs a model learned less well (the bundled model flags 1.2-16.2 % of its five labs' test cells,
+    docs/ood_bundled.md), far below what a lab the model never saw gives (the PBC-only model: 4.8 % of
+    PBC's test cells, 46-95 % of each other lab's, docs/ood.md)."""
+    usual = 1 - QUANTILE
+    if not scored or proportion_interval(unlike, scored)[0] <= 2 * usual:
+        return None
+    return (
+        f"{unlike} of {scored} {cells} ({100 * unlike / scored:.0f} %) are flagged as unlike the model's "
+        f"training cells, against {100 * usual:.0f} % of its validation cells: these images differ from those it "
+        "learned from. Verify some with `wbcid review`; `wbcid adapt` then learns this lab from them, and flags its "
+        "ordinary cells no more (README: Your lab)"
+    )
 
 
 def differential(labels: Sequence[str], reference: dict[str, tuple[float, float]] | None = None) -> dict:

@@ -91,6 +91,8 @@ def _wide_colour(image: Image.Image) -> np.ndarray | None:
 def _tiff_samples(image: Image.Image) -> np.ndarray:
     import tifffile  # scikit-image's own TIFF reader; imagecodecs gives it LZW, PackBits and the rest
 
+    if not getattr(image, "filename", None):  # opened from a file object: tifffile reads from where it stands
+        image.fp.seek(0)
     with tifffile.TiffFile(getattr(image, "filename", None) or image.fp) as tiff:
         page = tiff.pages[image.tell()]
         samples = page.asarray()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,33 @@ def test_manifest_skips_labels_that_are_not_ours_with_a_count(data_root):
     assert {c.source for c in cells.cells} == {"pbc"}
     ((reason, count),) = cells.skipped.items()
     assert "platelet" in reason and count == 180  # 10 % of 600 per non-target class
+
+
+def test_an_image_listed_twice_is_one_cell_and_one_listed_with_two_labels_is_left_out(data_root, tmp_path, caplog):
+    """A manifest merged from two people's sheets listed cells twice: each weighed double (and could sit in
+    train and val at once), and a cell given two labels trained on both."""
+    lisc = read_cells(data_root / "cells.csv", sources=["lisc"])
+    neutrophils = [c.path for c in lisc.cells if CLASSES[c.label] == "neutrophil"][:3]
+    lymphocytes = [c.path for c in lisc.cells if CLASSES[c.label] == "lymphocyte"][:3]
+    for path in neutrophils + lymphocytes:
+        shutil.copy(path, tmp_path)
+    n, ly = [p.name for p in neutrophils], [p.name for p in lymphocytes]
+    rows = [(n[0], "neutrophil"), (n[1], "neutrophil"), (f"./{n[0]}", "Lymphocyte"), (n[2], "NEUTROPHIL")]
+    rows += [(ly[0], "lymphocyte"), (ly[1], "lymphocyte"), (ly[2], "lymphocyte"), (ly[2], "Lymphocyte")]
+    (tmp_path / "cells.csv").write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rows))
+    with caplog.at_level(logging.WARNING, logger="wbcid"):
+        cells = read_cells(tmp_path / "cells.csv")
+    assert [(c.path.name, CLASSES[c.label]) for c in cells.cells] == [
+        (n[1], "neutrophil"),
+        (n[2], "neutrophil"),
+        (ly[0], "lymphocyte"),
+        (ly[1], "lymphocyte"),
+        (ly[2], "lymphocyte"),
+    ]
+    assert "skipped 1 image(s): listed again with the same label (kept once)" in caplog.text
+    assert f"skipped 1 image(s): listed with different labels, e.g. {n[0]}: 'neutrophil' and 'Lymphocyte'" in (
+        caplog.text
+    )
 
 
 def test_unknown_source_names_the_available_ones(data_root):

@@ -396,7 +396,31 @@ def _read_manifest(csv_path: Path) -> CellSet:
             f"{csv_path}: {len(table)} of {len(table)} paths do not exist (paths are relative to the "
             f"CSV's folder, {csv_path.parent}), e.g. {csv_path.parent / first}"
         )
-    return CellSet(cells, skipped, str(csv_path))
+    return CellSet(_listed_once(cells, skipped), skipped, str(csv_path))
+
+
+def _listed_once(cells: list[Cell], skipped: Counter) -> list[Cell]:
+    """Each image of a manifest once. Listed again with the same label, it is one cell (twice, it weighed
+    double and could sit on both sides of a split); listed with different labels, it is left out: which
+    is right cannot be told (two people's calls?). Both are counted in ``skipped``, the second with an
+    example; the first listing keeps its place."""
+    labels: dict[str, list[str]] = {}
+    for cell in cells:
+        labels.setdefault(os.path.normpath(cell.path), []).append(cell.raw_label)
+    disputed = {path: listed for path, listed in labels.items() if len({parse_label(x) for x in listed}) > 1}
+    if again := len(cells) - len(labels):
+        skipped["listed again with the same label (kept once)"] += again - sum(len(v) - 1 for v in disputed.values())
+    if disputed:
+        path, listed = next(iter(disputed.items()))
+        example = f"{Path(path).name}: {' and '.join(map(repr, dict.fromkeys(listed)))}"
+        skipped[f"listed with different labels, e.g. {example} (left out: which is right?)"] += len(disputed)
+    kept, seen = [], set()
+    for cell in cells:
+        key = os.path.normpath(cell.path)
+        if key not in disputed and key not in seen:
+            seen.add(key)
+            kept.append(cell)
+    return kept
 
 
 def _read_image_folder(root: Path) -> CellSet:

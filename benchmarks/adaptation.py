@@ -1,7 +1,8 @@
 """Few-shot lab adaptation: the label-efficiency curve (macro-F1 against verified cells per class).
 
     python benchmarks/adaptation.py --model runs/pbc --name groups2 [--trainable-groups 2] [--ks 0 1 2 5 10 20]
-        [--draws 5] [--labs lisc tecom cellavision bccd] [--unlabelled] [--replay pbc|recorded] [--data ../shared/data]
+        [--draws 5] [--labs lisc tecom cellavision bccd] [--unlabelled] [--replay pbc|recorded] [--twins-together]
+        [--data ../shared/data]
     python benchmarks/adaptation.py --report        # docs/adaptation.md and .png from every result
 
 The model must never have seen the target labs: the PBC-only default model
@@ -23,7 +24,7 @@ import json
 import logging
 import time
 import typing
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import matplotlib
@@ -43,7 +44,7 @@ from wbcid.adaptation import (
     suffix_scores,
 )
 from wbcid.benchmark import OTHER_SOURCES
-from wbcid.data import CLASSES, read_cells
+from wbcid.data import CLASSES, CellSet, file_identity, read_cells
 from wbcid.decoding import load_images
 from wbcid.evaluation import compute_metrics
 from wbcid.inference import predict_scores
@@ -86,6 +87,12 @@ def main() -> None:
     )
     options.add_argument("--no-cross-fit", action="store_true", help="calibrate flags on the verified cells' views")
     options.add_argument("--unlabelled", action="store_true")
+    options.add_argument(
+        "--twins-together",
+        action="store_true",
+        help="byte-identical images share a group, so no draw verifies one and scores its twin (lisc lists 24 such "
+        "pairs as separate cells)",
+    )
     options.add_argument("--report", action="store_true", help="only write docs/adaptation.md from the results")
     args = options.parse_args()
     command = setup(logging.WARNING)
@@ -113,7 +120,8 @@ def main() -> None:
         "other": decode(cells.select(["pbc_other"]))[0],
         "replay": replay,  # make_replay's arguments; None: --no-replay
     }
-    labs = {lab: decode(cells.select([lab]).known()) for lab in args.labs}
+    twins = twins_together if args.twins_together else lambda cellset: cellset
+    labs = {lab: decode(twins(cells.select([lab]).known())) for lab in args.labs}
     for groups in args.trainable_groups:
         config = AdaptConfig(
             trainable_groups=groups, steps=args.steps, cross_fit=not args.no_cross_fit, **_overrides(args.set)
@@ -128,6 +136,16 @@ def main() -> None:
             "rows": rows,
         }
         write_results(OUT / name, result)
+
+
+def twins_together(cells: CellSet) -> CellSet:
+    """``cells`` with byte-identical images in one group (the first one's): a verified cell's twin
+    among the scored ones would be scored on a picture the model was taught."""
+    first: dict[object, str] = {}
+    together = [replace(c, group=first.setdefault(file_identity(c.path), c.group or str(c.path))) for c in cells.cells]
+    if moved := sum(a.group != b.group for a, b in zip(cells.cells, together)):
+        print(f"{cells.origin}: {moved} image(s) grouped with a byte-identical twin", flush=True)
+    return CellSet(together, cells.skipped, cells.origin)
 
 
 def _overrides(pairs: list[str]) -> dict:

@@ -130,6 +130,36 @@ def test_unknown_source_names_the_available_ones(data_root):
         read_cells(data_root / "cells" / "tecom", splits=["test"])  # it said "available: ''"
 
 
+def test_split_folders_are_the_split_not_specimens(data_root, tmp_path):
+    """Kaggle's BCCD layout (images/TRAIN/NEUTROPHIL/..., TEST/, TEST_SIMPLE/) was read as three specimens:
+    `wbcid train` trained on the test images. A folder named as a split is the split; "test1" stays a
+    specimen, whose cells are a group."""
+    from wbcid.splits import split_train_val
+
+    tecom = read_cells(data_root / "cells" / "tecom")
+    by_class = {
+        name: [c.path for c in tecom.cells if CLASSES[c.label] == name][:8] for name in ("neutrophil", "lymphocyte")
+    }
+    places = {"TRAIN": slice(0, 5), "TEST": slice(5, 7), "TEST_SIMPLE": slice(7, 8)}
+    for folder, part in places.items():
+        for name, paths in by_class.items():
+            (tmp_path / "images" / folder / name.upper()).mkdir(parents=True)
+            for path in paths[part]:
+                shutil.copy(path, tmp_path / "images" / folder / name.upper())
+    cells = read_cells(tmp_path / "images")
+    assert {(c.path.parent.parent.name, c.split, c.group) for c in cells.cells} == {
+        ("TRAIN", "train", ""),
+        ("TEST", "test", ""),
+        ("TEST_SIMPLE", "test", ""),
+    }
+    assert len(read_cells(tmp_path / "images", splits="test")) == 6  # `wbcid evaluate --split test`
+    train, val = split_train_val(cells)
+    assert {c.split for c in train.cells + val.cells} == {"train"} and len(train) + len(val) == 10
+    (tmp_path / "images" / "TRAIN").rename(tmp_path / "images" / "test1")  # a specimen, not a split
+    specimen = [c for c in read_cells(tmp_path / "images").cells if c.path.parent.parent.name == "test1"]
+    assert {(c.split, c.group) for c in specimen} == {("", "test1")}
+
+
 def test_image_folder_reader_on_real_tree(data_root):
     cells = read_cells(data_root / "cells" / "tecom")
     table = pd.read_csv(data_root / "cells.csv")

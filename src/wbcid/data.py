@@ -46,6 +46,11 @@ log = logging.getLogger("wbcid")
 
 DATA_ENV = "WBCID_DATA"
 MANIFESTS = ("cells.csv", "manifest.csv")  # what a folder given as data is read by, first found
+SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
+SPLIT_WORDS |= {"dev": "val", "test": "test", "testing": "test"}
+# a split's folder: the word alone or before a separator (Kaggle's BCCD: TRAIN/, TEST/, TEST_SIMPLE/);
+# "test1" stays a specimen's name
+SPLIT_FOLDER = re.compile(rf"^({'|'.join(SPLIT_WORDS)})(?:[ _-].*)?$")
 COLUMN_NAMES = {  # other names of a manifest's two columns, used where exactly one of them is there
     "path": ("file", "filename", "file_name", "image", "image_path", "img"),
     "label": ("class", "category", "cell_type", "celltype", "type"),
@@ -425,15 +430,23 @@ def _listed_once(cells: list[Cell], skipped: Counter) -> list[Cell]:
 
 def _read_image_folder(root: Path) -> CellSet:
     """Class folders, or folders of class folders (``patient1/neutrophil/...``, as laboratories file
-    cells by specimen): each such folder is a group, so a split keeps its cells on one side."""
+    cells by specimen): each such folder is a group, so a split keeps its cells on one side. A folder
+    named as a split (``train/``, ``TEST/``, ``validation/``, ``TEST_SIMPLE/``: :data:`SPLIT_FOLDER`) is
+    the cells' ``split`` instead, as a manifest's column is: test cells never train."""
     cells, skipped = [], Counter()
     for folder in sorted(d for d in root.iterdir() if d.is_dir() and not hidden(d.name)):
         label = parse_label(folder.name)
-        if label is None and any(parse_label(d.name) is not None for d in folder.iterdir() if d.is_dir()):
+        split = _split_of(folder.name) if label is None else None
+        holds = [d for d in folder.iterdir() if d.is_dir()]
+        if label is None and (split and holds or any(parse_label(d.name) is not None for d in holds)):
             inner = _read_image_folder(folder)
-            cells += [
-                replace(c, source=root.name, group="/".join(filter(None, (folder.name, c.group)))) for c in inner.cells
-            ]
+            if split:
+                cells += [replace(c, source=root.name, split=split) for c in inner.cells]
+            else:
+                cells += [
+                    replace(c, source=root.name, group="/".join(filter(None, (folder.name, c.group))))
+                    for c in inner.cells
+                ]
             skipped += inner.skipped
             continue
         visible = (f for f in folder.rglob("*") if not any(map(hidden, f.relative_to(folder).parts)))
@@ -445,6 +458,12 @@ def _read_image_folder(root: Path) -> CellSet:
             log.warning("%s: class folder %r holds no images", root, folder.name)
         cells += [Cell(f, -1 if label is None else label, source=root.name, raw_label=folder.name) for f in images]
     return CellSet(cells, skipped, str(root))
+
+
+def _split_of(name: str) -> str | None:
+    """The split a folder's name says (``TRAIN``, ``Testing``, ``val_set``, ...), or None."""
+    match = SPLIT_FOLDER.match(name.strip().lower())
+    return None if match is None else SPLIT_WORDS[match.group(1)]
 
 
 def _read_json_layout(json_path: Path) -> CellSet:

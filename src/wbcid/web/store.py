@@ -81,7 +81,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # A cell's version is the number of changes made to it: a page sends the one it showed with a
 # correction, so a correction made on a page that had not seen another person's is refused, not applied.
-CELLS = "SELECT cells.*, (SELECT COUNT(*) FROM audit WHERE audit.cell_id = cells.id) AS version FROM cells"
+SELECT_CELLS = "SELECT cells.*, (SELECT COUNT(*) FROM audit WHERE audit.cell_id = cells.id) AS version FROM cells"
 
 
 class ChangedMeanwhile(WbcidError):
@@ -180,12 +180,12 @@ class ReviewStore:
     def cells(self) -> list[dict]:
         """All cells, flagged and least confident first (the review queue's order)."""
         with self._connect() as db:
-            rows = db.execute(f"{CELLS} ORDER BY flagged DESC, confidence ASC, id").fetchall()
+            rows = db.execute(f"{SELECT_CELLS} ORDER BY flagged DESC, confidence ASC, id").fetchall()
         return [self._cell(row) for row in rows]
 
     def cell(self, cell_id: int) -> dict:
         with self._connect() as db:
-            row = db.execute(f"{CELLS} WHERE id = ?", (cell_id,)).fetchone()
+            row = db.execute(f"{SELECT_CELLS} WHERE id = ?", (cell_id,)).fetchone()
         if row is None:
             raise KeyError(cell_id)
         return self._cell(row)
@@ -199,7 +199,7 @@ class ReviewStore:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")  # read and write as one: no change can slip in between
-            row = db.execute(f"{CELLS} WHERE id = ?", (cell_id,)).fetchone()
+            row = db.execute(f"{SELECT_CELLS} WHERE id = ?", (cell_id,)).fetchone()
             if row is None:
                 raise KeyError(cell_id)
             if version is not None and version != row["version"]:
@@ -218,7 +218,7 @@ class ReviewStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (cell_id, row["label"], row["reviewed"], new_label, reviewed, reviewer, now),
             )
-            return self._cell(db.execute(f"{CELLS} WHERE id = ?", (cell_id,)).fetchone())
+            return self._cell(db.execute(f"{SELECT_CELLS} WHERE id = ?", (cell_id,)).fetchone())
 
     def audit(self) -> list[dict]:
         """Every change in the order made, undone ones too, each with the image its cell comes from

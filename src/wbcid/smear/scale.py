@@ -12,7 +12,11 @@ red-cell diameter.
 The red-cell mask: optical density of green (red cells, WBCs and platelets absorb it; the pale
 background does not), split by a three-class Otsu into background, red cells and nuclei, holes
 (the central pallor) filled; pixels no light reached (the dark ring of a photo through the eyepiece,
-:func:`wbcid.crop.unlit`) are neither. The field is first resized to ``WORK_SIDE`` pixels on its long side.
+:func:`wbcid.crop.unlit`) are neither. The field is first resized to ``WORK_SIDE`` pixels on its long side,
+or more where its short side would be under ``WORK_SHORT`` (wider than 4:3: a 16:9 camera, a stitched
+strip, whose red cells the long-side rule shrank to specks: in a strip of six BCCD fields they measured
+3.9x too large, and the count's scale came out 3.3x too large). Up to 4:3, every field of the
+sources here, both rules give the same copy.
 
 Constants and where they were chosen (``benchmarks/scale.py`` measures the result on all sources):
 
@@ -32,6 +36,7 @@ from skimage.filters import threshold_multiotsu
 from ..crop import unlit
 
 WORK_SIDE = 128  # long side of the copy measured (16 ms per field here)
+WORK_SHORT = 96  # ... and its short side at least: a stitched strip's red cells would shrink to specks
 MIN_RADIUS = 2  # work pixels; smaller objects are noise and specks
 DENSITY_SIGMA = 1  # work pixels of Gaussian smoothing of the optical density
 MIN_RED_SHARE = 0.02  # a field whose mask covers less than this has too few red cells to measure
@@ -42,7 +47,7 @@ WBC_PER_RBC = 1.85  # 200 / 108, chosen on BCCD
 def rbc_diameter(image: Image.Image) -> float | None:
     """Typical red-cell diameter in the image's pixels (as an annotator's box would be), or ``None``
     when the field shows too few red cells to measure."""
-    scale = WORK_SIDE / max(image.size)
+    scale = max(WORK_SIDE / max(image.size), WORK_SHORT / min(image.size))  # one rule up to 4:3 (all fields here)
     work = image.convert("RGB").resize(
         (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR
     )

@@ -121,6 +121,31 @@ def test_no_file_outside_the_run_can_be_read(run: Path):
         assert secret not in response.text and "ReviewStore" not in response.text, url
 
 
+def test_another_sites_page_can_neither_change_nor_read_the_review(run: Path):
+    """A page of another site open in the technologist's browser could send corrections to the review's
+    address (cross-site request forgery), or, with its name pointed at 127.0.0.1 (DNS rebinding), read
+    and change it as if it were the review's own page."""
+    from wbcid.web.app import local_names_only
+
+    client = TestClient(create_app(run))
+    cell = client.get("/api/cells").json()["cells"][0]
+    evil = {"Origin": "http://evil.example"}
+    for response in (
+        client.put(f"/api/cells/{cell['id']}", json={"label": "basophil"}, headers=evil),
+        client.delete(f"/api/cells/{cell['id']}/review", headers=evil),
+        client.post("/api/export", headers=evil),
+    ):
+        assert response.status_code == 403 and "another site's page (http://evil.example)" in response.json()["detail"]
+    assert client.get(f"/api/cells/{cell['id']}").json()["reviewed"] is False and not (run / "verified").exists()
+    own = {"Origin": "http://testserver"}  # the page itself: its origin is the address it was served from
+    assert client.put(f"/api/cells/{cell['id']}", json={"label": "basophil"}, headers=own).status_code == 200
+
+    app = create_app(run)
+    local_names_only(app, "127.0.0.1")  # as `wbcid review` serves on the loopback address
+    for name, status in (("127.0.0.1:8765", 200), ("localhost:8765", 200), ("evil.example", 400)):
+        assert TestClient(app, base_url=f"http://{name}").get("/api/cells").status_code == status, name
+
+
 def test_corrections_survive_a_restart(run: Path):
     first = TestClient(create_app(run))
     cell = first.get("/api/cells").json()["cells"][-1]

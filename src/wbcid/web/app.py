@@ -16,7 +16,9 @@ The page (``GET /``) is one Jinja2 template and a little plain JavaScript over t
   says what the export holds.
 
 What the app cannot do (an export folder in the way, a field image gone, Grad-CAM with an ONNX
-model) is a 409 whose ``detail`` says why, as the command line would.
+model) is a 409 whose ``detail`` says why, as the command line would. A change sent by another
+site's page (its ``Origin``) is a 403; served on the loopback address, a request addressed to any
+other name is a 400 (:func:`local_names_only`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import socket
 import threading
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -99,6 +103,16 @@ def create_app(
     @app.exception_handler(WbcidError)
     def refused(request: Request, exc: WbcidError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.middleware("http")
+    async def same_site(request: Request, call_next):
+        """Changes only from this app's own page: a page of another site, open in the technologist's
+        browser, could otherwise send them to this address (cross-site request forgery). Browsers name
+        the page a request comes from in ``Origin``; scripts and tests send none."""
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != request.headers.get("host"):
+            return JSONResponse({"detail": f"refused: a change sent by another site's page ({origin})"}, 403)
+        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     def page(request: Request):
@@ -244,7 +258,9 @@ def serve(
     made = store.make_thumbnails()
     if made:
         log.info("cut %d thumbnails (cached for the next start)", made)
-    if not ipaddress.ip_address(address).is_loopback:
+    if ipaddress.ip_address(address).is_loopback:
+        local_names_only(app, host)
+    else:
         log.warning("serving on %s: anyone who can reach this address can read and change the review", host)
     with _listen(host, address, port) as sock:
         print(
@@ -252,6 +268,12 @@ def serve(
             flush=True,
         )
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def local_names_only(app: FastAPI, host: str) -> None:
+    """Serve only requests addressed to this machine by its own names: a site whose name is made to
+    point at 127.0.0.1 (DNS rebinding) could otherwise read and change the review from a page of its own."""
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", host])
 
 
 def _listen(host: str, address: str, port: int | None) -> socket.socket:

@@ -85,6 +85,7 @@ def create_app(
         title="wbcid review", version=__version__, docs_url="/api/docs", redoc_url=None
     )
     app.state.store = store
+    app.add_middleware(_SameSite)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     gradcam = _GradCam(store, model)
@@ -103,16 +104,6 @@ def create_app(
     @app.exception_handler(WbcidError)
     def refused(request: Request, exc: WbcidError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.middleware("http")
-    async def same_site(request: Request, call_next):
-        """Changes only from this app's own page: a page of another site, open in the technologist's
-        browser, could otherwise send them to this address (cross-site request forgery). Browsers name
-        the page a request comes from in ``Origin``; scripts and tests send none."""
-        origin = request.headers.get("origin")
-        if request.method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != request.headers.get("host"):
-            return JSONResponse({"detail": f"refused: a change sent by another site's page ({origin})"}, 403)
-        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     def page(request: Request):
@@ -184,6 +175,25 @@ def create_app(
         }
 
     return app
+
+
+class _SameSite:
+    """Changes only from the app's own page: a page of another site, open in the technologist's browser,
+    could otherwise send them to the review's address (cross-site request forgery). Browsers name the
+    page a request comes from in ``Origin``; scripts and tests send none. (Plain ASGI: Starlette's
+    ``@app.middleware`` costs every request a task.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD"):
+            headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
+            origin = headers.get(b"origin")
+            if origin and urlsplit(origin).netloc != headers.get(b"host"):
+                refusal = JSONResponse({"detail": f"refused: a change sent by another site's page ({origin})"}, 403)
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _GradCam:

@@ -42,6 +42,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..data import CLASSES
@@ -183,10 +184,10 @@ class _SameSite:
     page a request comes from in ``Origin``; scripts and tests send none. (Plain ASGI: Starlette's
     ``@app.middleware`` costs every request a task.)"""
 
-    def __init__(self, app):
+    def __init__(self, app: ASGIApp):
         self.app = app
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD"):
             headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
             origin = headers.get(b"origin")

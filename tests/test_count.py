@@ -232,7 +232,8 @@ def test_an_interrupted_count_resumes_without_redoing_finished_fields(data_root,
 
 def test_blank_tiny_and_flat_fields_are_warnings_not_a_crash(data_root, tmp_path):
     """Issue 13.1: a blank, 1x1, 2x2 or single-colour image stopped the whole count (Otsu's ValueError);
-    a dark one stopped it too (Otsu's IndexError, measuring the scale) or was counted as empty, unexplained."""
+    a dark one stopped it too (Otsu's IndexError, measuring the scale) or was counted as empty, unexplained;
+    a TIFF of several pages was counted by its first without a word."""
     from wbcid.smear.counting import count
 
     odd = {
@@ -245,6 +246,9 @@ def test_blank_tiny_and_flat_fields_are_warnings_not_a_crash(data_root, tmp_path
     odd["dark.png"] = Image.fromarray(np.asarray(Image.open(real)) // 16)  # the lamp turned low; its scale failed
     for name, image in odd.items():
         image.save(tmp_path / name)
+    fields = [Image.open(real)] + [Image.open(real).rotate(angle) for angle in (90, 180)]
+    fields[0].save(tmp_path / "stack.tif", save_all=True, append_images=fields[1:])  # a z-stack, or three fields
+    odd["stack.tif"] = fields[0]
     result = count(None, [*(tmp_path / n for n in odd), real], tmp_path / "out")
     by_name = {Path(e["path"]).name: e for e in result["images"]}
     assert "too small" in " ".join(by_name["one.png"]["warnings"]) and "too small" in " ".join(
@@ -255,6 +259,10 @@ def test_blank_tiny_and_flat_fields_are_warnings_not_a_crash(data_root, tmp_path
         "image is nearly black, no part of it lit (lamp, shutter or exposure?): nothing to count"
         in (by_name["dark.png"]["warnings"])
     )
+    assert by_name["stack.tif"]["warnings"] == [
+        "the file holds 3 images (pages or frames): only the first is counted; save each field as an image of its own"
+    ]
+    assert by_name["stack.tif"]["detections"] == by_name[real.name]["detections"]  # its first page: that field
     assert by_name[real.name]["detections"] and (tmp_path / "out" / "counts.json").is_file()
 
 

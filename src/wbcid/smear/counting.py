@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -369,15 +370,20 @@ def count_field(
     """Detect and classify one field; its entry in counts.json (an ``error`` if it cannot be read)."""
     entry: dict = {"path": str(path), "detections": [], "warnings": []}
     try:
-        image, mode = open_field(path)
+        image, stored = open_field(path)
     except UNREADABLE as exc:
         entry["error"] = f"could not read the image ({unreadable_reason(exc)})"
         log.warning("%s: %s", path, entry["error"])
         return entry
     entry["size"] = list(image.size)
-    if mode in GREY_MODES:  # a detector may still find cells, but their types could not be told
+    if stored.mode in GREY_MODES:  # a detector may still find cells, but their types could not be told
         entry["warnings"].append(f"grey-scale image: not counted, {GREY_REASON}")
         return entry
+    if stored.images > 1:
+        entry["warnings"].append(
+            f"the file holds {stored.images} images (pages or frames): only the first is counted; save each "
+            "field as an image of its own"
+        )
     entry["warnings"] += field_problems(image, cell_diameter)
     calls, rbc = classify_field(model, image, cell_diameter, detector, tta)
     entry["detections"] = [asdict(c) for c in calls]
@@ -428,10 +434,17 @@ def _finished_fields(log_path: Path, settings: dict) -> dict[str, dict]:
     return finished_work(log_path, settings, words, "count these into another --out", unrecorded={"tta": False})
 
 
-def open_field(path: str | os.PathLike) -> tuple[Image.Image, str]:
-    """A field as upright RGB, and the mode it was stored in (grey fields get a warning)."""
+class Stored(NamedTuple):
+    """How a field's file holds it: grey fields and files of several images get a warning."""
+
+    mode: str
+    images: int  # a multi-page TIFF (a z-stack, several fields) or an animation: only the first is read
+
+
+def open_field(path: str | os.PathLike) -> tuple[Image.Image, Stored]:
+    """A field as upright RGB, and how its file stored it."""
     with Image.open(path) as raw:
-        return upright_rgb(raw), raw.mode
+        return upright_rgb(raw), Stored(raw.mode, getattr(raw, "n_frames", 1))
 
 
 def _with_patches(flagged_cells: list[tuple[dict, CellCall]]) -> list[tuple[dict, CellCall, Image.Image]]:

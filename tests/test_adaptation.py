@@ -270,7 +270,8 @@ def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, t
     table = pd.read_csv(bccd[0])
     mixed = pd.concat(
         [
-            table.head(4),
+            table.head(4).assign(split="train"),
+            table.iloc[4:5].assign(split="test"),  # a manifest's test row never trains, as in `wbcid train`
             pd.DataFrame(
                 [
                     {"path": str(data_root / "cells.csv"), "label": "neutrophil"},
@@ -284,6 +285,10 @@ def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, t
     skipped = json.loads((run / "config.json").read_text())["skipped"]
     assert any("platelet" in reason for reason in skipped)  # not one of ours: skipped and counted
     assert skipped.get("unreadable or not an image") == 1
+    assert sum(n for reason, n in skipped.items() if reason.startswith("in the test split")) == 1
+    table.assign(split="test").to_csv(tmp_path / "tested.csv", index=False)
+    with pytest.raises(WbcidError, match=r"all \d+ cells are in the test split, and test cells never train"):
+        adapt(tmp_path / "tested.csv", tmp_path / "tested_run", pbc_model, TINY)
     with pytest.raises(WbcidError, match="already exists"):
         adapt(tmp_path / "mixed.csv", run, pbc_model, TINY)
     (tmp_path / "empty").mkdir()

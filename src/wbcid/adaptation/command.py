@@ -16,6 +16,7 @@ import torch
 
 from ..data import CLASSES, Cell, CellSet, read_all, read_cells
 from ..decoding import load_images
+from ..errors import WbcidError
 from ..files import list_images, output_folder, relocated
 from ..loading import ADAPTED_CELLS, describe_model, resolve_model
 from ..models import WBCNet, save_model
@@ -53,7 +54,7 @@ def adapt(
     config = config or AdaptConfig()
     config = replace(config, precision=config.resolved_precision)
     out = output_folder(out_dir, "the adapted run", run=True)
-    cells = data if isinstance(data, CellSet) else read_all(data)  # a wrong path fails before the model loads
+    cells = _without_test(data if isinstance(data, CellSet) else read_all(data))  # fails before the model loads
     base = resolve_model(model, needs_torch="adaptation")
     base.split(config.trainable_groups)  # a number of layer groups the model lacks fails before any decoding
     start, new = model, len(cells)
@@ -110,6 +111,22 @@ def adapt(
         out.rmdir()
     os.replace(partial, out)
     return out
+
+
+def _without_test(cells: CellSet) -> CellSet:
+    """The cells adaptation learns from: those of a ``test`` split (a manifest's column, a ``test/``
+    folder) never train, as in ``wbcid train``, so the adapted model can still be scored on them."""
+    kept = cells.subset([c.split != "test" for c in cells.cells])
+    if held := len(cells) - len(kept):
+        if not kept.cells:
+            raise WbcidError(
+                f"{cells.origin}: all {held} cells are in the test split, and test cells never train: pass the "
+                "train split's cells, or a review's export"
+            )
+        reason = "in the test split: left out of training (score the adapted model on them: evaluate --split test)"
+        kept.skipped[reason] += held
+        log.warning("%s: %d cell(s) %s", cells.origin, held, reason)
+    return kept
 
 
 def _origin(model: str | os.PathLike | None) -> dict:

@@ -437,7 +437,7 @@ def _read_image_folder(root: Path) -> CellSet:
     for folder in sorted(d for d in root.iterdir() if d.is_dir() and not hidden(d.name)):
         label = parse_label(folder.name)
         split = _split_of(folder.name) if label is None else None
-        holds = [d for d in folder.iterdir() if d.is_dir()]
+        holds = [d for d in folder.iterdir() if d.is_dir()] if label is None else []  # a class folder: not listed twice
         if label is None and (split and holds or any(parse_label(d.name) is not None for d in holds)):
             inner = _read_image_folder(folder)
             if split:

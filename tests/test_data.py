@@ -132,8 +132,8 @@ def test_unknown_source_names_the_available_ones(data_root):
 
 def test_split_folders_are_the_split_not_specimens(data_root, tmp_path):
     """Kaggle's BCCD layout (images/TRAIN/NEUTROPHIL/..., TEST/, TEST_SIMPLE/) was read as three specimens:
-    `wbcid train` trained on the test images. A folder named as a split is the split; "test1" stays a
-    specimen, whose cells are a group."""
+    `wbcid train` trained on the test images. A folder named as a split is the split; "test1" and "Test
+    patient 3" stay specimens, whose cells are a group."""
     from wbcid.splits import split_train_val
 
     tecom = read_cells(data_root / "cells" / "tecom")
@@ -155,9 +155,11 @@ def test_split_folders_are_the_split_not_specimens(data_root, tmp_path):
     assert len(read_cells(tmp_path / "images", splits="test")) == 6  # `wbcid evaluate --split test`
     train, val = split_train_val(cells)
     assert {c.split for c in train.cells + val.cells} == {"train"} and len(train) + len(val) == 10
-    (tmp_path / "images" / "TRAIN").rename(tmp_path / "images" / "test1")  # a specimen, not a split
-    specimen = [c for c in read_cells(tmp_path / "images").cells if c.path.parent.parent.name == "test1"]
-    assert {(c.split, c.group) for c in specimen} == {("", "test1")}
+    (tmp_path / "images" / "TRAIN").rename(tmp_path / "images" / "test1")  # specimens, not splits
+    (tmp_path / "images" / "TEST_SIMPLE").rename(tmp_path / "images" / "Test patient 3")
+    for name in ("test1", "Test patient 3"):
+        specimen = [c for c in read_cells(tmp_path / "images").cells if c.path.parent.parent.name == name]
+        assert {(c.split, c.group) for c in specimen} == {("", name)}
 
 
 def test_image_folder_reader_on_real_tree(data_root):

@@ -48,9 +48,9 @@ DATA_ENV = "WBCID_DATA"
 MANIFESTS = ("cells.csv", "manifest.csv")  # what a folder given as data is read by, first found
 SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
 SPLIT_WORDS |= {"dev": "val", "test": "test", "testing": "test"}
-# a split's folder: the word alone or before a separator (Kaggle's BCCD: TRAIN/, TEST/, TEST_SIMPLE/);
-# "test1" stays a specimen's name
-SPLIT_FOLDER = re.compile(rf"^({'|'.join(SPLIT_WORDS)})(?:[ _-].*)?$")
+# a split's folder: the word alone or with a word that names no specimen (Kaggle's BCCD: TRAIN/, TEST/,
+# TEST_SIMPLE/; Raabin's Test-A/); "test1" and "test patient 3" stay specimens' names
+SPLIT_FOLDER = re.compile(rf"^({'|'.join(SPLIT_WORDS)})(?:[ _-](?:simple|set|data|images|split|[a-z]|\d+))?$")
 COLUMN_NAMES = {  # other names of a manifest's two columns, used where exactly one of them is there
     "path": ("file", "filename", "file_name", "image", "image_path", "img"),
     "label": ("class", "category", "cell_type", "celltype", "type"),

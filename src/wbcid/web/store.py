@@ -152,7 +152,10 @@ class ReviewStore:
         if images is not None:
             store._images_moved_to(images)
         if (moved_to := store.meta("images_from")) is not None:
-            store.images_from = (store._recorded_root(), moved_to)
+            root = store._recorded_root()
+            store.images_from = (root, moved_to)
+            if images is not None:
+                log.info("the run's images are also looked for in %s, laid out as below %s", images, root)
         if store.began_in not in (None, store.here):
             log.info("the review began in %s: images are also looked for where they lay relative to it", store.began_in)
         return store
@@ -254,7 +257,6 @@ class ReviewStore:
         they were below their common folder; recorded for the review's later starts."""
         with self._connect() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('images_from', ?)", (json.dumps(os.path.abspath(folder)),))
-        log.info("the run's images are also looked for in %s, laid out as below %s", folder, self._recorded_root())
 
     def _recorded_root(self) -> str:
         """The folder the run's images were recorded under."""

@@ -44,13 +44,13 @@ from ..serving import choose_precision, served_precision
 from .detect import Box, FieldObjects, detect_cells
 from .differential import REFERENCE_RANGES, REFERENCE_SOURCE, differential, unfamiliar
 from .learned import find_objects
-from .scale import rbc_diameter, wbc_diameter
+from .scale import confirmed, rbc_diameters, wbc_diameter
 from .specimens import cells_short, group_fields, specimen_table
 
 log = logging.getLogger("wbcid")
 
 DEFAULT_CELL_DIAMETER = 200.0  # px: BCCD's 640x480 fields at 100x; used when no field shows red cells
-SCALE_FIELDS = 20  # fields sampled to measure the scale (16 ms each)
+SCALE_FIELDS = 20  # fields sampled to measure the scale (each at least twice: the coarsest copy, a finer one)
 REFINE_ROUNDS = 3  # at most; each runs the sampled fields through the detector again (~10 ms each)
 # Fields of several microscopes or magnifications in one folder get one scale, wrong for some of them. A
 # field's own red-cell size (the learned detector's, each field's rbc_diameter) lay within 15 % of the
@@ -300,7 +300,8 @@ def estimate_scale(
     them (one microscope and camera per run; the median is robust to a few odd fields).
     Falls back to ``DEFAULT_CELL_DIAMETER`` with a warning when no field shows red cells.
 
-    The red cells are measured by granulometry (:mod:`wbcid.smear.scale`). ``refine``, a detector
+    The red cells are measured by granulometry (:mod:`wbcid.smear.scale`), on the coarsest copy of
+    the fields that a finer copy confirms (:func:`wbcid.smear.scale.confirmed`). ``refine``, a detector
     that boxes red cells (:func:`wbcid.smear.learned.find_objects`), then refines that estimate:
     run at it on the same fields, it boxes the red cells as an annotator would, and their median
     size becomes the scale; again at the new scale, until it moves by less than 2 % (docs/scale.md
@@ -308,15 +309,21 @@ def estimate_scale(
     picked = [fields[int(i)] for i in np.unique(np.linspace(0, len(fields) - 1, min(sample, len(fields))).round())]
     unreadable: set[Path] = set()  # said apart from fields without red cells: a different problem
 
-    def measure(path: Path, diameter: float | None = None) -> float | None:
+    def opened(path: Path) -> Image.Image | None:
         try:
-            image = open_field(path)[0]
+            return open_field(path)[0]
         except UNREADABLE:
             unreadable.add(path)
             return None
-        return rbc_diameter(image) if diameter is None else refine(image, diameter).rbc_diameter
 
-    found = [m for m in map_ahead(measure, picked) if m is not None]
+    def ladder(path: Path) -> list[float | None]:
+        return [] if (image := opened(path)) is None else rbc_diameters(image)
+
+    def measure(path: Path, diameter: float) -> float | None:
+        return None if (image := opened(path)) is None else refine(image, diameter).rbc_diameter
+
+    ladders = list(map_ahead(ladder, picked))
+    found = [ladder[0] for ladder in ladders if ladder and ladder[0] is not None]
     if not found:
         log.warning(
             "no red cells to measure the scale in %d sampled field(s)%s; assuming WBCs %g px across "
@@ -326,7 +333,7 @@ def estimate_scale(
             DEFAULT_CELL_DIAMETER,
         )
         return {"cell_diameter": DEFAULT_CELL_DIAMETER, "how": "default: no red cells found", "fields_measured": 0}
-    rbc = granulometry = float(np.median(found))
+    rbc = granulometry = confirmed(ladders)
     how, measured = "from the red cells", []  # only the detector's boxes are tight enough to tell mixed scales
     for _ in range(REFINE_ROUNDS if refine is not None else 0):
         boxed = [m for m in map_ahead(partial(measure, diameter=wbc_diameter(rbc)), picked) if m is not None]

@@ -18,6 +18,15 @@ strip, whose red cells the long-side rule shrank to specks: in a strip of six BC
 3.9x too large, and the count's scale came out 3.3x too large). Up to 4:3, every field of the
 sources here, both rules give the same copy.
 
+That copy resolves the red cells of the fields here (they span 17-32 of its pixels), but not those
+of a camera with many more pixels per field (a 5-megapixel camera at 40x, a stitched mosaic): there
+they blur into clumps that measure too large (BCCD fields pasted 2x2: +26 %, 6x6: +275 %,
+docs/scale.md). Finer copies tell: ``level`` k measures a copy ``2**k`` times finer (from level 2
+on, of the field's centre, :func:`region`, as long as that is :func:`measurable`), and
+``wbcid count`` takes the coarsest level that the next finer one confirms
+(:func:`wbcid.smear.counting.estimate_scale`), as a measurement is trusted once refining the grid no
+longer changes it.
+
 Constants and where they were chosen (``benchmarks/scale.py`` measures the result on all sources):
 
 * ``RBC_BOX_PER_DISC``: an annotated red-cell box is larger than the granulometric diameter (the
@@ -37,6 +46,8 @@ from ..crop import unlit
 
 WORK_SIDE = 128  # long side of the copy measured (16 ms per field here)
 WORK_SHORT = 96  # ... and its short side at least: a stitched strip's red cells would shrink to specks
+SETTLED = 0.15  # a finer copy confirms the red cells' size within this: the bar docs/scale.md's fields meet
+MIN_ACROSS = 4  # red cells a measured region must be high: as many as the smallest fields here (BCCD, PBC: 4.4)
 MIN_RADIUS = 2  # work pixels; smaller objects are noise and specks
 DENSITY_SIGMA = 1  # work pixels of Gaussian smoothing of the optical density
 MIN_RED_SHARE = 0.02  # a field whose mask covers less than this has too few red cells to measure
@@ -44,13 +55,10 @@ RBC_BOX_PER_DISC = 1.21  # chosen on TXL-PBC's BCCD fields (see the module docst
 WBC_PER_RBC = 1.85  # 200 / 108, chosen on BCCD
 
 
-def rbc_diameter(image: Image.Image) -> float | None:
-    """Typical red-cell diameter in the image's pixels (as an annotator's box would be), or ``None``
-    when the field shows too few red cells to measure."""
-    scale = max(WORK_SIDE / max(image.size), WORK_SHORT / min(image.size))  # one rule up to 4:3 (all fields here)
-    work = image.convert("RGB").resize(
-        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR
-    )
+def rbc_diameter(image: Image.Image, level: int = 0) -> float | None:
+    """Typical red-cell diameter in the image's pixels (as an annotator's box would be), measured on
+    the copy of ``level`` (module docstring), or ``None`` when the field shows too few red cells."""
+    work, scale = work_copy(image, level)
     rgb = np.asarray(work)
     density = ndimage.gaussian_filter(-np.log((rgb[..., 1].astype(np.float32) + 1) / 256), DENSITY_SIGMA)
     # an eyepiece photo's dark ring read as one huge red cell (3.5x the field's red cells, measured on
@@ -66,25 +74,89 @@ def rbc_diameter(image: Image.Image) -> float | None:
     mask = ndimage.binary_fill_holes((density > background) & lit)
     if mask.mean() < MIN_RED_SHARE or mask.all():
         return None
-    spectrum = _pattern_spectrum(mask)
+    radius = _median_radius(mask)
+    if radius is None:
+        return None
+    return float(2 * radius / scale * RBC_BOX_PER_DISC)
+
+
+def rbc_diameters(image: Image.Image) -> list[float | None]:
+    """:func:`rbc_diameter` at each level, coarsest first, as far as they are :func:`measurable` (one
+    decoded field serves them all)."""
+    found = [rbc_diameter(image)]
+    while found[-1] is not None and measurable(image.size, len(found), found[-1]):
+        found.append(rbc_diameter(image, len(found)))
+    return found
+
+
+def confirmed(ladders: list[list[float | None]]) -> float | None:
+    """The median red-cell diameter of several fields (their :func:`rbc_diameters`) at the coarsest
+    level that the next finer one confirms within ``SETTLED``, or at the finest one measured;
+    ``None`` where none was."""
+    rbc = None
+    for level in range(max(map(len, ladders), default=0)):
+        found = [ladder[level] for ladder in ladders if len(ladder) > level and ladder[level] is not None]
+        if not found or (rbc is not None and abs(np.median(found) / rbc - 1) < SETTLED):
+            break
+        rbc = float(np.median(found))
+    return rbc
+
+
+def work_copy(image: Image.Image, level: int = 0) -> tuple[Image.Image, float]:
+    """The RGB copy measured at ``level`` and its scale: the whole field at ``WORK_SIDE`` pixels
+    (level 0) or twice that (1); from level 2 on, the centre :func:`region` at twice the previous
+    level's scale, never finer than the image itself."""
+    scale = min(max(1.0, _coarsest(image.size)), _coarsest(image.size) * 2**level)  # a tiny field's level 0 is
+    box = region(image.size, level)  # enlarged, as it always was
+    field = image if box == (0, 0, *image.size) else image.crop(box)
+    size = (max(1, round(field.width * scale)), max(1, round(field.height * scale)))
+    return field.convert("RGB").resize(size, Image.Resampling.BILINEAR), scale
+
+
+def region(size: tuple[int, int], level: int) -> tuple[int, int, int, int]:
+    """The part of a field measured at ``level``: all of it up to level 1, then a centre crop of half
+    the previous one's sides, so that each finer copy costs what level 1 does."""
+    side = min(1.0, 2 / 2**level)
+    width, height = max(1, round(size[0] * side)), max(1, round(size[1] * side))
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return left, top, left + width, top + height
+
+
+def measurable(size: tuple[int, int], level: int, rbc: float) -> bool:
+    """Whether ``level`` shows a field of this size finer than the level before, and from level 2 on
+    (a crop) in a region at least ``MIN_ACROSS`` red cells of ``rbc`` pixels high: fewer measure too
+    noisily to confirm anything."""
+    left, top, right, bottom = region(size, level)
+    enough = level <= 1 or min(right - left, bottom - top) >= MIN_ACROSS * rbc
+    return _coarsest(size) * 2 ** (level - 1) < 1 and enough
+
+
+def _coarsest(size: tuple[int, int]) -> float:
+    """Level 0's scale: ``WORK_SIDE`` on the long side, at least ``WORK_SHORT`` on the short one."""
+    return max(WORK_SIDE / max(size), WORK_SHORT / min(size))
+
+
+def _median_radius(mask: np.ndarray) -> float | None:
+    """The median of the mask's pattern spectrum beyond ``MIN_RADIUS`` (work pixels; ``None`` for none).
+
+    Opening by a disc of radius r keeps the pixels within r of a point at least r from the
+    background: two distance transforms instead of a slow morphological opening. The openings stop
+    once half the area beyond ``MIN_RADIUS`` is gone: larger radii (WBCs, clumps) cannot move the
+    median, and a finer copy would spend most of its time on them."""
+    inside = ndimage.distance_transform_edt(mask)
+    areas = [float(mask.sum())]  # left after opening by radius 0, 1, 2, ...
+    for radius in range(1, int(inside.max()) + 1):  # beyond the largest inscribed disc nothing is left
+        areas.append(float((ndimage.distance_transform_edt(inside < radius) <= radius).sum()))
+        if radius > MIN_RADIUS and areas[-1] <= areas[MIN_RADIUS] / 2:
+            break
+    else:
+        areas.append(0.0)
+    spectrum = -np.diff(areas)  # area removed at radius 1, 2, ...
     spectrum[:MIN_RADIUS] = 0
     if spectrum.sum() == 0:
         return None
     cumulative = np.cumsum(spectrum)
-    radius = np.interp(cumulative[-1] / 2, cumulative, np.arange(1, len(spectrum) + 1))
-    return float(2 * radius / scale * RBC_BOX_PER_DISC)
-
-
-def _pattern_spectrum(mask: np.ndarray) -> np.ndarray:
-    """Area removed from ``mask`` by opening with a disc of radius r, for r = 1, 2, ...
-
-    Opening by a disc of radius r keeps the pixels within r of a point at least r from the
-    background: two distance transforms instead of a slow morphological opening."""
-    inside = ndimage.distance_transform_edt(mask)
-    areas = [float(mask.sum())]
-    for radius in range(1, int(inside.max()) + 1):  # beyond the largest inscribed disc nothing is left
-        areas.append(float((ndimage.distance_transform_edt(inside < radius) <= radius).sum()))
-    return -np.diff([*areas, 0.0])
+    return float(np.interp(areas[MIN_RADIUS] / 2, cumulative, np.arange(1, len(spectrum) + 1)))
 
 
 def wbc_diameter(rbc: float) -> float:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sqlite3
 import sys
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +22,7 @@ from wbcid.files import list_images
 from wbcid.inference import predict
 from wbcid.smear.counting import count
 from wbcid.web import ReviewStore, create_app, export_review, serve
+from wbcid.web import store as store_module
 
 FIELDS = [
     "BloodImage_00000.jpg",
@@ -434,6 +437,39 @@ def test_a_damaged_review_database_is_reported_and_kept(run: Path):
     with pytest.raises(WbcidError, match="not a readable review database .*move it aside"):
         ReviewStore.open(run)
     assert (run / "review.sqlite").read_bytes() == damaged
+
+
+def test_a_review_kept_where_nothing_can_be_written_is_exported_as_it_is(run: Path, tmp_path: Path, monkeypatch):
+    """A run on a read-only share, or a colleague's: SQLite cannot open a WAL database where it cannot
+    write, and the review called its database "not a readable review database ... move it aside to
+    start the review afresh", and would not export it."""
+    store = ReviewStore.open(run)
+    first, second = (cell["id"] for cell in store.cells()[:2])
+    store.set_label(first, "eosinophil", reviewer="ana")
+    with closing(sqlite3.connect(run / "review.sqlite")) as server:  # a server killed before its log was merged
+        server.execute("SELECT COUNT(*) FROM cells").fetchone()
+        store.set_label(second, "basophil", reviewer="ana")
+        assert (run / "review.sqlite-wal").stat().st_size > 0  # the second correction is in the log only
+        shared = Path(shutil.copytree(run, tmp_path / "share"))
+    listed = sorted(p.name for p in shared.iterdir())
+    monkeypatch.setattr(store_module, "_unwritable", lambda folder: "Read-only file system")
+    with pytest.raises(WbcidError, match=r"share: cannot write there \(Read-only file system\).*copy the run.*export"):
+        ReviewStore.open(shared)  # to review: it could not keep a correction
+    from wbcid.cli import main
+
+    out = tmp_path / "export"
+    monkeypatch.setattr(sys, "argv", ["wbcid", "review", str(shared), "--export", str(out)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 0
+    assert sorted(CLASSES[i] for i in read_cells(out / "manifest.csv").labels) == ["basophil", "eosinophil"]
+    assert sorted(p.name for p in shared.iterdir()) == listed
+
+
+def test_a_folder_that_cannot_be_made_is_unwritable(tmp_path: Path):
+    (tmp_path / "a file").write_text("")
+    assert store_module._unwritable(tmp_path / "a file" / "review") == "Not a directory"
+    assert store_module._unwritable(tmp_path / "run") is None and (tmp_path / "run").is_dir()
 
 
 def test_a_port_in_use_or_a_bad_address_is_refused_before_the_address_is_announced(run: Path, capsys, monkeypatch):

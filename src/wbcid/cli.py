@@ -448,7 +448,7 @@ def review(
     from .web import ReviewStore, export_review, export_summary, serve
 
     if export is not None:
-        typer.echo(export_summary(export_review(ReviewStore.open(run, images), export)))
+        typer.echo(export_summary(export_review(ReviewStore.open(run, images, writing=False), export)))
         return
     with _interrupted("every correction is saved in the review database"):
         serve(run, host, port, model, reviewer, images)

@@ -11,10 +11,13 @@ cell's row, never through a path from a request.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime
@@ -93,15 +96,17 @@ class ReviewStore:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.path = folder / REVIEW_DATABASE
+        self.path = folder / REVIEW_DATABASE  # a snapshot's elsewhere where the folder cannot be written
         self.here = str(folder.resolve())
         self.began_in: str | None = None  # ``here`` when the cells were imported
         self.images_from: tuple[str, str] | None = None  # (the recorded images' common folder, where they are now)
 
     @classmethod
-    def open(cls, run: str | os.PathLike, images: str | os.PathLike | None = None) -> ReviewStore:
+    def open(cls, run: str | os.PathLike, images: str | os.PathLike | None = None, writing: bool = True) -> ReviewStore:
         """The store of a count folder or prediction CSV, importing its cells on first use. ``images``:
-        the folder the run's images were moved to (kept for the review: later starts need not repeat it)."""
+        the folder the run's images were moved to (kept for the review: later starts need not repeat it).
+        ``writing=False`` (an export) reads a review kept where this user cannot write (a read-only
+        share, a colleague's run) from a snapshot of its database."""
         run = Path(run)
         if run.is_file() and run.name == "counts.json":  # the count's file named instead of its folder
             run = run.parent
@@ -129,7 +134,15 @@ class ReviewStore:
         fresh = not store.path.is_file()
         if fresh:  # checked before the review's folder and database are made
             rows = _located(rows, run, made_in, images)
-        folder.mkdir(parents=True, exist_ok=True)
+        if (why := _unwritable(folder)) is not None:
+            if fresh or writing:
+                raise WbcidError(
+                    f"{folder}: cannot write there ({why}), and the review keeps its corrections there: copy the "
+                    f"run to a folder you can write and review the copy"
+                    f"{'' if fresh else '; `wbcid review --export` reads the corrections made so far'}"
+                )
+            store.path = store._snapshot()
+            log.warning("%s cannot be written (%s): the review is read as it is now", folder, why)
         try:
             with store._connect() as db:
                 db.executescript(SCHEMA)
@@ -145,8 +158,8 @@ class ReviewStore:
                     )
         except sqlite3.DatabaseError as exc:  # damaged, or another program's file: never overwritten here
             raise WbcidError(
-                f"{store.path} is not a readable review database ({exc}); it may hold corrections, so it is "
-                "left as it is: move it aside to start the review afresh"
+                f"{folder / REVIEW_DATABASE} is not a readable review database ({exc}); it may hold corrections, "
+                "so it is left as it is: move it aside to start the review afresh"
             ) from exc
         store.began_in = store.meta("folder")  # None for a review begun before wbcid recorded it
         if images is not None:
@@ -159,6 +172,16 @@ class ReviewStore:
         if store.began_in not in (None, store.here):
             log.info("the review began in %s: images are also looked for where they lay relative to it", store.began_in)
         return store
+
+    def _snapshot(self) -> Path:
+        """A copy of the database and its write-ahead log (corrections not yet moved into the database)
+        in a temporary folder, removed at exit: SQLite cannot open a WAL database where it cannot write."""
+        copy = Path(tempfile.mkdtemp(prefix="wbcid-review-"))
+        atexit.register(shutil.rmtree, copy, ignore_errors=True)
+        for name in (REVIEW_DATABASE, f"{REVIEW_DATABASE}-wal"):
+            if (self.folder / name).is_file():
+                shutil.copyfile(self.folder / name, copy / name)
+        return copy / REVIEW_DATABASE
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -316,6 +339,17 @@ class ReviewStore:
         for cell_id in ids:
             self.thumbnail(cell_id)
         return len(ids)
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be written in ``folder`` (made if missing): a read-only disk or share, a folder
+    of another user's; ``None`` where it can be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def cell_image(cell: dict) -> Image.Image:

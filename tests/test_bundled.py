@@ -250,6 +250,23 @@ def test_an_output_inside_a_file_is_refused_before_any_work(data_root, tmp_path,
     assert capsys.readouterr().err.strip() == f"error: [Errno 28] No space left on device: '{tmp_path / 'p.csv'}'"
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="Linux's /sys takes no new file, not even root's")
+def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(tmp_path):
+    """A read-only share or another user's folder as --out: adapt trained (40 s on one cell here) and
+    only then stopped at "[Errno 30] Read-only file system: .../adapted.partial"."""
+    from wbcid.adaptation import adapt
+    from wbcid.smear.counting import count
+
+    model, unreachable = tmp_path / "not-loaded-before-the-check.pt", Path("/sys/wbcid-out")
+    for write in (
+        lambda: adapt(tmp_path / "not-read-before-the-check.csv", unreachable, model),
+        lambda: count(model, [tmp_path / "not-read-before-the-check.jpg"], unreachable),
+        lambda: predict(model, [tmp_path / "not-read-before-the-check.jpg"], unreachable / "p.csv"),
+    ):
+        with pytest.raises(WbcidError, match=r"cannot write /sys/wbcid-out\S* \(Permission denied\): name an output"):
+            write()
+
+
 def test_options_may_be_written_name_equals_value(data_root, tmp_path, monkeypatch, capsys):
     """As ultralytics' `yolo train data=...`: `wbcid predict out=p.csv tta=false ...`; a file named
     like an option assignment but not one ('a=b.jpg') stays an input."""

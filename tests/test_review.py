@@ -452,7 +452,7 @@ def test_a_review_kept_where_nothing_can_be_written_is_exported_as_it_is(run: Pa
         assert (run / "review.sqlite-wal").stat().st_size > 0  # the second correction is in the log only
         shared = Path(shutil.copytree(run, tmp_path / "share"))
     listed = sorted(p.name for p in shared.iterdir())
-    monkeypatch.setattr(store_module, "_unwritable", lambda folder: "Read-only file system")
+    monkeypatch.setattr(store_module, "unwritable", lambda folder: "Read-only file system")
     with pytest.raises(WbcidError, match=r"share: cannot write there \(Read-only file system\).*copy the run.*export"):
         ReviewStore.open(shared)  # to review: it could not keep a correction
     from wbcid.cli import main
@@ -464,12 +464,6 @@ def test_a_review_kept_where_nothing_can_be_written_is_exported_as_it_is(run: Pa
     assert exited.value.code == 0
     assert sorted(CLASSES[i] for i in read_cells(out / "manifest.csv").labels) == ["basophil", "eosinophil"]
     assert sorted(p.name for p in shared.iterdir()) == listed
-
-
-def test_a_folder_that_cannot_be_made_is_unwritable(tmp_path: Path):
-    (tmp_path / "a file").write_text("")
-    assert store_module._unwritable(tmp_path / "a file" / "review") == "Not a directory"
-    assert store_module._unwritable(tmp_path / "run") is None and (tmp_path / "run").is_dir()
 
 
 def test_a_port_in_use_or_a_bad_address_is_refused_before_the_address_is_announced(run: Path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -101,7 +102,20 @@ def makeable(path: str | os.PathLike) -> Path:
     existing = next((parent for parent in path.parents if parent.exists()), None)
     if existing is not None and not existing.is_dir():
         raise WbcidError(f"{existing} is a file, so {path} cannot be made inside it: name another output")
+    if (why := unwritable(path)) is not None:  # a read-only share: adapt failed after training, at the end
+        raise WbcidError(f"cannot write {path} ({why}): name an output in a folder of yours")
     return path
+
+
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why nothing can be written at ``path`` (made there if missing), tried in its nearest existing
+    folder: a read-only disk or share, another user's folder; ``None`` where it can be."""
+    folder = next(p for p in [Path(path).absolute(), *Path(path).absolute().parents] if p.is_dir())
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def short_name(name: str, limit: int = 150) -> str:

@@ -35,6 +35,7 @@ from ..files import (
     prediction_review,
     read_table,
     relocated,
+    unwritable,
 )
 from ..loading import describe_model
 from ..smear.counting import CONTEXT, open_field
@@ -134,7 +135,7 @@ class ReviewStore:
         fresh = not store.path.is_file()
         if fresh:  # checked before the review's folder and database are made
             rows = _located(rows, run, made_in, images)
-        if (why := _unwritable(folder)) is not None:
+        if (why := unwritable(folder)) is not None:
             if fresh or writing:
                 raise WbcidError(
                     f"{folder}: cannot write there ({why}), and the review keeps its corrections there: copy the "
@@ -143,6 +144,7 @@ class ReviewStore:
                 )
             store.path = store._snapshot()
             log.warning("%s cannot be written (%s): the review is read as it is now", folder, why)
+        folder.mkdir(parents=True, exist_ok=True)
         try:
             with store._connect() as db:
                 db.executescript(SCHEMA)
@@ -339,17 +341,6 @@ class ReviewStore:
         for cell_id in ids:
             self.thumbnail(cell_id)
         return len(ids)
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why nothing can be written in ``folder`` (made if missing): a read-only disk or share, a folder
-    of another user's; ``None`` where it can be."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as exc:
-        return exc.strerror or str(exc)
 
 
 def cell_image(cell: dict) -> Image.Image:

@@ -3,8 +3,6 @@ magnifications), and what happens without red cells."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -120,7 +118,7 @@ def test_a_photo_through_the_eyepiece_is_measured_inside_its_dark_ring(data_root
     )  # 0.92; 15 %: the bar of every source (above)
 
 
-def test_fields_without_red_cells_fall_back_to_the_default_with_a_warning(data_root, tmp_path, caplog):
+def test_fields_without_red_cells_fall_back_to_the_default_with_a_warning(data_root, tmp_path):
     blank, tiny = tmp_path / "blank.png", tmp_path / "tiny.png"
     Image.new("RGB", (400, 300), (240, 230, 235)).save(blank)
     Image.new("RGB", (2, 2), (120, 60, 160)).save(tiny)
@@ -128,11 +126,21 @@ def test_fields_without_red_cells_fall_back_to_the_default_with_a_warning(data_r
     field = np.asarray(Image.open(data_root / "smears/bccd/images/BloodImage_00000.jpg"))
     dark = Image.fromarray(field // 16)  # the lamp turned low; 12-bit data read by its high byte: no light
     assert rbc_diameter(dark) is None  # was an IndexError from Otsu's threshold of no pixels
-    with caplog.at_level(logging.WARNING, logger="wbcid"):
-        scale = estimate_scale([blank, tiny, tmp_path / "missing.png"])
+    scale = estimate_scale([blank, tiny, tmp_path / "missing.png"])
     assert scale["cell_diameter"] == DEFAULT_CELL_DIAMETER and scale["how"].startswith("default")
-    assert "--cell-diameter" in caplog.text
-    assert "3 sampled field(s) (1 of them unreadable)" in caplog.text  # not blamed on the red cells alone
+    assert "--cell-diameter" in scale["warning"]  # in the count's notes, so its report says it too
+    assert "3 sampled field(s) (1 of them unreadable)" in scale["warning"]  # not blamed on the red cells alone
+
+
+def test_a_cell_diameter_the_red_cells_contradict_is_warned_about(data_root, tmp_path):
+    """--cell-diameter 12 (micrometres, a WBC's size in a textbook) found 15 'WBCs' in two BCCD fields, all
+    flagged, and nothing said the scale was wrong."""
+    from wbcid.smear.counting import count
+
+    fields = sorted((data_root / "smears" / "bccd" / "images").glob("*.jpg"))[:3]
+    said = {d: count(None, fields, tmp_path / str(d), cell_diameter=d)["warnings"] for d in (12, 170, 260)}
+    assert any("--cell-diameter 12 px, but the red cells of these fields put WBCs at about" in w for w in said[12])
+    assert not any("--cell-diameter" in w for w in said[170] + said[260])  # within the detector's reach of ~200
 
 
 def test_fields_of_several_magnifications_in_one_folder_are_named_in_a_warning(data_root, tmp_path):

@@ -295,7 +295,8 @@ def count(
     for name, specimen in specimens.items():
         scale = specimen["scale"]
         title = f"specimen {name}: " if len(specimens) > 1 else ""
-        typer.echo(f"{title}scale: WBCs about {scale['cell_diameter']:.0f} px across ({scale['how']})")
+        how = scale["how"] + (f"; the red cells say about {scale['measured']:.0f} px" if "measured" in scale else "")
+        typer.echo(f"{title}scale: WBCs about {scale['cell_diameter']:.0f} px across ({how})")
         if len(specimens) > 1:
             _echo_differential(specimen["totals"], indent="  ")
     if len(specimens) > 1:

@@ -43,7 +43,7 @@ from ..preprocess import Preprocess, upright_rgb
 from ..serving import choose_precision, served_precision
 from .detect import Box, FieldObjects, detect_cells
 from .differential import REFERENCE_RANGES, REFERENCE_SOURCE, differential, unfamiliar
-from .learned import find_objects
+from .learned import MAX_JITTER, find_objects
 from .scale import confirmed, rbc_diameters, wbc_diameter
 from .specimens import cells_short, group_fields, specimen_table
 
@@ -198,9 +198,10 @@ def count(
     groups, notes = group_fields(paths, fields)
     for note in notes:
         log.warning(note)
-    given = {"cell_diameter": cell_diameter, "how": "given"}
     scales = {
-        specimen: given if cell_diameter else estimate_scale(members, refine=RED_CELL_BOXES.get(detector))
+        specimen: estimate_scale(members, refine=RED_CELL_BOXES.get(detector))
+        if cell_diameter is None
+        else given_scale(cell_diameter, estimate_scale(members, refine=RED_CELL_BOXES.get(detector)))
         for specimen, members in groups.items()
     }
     for specimen, scale in scales.items():
@@ -298,7 +299,7 @@ def estimate_scale(
 ) -> dict:
     """The WBC diameter for these fields, from the red cells of up to ``sample`` fields spread over
     them (one microscope and camera per run; the median is robust to a few odd fields).
-    Falls back to ``DEFAULT_CELL_DIAMETER`` with a warning when no field shows red cells.
+    Falls back to ``DEFAULT_CELL_DIAMETER`` with a ``warning`` when no field shows red cells.
 
     The red cells are measured by granulometry (:mod:`wbcid.smear.scale`), on the coarsest copy of
     the fields that a finer copy confirms (:func:`wbcid.smear.scale.confirmed`). ``refine``, a detector
@@ -325,14 +326,14 @@ def estimate_scale(
     ladders = list(map_ahead(ladder, picked))
     found = [ladder[0] for ladder in ladders if ladder and ladder[0] is not None]
     if not found:
-        log.warning(
-            "no red cells to measure the scale in %d sampled field(s)%s; assuming WBCs %g px across "
-            "(BCCD's 640x480 fields): pass --cell-diameter if that is wrong",
-            len(picked),
-            f" ({len(unreadable)} of them unreadable)" if unreadable else "",
-            DEFAULT_CELL_DIAMETER,
-        )
-        return {"cell_diameter": DEFAULT_CELL_DIAMETER, "how": "default: no red cells found", "fields_measured": 0}
+        return {
+            "cell_diameter": DEFAULT_CELL_DIAMETER,
+            "how": "default: no red cells found",
+            "fields_measured": 0,
+            "warning": f"no red cells to measure the scale in {len(picked)} sampled field(s)"
+            f"{f' ({len(unreadable)} of them unreadable)' if unreadable else ''}; assuming WBCs "
+            f"{DEFAULT_CELL_DIAMETER:g} px across (BCCD's 640x480 fields): pass --cell-diameter if that is wrong",
+        }
     rbc = granulometry = confirmed(ladders)
     how, measured = "from the red cells", []  # only the detector's boxes are tight enough to tell mixed scales
     for _ in range(REFINE_ROUNDS if refine is not None else 0):
@@ -361,6 +362,21 @@ def estimate_scale(
             f"median {rbc:.0f} px ({min(measured):.0f} to {max(measured):.0f} px), unlike the fields of one "
             "microscope: if they come from several microscopes or magnifications, put each in its own folder "
             "(a folder of folders gets a scale per folder), or pass --cell-diameter"
+        )
+    return scale
+
+
+def given_scale(cell_diameter: float, measured: dict) -> dict:
+    """``--cell-diameter``, with a warning where the fields' red cells (``measured``: :func:`estimate_scale`)
+    put WBCs at a size the detector cannot reach from it: it learned sizes within ``MAX_JITTER`` of the
+    one it is given, and a diameter given in micrometres (12) found 15 'WBCs' in two BCCD fields."""
+    scale = {"cell_diameter": cell_diameter, "how": "given"}
+    if measured["fields_measured"] and not 1 / MAX_JITTER <= cell_diameter / measured["cell_diameter"] <= MAX_JITTER:
+        scale["measured"] = measured["cell_diameter"]
+        scale["warning"] = (
+            f"--cell-diameter {cell_diameter:g} px, but the red cells of these fields put WBCs at about "
+            f"{measured['cell_diameter']:.0f} px, beyond the sizes the detector finds from {cell_diameter:g} "
+            "(pixels, not micrometres?): leave --cell-diameter out to use the measured scale"
         )
     return scale
 

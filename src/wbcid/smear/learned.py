@@ -34,6 +34,7 @@ from .scale import annotated_rbc_diameter
 WORK_DIAMETER = 48  # pixels a WBC spans in the copy the network sees
 STRIDE = 4  # input pixels per output cell
 MULTIPLE = 32  # the network's input sides are padded to a multiple of its largest stride
+MAX_JITTER = 1.4  # it was trained on WBCs up to this much larger or smaller than the size it is given
 MIN_SCORE = 0.3  # CenterNet's usual peak threshold (Zhou et al. 2019); not tuned here
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "wbc-detector.onnx"
 WBC, RBC = 0, 1  # score channels; then width, height (in WBC diameters), x and y offset (in cells)

@@ -30,10 +30,9 @@ from torch.nn import functional as F
 from ..errors import WbcidError
 from ..export import torchscript_onnx
 from .detect import read_yolo_boxes
-from .learned import MULTIPLE, RBC, STRIDE, WBC, WORK_DIAMETER
+from .learned import MAX_JITTER, MULTIPLE, RBC, STRIDE, WBC, WORK_DIAMETER
 from .scale import annotated_rbc_diameter, wbc_diameter
 
-MAX_JITTER = 1.4  # largest scale change either way
 CROP = 160  # side of the square training crops, in work pixels (3 WBCs; most fields fit whole)
 MIN_VISIBLE = WORK_DIAMETER / 8  # TXL-PBC's annotators boxed slivers of cut cells down to about this
 WHITE_BALANCE = (0.6, 1.0)  # range of the random gain of each colour channel

@@ -15,7 +15,7 @@ For every field of ``smears/txl_pbc`` (four labs at four magnifications, YOLO bo
   granulometric scale): the same per-field and run-level measures, on the fields it was not
   trained on (TXL-PBC's val and test splits, BCCD outside TXL's train split).
 
-* cameras with many more pixels per field (``--tiled``): BCCD fields pasted n x n into one image
+* cameras with many more pixels per field: BCCD fields pasted n x n into one image
   (n = 2, 3, 4, 6; at 6x6 the red cells are about as small against the field as a 5-megapixel
   camera shows them through a 40x objective and a 0.5x adapter),
   20 such images per n; the run estimate from the coarsest copy alone (what ``wbcid count`` used
@@ -126,14 +126,13 @@ def tiled(group: list, n: int) -> dict:
             mosaic.save(paths_i := Path(folder) / f"{i}.png")
             paths.append(paths_i)
         truth = float(np.nanmedian(truths))
-        coarsest = np.median([m for p in paths if (m := rbc_diameter(Image.open(p))) is not None])
+        coarsest = np.median([m for m in map(_coarsest_only, paths) if m is not None])
         began = time.perf_counter()
         granulometry = estimate_scale(paths)
         seconds = time.perf_counter() - began
         learned = estimate_scale(paths, refine=find_objects)
-        size = Image.open(paths[0]).size
     return {
-        "size": size,
+        "size": (640 * n, 480 * n),
         "rbc_truth_median": truth,
         "coarsest_error": float(coarsest / truth - 1),
         "granulometry_error": granulometry["rbc_diameter"] / truth - 1,
@@ -141,6 +140,12 @@ def tiled(group: list, n: int) -> dict:
         "learned_error": learned["rbc_diameter"] / truth - 1,
         "cell_diameter": learned["cell_diameter"],
     }
+
+
+def _coarsest_only(path: Path) -> float | None:
+    """A field's red cells measured on the coarsest copy alone, as ``wbcid count`` did before."""
+    with Image.open(path) as image:
+        return rbc_diameter(image)
 
 
 def report(r: dict) -> str:

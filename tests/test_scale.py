@@ -58,8 +58,8 @@ def test_a_stitched_strip_of_fields_is_measured_as_its_fields(data_root):
 
 def test_a_camera_with_many_more_pixels_per_field_is_measured_on_a_finer_copy(data_root, tmp_path):
     """4x4 BCCD fields in one image (2560x1920: red cells as small against the field as a camera with
-    many more pixels shows them): the 128-pixel copy blurred them into clumps, the scale came out 2.9x
-    too large, and the learned detector's refinement (1.9x) could not reach it: no WBC was found."""
+    many more pixels shows them): the 128-pixel copy blurred them into clumps and the scale came out
+    2.4x too large here, beyond what the learned detector's refinement recovers (+-40 %)."""
     fields = sorted((data_root / "smears" / "bccd" / "images").glob("*.jpg"))[:64]
     tiled = []
     for i in range(4):
@@ -77,7 +77,7 @@ def test_finer_copies_end_at_the_fields_own_resolution(data_root):
     with Image.open(data_root / "smears" / "bccd" / "images" / "BloodImage_00000.jpg") as image:
         copies = [work_copy(image, level) for level in range(4)]
         finer = [measurable(image.size, level, 100) for level in range(1, 5)]
-    assert [(copy.size, scale) for copy, scale in copies[:4]] == [
+    assert [(copy.size, scale) for copy, scale in copies] == [
         ((128, 96), 0.2),  # the whole field, as it was always measured
         ((256, 192), 0.4),  # twice finer
         ((256, 192), 0.8),  # then its centre, twice finer again: the same cost

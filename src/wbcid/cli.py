@@ -234,6 +234,7 @@ def predict(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted prediction into --out.")] = False,
 ) -> None:
     """Classify images; writes one CSV row per image with all five class probabilities."""
+    from .contract import flagged
     from .inference import predict as run_prediction
     from .inference import progress_log
     from .smear.differential import unfamiliar
@@ -254,7 +255,7 @@ def predict(
             "(columns 'flagged' and 'error'): check them by eye"
         )
     scored = table["ood_score"][(table["error"] == "") & table["ood_score"].notna()]
-    if note := unfamiliar(int((scored > 1).sum()), len(scored)):
+    if note := unfamiliar(int(flagged(scored).sum()), len(scored)):
         typer.echo(f"warning: {note}")
     typer.echo(f"predictions: {out}")
 

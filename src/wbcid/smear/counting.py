@@ -198,12 +198,9 @@ def count(
     groups, notes = group_fields(paths, fields)
     for note in notes:
         log.warning(note)
-    scales = {
-        specimen: estimate_scale(members, refine=RED_CELL_BOXES.get(detector))
-        if cell_diameter is None
-        else given_scale(cell_diameter, estimate_scale(members, refine=RED_CELL_BOXES.get(detector)))
-        for specimen, members in groups.items()
-    }
+    refine = RED_CELL_BOXES.get(detector)
+    measured = {specimen: estimate_scale(members, refine=refine) for specimen, members in groups.items()}
+    scales = {s: m if cell_diameter is None else given_scale(cell_diameter, m) for s, m in measured.items()}
     for specimen, scale in scales.items():
         if "warning" in scale:
             notes.append(f"specimen {specimen}: {scale['warning']}" if len(scales) > 1 else scale["warning"])
@@ -287,7 +284,7 @@ def summarise(images: list[dict], reference: dict[str, tuple[float, float]] | No
 def unfamiliar_cells(images: list[dict]) -> str | None:
     """:func:`unfamiliar` of these fields' whole cells: those cut by the edge are flagged for that."""
     whole = [c for e in images for c in _calls(e) if not c.edge and math.isfinite(c.ood_score)]
-    return unfamiliar(sum(c.ood_score > 1 for c in whole), len(whole), "whole cells")
+    return unfamiliar(int(flagged([c.ood_score for c in whole]).sum()), len(whole), "whole cells")
 
 
 def _calls(entry: dict) -> list[CellCall]:

@@ -302,6 +302,30 @@ def test_a_count_stopped_before_its_first_field_resumes_again_and_again(data_roo
     assert len(lines) == 3 and "path" not in lines[0] and all("path" in entry for entry in lines[1:])
 
 
+def test_a_count_resumed_after_more_fields_arrived_keeps_its_scale(data_root, tmp_path, monkeypatch):
+    """Fields the microscope saved while a count was stopped moved the scale, measured again from a
+    sample spread over them (196.1 px, then 206.7 px here; in 30 BCCD fields and 40 more by hand, only
+    the granulometry moved, and the refusal read 'WBCs 203.5 px, now WBCs 203.5 px'), and --resume was
+    refused as 'made with other settings'; it keeps the scale it began with, and counts the new fields at it."""
+    import wbcid.smear.counting as counting
+
+    fields = [data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg" for i in (0, 10, 34, 100)]
+    real = counting.count_field
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(counting, "count_field", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        counting.count(None, fields[:2], tmp_path / "c")
+    began = json.loads((tmp_path / "c" / "fields.jsonl").read_text().splitlines()[0])["scales"]
+    monkeypatch.setattr(counting, "count_field", real)
+    monkeypatch.setattr(counting, "estimate_scale", None)  # not measured again: the count keeps its own
+    resumed = counting.count(None, fields, tmp_path / "c", resume=True)
+    assert resumed["specimens"]["all fields"]["scale"] == began["all fields"]
+    assert len(resumed["images"]) == 4 and all(e["detections"] for e in resumed["images"])
+
+
 def test_a_count_written_inside_its_input_folder_does_not_count_itself(data_root, tmp_path, caplog):
     """Its annotated fields and cut cells were taken as new fields: --resume found other settings."""
     from wbcid.smear.counting import count

@@ -33,6 +33,7 @@ from ..files import (
     finished_work,
     input_paths,
     list_images,
+    logged_settings,
     output_folder,
     refuse_reviewed,
     short_name,
@@ -171,7 +172,8 @@ def count(
 
     An image that cannot be read, or holds no WBC, is reported as such; the others are counted.
     Each finished field is appended to ``fields.jsonl`` at once, so ``resume=True`` continues an
-    interrupted count (same model and cell diameter) without redoing the fields already done.
+    interrupted count (same model and cell diameter) without redoing the fields already done, at
+    the scale it began with unless ``cell_diameter`` is given.
     ``cell_diameter`` (the WBC diameter in pixels) is measured from each specimen's red cells when
     not given (:func:`estimate_scale`); counts.json says which and how. A folder of folders is one
     specimen per subfolder (:mod:`wbcid.smear.specimens`): counts.json, ``specimens.csv`` and the
@@ -198,9 +200,13 @@ def count(
     groups, notes = group_fields(paths, fields)
     for note in notes:
         log.warning(note)
-    refine = RED_CELL_BOXES.get(detector)
-    measured = {specimen: estimate_scale(members, refine=refine) for specimen, members in groups.items()}
-    scales = {s: m if cell_diameter is None else given_scale(cell_diameter, m) for s, m in measured.items()}
+    recorded = logged_settings(out_dir / COUNT_LOG).get("scales") if resume else None
+    if cell_diameter is None and recorded is not None and recorded.keys() == groups.keys():
+        scales = recorded  # fields added since are counted at it too: measured again, the sample moved it
+    else:
+        refine = RED_CELL_BOXES.get(detector)
+        measured = {specimen: estimate_scale(members, refine=refine) for specimen, members in groups.items()}
+        scales = {s: m if cell_diameter is None else given_scale(cell_diameter, m) for s, m in measured.items()}
     for specimen, scale in scales.items():
         if "warning" in scale:
             notes.append(f"specimen {specimen}: {scale['warning']}" if len(scales) > 1 else scale["warning"])

@@ -111,6 +111,9 @@ def test_save_and_load_round_trip(tmp_path):
         load_checkpoint(tmp_path / "cut.pt")
     with pytest.raises(WbcidError, match="no model at"):
         load_checkpoint(tmp_path / "missing")
+    (tmp_path / "run" / "config.json").write_text("{}")  # a run's file named for its model
+    with pytest.raises(WbcidError, match=f"not a wbcid model file .*: pass the run directory {tmp_path / 'run'}$"):
+        load_checkpoint(tmp_path / "run" / "config.json")
 
 
 def test_every_registered_model_is_listed():

@@ -297,7 +297,9 @@ def read_saved(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise WbcidError(f"{path} is not a wbcid model file ({_load_failure(exc)})") from exc
+        run = path.parent  # a run's config.json or report named for its model: the run is meant
+        hint = f": pass the run directory {run}" if path.name != "model.pt" and (run / "model.pt").is_file() else ""
+        raise WbcidError(f"{path} is not a wbcid model file ({_load_failure(exc)}){hint}") from exc
 
 
 def load_checkpoint(path: str | os.PathLike) -> WBCNet:

@@ -7,14 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from wbcid.contract import BUNDLED
 from wbcid.data import CLASSES, read_cells
+from wbcid.decoding import PROBLEMS
 from wbcid.errors import WbcidError
 from wbcid.evaluation import evaluate
-from wbcid.inference import GREY_MESSAGE, UNREADABLE_MESSAGE, predict
+from wbcid.inference import UNREADABLE_MESSAGE, predict
 from wbcid.loading import resolve_model
 from wbcid.preprocess import Preprocess
 from wbcid.serving import OnnxModel
@@ -92,23 +94,37 @@ def test_a_file_too_large_to_read_says_why(data_root, monkeypatch, tmp_path):
     assert error.startswith(UNREADABLE_MESSAGE) and "a whole-slide scan? cut it into fields" in error
 
 
-def test_a_cell_stored_in_grey_is_flagged_with_the_reason(data_root, tmp_path, caplog):
-    """A PBC basophil saved in grey was called basophil (0.92) and not flagged; count refuses grey fields."""
+def test_a_cell_in_grey_dark_blank_or_of_several_pages_is_flagged_with_the_reason(data_root, tmp_path, caplog):
+    """A PBC basophil saved in grey was called basophil (0.92) and not flagged; count refuses grey fields.
+    A nearly black one and a blank one were flagged by their OOD scores alone, without a reason, and a
+    TIFF of three cells was classified by its first, not flagged and without a word (count says so)."""
     from PIL import Image
 
     colour = sorted((data_root / "cells" / "pbc" / "basophil").iterdir())[0]
-    grey = tmp_path / "grey.png"
-    Image.open(colour).convert("L").save(grey)
-    table = predict(None, [colour, grey])
-    assert table.flagged[1] and table.error[1] == GREY_MESSAGE and "told apart by their stain colours" in GREY_MESSAGE
-    assert table.error[0] == "" and table.label[1] in CLASSES  # still answered: the flag says why to check it
-    assert "1 grey-scale image(s) flagged" in caplog.text
-    manifest = tmp_path / "cells.csv"  # evaluate flags it too, and its report says why
-    manifest.write_text(f"path,label\n{colour},basophil\n{grey},basophil\n")
+    cell = Image.open(colour)
+    odd = {
+        "grey": cell.convert("L"),
+        "dark": Image.fromarray(np.asarray(cell) // 16),
+        "blank": Image.new("RGB", cell.size),
+    }
+    for name, image in odd.items():
+        image.save(tmp_path / f"{name}.png")
+    files = [colour, *(tmp_path / f"{name}.png" for name in odd), tmp_path / "pages.tif"]
+    cell.save(files[-1], save_all=True, append_images=[cell.rotate(90), cell.rotate(180)])  # three cells, or a stack
+    table = predict(None, files)
+    assert table.error.tolist() == ["", PROBLEMS["grey"], PROBLEMS["dark"], PROBLEMS["blank"], PROBLEMS["pages"]]
+    assert table.flagged[1:].all() and "told apart by their stain colours" in PROBLEMS["grey"]
+    assert (
+        table.label[1] in CLASSES and table.label[4] == table.label[0]
+    )  # still answered: the flag says why to check it
+    assert "1 image(s) flagged: grey-scale image" in caplog.text and "1 image(s) flagged: the file holds" in caplog.text
+    manifest = tmp_path / "cells.csv"  # evaluate flags them too, and its report says why
+    manifest.write_text("path,label\n" + "".join(f"{f},basophil\n" for f in files))
     metrics = evaluate(None, manifest, tmp_path / "evaluation")
-    assert metrics["grey"] == 1 and metrics["flagged"]["flagged"] == table.flagged.sum()  # as predict flags
+    assert metrics["problems"] == {PROBLEMS[k]: 1 for k in ("grey", "pages", "blank", "dark")}
+    assert metrics["flagged"]["flagged"] == table.flagged.sum()  # as predict flags
     report = (tmp_path / "evaluation" / "report.md").read_text()
-    assert "1 image(s) were stored in grey" in report
+    assert f"1 image(s): {PROBLEMS['grey']}." in report and f"1 image(s): {PROBLEMS['pages']}." in report
     low, high = metrics["ci95"]["macro_f1"]  # the report gives the intervals, not only metrics.json
     assert f"{metrics['macro_f1']:.4f} [{low:.4f}, {high:.4f}] |" in report
 

@@ -254,7 +254,7 @@ def test_corrupt_and_odd_images_are_counted_not_fatal(data_root, tmp_path, caplo
     assert images.shape == (5, 3, 64, 64) and len(kept) == 5
     assert kept.skipped["unreadable or not an image"] == 2
     assert {p.name for p in kept.paths} >= {"grey.png", "rgba.png"}
-    assert "1 image(s) stored in grey, e.g. " in caplog.text and "grey.png: WBC types are told apart" in caplog.text
+    assert "1 image(s) with a problem, e.g. " in caplog.text and "grey.png: grey-scale image: WBC types" in caplog.text
 
 
 def test_missing_classes_are_scored_in_the_five_class_space():

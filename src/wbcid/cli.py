@@ -251,8 +251,8 @@ def predict(
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
     if table["flagged"].any():
         typer.echo(
-            f"{int(table['flagged'].sum())} flagged as unlike the cells the model knows, grey-scale or unreadable "
-            "(columns 'flagged' and 'error'): check them by eye"
+            f"{int(table['flagged'].sum())} flagged as unlike the cells the model knows, unreadable, or grey, dark, "
+            "blank or of several pages (columns 'flagged' and 'error'): check them by eye"
         )
     scored = table["ood_score"][(table["error"] == "") & table["ood_score"].notna()]
     if note := unfamiliar(int(flagged(scored).sum()), len(scored)):

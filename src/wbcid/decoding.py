@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 import numpy as np
 from PIL import Image
 
+from .crop import BLACK
 from .data import CellSet
 from .errors import WbcidError
-from .preprocess import Preprocess
+from .preprocess import Preprocess, upright_rgb
 
 if TYPE_CHECKING:
     import torch
@@ -32,17 +33,23 @@ log = logging.getLogger("wbcid")
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a bad file
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # stored without colour: see GREY_REASON
 GREY_REASON = "WBC types are told apart by their stain colours"
+PROBLEMS = {  # what can be wrong with a readable picture (its key in Batch.problem): flagged, and said
+    "grey": f"grey-scale image: {GREY_REASON}",
+    "pages": "the file holds several images (pages or frames): only the first is read; save each as a file of its own",
+    "blank": "image is a single flat colour (blank)",
+    "dark": "image is nearly black, no part of it lit (lamp, shutter or exposure?)",
+}
 AHEAD = 2  # batches decoded ahead of the network in image_batches
 T, R = TypeVar("T"), TypeVar("R")
 
 
 class Batch(NamedTuple):
-    """Cells as the network takes them (uint8 NCHW), which files could be read, and which were stored
-    in grey (see ``GREY_REASON``); an unreadable file is zeros, neither readable nor grey."""
+    """Cells as the network takes them (uint8 NCHW), which files could be read, and what is wrong
+    with each readable picture (a key of ``PROBLEMS``, or ""); an unreadable file is zeros."""
 
     images: np.ndarray
     readable: np.ndarray
-    grey: np.ndarray
+    problem: np.ndarray
 
 
 def decode_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
@@ -53,13 +60,25 @@ def decode_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
     return _decode(path, prep)[0]
 
 
-def _decode(path: str | os.PathLike, prep: Preprocess) -> tuple[np.ndarray, bool]:
-    """:func:`decode_image` and whether the file was stored in grey, from one opening of it."""
+def blank_or_dark(image: Image.Image) -> str:
+    """Whether an RGB picture shows nothing: "blank" (one flat colour), "dark" (no part of it lit) or "".
+    Block means first: a camera's hot pixels are bright in a dark frame too, and the copy is 64 blocks
+    across, so this costs 2 % of a cell's decoding."""
+    means = image.reduce(max(1, min(image.size) // 64)).getextrema()
+    if all(low == high for low, high in means) and all(low == high for low, high in image.getextrema()):
+        return "blank"
+    return "dark" if max(high for _, high in means) < BLACK else ""
+
+
+def _decode(path: str | os.PathLike, prep: Preprocess) -> tuple[np.ndarray, str]:
+    """:func:`decode_image` and what is wrong with the picture (a key of ``PROBLEMS``, or ""), from one
+    opening of the file."""
     with Image.open(path) as img:
-        grey = img.mode in GREY_MODES
+        problem = "grey" if img.mode in GREY_MODES else "pages" if getattr(img, "n_frames", 1) > 1 else ""
         if not prep.crop:
             img.draft("RGB", (prep.size, prep.size))  # JPEG: decode at a reduced scale, several times faster
-        return prep(img), grey
+        image = upright_rgb(img)
+        return prep.frame(image), problem or blank_or_dark(image)
 
 
 def map_ahead(
@@ -93,12 +112,12 @@ def image_batches(
     Decoding runs in threads up to ``AHEAD`` batches in front of the consumer, so it overlaps
     the network.
     """
-    blank = np.zeros((prep.size, prep.size, 3), np.uint8), False
+    blank = np.zeros((prep.size, prep.size, 3), np.uint8), ""
     decoded = map_ahead(lambda path: _try_decode(path, prep), paths, workers, AHEAD * batch_size)
     while items := list(itertools.islice(decoded, batch_size)):
-        images, grey = zip(*(blank if item is None else item for item in items))
+        images, problem = zip(*(blank if item is None else item for item in items))
         readable = np.array([item is not None for item in items])
-        yield Batch(np.stack(images).transpose(0, 3, 1, 2), readable, np.array(grey))
+        yield Batch(np.stack(images).transpose(0, 3, 1, 2), readable, np.array(problem, dtype=object))
 
 
 def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> tuple[torch.Tensor, CellSet]:
@@ -121,8 +140,10 @@ def load_images(cellset: CellSet, prep: Preprocess, desc: str = "decoding") -> t
     )
     ok = [bool(k) for batch in batches for k in batch.readable]
     kept = cellset.subset(ok)
-    if grey := [p for p, g in zip(cellset.paths, (g for batch in batches for g in batch.grey)) if g]:
-        log.warning("%s: %d image(s) stored in grey, e.g. %s: %s", cellset.origin, len(grey), grey[0], GREY_REASON)
+    problems = np.concatenate([batch.problem for batch in batches])
+    for problem, message in PROBLEMS.items():
+        if found := [p for p, k in zip(cellset.paths, problems) if k == problem]:
+            log.warning("%s: %d image(s) with a problem, e.g. %s: %s", cellset.origin, len(found), found[0], message)
     bad = ok.count(False)
     if bad:
         kept.skipped["unreadable or not an image"] += bad
@@ -164,7 +185,7 @@ def try_decode(path: Path, prep: Preprocess) -> np.ndarray | None:
     return None if decoded is None else decoded[0]
 
 
-def _try_decode(path: Path, prep: Preprocess) -> tuple[np.ndarray, bool] | None:
+def _try_decode(path: Path, prep: Preprocess) -> tuple[np.ndarray, str] | None:
     try:
         return _decode(path, prep)
     except UNREADABLE:

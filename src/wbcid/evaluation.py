@@ -18,6 +18,7 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 
 from .contract import ModelConfig, flagged
 from .data import CLASSES, CellSet, file_identity, read_cells, recorded_training_cells
+from .decoding import PROBLEMS
 from .errors import WbcidError
 from .files import output_folder, read_table
 from .inference import predict_proba, resolve_tta
@@ -151,7 +152,7 @@ def evaluate(
             adapted,
         )
     tta = resolve_tta(model, tta)
-    probs, ood, ok, grey = predict_proba(model, cells.paths, adabn=adabn, tta=tta)
+    probs, ood, ok, problem = predict_proba(model, cells.paths, adabn=adabn, tta=tta)
     if not ok.any():
         raise WbcidError(f"{cells.origin}: none of the {len(cells)} images could be read")
     metrics = compute_metrics(cells.labels[ok], probs[ok].argmax(1))
@@ -162,9 +163,10 @@ def evaluate(
             ", ".join(absent),
         )
     metrics["ci95"] = bootstrap_intervals(cells.labels[ok], probs[ok].argmax(1), groups=group_ids(cells)[ok])
-    if not np.isnan(ood[ok]).all():  # grey images are flagged as predict flags them
-        metrics["flagged"] = flagged_metrics(cells.labels[ok], probs[ok].argmax(1), flagged(ood[ok]) | grey[ok])
-    metrics["grey"] = int(grey.sum())
+    if not np.isnan(ood[ok]).all():  # grey, dark, blank pictures are flagged as predict flags them
+        looked_at = flagged(ood[ok]) | (problem[ok] != "")
+        metrics["flagged"] = flagged_metrics(cells.labels[ok], probs[ok].argmax(1), looked_at)
+    metrics["problems"] = {message: int((problem == key).sum()) for key, message in PROBLEMS.items() if key in problem}
     metrics["unreadable"] = int((~ok).sum())
     metrics["skipped"] = dict(cells.skipped)
     metrics["model"], metrics["data"], metrics["training_overlap"] = name, cells.origin, seen

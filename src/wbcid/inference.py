@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .contract import flagged
 from .data import CLASSES
-from .decoding import GREY_REASON, image_batches, why_unreadable
+from .decoding import PROBLEMS, image_batches, why_unreadable
 from .errors import WbcidError
 from .files import (
     Inputs,
@@ -36,17 +36,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wbcid")
 UNREADABLE_MESSAGE = "could not be read as an image"
-GREY_MESSAGE = f"grey-scale image: {GREY_REASON}"
 
 
 class Scores(NamedTuple):
     """What a model says of each image: class probabilities ``(n, 5)`` and OOD scores ``(n,)``, NaN
-    where the file could not be read (``readable``), and which images were stored in grey."""
+    where the file could not be read (``readable``), and what is wrong with each readable picture (a
+    key of :data:`wbcid.decoding.PROBLEMS`, or "")."""
 
     probs: np.ndarray
     ood: np.ndarray
     readable: np.ndarray
-    grey: np.ndarray
+    problem: np.ndarray
 
 
 def predict_scores(model: Model, batches: Iterable, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -124,9 +124,10 @@ def predict_proba(
     tta: bool | None = None,
     on_batch: Callable[[Sequence[Path], Scores], None] | None = None,
 ) -> Scores:
-    """Class probabilities and OOD scores of image files, with which could be read and which are grey.
+    """Class probabilities and OOD scores of image files, with which could be read and what is wrong
+    with the pictures (grey, dark, blank, several pages: see :class:`Scores`).
 
-    Unreadable and grey images are counted in a warning. ``adabn`` re-estimates batch-norm
+    Unreadable images and each problem are counted in a warning. ``adabn`` re-estimates batch-norm
     statistics on these images first (they should come from one lab); ``tta`` averages over
     rotations and flips (``None``: the model's own setting). See :mod:`wbcid.testtime` and
     :mod:`wbcid.ood`. ``on_batch`` is given each batch's files and scores as they finish (predict
@@ -156,36 +157,36 @@ def predict_proba(
         logits, ood = predict_scores(model, [batch.images], tta)
         probs, ood = softmax(logits), ood.astype(np.float64)
         probs[~batch.readable], ood[~batch.readable] = np.nan, np.nan
-        done.append(Scores(probs, ood, batch.readable, batch.grey))
+        done.append(Scores(probs, ood, batch.readable, batch.problem))
         if on_batch is not None:
             on_batch(paths[start : start + batch_size], done[-1])
-    probs_all, ood_all, ok_all, grey_all = _joined(done)
-    if not ok_all.all():
+    scores = _joined(done)
+    if not scores.readable.all():
         log.warning(
             "%d of %d images could not be read and have no prediction, e.g. %s",
-            (~ok_all).sum(),
+            (~scores.readable).sum(),
             len(paths),
-            paths[int(np.argmin(ok_all))],
+            paths[int(np.argmin(scores.readable))],
         )
-    if grey_all.any():
-        log.warning(
-            "%d grey-scale image(s) flagged: %s (e.g. %s)", grey_all.sum(), GREY_REASON, paths[grey_all.argmax()]
-        )
-    return Scores(probs_all, ood_all, ok_all, grey_all)
+    for problem, message in PROBLEMS.items():
+        if (found := scores.problem == problem).any():
+            log.warning("%d image(s) flagged: %s (e.g. %s)", found.sum(), message, paths[found.argmax()])
+    return scores
 
 
 def _joined(batches: Sequence[Scores]) -> Scores:
     """The scores of consecutive batches as one; of none, empty arrays."""
     if not batches:
-        return Scores(np.empty((0, len(CLASSES)), np.float32), np.empty(0), np.empty(0, bool), np.empty(0, bool))
+        return Scores(np.empty((0, len(CLASSES)), np.float32), np.empty(0), np.empty(0, bool), np.empty(0, object))
     return Scores(*(np.concatenate(column) for column in zip(*batches)))
 
 
-def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray, grey: np.ndarray) -> pd.DataFrame:
+def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray, problem: np.ndarray) -> pd.DataFrame:
     """Label, its probability, OOD score, flag and all class probabilities, one row per input.
 
-    ``grey``: readable images stored in grey, flagged with the reason in ``error`` (as ``count`` does not
-    count grey fields): the model still answers, often confidently, from shape alone."""
+    ``problem`` (:class:`Scores`): a readable picture in grey, nearly black, blank or of several pages
+    is flagged with the reason in ``error`` (as ``count`` does not count such fields): the model still
+    answers, a grey cell often confidently from shape alone."""
     best = np.nan_to_num(probs, nan=-1).argmax(1)
     if ok.any() and np.isnan(ood[ok]).all():
         log.warning("this model has no out-of-distribution scorer (trained before wbcid 0.2?); nothing is flagged")
@@ -194,8 +195,8 @@ def prediction_table(probs: np.ndarray, ood: np.ndarray, ok: np.ndarray, grey: n
             "label": [CLASSES[i] if k else "" for i, k in zip(best, ok)],
             "probability": np.where(ok, np.nan_to_num(probs).max(1), np.nan),
             "ood_score": ood,
-            "flagged": flagged(ood) | ~ok | grey,  # an image without a prediction needs a person's eyes too
-            "error": np.where(ok, np.where(grey, GREY_MESSAGE, ""), UNREADABLE_MESSAGE),
+            "flagged": flagged(ood) | ~ok | (problem != ""),  # an image without a prediction needs eyes too
+            "error": [PROBLEMS.get(k, "") if readable else UNREADABLE_MESSAGE for k, readable in zip(problem, ok)],
             **{f"p_{name}": probs[:, i] for i, name in enumerate(CLASSES)},
         }
     )
@@ -251,10 +252,11 @@ def predict(
         precision = logged_settings(progress).get("precision", precision)
     model = resolve_model(model, "AdaBN" if adabn else None, choose_precision(precision, len(files)))
     if progress is None or adabn:
-        probs, ood, ok, grey = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
+        scores = predict_proba(model, files, batch_size, adabn=adabn, tta=tta)
     else:
-        probs, ood, ok, grey = _predict_kept(model, files, progress, name, batch_size, tta)
-    table = prediction_table(probs, ood, ok, grey)
+        scores = _predict_kept(model, files, progress, name, batch_size, tta)
+    table = prediction_table(*scores)
+    ok = scores.readable
     for i in np.flatnonzero(~ok):  # say why, as count does: a truncated file, a whole-slide scan, ...
         if reason := why_unreadable(files[i]):
             table.loc[i, "error"] = f"{UNREADABLE_MESSAGE} ({reason})"
@@ -288,8 +290,8 @@ def _predict_kept(
         log.info("resuming: %d of %d images were classified before", len(files) - len(todo), len(files))
 
     def keep(batch_files: Sequence[Path], scores: Scores) -> None:
-        for path, probs, ood, ok, grey in zip(batch_files, *scores):
-            entry = {"path": str(path), "probs": probs.tolist() if ok else None, "ood": float(ood), "grey": bool(grey)}
+        for path, probs, ood, ok, problem in zip(batch_files, *scores):
+            entry = {"path": str(path), "probs": probs.tolist() if ok else None, "ood": float(ood), "problem": problem}
             kept.write(json.dumps(entry) + "\n")
         kept.flush()
 
@@ -297,11 +299,12 @@ def _predict_kept(
     with appending(progress, settings) as kept:
         new = predict_proba(model, [files[i] for i in todo], batch_size, tta=tta, on_batch=keep)
     probs, ood = np.full((len(files), len(CLASSES)), np.nan, np.float32), np.full(len(files), np.nan)
-    ok, grey = np.zeros(len(files), bool), np.zeros(len(files), bool)
-    probs[todo], ood[todo], ok[todo], grey[todo] = new
+    ok, problem = np.zeros(len(files), bool), np.full(len(files), "", object)
+    probs[todo], ood[todo], ok[todo], problem[todo] = new
     for i, path in enumerate(files):
-        if (entry := done.get(str(path))) is not None:
-            ok[i], ood[i], grey[i] = entry["probs"] is not None, entry["ood"], entry["grey"]
+        if (entry := done.get(str(path))) is not None:  # "grey": a bool, before other problems were found
+            ok[i], ood[i] = entry["probs"] is not None, entry["ood"]
+            problem[i] = entry.get("problem", "grey" if entry.get("grey") else "")
             if ok[i]:
                 probs[i] = entry["probs"]
-    return Scores(probs, ood, ok, grey)
+    return Scores(probs, ood, ok, problem)

@@ -180,12 +180,12 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """RGB ``size x size`` uint8 array (HWC) from any PIL image."""
-        image = upright_rgb(image)
-        framed = (
-            canonical_crop(image, self.size)
-            if self.crop
-            else image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
-        )  # canonical_crop converts to RGB itself
+        return self.frame(upright_rgb(image))
+
+    def frame(self, image: Image.Image) -> np.ndarray:
+        """:meth:`__call__` of an image :func:`upright_rgb` already made."""
+        size = self.size
+        framed = canonical_crop(image, size) if self.crop else image.resize((size, size), Image.Resampling.BILINEAR)
         return self.normalise(np.asarray(framed))
 
     def normalise(self, rgb: np.ndarray) -> np.ndarray:

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .data import CLASSES
-from .decoding import GREY_REASON
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -106,10 +105,10 @@ def write_evaluation_report(metrics: dict, out_dir: Path, title: str) -> Path:
         )
         notes.append(
             f"{f['flagged']} cell(s) ({f['flagged_share']:.1%}) were flagged as unlike the training "
-            f"cells (ood_score > 1){' or stored in grey' * bool(metrics.get('grey'))}{rest}."
+            f"cells (ood_score > 1){' or had a problem below' * bool(metrics.get('problems'))}{rest}."
         )
-    if metrics.get("grey"):
-        notes.append(f"{metrics['grey']} image(s) were stored in grey: {GREY_REASON}.")
+    for problem, count in metrics.get("problems", {}).items():
+        notes.append(f"{count} image(s): {problem}.")
     if metrics.get("unreadable"):
         notes.append(f"{metrics['unreadable']} unreadable image(s) were left out.")
     for reason, count in metrics.get("skipped", {}).items():

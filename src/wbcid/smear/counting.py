@@ -22,9 +22,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ..contract import flagged
-from ..crop import BLACK, unlit
+from ..crop import unlit
 from ..data import CLASSES
-from ..decoding import GREY_MODES, GREY_REASON, UNREADABLE, map_ahead, unreadable_reason
+from ..decoding import GREY_MODES, GREY_REASON, PROBLEMS, UNREADABLE, blank_or_dark, map_ahead, unreadable_reason
 from ..errors import WbcidError
 from ..files import (
     COUNT_LOG,
@@ -427,11 +427,8 @@ def field_problems(image: Image.Image, cell_diameter: float) -> list[str]:
     size (``--cell-diameter``) that cannot be right for an image of this size."""
     if min(image.size) < MIN_FIELD:
         return [f"image is only {image.width}x{image.height} pixels: too small to hold a white blood cell"]
-    if all(low == high for low, high in image.getextrema()):
-        return ["image is a single flat colour (blank): nothing to count"]
-    # block means first: a camera's hot pixels are bright in a dark frame too
-    if max(high for _, high in image.reduce(max(1, min(image.size) // 64)).getextrema()) < BLACK:
-        return ["image is nearly black, no part of it lit (lamp, shutter or exposure?): nothing to count"]
+    if problem := blank_or_dark(image):
+        return [f"{PROBLEMS[problem]}: nothing to count"]
     if cell_diameter > min(image.size):
         return [
             f"a WBC {cell_diameter:g} px across does not fit in this {image.width}x{image.height} field: "

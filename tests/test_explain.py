@@ -8,7 +8,7 @@ from PIL import Image
 
 from wbcid.contract import BUNDLED
 from wbcid.data import CLASSES, read_cells
-from wbcid.decoding import decode_image
+from wbcid.decoding import PROBLEMS, decode_image
 from wbcid.errors import WbcidError
 from wbcid.gradcam import explain, grad_cam
 from wbcid.loading import resolve_model
@@ -29,12 +29,15 @@ def test_heat_lies_on_the_centred_cell_not_the_border(data_root):
     assert (predicted == [c.label for c in cells]).mean() >= 0.75
 
 
-def test_explain_writes_one_overlay_per_readable_image(data_root, tmp_path):
+def test_explain_writes_one_overlay_per_readable_image(data_root, tmp_path, caplog):
     good = sorted((data_root / "cells" / "lisc" / "lymphocyte").iterdir())[:2]
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
-    written = explain(None, [*good, bad], tmp_path / "cam")
-    assert len(written) == 2
+    grey = tmp_path / "grey.png"  # explained, and said, as predict flags it: its map was drawn without a word
+    Image.open(good[0]).convert("L").save(grey)
+    written = explain(None, [*good, bad, grey], tmp_path / "cam")
+    assert len(written) == 3 and f"{grey}: {PROBLEMS['grey']}" in caplog.text
+    written = written[:2]
     for path in written:
         assert path.stem.split("_gradcam_")[1] in CLASSES
         with Image.open(path) as image:

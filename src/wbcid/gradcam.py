@@ -18,12 +18,12 @@ from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
 from .data import CLASSES
-from .decoding import try_decode
+from .decoding import PROBLEMS, image_batches
 from .errors import WbcidError
 from .files import Inputs, list_images, output_folder, short_name
 from .loading import describe_model, resolve_model
 from .models import WBCNet
-from .preprocess import Preprocess, to_tensor
+from .preprocess import Preprocess
 
 log = logging.getLogger("wbcid")
 MADE_BY = "wbcid model"  # PNG text: which model an image explains, so two models' images never share a folder
@@ -67,7 +67,8 @@ def explain(
     size: int = 256,
 ) -> list[Path]:
     """Write ``<name>_gradcam.png`` (input as the model saw it | overlay) per image; unreadable ones are
-    skipped, and an error says so when none was readable."""
+    skipped, and an error says so when none was readable. A picture predict would flag for a problem
+    (grey, dark, blank, several pages: :data:`wbcid.decoding.PROBLEMS`) is explained with a warning."""
     out_dir = output_folder(out_dir, "the Grad-CAM images")
     name = describe_model(model)
     if out_dir.is_dir() and (earlier := _made_by(out_dir)) not in (None, name):
@@ -81,12 +82,14 @@ def explain(
     made_by.add_text(MADE_BY, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, used = [], set()
-    for path in files:
-        seen = try_decode(path, Preprocess.of(model.config))
-        if seen is None:
+    for path, batch in zip(files, image_batches(files, Preprocess.of(model.config), batch_size=1)):
+        if not batch.readable[0]:
             log.warning("%s: could not read the image, skipped", path)
             continue
-        heat, predicted = grad_cam(model, to_tensor(seen)[None])
+        if problem := batch.problem[0]:
+            log.warning("%s: %s", path, PROBLEMS[problem])
+        heat, predicted = grad_cam(model, torch.from_numpy(batch.images))
+        seen = batch.images[0].transpose(1, 2, 0)
         big = np.asarray(Image.fromarray(seen).resize((size, size), Image.Resampling.BILINEAR))
         heat_big = np.asarray(Image.fromarray((heat[0] * 255).astype(np.uint8)).resize((size, size))) / 255
         stem = short_name(Path(path).stem)

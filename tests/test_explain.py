@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -71,3 +73,20 @@ def test_an_onnx_model_is_refused_with_a_reason(data_root, tmp_path):
     cell = next((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))
     with pytest.raises(WbcidError, match="PyTorch model"):
         explain(BUNDLED_ONNX, [cell], tmp_path)
+
+
+def test_explain_and_evaluate_figures_inside_an_input_folder_are_not_read_as_cells(data_root, tmp_path, caplog):
+    """Grad-CAM images and a confusion matrix written into the folder of cells (explain cells --out
+    cells/gradcam) were classified as 7 more cells by the next predict of that folder."""
+    import shutil
+
+    from wbcid.evaluation import evaluate
+    from wbcid.files import list_images
+
+    cells = [shutil.copy(p, tmp_path) for p in sorted((data_root / "cells" / "lisc" / "monocyte").iterdir())[:2]]
+    explain(None, [tmp_path], tmp_path / "gradcam")
+    (tmp_path / "cells.csv").write_text("path,label\n" + "".join(f"{p},monocyte\n" for p in cells))
+    evaluate(None, tmp_path / "cells.csv", tmp_path / "evaluation")
+    assert len(list(tmp_path.rglob("*.png"))) == 3
+    assert list_images([tmp_path]) == sorted(map(Path, cells))
+    assert "evaluation (1 figure(s) drawn by" in caplog.text and "gradcam (2 figure(s)" in caplog.text

@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +36,7 @@ UNREAD_ADVICE = "save them as JPEG, PNG or TIFF (a whole-slide scan: cut it into
 COUNT_LOG = "fields.jsonl"  # a count's log of finished fields (for --resume): it marks a `wbcid count` folder
 REVIEW_DATABASE = "review.sqlite"  # a review's corrections: marks its folder (and a count folder under review)
 OUTPUT_MARKERS = {COUNT_LOG: "a count", REVIEW_DATABASE: "a review", "model.pt": "a model's run"}
+FIGURES = re.compile(r"(^confusion_matrix|^history|_gradcam_[a-z]+)\.png$")  # what evaluate, train, explain draw
 PREDICTION_COLUMNS = {"path", "label", "probability", "ood_score", "flagged"}  # of every `wbcid predict` CSV
 
 
@@ -282,8 +284,10 @@ def list_images(paths: Inputs) -> list[Path]:
 def _images_in(folder: Path, outputs: dict[Path, str], unread: Counter[str]) -> list[Path]:
     """Image files under ``folder``, sorted, without the folders wbcid wrote (added to ``outputs``): a
     count's annotated fields and cut cells, a review's thumbnails or a run's plots, searched as input,
-    were classified as cells (a count resumed into a folder inside its input counted its own output).
-    Images in formats it cannot read are counted in ``unread`` by suffix (they were left out unsaid)."""
+    were classified as cells (a count resumed into a folder inside its input counted its own output);
+    so were an evaluation's confusion matrix and explain's Grad-CAM images (``FIGURES``), which no
+    marker file stands beside. Images in formats it cannot read are counted in ``unread`` by suffix
+    (they were left out unsaid)."""
     found = []
     for root, folders, files in os.walk(folder):
         if what := next((what for marker, what in OUTPUT_MARKERS.items() if marker in files), None):
@@ -292,7 +296,9 @@ def _images_in(folder: Path, outputs: dict[Path, str], unread: Counter[str]) -> 
             continue
         folders[:] = [f for f in folders if not hidden(f)]
         suffixes = [(f, Path(f).suffix.lower()) for f in files if not hidden(f)]
-        found += [Path(root) / f for f, suffix in suffixes if suffix in IMAGE_SUFFIXES]
+        if figures := sum(bool(FIGURES.search(f)) for f, _ in suffixes):
+            outputs[Path(root)] = f"{figures} figure(s) drawn by evaluate, train or explain"
+        found += [Path(root) / f for f, suffix in suffixes if suffix in IMAGE_SUFFIXES and not FIGURES.search(f)]
         unread.update(suffix for _, suffix in suffixes if suffix in UNREAD_SUFFIXES)
     return sorted(f for f in found if f.is_file())
 

@@ -306,7 +306,8 @@ def test_a_count_resumed_after_more_fields_arrived_keeps_its_scale(data_root, tm
     """Fields the microscope saved while a count was stopped moved the scale, measured again from a
     sample spread over them (196.1 px, then 206.7 px here; in 30 BCCD fields and 40 more by hand, only
     the granulometry moved, and the refusal read 'WBCs 203.5 px, now WBCs 203.5 px'), and --resume was
-    refused as 'made with other settings'; it keeps the scale it began with, and counts the new fields at it."""
+    refused as 'made with other settings'; it keeps the scale it began with, and counts the new fields
+    at it. Fields of another scale (another microscope's, here the same at half size) are still refused."""
     import wbcid.smear.counting as counting
 
     fields = [data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg" for i in (0, 10, 34, 100)]
@@ -320,7 +321,14 @@ def test_a_count_resumed_after_more_fields_arrived_keeps_its_scale(data_root, tm
         counting.count(None, fields[:2], tmp_path / "c")
     began = json.loads((tmp_path / "c" / "fields.jsonl").read_text().splitlines()[0])["scales"]
     monkeypatch.setattr(counting, "count_field", real)
-    monkeypatch.setattr(counting, "estimate_scale", None)  # not measured again: the count keeps its own
+    halves = []
+    for field in fields:
+        with Image.open(field) as image:
+            image.resize((image.width // 2, image.height // 2)).save(tmp_path / field.name)
+        halves.append(tmp_path / field.name)
+    other = r"other settings \(scale all fields: WBCs 19\d\.\d px .*, now .*WBCs 1[01]\d\.\d px"  # not resumed
+    with pytest.raises(WbcidError, match=other):
+        counting.count(None, halves, tmp_path / "c", resume=True)
     resumed = counting.count(None, fields, tmp_path / "c", resume=True)
     assert resumed["specimens"]["all fields"]["scale"] == began["all fields"]
     assert len(resumed["images"]) == 4 and all(e["detections"] for e in resumed["images"])

@@ -45,7 +45,7 @@ from ..serving import choose_precision, served_precision
 from .detect import Box, FieldObjects, detect_cells
 from .differential import REFERENCE_RANGES, REFERENCE_SOURCE, differential, unfamiliar
 from .learned import MAX_JITTER, find_objects
-from .scale import confirmed, rbc_diameters, wbc_diameter
+from .scale import SETTLED, confirmed, rbc_diameters, wbc_diameter
 from .specimens import cells_short, group_fields, specimen_table
 
 log = logging.getLogger("wbcid")
@@ -173,7 +173,7 @@ def count(
     An image that cannot be read, or holds no WBC, is reported as such; the others are counted.
     Each finished field is appended to ``fields.jsonl`` at once, so ``resume=True`` continues an
     interrupted count (same model and cell diameter) without redoing the fields already done, at
-    the scale it began with unless ``cell_diameter`` is given.
+    the scale it began with (:func:`kept_scales`) unless ``cell_diameter`` is given.
     ``cell_diameter`` (the WBC diameter in pixels) is measured from each specimen's red cells when
     not given (:func:`estimate_scale`); counts.json says which and how. A folder of folders is one
     specimen per subfolder (:mod:`wbcid.smear.specimens`): counts.json, ``specimens.csv`` and the
@@ -200,13 +200,11 @@ def count(
     groups, notes = group_fields(paths, fields)
     for note in notes:
         log.warning(note)
-    recorded = logged_settings(out_dir / COUNT_LOG).get("scales") if resume else None
-    if cell_diameter is None and recorded is not None and recorded.keys() == groups.keys():
-        scales = recorded  # fields added since are counted at it too: measured again, the sample moved it
-    else:
-        refine = RED_CELL_BOXES.get(detector)
-        measured = {specimen: estimate_scale(members, refine=refine) for specimen, members in groups.items()}
-        scales = {s: m if cell_diameter is None else given_scale(cell_diameter, m) for s, m in measured.items()}
+    refine = RED_CELL_BOXES.get(detector)
+    measured = {specimen: estimate_scale(members, refine=refine) for specimen, members in groups.items()}
+    scales = {s: m if cell_diameter is None else given_scale(cell_diameter, m) for s, m in measured.items()}
+    if resume and cell_diameter is None:
+        scales = kept_scales(logged_settings(out_dir / COUNT_LOG).get("scales", {}), scales)
     for specimen, scale in scales.items():
         if "warning" in scale:
             notes.append(f"specimen {specimen}: {scale['warning']}" if len(scales) > 1 else scale["warning"])
@@ -367,6 +365,19 @@ def estimate_scale(
             "(a folder of folders gets a scale per folder), or pass --cell-diameter"
         )
     return scale
+
+
+def kept_scales(recorded: dict, measured: dict) -> dict:
+    """The scales a resumed count goes on at: those it began with, where the fields measure within
+    ``SETTLED`` of them again (fields saved since moved the sample's median, 196 to 207 px in four
+    BCCD fields, and the resume was refused as made with other settings); a scale further off is
+    another microscope's, and the measured one stands, so that the resume is refused."""
+    return {
+        specimen: recorded[specimen]
+        if specimen in recorded and abs(scale["cell_diameter"] / recorded[specimen]["cell_diameter"] - 1) <= SETTLED
+        else scale
+        for specimen, scale in measured.items()
+    }
 
 
 def given_scale(cell_diameter: float, measured: dict) -> dict:

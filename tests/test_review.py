@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 import wbcid
 from wbcid.data import CLASSES, read_cells
@@ -71,6 +72,29 @@ def test_list_correct_and_live_differential(run: Path):
     assert after["verified"] == 1 and set(after["classes"]) == set(CLASSES)
     assert client.get(f"/api/cells/{target['id']}/image").headers["content-type"] == "image/jpeg"
     assert client.get(f"/api/cells/{target['id']}/field").status_code == 200
+
+
+def test_each_flagged_cell_says_why(run: Path, data_root: Path, tmp_path: Path):
+    """The page showed 'flagged' without a reason: cut by the field's edge, unlike the model's cells,
+    or (a prediction's) grey, dark, blank or of several pages, which the technologist decides differently."""
+    from wbcid.decoding import PROBLEMS
+    from wbcid.web.store import CUT, UNLIKE
+
+    detections = [d for e in json.loads((run / "counts.json").read_text())["images"] for d in e["detections"]]
+    cells = TestClient(create_app(run)).get("/api/cells").json()["cells"]
+    edge = sum(d["edge"] for d in detections)
+    assert edge and sum(CUT in (c["why"] or "") for c in cells) == edge
+    assert sum(UNLIKE in (c["why"] or "") for c in cells) == sum(d["ood_score"] > 1 for d in detections)
+    assert all(bool(c["why"]) == c["flagged"] for c in cells)
+    colour = sorted((data_root / "cells/lisc/monocyte").glob("*.jpg"))[0]
+    Image.open(colour).convert("L").save(tmp_path / "grey.png")
+    predict(None, [colour, tmp_path / "grey.png"], tmp_path / "p.csv")
+    cells = TestClient(create_app(tmp_path / "p.csv")).get("/api/cells").json()["cells"]
+    why = {Path(c["image"]).name: c["why"] for c in cells}
+    assert why["grey.png"].startswith(PROBLEMS["grey"]) and why[colour.name] in (None, UNLIKE)
+    with closing(sqlite3.connect(run / "review.sqlite")) as db, db:  # a review begun before the reasons
+        db.execute("ALTER TABLE cells DROP COLUMN why")
+    assert len(ReviewStore.open(run).cells()) == len(detections)  # carries on, the reasons left unsaid
 
 
 def test_other_leaves_the_differential_and_undo_restores(run: Path):

@@ -101,7 +101,8 @@ def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_pa
     first = _tile_ids(browser)[0]
     basophils = int(_row(browser, "basophil")[1])
     # keyboard: the first cell is selected on load; "5" makes it a basophil
-    assert "not yet verified" in browser.find_element(By.ID, "selected").text
+    said, cell = browser.find_element(By.ID, "selected").text, ReviewStore.open(run).cell(int(first))
+    assert "not yet verified" in said and cell["flagged"] and f"flagged ({cell['why']})" in said  # why to look
     browser.find_element(By.TAG_NAME, "body").send_keys("5")
     WebDriverWait(browser, 10).until(lambda d: "saved cell " + first in d.find_element(By.ID, "status").text)
     # click: select the last tile, then click the "other" button

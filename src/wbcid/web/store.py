@@ -25,6 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..contract import flagged
 from ..data import CLASSES
 from ..errors import WbcidError
 from ..files import (
@@ -42,6 +43,8 @@ from ..smear.counting import CONTEXT, open_field
 from ..smear.differential import REFERENCE_RANGES, differential
 
 log = logging.getLogger("wbcid")
+CUT = "cut by the field's edge (or the dark beyond it): its type may not show"
+UNLIKE = "unlike the cells the model learned from (OOD score over 1)"
 OTHER = "other"  # not a WBC (or not one of the five types): left out of the differential
 LABELS = (*CLASSES, OTHER)
 THUMB = 128
@@ -68,6 +71,7 @@ CREATE TABLE IF NOT EXISTS cells (
     confidence REAL,
     ood_score REAL,
     flagged INTEGER NOT NULL,
+    why TEXT,                     -- why it is flagged, in words (NULL: not flagged, or imported before wbcid said)
     label TEXT NOT NULL,          -- current label: the person's if reviewed, else the model's
     reviewed INTEGER NOT NULL DEFAULT 0,
     reviewer TEXT,
@@ -148,10 +152,12 @@ class ReviewStore:
         try:
             with store._connect() as db:
                 db.executescript(SCHEMA)
+                if "why" not in {column[1] for column in db.execute("PRAGMA table_info(cells)")}:  # begun before it
+                    db.execute("ALTER TABLE cells ADD COLUMN why TEXT")
                 if db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 0:
                     db.executemany(
                         "INSERT INTO cells (image, specimen, box, model_label, confidence, ood_score, flagged, "
-                        "label) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        "why, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         rows if fresh else _located(rows, run, made_in, images),
                     )
                     db.executemany(
@@ -386,6 +392,7 @@ def _count_rows(result: dict) -> list[tuple]:
             d["confidence"],
             d["ood_score"],
             int(d["flagged"]),
+            _why(d["flagged"], d["ood_score"], CUT if d.get("edge") else ""),
             d["label"],
         )
         for entry in result["images"]
@@ -475,10 +482,20 @@ def _prediction_rows(csv_path: Path) -> tuple[list[tuple], dict]:
             float(row.probability),
             float(row.ood_score) if row.ood_score != "" else None,
             int(flag),
+            _why(flag, float(row.ood_score) if row.ood_score != "" else None, getattr(row, "error", "")),
             row.label,
         )
         for row, flag in zip(table.itertuples(index=False), flags)
     ], meta
+
+
+def _why(flagged_: bool, ood_score: float | None, *reasons: str) -> str | None:
+    """Why a flagged cell is flagged, in words, for the page: the count's or predict's own reasons (a
+    cell cut by the field's edge, a grey picture) and an OOD score over its threshold."""
+    if not flagged_:
+        return None
+    said = [*filter(None, reasons), *([UNLIKE] if ood_score is not None and flagged(ood_score) else [])]
+    return "; ".join(said) or None
 
 
 def _save_atomic(image: Image.Image, path: Path) -> None:

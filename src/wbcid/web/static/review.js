@@ -96,7 +96,8 @@ function select(index) {
   node.scrollIntoView({block: "nearest"});
   const cell = cells[selected];
   $("#selected").textContent = `cell ${cell.id}: model ${cell.model_label} (${cell.confidence.toFixed(2)}, OOD ${
-    cell.ood_score === null ? "n/a" : cell.ood_score.toFixed(2)})${cell.flagged ? ", flagged" : ""}; ` +
+    cell.ood_score === null ? "n/a" : cell.ood_score.toFixed(2)})${
+    cell.flagged ? `, flagged${cell.why ? ` (${cell.why})` : ""}` : ""}; ` +
     `${cell.reviewed ? `verified by ${cell.reviewer} as ${cell.label}` : "not yet verified"}; from ${cell.image}` +
     (cell.missing ? " (not found there: moved or deleted? put it back to see the cell)" : "");
   $("#field").src = `/api/cells/${cell.id}/field`;

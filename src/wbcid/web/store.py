@@ -43,8 +43,8 @@ from ..smear.counting import CONTEXT, open_field
 from ..smear.differential import REFERENCE_RANGES, differential
 
 log = logging.getLogger("wbcid")
-CUT = "cut by the field's edge (or the dark beyond it): its type may not show"
-UNLIKE = "unlike the cells the model learned from (OOD score over 1)"
+CUT = "cut by the field's edge or the dark beyond it"  # a flagged cell's reasons (``why``), joined by "and"
+UNLIKE = "unlike the cells the model learned from"
 OTHER = "other"  # not a WBC (or not one of the five types): left out of the differential
 LABELS = (*CLASSES, OTHER)
 THUMB = 128
@@ -495,7 +495,7 @@ def _why(flagged_: bool, ood_score: float | None, *reasons: str) -> str | None:
     if not flagged_:
         return None
     said = [*filter(None, reasons), *([UNLIKE] if ood_score is not None and flagged(ood_score) else [])]
-    return "; ".join(said) or None
+    return " and ".join(said) or None
 
 
 def _save_atomic(image: Image.Image, path: Path) -> None:

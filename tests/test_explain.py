@@ -77,16 +77,22 @@ def test_an_onnx_model_is_refused_with_a_reason(data_root, tmp_path):
 
 def test_explain_and_evaluate_figures_inside_an_input_folder_are_not_read_as_cells(data_root, tmp_path, caplog):
     """Grad-CAM images and a confusion matrix written into the folder of cells (explain cells --out
-    cells/gradcam) were classified as 7 more cells by the next predict of that folder."""
+    cells/gradcam) were classified as 3 more cells by the next predict of that folder, and trained on
+    as the class whose folder held them."""
     import shutil
 
     from wbcid.evaluation import evaluate
     from wbcid.files import list_images
 
-    cells = [shutil.copy(p, tmp_path) for p in sorted((data_root / "cells" / "lisc" / "monocyte").iterdir())[:2]]
-    explain(None, [tmp_path], tmp_path / "gradcam")
+    folder = tmp_path / "lab" / "monocyte"
+    folder.mkdir(parents=True)
+    cells = [shutil.copy(p, folder) for p in sorted((data_root / "cells" / "lisc" / "monocyte").iterdir())[:2]]
+    explain(None, [folder], folder / "gradcam")
     (tmp_path / "cells.csv").write_text("path,label\n" + "".join(f"{p},monocyte\n" for p in cells))
-    evaluate(None, tmp_path / "cells.csv", tmp_path / "evaluation")
-    assert len(list(tmp_path.rglob("*.png"))) == 3
-    assert list_images([tmp_path]) == sorted(map(Path, cells))
+    evaluate(None, tmp_path / "cells.csv", folder / "evaluation")
+    assert len(list(folder.rglob("*.png"))) == 3
+    assert list_images([tmp_path / "lab"]) == sorted(map(Path, cells))
     assert "evaluation (1 figure(s) drawn by" in caplog.text and "gradcam (2 figure(s)" in caplog.text
+    labelled = read_cells(tmp_path / "lab")  # as training data: the class folder's figures are not monocytes
+    assert labelled.paths == sorted(map(Path, cells))
+    assert sum(n for reason, n in labelled.skipped.items() if "a figure wbcid drew" in reason) == 3

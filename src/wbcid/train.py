@@ -154,13 +154,17 @@ class FrozenPrefix(nn.Module):
 
 
 def check_classes(train: CellSet) -> None:
-    """Stop before training when a class has no training image: the model could never predict it."""
+    """Stop before training when a class has no training image: the model could never predict it. A
+    lab's few verified cells, some types missing (basophils are rare), are what ``adapt`` learns from."""
     counts = train.class_counts()
     empty = [name for name, n in counts.items() if n == 0]
     if empty:
+        data = train.origin if Path(train.origin).exists() else "DATA"  # not a set merged from several
         raise WbcidError(
             f"{train.origin}: no training images of {', '.join(empty)} "
-            f"(counts: {', '.join(f'{k} {v}' for k, v in counts.items())}); every class needs examples"
+            f"(counts: {', '.join(f'{k} {v}' for k, v in counts.items())}); every class needs examples. To "
+            f"learn your lab from a few verified cells, some types missing, adapt the pretrained model to them: "
+            f"`wbcid adapt --data {data} --out RUN`"
         )
 
 

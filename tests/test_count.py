@@ -413,6 +413,29 @@ def test_outputs_and_inputs_are_checked_before_any_work(tmp_path):
         count(tmp_path / "no-model.pt", [tmp_path / "missing.jpg"], tmp_path / "out")
 
 
+def test_a_labs_own_report_in_the_output_folder_is_not_replaced(data_root, tmp_path):
+    """evaluate --out and count --out replaced a report.md or report.html of the lab's own (its data
+    folder named as the output) without a word; an earlier evaluation or count is replaced, as before."""
+    from wbcid.evaluation import evaluate
+    from wbcid.smear.counting import count
+
+    cells = sorted((data_root / "cells" / "lisc" / "monocyte").iterdir())[:2]
+    manifest = tmp_path / "cells.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},monocyte\n" for p in cells))
+    field = data_root / "smears" / "bccd" / "images" / "BloodImage_00010.jpg"
+    for name, report, run in (("evaluation", "report.md", evaluate), ("count", "report.html", count)):
+        mine = tmp_path / f"notes-{name}"
+        mine.mkdir()
+        (mine / report).write_text("the lab's own notes")
+        data = manifest if run is evaluate else [field]
+        with pytest.raises(WbcidError, match=f"holds {report}, which the {name} would replace, and no "):
+            run(None, data, mine)
+        assert (mine / report).read_text() == "the lab's own notes"
+        run(None, data, tmp_path / name)
+        if run is evaluate:
+            run(None, data, tmp_path / name)  # an earlier evaluation is replaced (a count takes --resume)
+
+
 def test_a_folder_of_folders_is_counted_per_specimen(data_root, tmp_path):
     """Issue 12: one differential per subfolder (a slide), specimens.csv, the 100-cell warning each,
     and images beside the specimen folders counted as one more specimen with a warning."""

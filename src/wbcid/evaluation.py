@@ -130,7 +130,8 @@ def evaluate(
     ``adabn``/``tta``: test-time adaptation on these (unlabelled) images, see :mod:`wbcid.testtime`;
     ``precision``: see :func:`wbcid.serving.choose_precision` (recorded in the metrics).
     """
-    out_dir = None if out_dir is None else output_folder(out_dir, "the evaluation")
+    written = ("metrics.json", "report.md", "confusion_matrix.png")
+    out_dir = None if out_dir is None else output_folder(out_dir, "the evaluation", replaces=written)
     name = describe_model(model)
     cells = data if isinstance(data, CellSet) else read_cells(data, sources, splits)
     run = model if isinstance(model, (str, os.PathLike)) and Path(model).is_dir() else None

@@ -40,11 +40,13 @@ FIGURES = re.compile(r"(^confusion_matrix|^history|_gradcam_[a-z]+)\.png$")  # w
 PREDICTION_COLUMNS = {"path", "label", "probability", "ood_score", "flagged"}  # of every `wbcid predict` CSV
 
 
-def output_folder(path: str | os.PathLike, what: str, run: bool = False) -> Path:
+def output_folder(path: str | os.PathLike, what: str, run: bool = False, replaces: Sequence[str] = ()) -> Path:
     """``path`` as the folder a command writes ``what`` into, checked before any work: a file in
     the way would otherwise fail only at the end, losing the work. A run (``run=True``: training,
     adaptation) goes only into a new or empty folder; anything else never into a model's run
-    directory (an evaluation there replaced the training's own report.md)."""
+    directory (an evaluation there replaced the training's own report.md). ``replaces``: the files
+    ``what`` writes there, the first marking an earlier one, which is replaced; the others there
+    without it are someone else's (a lab's own report.md was replaced by an evaluation's), refused."""
     path = makeable(path)
     if path.exists() and not path.is_dir():
         raise WbcidError(f"{path} is a file; --out takes the folder to write {what} into")
@@ -56,6 +58,11 @@ def output_folder(path: str | os.PathLike, what: str, run: bool = False) -> Path
     if not run and (path / "model.pt").is_file():
         raise WbcidError(
             f"{path} is a model's run directory; write {what} into another folder (a subfolder of it will do)"
+        )
+    if replaces and not (path / replaces[0]).exists() and (found := [n for n in replaces if (path / n).exists()]):
+        raise WbcidError(
+            f"{path} holds {', '.join(found)}, which {what} would replace, and no {replaces[0]} of an earlier "
+            f"one: choose another --out"
         )
     return path
 

@@ -185,7 +185,7 @@ def count(
     from ..reports import write_count_report
 
     name = describe_model(model)
-    out_dir = output_folder(out_dir, "the count")
+    out_dir = output_folder(out_dir, "the count", replaces=(COUNT_LOG, "counts.json", "specimens.csv", "report.html"))
     if cell_diameter is not None and not (
         isinstance(cell_diameter, (int, float)) and math.isfinite(cell_diameter) and cell_diameter > 0
     ):

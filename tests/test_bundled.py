@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import subprocess
 import sys
@@ -347,6 +348,16 @@ def test_an_interrupted_prediction_resumes_without_redoing_what_it_finished(data
     with pytest.raises(SystemExit) as exited:
         main()
     assert exited.value.code == 130 and f"kept in {progress_log(out)}. Continue" in capsys.readouterr().err
+
+    def full(model, images, tta=None):  # the disk filled up: the error alone did not say what was kept
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(wbcid.inference, "predict_scores", full)
+    monkeypatch.setattr(sys, "argv", ["wbcid", "predict", *map(str, images), "--out", str(out), "--resume"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    said = capsys.readouterr().err
+    assert exited.value.code == 1 and "No space left on device; the images classified so far are kept in" in said
     progress_log(out).unlink()
     real_listing = wbcid.inference.list_images
     monkeypatch.setattr(wbcid.inference, "list_images", lambda paths: stopped_after(0)(None, None))

@@ -93,13 +93,20 @@ ProtocolTta = Annotated[bool, typer.Option(help="Average predictions over rotati
 
 
 @contextmanager
-def _interrupted(kept: str | Callable[[], str]) -> Iterator[None]:
-    """Ctrl-C in a long command: say what was kept (and how to continue), instead of a traceback."""
+def _interrupted(kept: str | Callable[[], str], resumable: bool = False) -> Iterator[None]:
+    """Ctrl-C in a long command: say what was kept (and how to continue), instead of a traceback; so
+    too, for a ``resumable`` one, where the file system stopped it (a full disk: the error alone did
+    not say that the work done was kept)."""
     try:
         yield
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; {kept if isinstance(kept, str) else kept()}.", err=True)
         raise typer.Exit(130) from None
+    except OSError as exc:
+        if not resumable:
+            raise
+        typer.echo(f"error: {exc}; {kept if isinstance(kept, str) else kept()}.", err=True)
+        raise typer.Exit(1) from None
 
 
 def _resumable(kept: str, log: Path | None = None):
@@ -111,7 +118,7 @@ def _resumable(kept: str, log: Path | None = None):
             return "nothing was finished yet"
         return f"{kept}. Continue with the same command plus --resume"
 
-    return _interrupted(said)
+    return _interrupted(said, resumable=True)
 
 
 def _version(value: bool) -> None:

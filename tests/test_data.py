@@ -279,6 +279,17 @@ def test_list_images_recurses_and_sorts(data_root):
     assert all(os.path.isfile(f) for f in files)
 
 
+def test_a_linked_folder_is_searched_once(data_root, tmp_path):
+    """A slide's folder linked into the lab's tree was skipped without a word (os.walk does not follow
+    links); followed now, a link back up the tree and a second link to one folder are searched once."""
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "slide1").symlink_to(data_root / "cells" / "cellavision" / "basophil", target_is_directory=True)
+    (tmp_path / "lab" / "again").symlink_to(data_root / "cells" / "cellavision" / "basophil", target_is_directory=True)
+    (tmp_path / "lab" / "loop").symlink_to(tmp_path / "lab", target_is_directory=True)
+    found = list_images([tmp_path / "lab"])
+    assert len(found) == 3 and {f.name for f in found} == {f.name for f in (tmp_path / "lab" / "slide1").iterdir()}
+
+
 def test_list_images_leaves_out_what_wbcid_wrote_inside_the_folder(data_root, tmp_path, caplog):
     """A count's annotated fields, a review's thumbnails and a run's plots are not new cells."""
     cells = sorted((data_root / "cells" / "cellavision" / "basophil").iterdir())

@@ -294,9 +294,14 @@ def _images_in(folder: Path, outputs: dict[Path, str], unread: Counter[str]) -> 
     were classified as cells (a count resumed into a folder inside its input counted its own output);
     so were an evaluation's confusion matrix and explain's Grad-CAM images (``FIGURES``), which no
     marker file stands beside. Images in formats it cannot read are counted in ``unread`` by suffix
-    (they were left out unsaid)."""
-    found = []
-    for root, folders, files in os.walk(folder):
+    (they were left out unsaid). Linked folders are searched (a slide's folder linked into a lab's
+    tree was skipped without a word), each real folder once (a link back up the tree, or two links)."""
+    found, seen = [], set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        if (real := os.path.realpath(root)) in seen:
+            folders.clear()
+            continue
+        seen.add(real)
         if what := next((what for marker, what in OUTPUT_MARKERS.items() if marker in files), None):
             outputs[Path(root)] = what
             folders.clear()

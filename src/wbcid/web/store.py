@@ -24,9 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from ..contract import flagged
 from ..data import CLASSES
+from ..decoding import map_ahead
 from ..errors import WbcidError
 from ..files import (
     COUNT_LOG,
@@ -312,10 +314,7 @@ class ReviewStore:
         """The cell's picture (cut from its field with some context), made once and cached."""
         path = self.folder / "thumbs" / f"{cell_id}.jpg"
         if not path.is_file():
-            cell = self.cell(cell_id)
-            patch = cell_image(cell)
-            patch.thumbnail((THUMB, THUMB))
-            _save_atomic(patch, path)
+            _cut_thumbnail(self.cell(cell_id), path)
         return path
 
     def field_view(self, cell_id: int) -> Path:
@@ -338,15 +337,22 @@ class ReviewStore:
         return {image for image in images if not os.path.isfile(image)}
 
     def make_thumbnails(self) -> int:
-        """Cut every thumbnail not yet cut (the server does this once at start) whose image is there;
-        returns how many."""
+        """Cut every thumbnail not yet cut (the server does this once at start, in threads: 4 ms a cell,
+        20 s for a count of 5,000) whose image is there; returns how many."""
         cells = self.cells()
         gone = self.missing(c["image"] for c in cells)
         cut = self.folder / "thumbs"
-        ids = [c["id"] for c in cells if c["image"] not in gone and not (cut / f"{c['id']}.jpg").is_file()]
-        for cell_id in ids:
-            self.thumbnail(cell_id)
-        return len(ids)
+        todo = [c for c in cells if c["image"] not in gone and not (cut / f"{c['id']}.jpg").is_file()]
+        work = map_ahead(lambda cell: _cut_thumbnail(cell, cut / f"{cell['id']}.jpg"), todo)
+        for _ in tqdm(work, total=len(todo), desc="cutting thumbnails", disable=None, leave=False):
+            pass
+        return len(todo)
+
+
+def _cut_thumbnail(cell: dict, path: Path) -> None:
+    patch = cell_image(cell)
+    patch.thumbnail((THUMB, THUMB))
+    _save_atomic(patch, path)
 
 
 def cell_image(cell: dict) -> Image.Image:

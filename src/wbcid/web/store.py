@@ -337,8 +337,8 @@ class ReviewStore:
         return {image for image in images if not os.path.isfile(image)}
 
     def make_thumbnails(self) -> int:
-        """Cut every thumbnail not yet cut (the server does this once at start, in threads: 4 ms a cell,
-        20 s for a count of 5,000) whose image is there; returns how many."""
+        """Cut every thumbnail not yet cut (the server does this once at start) whose image is there;
+        returns how many. In threads: 381 BCCD cells took 0.83 s, 1.58 s one at a time."""
         cells = self.cells()
         gone = self.missing(c["image"] for c in cells)
         cut = self.folder / "thumbs"

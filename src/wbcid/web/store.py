@@ -114,25 +114,7 @@ class ReviewStore:
         the folder the run's images were moved to (kept for the review: later starts need not repeat it).
         ``writing=False`` (an export) reads a review kept where this user cannot write (a read-only
         share, a colleague's run) from a snapshot of its database."""
-        run = Path(run)
-        if run.is_file() and run.name == "counts.json":  # the count's file named instead of its folder
-            run = run.parent
-        if run.is_dir() and (run / "counts.json").is_file():
-            result = json.loads((run / "counts.json").read_text())  # read once: rows and meta both come from it
-            folder, rows, meta = run, _count_rows(result), _count_meta(result)
-            made_in = result.get("counted_in")  # None for a count made before wbcid recorded it
-        elif run.is_file() and run.suffix.lower() not in IMAGE_SUFFIXES:  # `predict --out` takes any name
-            folder, (rows, meta) = prediction_review(run), _prediction_rows(run)
-            # not recorded in a CSV: taken to have run in the CSV's folder (as a manifest's paths are read)
-            made_in = {"cwd": os.path.abspath(run.parent), "folder": os.path.abspath(run)}
-        elif run.is_dir() and (run / COUNT_LOG).is_file():
-            raise WbcidError(f"{run}: the count did not finish; complete it with `wbcid count ... --resume` first")
-        else:
-            hint = "; to review cell images, classify them first: `wbcid predict --out cells.csv IMAGES`"
-            raise WbcidError(
-                f"{run}: expected the output of `wbcid count` (a folder with counts.json) "
-                f"or of `wbcid predict` (a .csv){hint * (run.suffix.lower() in IMAGE_SUFFIXES or run.is_dir())}"
-            )
+        run, folder, rows, meta, made_in = _read_run(Path(run))
         if not rows:
             raise WbcidError(f"{run}: no cells to review (no WBC was found or read)")
         if images is not None and not os.path.isdir(images):
@@ -386,6 +368,28 @@ def _totals(cells: list[dict], reference: dict) -> dict:
     for name, row in totals["classes"].items():
         row["flagged_closest"] = sum(c["model_label"] == name for c in flagged)
     return totals
+
+
+def _read_run(run: Path) -> tuple[Path, Path, list[tuple], dict, dict | None]:
+    """A count folder's or prediction CSV's cells as rows of the cells table: the run (a count's folder
+    where its counts.json was named), the review's folder, the rows, the meta, and where the run was
+    made (``counted_in``: None for a count made before wbcid recorded it)."""
+    if run.is_file() and run.name == "counts.json":  # the count's file named instead of its folder
+        run = run.parent
+    if run.is_dir() and (run / "counts.json").is_file():
+        result = json.loads((run / "counts.json").read_text())  # read once: rows and meta both come from it
+        return run, run, _count_rows(result), _count_meta(result), result.get("counted_in")
+    if run.is_file() and run.suffix.lower() not in IMAGE_SUFFIXES:  # `predict --out` takes any name
+        # not recorded in a CSV: taken to have run in the CSV's folder (as a manifest's paths are read)
+        made_in = {"cwd": os.path.abspath(run.parent), "folder": os.path.abspath(run)}
+        return run, prediction_review(run), *_prediction_rows(run), made_in
+    if run.is_dir() and (run / COUNT_LOG).is_file():
+        raise WbcidError(f"{run}: the count did not finish; complete it with `wbcid count ... --resume` first")
+    hint = "; to review cell images, classify them first: `wbcid predict --out cells.csv IMAGES`"
+    raise WbcidError(
+        f"{run}: expected the output of `wbcid count` (a folder with counts.json) "
+        f"or of `wbcid predict` (a .csv){hint * (run.suffix.lower() in IMAGE_SUFFIXES or run.is_dir())}"
+    )
 
 
 def _count_rows(result: dict) -> list[tuple]:

@@ -159,7 +159,7 @@ def check_classes(train: CellSet) -> None:
     counts = train.class_counts()
     empty = [name for name, n in counts.items() if n == 0]
     if empty:
-        data = train.origin if Path(train.origin).exists() else "DATA"  # not a set merged from several
+        data = train.origin if train.origin and Path(train.origin).exists() else "DATA"  # not merged from several
         raise WbcidError(
             f"{train.origin}: no training images of {', '.join(empty)} "
             f"(counts: {', '.join(f'{k} {v}' for k, v in counts.items())}); every class needs examples. To "

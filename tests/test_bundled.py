@@ -110,11 +110,12 @@ def test_a_cell_in_grey_dark_blank_or_of_several_pages_is_flagged_with_the_reaso
     }
     for name, image in odd.items():
         image.save(tmp_path / f"{name}.png")
-    files = [colour, *(tmp_path / f"{name}.png" for name in odd), tmp_path / "pages.tif"]
-    cell.save(files[-1], save_all=True, append_images=[cell.rotate(90), cell.rotate(180)])  # three cells, or a stack
+    files = [colour, *(tmp_path / f"{name}.png" for name in odd), tmp_path / "pages.tif", tmp_path / "camera.jpg"]
+    cell.save(files[-2], save_all=True, append_images=[cell.rotate(90), cell.rotate(180)])  # three cells, or a stack
+    cell.save(files[-1], format="MPO", save_all=True, append_images=[cell.reduce(4)])  # a camera's JPEG and preview
     table = predict(None, files)
-    assert table.error.tolist() == ["", PROBLEMS["grey"], PROBLEMS["dark"], PROBLEMS["blank"], PROBLEMS["pages"]]
-    assert table.flagged[1:].all() and "told apart by their stain colours" in PROBLEMS["grey"]
+    assert table.error.tolist() == ["", PROBLEMS["grey"], PROBLEMS["dark"], PROBLEMS["blank"], PROBLEMS["pages"], ""]
+    assert table.flagged[1:5].all() and "told apart by their stain colours" in PROBLEMS["grey"]
     assert (
         table.label[1] in CLASSES and table.label[4] == table.label[0]
     )  # still answered: the flag says why to check it

@@ -249,6 +249,9 @@ def test_blank_tiny_and_flat_fields_are_warnings_not_a_crash(data_root, tmp_path
     fields = [Image.open(real)] + [Image.open(real).rotate(angle) for angle in (90, 180)]
     fields[0].save(tmp_path / "stack.tif", save_all=True, append_images=fields[1:])  # a z-stack, or three fields
     odd["stack.tif"] = fields[0]
+    preview = fields[0].resize((160, 120))  # a camera's JPEG with its preview: Pillow reads 2 frames (MPO)
+    fields[0].save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[preview])
+    odd["camera.jpg"] = fields[0]
     result = count(None, [*(tmp_path / n for n in odd), real], tmp_path / "out")
     by_name = {Path(e["path"]).name: e for e in result["images"]}
     assert "too small" in " ".join(by_name["one.png"]["warnings"]) and "too small" in " ".join(
@@ -263,6 +266,7 @@ def test_blank_tiny_and_flat_fields_are_warnings_not_a_crash(data_root, tmp_path
         "the file holds 3 images (pages or frames): only the first is counted; save each field as an image of its own"
     ]
     assert by_name["stack.tif"]["detections"] == by_name[real.name]["detections"]  # its first page: that field
+    assert by_name["camera.jpg"]["warnings"] == [] and by_name["camera.jpg"]["detections"]  # one picture, counted
     assert by_name[real.name]["detections"] and (tmp_path / "out" / "counts.json").is_file()
 
 

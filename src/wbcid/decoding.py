@@ -60,6 +60,20 @@ def decode_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
     return _decode(path, prep)[0]
 
 
+def pictures(image: Image.Image) -> int:
+    """How many pictures a file holds: its frames (pages) of the first one's size. A camera's JPEG with
+    a preview (MPO: Pillow reads 2 frames) or a TIFF with a reduced-resolution page holds one (both were
+    said to hold several); a z-stack, or a TIFF of several cells or fields, several. Left at frame 0."""
+    if getattr(image, "n_frames", 1) == 1:
+        return 1
+    first, same = image.size, 0
+    for frame in range(image.n_frames):
+        image.seek(frame)
+        same += image.size == first
+    image.seek(0)
+    return same
+
+
 def blank_or_dark(image: Image.Image) -> str:
     """Whether an RGB picture shows nothing: "blank" (one flat colour), "dark" (no part of it lit) or "".
     Block means first: a camera's hot pixels are bright in a dark frame too, and the copy is 64 blocks
@@ -74,7 +88,7 @@ def _decode(path: str | os.PathLike, prep: Preprocess) -> tuple[np.ndarray, str]
     """:func:`decode_image` and what is wrong with the picture (a key of ``PROBLEMS``, or ""), from one
     opening of the file."""
     with Image.open(path) as img:
-        problem = "grey" if img.mode in GREY_MODES else "pages" if getattr(img, "n_frames", 1) > 1 else ""
+        problem = "grey" if img.mode in GREY_MODES else "pages" if pictures(img) > 1 else ""
         if not prep.crop:
             img.draft("RGB", (prep.size, prep.size))  # JPEG: decode at a reduced scale, several times faster
         image = upright_rgb(img)

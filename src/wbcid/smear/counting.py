@@ -24,7 +24,16 @@ from tqdm.auto import tqdm
 from ..contract import flagged
 from ..crop import unlit
 from ..data import CLASSES
-from ..decoding import GREY_MODES, GREY_REASON, PROBLEMS, UNREADABLE, blank_or_dark, map_ahead, unreadable_reason
+from ..decoding import (
+    GREY_MODES,
+    GREY_REASON,
+    PROBLEMS,
+    UNREADABLE,
+    blank_or_dark,
+    map_ahead,
+    pictures,
+    unreadable_reason,
+)
 from ..errors import WbcidError
 from ..files import (
     COUNT_LOG,
@@ -472,13 +481,13 @@ class Stored(NamedTuple):
     """How a field's file holds it: grey fields and files of several images get a warning."""
 
     mode: str
-    images: int  # a multi-page TIFF (a z-stack, several fields) or an animation: only the first is read
+    images: int  # :func:`pictures`: a z-stack, a TIFF of several fields: only the first is read
 
 
 def open_field(path: str | os.PathLike) -> tuple[Image.Image, Stored]:
     """A field as upright RGB, and how its file stored it."""
     with Image.open(path) as raw:
-        return upright_rgb(raw), Stored(raw.mode, getattr(raw, "n_frames", 1))
+        return upright_rgb(raw), Stored(raw.mode, pictures(raw))
 
 
 def _with_patches(flagged_cells: list[tuple[dict, CellCall]]) -> list[tuple[dict, CellCall, Image.Image]]:

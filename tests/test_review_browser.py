@@ -103,6 +103,8 @@ def test_keyboard_and_click_corrections_survive_a_reload(server, browser, tmp_pa
     # keyboard: the first cell is selected on load; "5" makes it a basophil
     said, cell = browser.find_element(By.ID, "selected").text, ReviewStore.open(run).cell(int(first))
     assert "not yet verified" in said and cell["flagged"] and f"flagged ({cell['why']})" in said  # why to look
+    tile = browser.find_element(By.CSS_SELECTOR, f'.tile[data-id="{first}"]')
+    assert tile.get_attribute("title") == f"flagged: {cell['why']}"  # on every flagged tile, as it is pointed at
     browser.find_element(By.TAG_NAME, "body").send_keys("5")
     WebDriverWait(browser, 10).until(lambda d: "saved cell " + first in d.find_element(By.ID, "status").text)
     # click: select the last tile, then click the "other" button

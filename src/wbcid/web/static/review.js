@@ -53,7 +53,7 @@ function caption(cell) {
 }
 
 function tile(cell, index) {
-  const node = el("div", {className: "tile", tabIndex: -1}, [
+  const node = el("div", {className: "tile", tabIndex: -1, title: cell.flagged && cell.why ? `flagged: ${cell.why}` : ""}, [
     el("img", {src: `/api/cells/${cell.id}/image`, loading: "lazy", alt: `cell ${cell.id}`}),
     el("div", {className: "caption", textContent: caption(cell)})]);
   node.dataset.id = cell.id;

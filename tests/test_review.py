@@ -262,6 +262,13 @@ def test_export_is_readable_training_data(run: Path, tmp_path: Path):
             read_cells(named)
     report = (out / "report.html").read_text()
     assert "3 cell(s) verified by a person" in report
+    # a label corrected by hand, moving the picture into another type's folder: it was dropped as missing
+    moved = out / "cells" / "eosinophil" / manifest.paths[0].name
+    (out / "cells" / "basophil").mkdir()
+    moved.rename(out / "cells" / "basophil" / moved.name)
+    again = read_cells(out)
+    assert [CLASSES[i] for i in again.labels] == ["basophil", "lymphocyte"] and not again.skipped
+    assert [c.group for c in again.cells] == pd.read_csv(out / "manifest.csv").group.tolist()  # each cell's field
 
 
 def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):

@@ -273,10 +273,13 @@ def read_cells(
     if path.name == "counts.json" and ((path.parent / COUNT_LOG).is_file() or review_export(path.parent)):
         path = path.parent  # a count's or an export's counts.json stands for its folder (as for `wbcid review`)
     refuse_count_folder(path, labelled=True)
+    export = path.is_dir() and review_export(path) and (path / "cells").is_dir()
     manifests = [path / name for name in MANIFESTS if (path / name).is_file()] if path.is_dir() else []
     if manifests:  # a data folder's manifest, or the one `wbcid review --export` writes beside its cells
         path = manifests[0]
-    if path.suffix.lower() in (".csv", ".tsv"):
+    if export:
+        cellset = _read_export(path.parent)
+    elif path.suffix.lower() in (".csv", ".tsv"):
         cellset = _read_manifest(path)
     elif path.suffix.lower() == ".json":
         cellset = _read_json_layout(path)
@@ -403,6 +406,24 @@ def _read_manifest(csv_path: Path) -> CellSet:
             f"CSV's folder, {csv_path.parent}), e.g. {csv_path.parent / first}"
         )
     return CellSet(_listed_once(cells, skipped), skipped, str(csv_path))
+
+
+def _read_export(folder: Path) -> CellSet:
+    """An export of a review (`wbcid review --export`): its ``cells/<type>/`` folders say each cell's type,
+    its manifest the field each was cut from (``group``) and their order. A technologist who corrects a
+    type by moving the picture into another type's folder (read by the manifest alone, the cell was
+    dropped as missing on disk), deletes a picture or adds one is taken at the folders' word."""
+    listed = read_table(folder / "manifest.csv", dtype=str)
+    rows = {Path(row.path).name: row for row in listed.itertuples(index=False)}  # by the cell's id: unique here
+    position = {name: i for i, name in enumerate(rows)}
+    found = _read_image_folder(folder / "cells")
+    cells = []
+    for cell in sorted(found.cells, key=lambda c: position.get(c.path.name, len(position))):
+        row = rows.get(cell.path.name)  # None: added by hand, of the review's lab, its field unknown
+        cells.append(replace(cell, source=row.source if row else "review", group=row.group if row else ""))
+    if moved := sum(c.label != parse_label(row.label) for c in cells if (row := rows.get(c.path.name))):
+        log.info("%s: %d cell(s) moved into another type's folder since the export, read as that type", folder, moved)
+    return CellSet(cells, found.skipped, str(folder))
 
 
 def _listed_once(cells: list[Cell], skipped: Counter) -> list[Cell]:

@@ -40,6 +40,12 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool =
             f"{out} is an earlier export, but also holds what an export does not write ({', '.join(other[:3])}"
             f"{', ...' if len(other) > 3 else ''}), which replacing it would delete; move that out{then}"
         )
+    if out.is_dir() and (edited := _edited_by_hand(out)):
+        raise WbcidError(
+            f"{out}: {edited} picture(s) moved, added or deleted in its cells/ since it was exported (read as "
+            f"their folders say), which exporting again would undo: make those corrections in the review, or move "
+            f"{out} aside{then}"
+        )
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     cells = store.cells()
@@ -135,6 +141,15 @@ def export_summary(out: str | os.PathLike, result: dict | None = None) -> str:
     if not exported and not unreadable:
         line += "; nothing for `wbcid adapt` to learn from yet: verify some cells of the five types and export again"
     return line
+
+
+def _edited_by_hand(out: Path) -> int:
+    """How many of an earlier export's pictures are not where its manifest lists them, or not listed:
+    a label corrected by moving a picture into another type's folder (:func:`wbcid.data.read_cells`
+    reads the folders), a picture deleted or added."""
+    listed = {Path(p).name: Path(p) for p in pd.read_csv(out / "manifest.csv", usecols=["path"]).path}
+    found = {p.name: p.relative_to(out) for p in (out / "cells").rglob("*") if p.is_file()}
+    return sum(listed.get(name) != found.get(name) for name in listed.keys() | found.keys())
 
 
 def _replaceable(out: Path) -> bool:

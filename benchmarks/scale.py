@@ -16,8 +16,8 @@ For every field of ``smears/txl_pbc`` (four labs at four magnifications, YOLO bo
   trained on (TXL-PBC's val and test splits, BCCD outside TXL's train split).
 
 * cameras with many more pixels per field: BCCD fields pasted n x n into one image
-  (n = 2, 3, 4, 6; at 6x6 the red cells are about as small against the field as a 5-megapixel
-  camera shows them through a 40x objective and a 0.5x adapter),
+  (n = 2, 3, 4, 6, 8, 12; at 6x6 the red cells are about as small against the field as a 5-megapixel
+  camera shows them through a 40x objective and a 0.5x adapter; 12x12 is a 44-megapixel image),
   20 such images per n; the run estimate from the coarsest copy alone (what ``wbcid count`` used
   before it confirmed it on finer copies) and as confirmed, granulometric and learned, against the
   tiles' annotated red cells.
@@ -38,10 +38,10 @@ from PIL import Image
 from wbcid.smear.counting import DEFAULT_CELL_DIAMETER, estimate_scale
 from wbcid.smear.detect import detect_cells, match_boxes
 from wbcid.smear.learned import find_objects
-from wbcid.smear.scale import SETTLED, rbc_diameter
+from wbcid.smear.scale import MERGED_ACROSS, SETTLED, rbc_diameter
 
 WITHIN = 0.15
-TILED = (2, 3, 4, 6)  # tiles per side
+TILED = (2, 3, 4, 6, 8, 12)  # tiles per side
 TILED_FIELDS = 20  # images per n: what a run's estimate samples
 
 
@@ -196,8 +196,10 @@ WBC box (also those cut by the border). The learned detector that `wbcid count` 
 
 BCCD fields pasted n x n into one image, {TILED_FIELDS} PNG images per row (at 6x6 the red cells are
 about as small against the field as a 5-megapixel camera shows them through a 40x objective and a
-0.5x adapter). The coarsest copy (128 pixels wide) blurs them into clumps; the run estimate now takes the coarsest copy that a twice finer one confirms within {SETTLED:.0%}
-(`wbcid/smear/scale.py`). Errors of the run estimate against the tiles' annotated red cells; the
+0.5x adapter; 12x12 is a 44-megapixel image). The coarsest copy (128 pixels wide) blurs them into clumps; the run estimate now takes the coarsest copy that a twice finer one confirms within {SETTLED:.0%}
+(`wbcid/smear/scale.py`), and a copy whose red cells its region would hold fewer than {MERGED_ACROSS:g} times across
+counts as merged, not measured (without that rule, one 12x12 image of BCCD's first 144 fields, by hand:
+red cells 5,479 px across, truth about 110; `wbcid count` found none of its WBCs). Errors of the run estimate against the tiles' annotated red cells; the
 learned detector refines the granulometric estimate as `wbcid count` does (it recovers from errors
 within its training jitter, +-40 %, not beyond).
 

@@ -15,6 +15,7 @@ from wbcid.smear.scale import (
     confirmed,
     measurable,
     rbc_diameter,
+    rbc_diameters,
     wbc_diameter,
     work_copy,
 )
@@ -73,6 +74,21 @@ def test_a_camera_with_many_more_pixels_per_field_is_measured_on_a_finer_copy(da
     assert estimate_scale(tiled)["rbc_diameter"] / alone == pytest.approx(1, abs=0.15)
 
 
+def test_red_cells_merged_into_blobs_on_the_whole_copies_send_the_measure_finer(data_root):
+    """12x12 BCCD fields at half size in one image: on both whole copies the red cells merged into blobs
+    nearly as large as the image (a red cell 'too large to hold 4 of in a finer crop'), so no finer copy
+    was measured; at full size (7680x5760) the WBCs came out 10,136 px across and none of 144 was found."""
+    fields = sorted((data_root / "smears" / "bccd" / "images").glob("*.jpg"))[:144]
+    mosaic = Image.new("RGB", (320 * 12, 240 * 12))
+    for k, field in enumerate(fields):
+        with Image.open(field) as image:
+            mosaic.paste(image.convert("RGB").reduce(2), (320 * (k % 12), 240 * (k // 12)))
+    ladder = rbc_diameters(mosaic)
+    assert ladder[:2] == [None, None] and len(ladder) > 2  # merged on both whole copies, measured finer
+    alone = estimate_scale(fields[:64])["rbc_diameter"] / 2
+    assert confirmed([ladder]) / alone == pytest.approx(1, abs=0.15)
+
+
 def test_finer_copies_end_at_the_fields_own_resolution(data_root):
     with Image.open(data_root / "smears" / "bccd" / "images" / "BloodImage_00000.jpg") as image:
         copies = [work_copy(image, level) for level in range(4)]
@@ -92,6 +108,7 @@ def test_the_coarsest_level_a_finer_one_confirms_is_kept():
     assert confirmed([[300, 140, 110, 108], [320, 150, 112]]) == 111  # 310, 145, 111, then 108 confirms
     assert confirmed([[300, 140], [320]]) == 140  # never confirmed: the finest measured
     assert confirmed([[None], []]) is None
+    assert confirmed([[None, None, 191, 112, 114]]) == 112  # merged on the whole copies: the finer ones count
 
 
 def test_a_photo_through_the_eyepiece_is_measured_inside_its_dark_ring(data_root, tmp_path):

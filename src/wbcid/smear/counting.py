@@ -334,7 +334,7 @@ def estimate_scale(
         return None if (image := opened(path)) is None else refine(image, diameter).rbc_diameter
 
     ladders = list(map_ahead(ladder, picked))
-    found = [ladder[0] for ladder in ladders if ladder and ladder[0] is not None]
+    found = [ladder for ladder in ladders if any(rbc is not None for rbc in ladder)]
     if not found:
         return {
             "cell_diameter": DEFAULT_CELL_DIAMETER,

@@ -50,6 +50,9 @@ WORK_SIDE = 128  # long side of the coarsest copy measured (8-13 ms per field he
 WORK_SHORT = 96  # ... and its short side at least: a stitched strip's red cells would shrink to specks
 SETTLED = 0.15  # a finer copy confirms the red cells' size within this: the bar docs/scale.md's fields meet
 MIN_ACROSS = 4  # red cells a measured region must be high: as many as the smallest fields here (BCCD, PBC: 4.4)
+# A copy whose red cells its region would hold fewer than 1.5 times across has merged them into blobs:
+# the fewest annotated red cells across a field here are 2.16 (TXL-PBC's raabin; BCCD 3.92, bcd 3.78, pbc 3.40)
+MERGED_ACROSS = 1.5
 MIN_RADIUS = 2  # work pixels; smaller objects are noise and specks
 DENSITY_SIGMA = 1  # work pixels of Gaussian smoothing of the optical density
 MIN_RED_SHARE = 0.02  # a field whose mask covers less than this has too few red cells to measure
@@ -84,11 +87,20 @@ def rbc_diameter(image: Image.Image, level: int = 0) -> float | None:
 
 def rbc_diameters(image: Image.Image) -> list[float | None]:
     """:func:`rbc_diameter` at each level, coarsest first, as far as they are :func:`measurable` (one
-    decoded field serves them all)."""
-    found = [rbc_diameter(image)]
-    while found[-1] is not None and measurable(image.size, len(found), found[-1]):
-        found.append(rbc_diameter(image, len(found)))
-    return found
+    decoded field serves them all). Red cells that a level's region would hold fewer than
+    ``MERGED_ACROSS`` times across are blobs merged in a copy too coarse: that level is ``None``, and
+    the next, finer one is measured whatever the estimate said (12x12 BCCD fields pasted into one
+    image measured 6,710 and 5,480 px on the two whole copies and went no finer: its 'WBCs' 10,136 px
+    across found none of its 144)."""
+    found: list[float | None] = []
+    while True:
+        level = len(found)
+        rbc = rbc_diameter(image, level)
+        left, top, right, bottom = region(image.size, level)
+        merged = rbc is not None and min(right - left, bottom - top) < MERGED_ACROSS * rbc
+        found.append(None if merged else rbc)
+        if rbc is None or not (finer(image.size, level + 1) if merged else measurable(image.size, level + 1, rbc)):
+            return found
 
 
 def confirmed(ladders: list[list[float | None]]) -> float | None:
@@ -98,6 +110,8 @@ def confirmed(ladders: list[list[float | None]]) -> float | None:
     rbc = None
     for level in range(max(map(len, ladders), default=0)):
         found = [ladder[level] for ladder in ladders if len(ladder) > level and ladder[level] is not None]
+        if rbc is None and not found:  # merged at this level in every field: a finer one measures
+            continue
         if not found or (rbc is not None and abs(np.median(found) / rbc - 1) < SETTLED):
             break
         rbc = float(np.median(found))
@@ -126,12 +140,17 @@ def region(size: tuple[int, int], level: int) -> tuple[int, int, int, int]:
 
 
 def measurable(size: tuple[int, int], level: int, rbc: float) -> bool:
-    """Whether ``level`` shows a field of this size finer than the level before, and from level 2 on
-    (a crop) in a region at least ``MIN_ACROSS`` red cells of ``rbc`` pixels high: fewer measure too
+    """Whether ``level`` shows a field of this size :func:`finer` than the level before, and from level
+    2 on (a crop) in a region at least ``MIN_ACROSS`` red cells of ``rbc`` pixels high: fewer measure too
     noisily to confirm anything."""
     left, top, right, bottom = region(size, level)
     enough = level <= 1 or min(right - left, bottom - top) >= MIN_ACROSS * rbc
-    return _coarsest(size) * 2 ** (level - 1) < 1 and enough
+    return finer(size, level) and enough
+
+
+def finer(size: tuple[int, int], level: int) -> bool:
+    """Whether ``level`` shows a field of this size finer than the level before (not past its own pixels)."""
+    return _coarsest(size) * 2 ** (level - 1) < 1
 
 
 def _coarsest(size: tuple[int, int]) -> float:

@@ -311,7 +311,8 @@ def test_a_count_resumed_after_more_fields_arrived_keeps_its_scale(data_root, tm
     sample spread over them (196.1 px, then 206.7 px here; in 30 BCCD fields and 40 more by hand, only
     the granulometry moved, and the refusal read 'WBCs 203.5 px, now WBCs 203.5 px'), and --resume was
     refused as 'made with other settings'; it keeps the scale it began with, and counts the new fields
-    at it. Fields of another scale (another microscope's, here the same at half size) are still refused."""
+    at it. Fields of another scale (another microscope's, here the same at half size) are still refused.
+    A count begun at a given --cell-diameter and resumed without it was refused too; it goes on at it."""
     import wbcid.smear.counting as counting
 
     fields = [data_root / "smears" / "bccd" / "images" / f"BloodImage_{i:05d}.jpg" for i in (0, 10, 34, 100)]
@@ -336,6 +337,12 @@ def test_a_count_resumed_after_more_fields_arrived_keeps_its_scale(data_root, tm
     resumed = counting.count(None, fields, tmp_path / "c", resume=True)
     assert resumed["specimens"]["all fields"]["scale"] == began["all fields"]
     assert len(resumed["images"]) == 4 and all(e["detections"] for e in resumed["images"])
+    monkeypatch.setattr(counting, "count_field", stopped)
+    with pytest.raises(KeyboardInterrupt):  # begun at a given diameter, resumed without the option
+        counting.count(None, fields[:1], tmp_path / "given", cell_diameter=260)
+    monkeypatch.setattr(counting, "count_field", real)
+    given = counting.count(None, fields[:1], tmp_path / "given", resume=True)["specimens"]["all fields"]["scale"]
+    assert (given["cell_diameter"], given["how"]) == (260, "given")  # 1.3x the measured: it was refused
 
 
 def test_a_count_written_inside_its_input_folder_does_not_count_itself(data_root, tmp_path, caplog):

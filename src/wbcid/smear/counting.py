@@ -379,14 +379,16 @@ def estimate_scale(
 def kept_scales(recorded: dict, measured: dict) -> dict:
     """The scales a resumed count goes on at: those it began with, where the fields measure within
     ``SETTLED`` of them again (fields saved since moved the sample's median, 196 to 207 px in four
-    BCCD fields, and the resume was refused as made with other settings); a scale further off is
-    another microscope's, and the measured one stands, so that the resume is refused."""
-    return {
-        specimen: recorded[specimen]
-        if specimen in recorded and abs(scale["cell_diameter"] / recorded[specimen]["cell_diameter"] - 1) <= SETTLED
-        else scale
-        for specimen, scale in measured.items()
-    }
+    BCCD fields, and the resume was refused as made with other settings), or that ``--cell-diameter``
+    gave (resumed without the option, the count was refused); a measured scale further off is another
+    microscope's, and the one measured now stands, so that the resume is refused."""
+
+    def kept(began: dict | None, now: dict) -> bool:
+        return began is not None and (
+            began["how"] == "given" or abs(now["cell_diameter"] / began["cell_diameter"] - 1) <= SETTLED
+        )
+
+    return {s: recorded[s] if kept(recorded.get(s), scale) else scale for s, scale in measured.items()}
 
 
 def given_scale(cell_diameter: float, measured: dict) -> dict:

@@ -268,6 +268,7 @@ def test_export_is_readable_training_data(run: Path, tmp_path: Path):
     moved.rename(out / "cells" / "basophil" / moved.name)
     again = read_cells(out)
     assert [CLASSES[i] for i in again.labels] == ["basophil", "lymphocyte"] and not again.skipped
+    assert read_cells(out / "manifest.csv").paths == again.paths  # its manifest named: the export is meant
     assert [c.group for c in again.cells] == pd.read_csv(out / "manifest.csv").group.tolist()  # each cell's field
     refused = client.post("/api/export")  # exporting again put it back where the review has it, unsaid
     assert refused.status_code == 409 and "1 picture(s) moved, added or deleted" in refused.json()["detail"]

@@ -270,8 +270,9 @@ def read_cells(
     path = Path(path)
     if not path.exists():
         raise WbcidError(f"data path does not exist: {path}")
-    if path.name == "counts.json" and ((path.parent / COUNT_LOG).is_file() or review_export(path.parent)):
-        path = path.parent  # a count's or an export's counts.json stands for its folder (as for `wbcid review`)
+    named = path.name in ("counts.json", "manifest.csv")  # a count's or an export's file: its folder is meant
+    if named and ((path.parent / COUNT_LOG).is_file() or review_export(path.parent)):
+        path = path.parent  # as for `wbcid review`; an export is read by its type folders (_read_export)
     refuse_count_folder(path, labelled=True)
     export = path.is_dir() and review_export(path) and (path / "cells").is_dir()
     manifests = [path / name for name in MANIFESTS if (path / name).is_file()] if path.is_dir() else []

@@ -96,8 +96,7 @@ def rbc_diameters(image: Image.Image) -> list[float | None]:
     while True:
         level = len(found)
         rbc = rbc_diameter(image, level)
-        left, top, right, bottom = region(image.size, level)
-        merged = rbc is not None and min(right - left, bottom - top) < MERGED_ACROSS * rbc
+        merged = rbc is not None and across(image.size, level, rbc) < MERGED_ACROSS
         found.append(None if merged else rbc)
         if rbc is None or not (finer(image.size, level + 1) if merged else measurable(image.size, level + 1, rbc)):
             return found
@@ -143,9 +142,13 @@ def measurable(size: tuple[int, int], level: int, rbc: float) -> bool:
     """Whether ``level`` shows a field of this size :func:`finer` than the level before, and from level
     2 on (a crop) in a region at least ``MIN_ACROSS`` red cells of ``rbc`` pixels high: fewer measure too
     noisily to confirm anything."""
+    return finer(size, level) and (level <= 1 or across(size, level, rbc) >= MIN_ACROSS)
+
+
+def across(size: tuple[int, int], level: int, rbc: float) -> float:
+    """How many red cells of ``rbc`` pixels the region measured at ``level`` holds across its short side."""
     left, top, right, bottom = region(size, level)
-    enough = level <= 1 or min(right - left, bottom - top) >= MIN_ACROSS * rbc
-    return finer(size, level) and enough
+    return min(right - left, bottom - top) / rbc
 
 
 def finer(size: tuple[int, int], level: int) -> bool:

@@ -483,6 +483,7 @@ def _prediction_rows(csv_path: Path) -> tuple[list[tuple], dict]:
     meta = {"kind": "predictions", "model": SEVERAL.join(models) or None}
     table = table[table["label"].isin(CLASSES)]  # unreadable images have no call to review
     flags = table["flagged"].astype(str).str.lower().isin(["true", "1"])
+    oods = [None if score == "" else float(score) for score in table["ood_score"]]
     return [
         (
             str(row.path),
@@ -490,12 +491,12 @@ def _prediction_rows(csv_path: Path) -> tuple[list[tuple], dict]:
             None,
             row.label,
             float(row.probability),
-            float(row.ood_score) if row.ood_score != "" else None,
+            ood,
             int(flag),
-            _why(flag, float(row.ood_score) if row.ood_score != "" else None, getattr(row, "error", "")),
+            _why(flag, ood, getattr(row, "error", "")),
             row.label,
         )
-        for row, flag in zip(table.itertuples(index=False), flags)
+        for row, flag, ood in zip(table.itertuples(index=False), flags, oods)
     ], meta
 
 

@@ -477,9 +477,10 @@ def _read_image_folder(root: Path) -> CellSet:
         images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
         if len(images) < len(files):
             skipped["not an image file (by extension)"] += len(files) - len(images)
-        if figures := [f for f in images if FIGURES.search(f.name)]:  # explain's Grad-CAM images written there
-            skipped["a figure wbcid drew (Grad-CAM, confusion matrix, history)"] += len(figures)
-            images = [f for f in images if f not in figures]
+        kept = [f for f in images if not FIGURES.search(f.name)]  # explain's Grad-CAM images written there
+        if figures := len(images) - len(kept):
+            skipped["a figure wbcid drew (Grad-CAM, confusion matrix, history)"] += figures
+        images = kept
         if not images and label is not None:
             log.warning("%s: class folder %r holds no images", root, folder.name)
         cells += [Cell(f, -1 if label is None else label, source=root.name, raw_label=folder.name) for f in images]

@@ -308,9 +308,11 @@ def _images_in(folder: Path, outputs: dict[Path, str], unread: Counter[str]) -> 
             continue
         folders[:] = [f for f in folders if not hidden(f)]
         suffixes = [(f, Path(f).suffix.lower()) for f in files if not hidden(f)]
-        if figures := sum(bool(FIGURES.search(f)) for f, _ in suffixes):
+        images = [f for f, suffix in suffixes if suffix in IMAGE_SUFFIXES]
+        kept = [f for f in images if not FIGURES.search(f)]
+        if figures := len(images) - len(kept):
             outputs[Path(root)] = f"{figures} figure(s) drawn by evaluate, train or explain"
-        found += [Path(root) / f for f, suffix in suffixes if suffix in IMAGE_SUFFIXES and not FIGURES.search(f)]
+        found += [Path(root) / f for f in kept]
         unread.update(suffix for _, suffix in suffixes if suffix in UNREAD_SUFFIXES)
     return sorted(f for f in found if f.is_file())
 

@@ -97,15 +97,16 @@ def _interrupted(kept: str | Callable[[], str], resumable: bool = False) -> Iter
     """Ctrl-C in a long command: say what was kept (and how to continue), instead of a traceback; so
     too, for a ``resumable`` one, where the file system stopped it (a full disk: the error alone did
     not say that the work done was kept)."""
+    said = (lambda: kept) if isinstance(kept, str) else kept
     try:
         yield
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted; {kept if isinstance(kept, str) else kept()}.", err=True)
+        typer.echo(f"\ninterrupted; {said()}.", err=True)
         raise typer.Exit(130) from None
     except OSError as exc:
         if not resumable:
             raise
-        typer.echo(f"error: {exc}; {kept if isinstance(kept, str) else kept()}.", err=True)
+        typer.echo(f"error: {exc}; {said()}.", err=True)
         raise typer.Exit(1) from None
 
 

@@ -456,6 +456,10 @@ def test_the_labs_loop_count_review_adapt_count(pbc_model: Path, data_root: Path
     again = count(run, fields, tmp_path / "again")
     assert again["tta"] is True and again["totals"]["detected"] == len(cells)  # same fields, same detector
     assert any("no verified monocyte, eosinophil, basophil" in note for note in again["warnings"])
+    second = ReviewStore.open(tmp_path / "again")  # the first round's cells are not asked again
+    assert {(c["image"], str(c["box"]), c["label"]) for c in second.cells() if c["reviewed"]} == {
+        (c["image"], str(c["box"]), verified[c["id"]]) for c in cells if c["id"] in verified
+    }
 
 
 @pytest.fixture(scope="module")

@@ -184,4 +184,7 @@ def earlier_rounds(
             start,
         )
         start = model
-    return start, CellSet.merged([earlier, cells])
+    merged = CellSet.merged([earlier, cells])
+    if again := len(earlier) + len(cells) - len(merged):  # a later review shows its earlier cells verified
+        log.info("%d of the verified cells are also among the earlier rounds' (the same pictures): learned once", again)
+    return start, merged

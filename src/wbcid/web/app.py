@@ -115,7 +115,11 @@ def create_app(
                 "classes": CLASSES,
                 "run": str(store.meta("run")),
                 "model": store.meta("model") or "not recorded",
-                "warnings": store.meta("warnings", []) + _missing_warning(store),  # a technologist reads the page
+                "warnings": [  # a technologist reads the page
+                    *store.meta("warnings", []),
+                    *filter(None, [store.meta("carried")]),
+                    *_missing_warning(store),
+                ],
                 "reviewer": reviewer,
             },
         )

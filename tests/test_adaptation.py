@@ -289,8 +289,10 @@ def test_bad_input_gets_a_clear_answer(pbc_model: Path, bccd, data_root: Path, t
     table.assign(split="test").to_csv(tmp_path / "tested.csv", index=False)
     with pytest.raises(WbcidError, match=r"all \d+ cells are in the test split, and test cells never train"):
         adapt(tmp_path / "tested.csv", tmp_path / "tested_run", pbc_model, TINY)
-    with pytest.raises(WbcidError, match="already exists"):
+    with pytest.raises(WbcidError, match=f"already holds an adapted model; .*: --model {run} --out ANOTHER"):
         adapt(tmp_path / "mixed.csv", run, pbc_model, TINY)
+    with pytest.raises(WbcidError, match="already exists"):
+        adapt(tmp_path / "mixed.csv", tmp_path, pbc_model, TINY)
     (tmp_path / "empty").mkdir()
     with pytest.raises(WbcidError, match="no labelled images"):
         adapt(tmp_path / "empty", tmp_path / "r2", pbc_model, TINY)

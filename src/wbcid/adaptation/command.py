@@ -53,6 +53,12 @@ def adapt(
     started = time.perf_counter()
     config = config or AdaptConfig()
     config = replace(config, precision=config.resolved_precision)
+    if (Path(out_dir) / ADAPTED_CELLS).is_file():  # the lab verified more cells and adapts "again" into it
+        raise WbcidError(
+            f"{out_dir} already holds an adapted model; to teach it more verified cells, name it as the base "
+            f"and write the new model elsewhere: --model {out_dir} --out ANOTHER (it learns the cells it "
+            "was adapted to and the new ones together)"
+        )
     out = output_folder(out_dir, "the adapted run", run=True)
     cells = _without_test(data if isinstance(data, CellSet) else read_all(data))  # fails before the model loads
     base = resolve_model(model, needs_torch="adaptation")

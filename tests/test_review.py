@@ -277,26 +277,29 @@ def test_export_is_readable_training_data(run: Path, tmp_path: Path):
 
 def test_a_second_count_of_the_same_fields_keeps_the_cells_verified_for_its_model(run: Path, tmp_path: Path):
     """The loop's second round (count the same fields with the adapted model, review) asked again for
-    every cell verified in the first. The cells the model learned (its labelled.csv, in an export) are
-    imported verified as they were: a picture moved to another type's folder by its new type, a cell
-    verified as not a WBC too, one deleted from the export asked again."""
+    every cell verified in the first. The cells of the exports the model learned from (its labelled.csv)
+    are imported verified as they were: one verified and exported again after the adaptation too, a
+    picture moved to another type's folder as that type, one verified as not a WBC, one deleted from
+    the export asked again."""
     fresh = Path(shutil.copytree(run, tmp_path / "fresh"))
     store = ReviewStore.open(run)
-    first = store.cells()[:4]
-    for cell, label in zip(first, ["lymphocyte", "other", "eosinophil", "neutrophil"]):
+    first = store.cells()[:5]
+    for cell, label in zip(first[:4], ["lymphocyte", "other", "eosinophil", "neutrophil"]):
         store.set_label(cell["id"], label, reviewer="first round")
     out = export_review(store, tmp_path / "verified")
-    (out / "cells" / "basophil").mkdir()
-    (out / "cells" / "eosinophil" / f"{first[2]['id']}.png").rename(
-        out / "cells" / "basophil" / f"{first[2]['id']}.png"
-    )
-    (out / "cells" / "neutrophil" / f"{first[3]['id']}.png").unlink()
     lab = tmp_path / "lab"  # what `wbcid adapt --data verified --out lab` records of its cells
     lab.mkdir()
     learned = read_cells(out)
     pd.DataFrame(
         {"path": [str(p.resolve()) for p in learned.paths], "label": [CLASSES[i] for i in learned.labels]}
     ).to_csv(lab / "labelled.csv", index=False)
+    store.set_label(first[4]["id"], "monocyte", reviewer="later")
+    export_review(store, out)
+    (out / "cells" / "basophil").mkdir()
+    (out / "cells" / "eosinophil" / f"{first[2]['id']}.png").rename(
+        out / "cells" / "basophil" / f"{first[2]['id']}.png"
+    )
+    (out / "cells" / "neutrophil" / f"{first[3]['id']}.png").unlink()
     counts = json.loads((fresh / "counts.json").read_text())
     counts["model"] = str(lab)
     entry = next(e for e in counts["images"] if e["path"].endswith(Path(first[0]["image"]).name))
@@ -305,15 +308,18 @@ def test_a_second_count_of_the_same_fields_keeps_the_cells_verified_for_its_mode
     (fresh / "counts.json").write_text(json.dumps(counts))
     client = TestClient(create_app(fresh))
     cells = client.get("/api/cells").json()["cells"]
-    verified = {(c["image"], c["label"], c["reviewer"]) for c in cells if c["reviewed"]}
-    expected = [(first[0], "lymphocyte"), (first[1], "other"), (first[2], "basophil")]
-    assert verified == {(c["image"], label, "first round") for c, label in expected}
+    expected = [
+        (first[0], "lymphocyte", "first round"),
+        (first[1], "other", "first round"),
+        (first[2], "basophil", "first round"),
+        (first[4], "monocyte", "later"),
+    ]
+    verified = {(c["id"], c["label"], c["reviewer"]) for c in cells if c["reviewed"]}
+    assert verified == {(c["id"], label, by) for c, label, by in expected}
     changes = client.get("/api/audit").json()["changes"]
-    assert sorted((c["cell_id"], c["new_label"], c["reviewer"]) for c in changes) == sorted(
-        (c["id"], label, "first round") for c, label in expected
-    )
-    assert "3 cell(s) verified in an earlier round" in client.get("/").text
-    assert client.get("/api/differential").json()["verified"] == 3
+    assert sorted((c["cell_id"], c["new_label"], c["reviewer"]) for c in changes) == sorted(verified)
+    assert "4 cell(s) verified in an earlier round" in client.get("/").text
+    assert client.get("/api/differential").json()["verified"] == 4
 
 
 def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):

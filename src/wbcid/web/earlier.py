@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..data import CLASSES
+from ..data import CLASSES, read_cells
+from ..errors import WbcidError
 from ..files import relocated, review_export
 from ..loading import ADAPTED_CELLS
 
@@ -44,27 +45,25 @@ def earlier_verdicts(model: str | None, counted_in: str | None = None) -> tuple[
     """The verdicts of the reviews whose exports taught ``model`` (as a run recorded it; a relative
     path is also read from ``counted_in``, the folder the run was made in), and those exports.
 
-    A cell's label is the one the model learned (an export's picture moved into another type's
-    folder by hand counts as that type); cells verified as not a WBC are carried too; a cell of the
-    five types whose picture is not among the model's cells (deleted from the export) is asked again.
+    Each export is read as it is now: a cell by the type folder its picture lies in (moved by hand
+    to another type's folder, it is that type), a cell verified as not a WBC too, one whose picture
+    was deleted from the export asked again; cells verified and exported again after the model was
+    adapted are carried as well.
     """
     run = _adapted_run(model, counted_in)
     if run is None:
         return [], []
-    learned = {}  # (export, cell id) -> label
-    for path, label in _learned_cells(run):
-        if len(path.parents) > 2 and review_export(path.parents[2]):
-            learned[(path.parents[2], path.stem)] = label
-    exports = sorted({export for export, _ in learned})
+    exports = sorted({p.parents[2] for p in _learned_cells(run) if len(p.parents) > 2 and review_export(p.parents[2])})
     verdicts = []
     for export in exports:
         try:
             cells = json.loads((export / "counts.json").read_text())["cells"]
-        except (OSError, ValueError, KeyError) as exc:
+            kept = {cell.path.stem: CLASSES[cell.label] for cell in read_cells(export).cells}
+        except (OSError, ValueError, KeyError, WbcidError) as exc:
             log.warning("%s: its verified cells cannot be read (%s); they are asked again", export, exc)
             continue
         for cell in cells:
-            label = learned.get((export, str(cell["id"])), None if cell["label"] in CLASSES else cell["label"])
+            label = kept.get(str(cell["id"]), None if cell["label"] in CLASSES else cell["label"])
             if cell["reviewed"] and label is not None:
                 box = tuple(cell["box"]) if cell["box"] else None
                 verdicts.append(
@@ -98,19 +97,15 @@ def _adapted_run(model: str | None, counted_in: str | None) -> Path | None:
     return None
 
 
-def _learned_cells(run: Path) -> list[tuple[Path, str]]:
+def _learned_cells(run: Path) -> list[Path]:
     """An adapted run's verified cells, found where they lay relative to the run if the lab's folder
     moved since (as :func:`wbcid.adaptation.earlier_rounds` finds them)."""
     try:
         then = json.loads((run / "config.json").read_text())["model"]["adaptation"]["folder"]
     except (OSError, ValueError, KeyError, TypeError):
         then = None
-    cells = []
-    for path, label in pd.read_csv(run / ADAPTED_CELLS, dtype=str).itertuples(index=False):
-        if then is not None and not os.path.exists(path):
-            path = relocated(path, then, str(run.resolve()))
-        cells.append((Path(path), label))
-    return cells
+    paths = pd.read_csv(run / ADAPTED_CELLS, dtype=str).path
+    return [Path(relocated(p, then, str(run.resolve())) if then and not os.path.exists(p) else p) for p in paths]
 
 
 def _iou(a: tuple | None, b: tuple | None) -> float:

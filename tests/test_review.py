@@ -78,7 +78,7 @@ def test_each_flagged_cell_says_why(run: Path, data_root: Path, tmp_path: Path):
     """The page showed 'flagged' without a reason: cut by the field's edge, unlike the model's cells,
     or (a prediction's) grey, dark, blank or of several pages, which the technologist decides differently."""
     from wbcid.decoding import PROBLEMS
-    from wbcid.web.store import CUT, UNLIKE
+    from wbcid.web.runs import CUT, UNLIKE
 
     detections = [d for e in json.loads((run / "counts.json").read_text())["images"] for d in e["detections"]]
     cells = TestClient(create_app(run)).get("/api/cells").json()["cells"]

@@ -345,6 +345,36 @@ def test_a_count_resumed_after_more_fields_arrived_keeps_its_scale(data_root, tm
     assert (given["cell_diameter"], given["how"]) == (260, "given")  # 1.3x the measured: it was refused
 
 
+def test_a_count_resumed_after_a_specimen_folder_arrived_counts_it_at_its_own_scale(data_root, tmp_path, monkeypatch):
+    """A slide's folder saved into the count's input folder while the count was stopped: --resume was
+    refused as 'made with other settings' (the new specimen's scale). The new slide is counted at its
+    own scale, the fields done are not counted again, and a later resume goes on at both scales."""
+    import wbcid.smear.counting as counting
+
+    bccd = data_root / "smears" / "bccd" / "images"
+    for slide, numbers in (("slides/slide1", (0, 10)), ("later/slide2", (34, 100))):
+        (tmp_path / slide).mkdir(parents=True)
+        for i in numbers:
+            (tmp_path / slide / f"BloodImage_{i:05d}.jpg").symlink_to(bccd / f"BloodImage_{i:05d}.jpg")
+    first = counting.count(None, tmp_path / "slides", tmp_path / "c")
+    (tmp_path / "later" / "slide2").rename(tmp_path / "slides" / "slide2")
+    real, counted = counting.count_field, []
+
+    def recorded(model, path, *args, **kwargs):
+        counted.append(path.name)
+        return real(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(counting, "count_field", recorded)
+    resumed = counting.count(None, tmp_path / "slides", tmp_path / "c", resume=True)
+    assert sorted(counted) == ["BloodImage_00034.jpg", "BloodImage_00100.jpg"]  # slide 1 was not counted again
+    assert resumed["specimens"]["slide1"]["scale"] == first["specimens"]["slide1"]["scale"]
+    assert resumed["specimens"]["slide2"]["fields"] == 2 and resumed["specimens"]["slide2"]["totals"]["detected"]
+    again = counting.count(None, tmp_path / "slides", tmp_path / "c", resume=True)
+    assert again["totals"] == resumed["totals"] and len(counted) == 2
+    began = json.loads((tmp_path / "c" / "fields.jsonl").read_text().splitlines()[0])["scales"]
+    assert began == {name: s["scale"] for name, s in resumed["specimens"].items()}
+
+
 def test_a_count_written_inside_its_input_folder_does_not_count_itself(data_root, tmp_path, caplog):
     """Its annotated fields and cut cells were taken as new fields: --resume found other settings."""
     from wbcid.smear.counting import count

@@ -203,17 +203,34 @@ def appending(log_path: Path, settings: dict) -> Iterator[TextIO]:
     beginning with ``settings`` where it is still empty (only there: a count stopped before its
     first field logged them again when resumed, and every later --resume failed on them)."""
     with log_path.open("a") as handle:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
-            except BlockingIOError:
-                raise WbcidError(
-                    f"another wbcid command is writing into {log_path} now: let it finish, or stop it, first"
-                ) from None
+        _alone(handle, log_path)
         if not log_path.stat().st_size:
             handle.write(json.dumps(settings) + "\n")
             handle.flush()
         yield handle
+
+
+def restate(log_path: Path, settings: dict) -> None:
+    """Replace the settings ``log_path`` (see :func:`finished_work`) begins with by ``settings``: a
+    resumed count whose inputs gained specimens records their scales, so a later resume goes on at
+    them. Atomic (a crash leaves the old log whole), and only while no other command writes into it."""
+    with log_path.open("a") as handle:
+        _alone(handle, log_path)
+        partial = log_path.with_name(log_path.name + ".partial")
+        partial.write_text(json.dumps(settings) + "\n" + log_path.read_text().split("\n", 1)[1])
+        os.replace(partial, log_path)
+
+
+def _alone(handle: TextIO, log_path: Path) -> None:
+    """Lock ``log_path``'s open ``handle`` for this command alone (released when it closes)."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise WbcidError(
+            f"another wbcid command is writing into {log_path} now: let it finish, or stop it, first"
+        ) from None
 
 
 def refuse_count_folder(path: Path, labelled: bool = False) -> None:

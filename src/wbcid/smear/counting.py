@@ -45,6 +45,7 @@ from ..files import (
     logged_settings,
     output_folder,
     refuse_reviewed,
+    restate,
     short_name,
 )
 from ..inference import predict_scores, resolve_tta, softmax
@@ -182,7 +183,8 @@ def count(
     An image that cannot be read, or holds no WBC, is reported as such; the others are counted.
     Each finished field is appended to ``fields.jsonl`` at once, so ``resume=True`` continues an
     interrupted count (same model and cell diameter) without redoing the fields already done, at
-    the scale it began with (:func:`kept_scales`) unless ``cell_diameter`` is given.
+    the scale it began with (:func:`kept_scales`) unless ``cell_diameter`` is given; a specimen
+    folder added meanwhile is counted at its own.
     ``cell_diameter`` (the WBC diameter in pixels) is measured from each specimen's red cells when
     not given (:func:`estimate_scale`); counts.json says which and how. A folder of folders is one
     specimen per subfolder (:mod:`wbcid.smear.specimens`): counts.json, ``specimens.csv`` and the
@@ -212,8 +214,9 @@ def count(
     refine = RED_CELL_BOXES.get(detector)
     measured = {specimen: estimate_scale(members, refine=refine) for specimen, members in groups.items()}
     scales = {s: m if cell_diameter is None else given_scale(cell_diameter, m) for s, m in measured.items()}
+    began = logged_settings(out_dir / COUNT_LOG).get("scales", {}) if resume else {}
     if resume and cell_diameter is None:
-        scales = kept_scales(logged_settings(out_dir / COUNT_LOG).get("scales", {}), scales)
+        scales = kept_scales(began, scales)
     for specimen, scale in scales.items():
         if "warning" in scale:
             notes.append(f"specimen {specimen}: {scale['warning']}" if len(scales) > 1 else scale["warning"])
@@ -226,7 +229,14 @@ def count(
     tta = resolve_tta(model, tta)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
     settings = {"model": name, "scales": scales, "detector": detector, "tta": tta}
-    done = _finished_fields(out_dir / COUNT_LOG, settings)
+    added = sorted(scales.keys() - began.keys()) if began and began.keys() < scales.keys() else []
+    compared = settings | {"scales": {s: scales[s] for s in began}} if added else settings  # the new ones: unlogged
+    done = _finished_fields(out_dir / COUNT_LOG, compared)
+    if added:  # specimen folders saved while the count was stopped: it was refused as "other settings"
+        restate(out_dir / COUNT_LOG, settings)
+        log.info(
+            "%d specimen(s) added since the count began (%s): counted at their own scale", len(added), ", ".join(added)
+        )
 
     def work(index: int) -> tuple[dict, bool]:
         """A field's entry, and whether it is new (not already in the log of a resumed count)."""

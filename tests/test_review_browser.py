@@ -186,6 +186,29 @@ def test_the_keys_walk_the_review_queue_or_the_types_and_the_view_is_kept(server
     WebDriverWait(browser, 10).until(lambda d: _tile_ids(d) == queue)
 
 
+def test_a_verified_cell_is_skipped_after_a_label_and_kept_by_enter(server, browser):
+    """A second round shows the first round's cells verified among the rest: after a label the next cell
+    was selected whatever it was, and Enter there replaced the person's label by the model's."""
+    url, run = server
+    store = ReviewStore.open(run)
+    queue = [str(c["id"]) for c in store.cells()]
+    earlier = store.cell(int(queue[1]))
+    kept = next(name for name in LABELS if name != earlier["model_label"])
+    store.set_label(earlier["id"], kept, reviewer="ana")  # verified in an earlier round
+    browser.get(url)
+    assert _selected(browser) == queue[0]
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("1")
+    WebDriverWait(browser, 10).until(lambda d: "saved cell " + queue[0] in d.find_element(By.ID, "status").text)
+    assert _selected(browser) == queue[2]  # ana's cell passed over
+    body.send_keys(Keys.ARROW_LEFT, Keys.ENTER)
+    WebDriverWait(browser, 10).until(lambda d: "left as it is" in d.find_element(By.ID, "status").text)
+    assert f"verified as {kept} by ana" in browser.find_element(By.ID, "status").text
+    assert _selected(browser) == queue[2]
+    after = ReviewStore.open(run).cell(earlier["id"])
+    assert (after["label"], after["reviewer"], after["version"]) == (kept, "ana", 1)
+
+
 @pytest.mark.parametrize("server", [BUNDLED_ONNX], indirect=True)
 def test_a_view_the_server_cannot_make_says_why(server, browser):
     """Grad-CAM needs the PyTorch model: with an ONNX ``--model`` the picture stayed blank, unexplained."""

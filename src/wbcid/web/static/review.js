@@ -109,8 +109,22 @@ async function setLabel(label) {
   const cell = cells[selected];
   if (await save(selected, () => api("PUT", `/api/cells/${cell.id}`, {label, version: cell.version}))) {
     undo.push({id: cell.id, label: cell.label, reviewed: cell.reviewed});
-    select(selected + 1);
+    select(nextToVerify(selected));
   }
+}
+
+// Enter: the model's label for a cell not yet verified. A verified one is left as it is: a second round
+// shows the first round's cells verified among the rest, and Enter replaced their labels by the model's.
+function confirm() {
+  const cell = cells[selected];
+  if (!cell.reviewed) return setLabel(cell.model_label);
+  status(`cell ${cell.id} is verified as ${cell.label} by ${cell.reviewer}: left as it is (1-5 or 0 change it)`);
+  select(nextToVerify(selected));
+}
+
+function nextToVerify(index) {  // the next cell not yet verified, in the order shown; else simply the next
+  const later = cells.findIndex((c, i) => i > index && !c.reviewed);
+  return later >= 0 ? later : index + 1;
 }
 
 async function undoLast() {
@@ -169,7 +183,7 @@ document.addEventListener("keydown", (event) => {
   const key = event.key;
   if (key >= "1" && key <= "5") setLabel(LABELS[Number(key) - 1]);
   else if (key === "0" || key === "x") setLabel("other");
-  else if (key === "Enter") setLabel(cells[selected].model_label);
+  else if (key === "Enter") confirm();
   else if (key === "ArrowRight" || key === "ArrowDown") select(selected + 1);
   else if (key === "ArrowLeft" || key === "ArrowUp") select(selected - 1);
   else if (key === "u") undoLast();
@@ -178,7 +192,7 @@ document.addEventListener("keydown", (event) => {
   event.preventDefault();
 });
 document.querySelectorAll("#buttons button[data-label]").forEach((b) => b.addEventListener("click", () => setLabel(b.dataset.label)));
-$("#confirm").addEventListener("click", () => setLabel(cells[selected].model_label));
+$("#confirm").addEventListener("click", confirm);
 $("#undo").addEventListener("click", undoLast);  // a tablet or phone has no "u" key
 $("#export").addEventListener("click", async () => {
   try {

@@ -275,12 +275,12 @@ def test_export_is_readable_training_data(run: Path, tmp_path: Path):
     assert (out / "cells" / "basophil" / moved.name).is_file()
 
 
-def test_a_second_count_of_the_same_fields_keeps_the_cells_verified_for_its_model(run: Path, tmp_path: Path):
+def test_a_second_count_of_the_same_fields_keeps_the_cells_verified_for_its_model(run: Path, tmp_path: Path, caplog):
     """The loop's second round (count the same fields with the adapted model, review) asked again for
     every cell verified in the first. The cells of the exports the model learned from (its labelled.csv)
     are imported verified as they were: one verified and exported again after the adaptation too, a
     picture moved to another type's folder as that type, one verified as not a WBC, one deleted from
-    the export asked again."""
+    the export asked again; an export or list damaged by hand, nothing carried and the review opens."""
     fresh = Path(shutil.copytree(run, tmp_path / "fresh"))
     store = ReviewStore.open(run)
     first = store.cells()[:5]
@@ -320,6 +320,14 @@ def test_a_second_count_of_the_same_fields_keeps_the_cells_verified_for_its_mode
     assert sorted((c["cell_id"], c["new_label"], c["reviewer"]) for c in changes) == sorted(verified)
     assert "4 cell(s) verified in an earlier round" in client.get("/").text
     assert client.get("/api/differential").json()["verified"] == 4
+    for damaged, text in ((out / "counts.json", "{"), (lab / "labelled.csv", "file,type\n")):  # edited by hand
+        damaged.write_text(text)
+        again = tmp_path / f"again-{damaged.name}"
+        again.mkdir()
+        (again / "counts.json").write_text(json.dumps(counts))
+        with caplog.at_level("WARNING", logger="wbcid"):
+            assert not any(c["reviewed"] for c in ReviewStore.open(again).cells())  # the review still opens
+        assert f"{damaged.parent}" in caplog.text and "asked again" in caplog.text
 
 
 def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):

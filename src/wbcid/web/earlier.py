@@ -57,19 +57,22 @@ def earlier_verdicts(model: str | None, counted_in: str | None = None) -> tuple[
     verdicts = []
     for export in exports:
         try:
-            cells = json.loads((export / "counts.json").read_text())["cells"]
-            kept = {cell.path.stem: CLASSES[cell.label] for cell in read_cells(export).cells}
-        except (OSError, ValueError, KeyError, WbcidError) as exc:
+            verdicts += _export_verdicts(export)
+        except (OSError, ValueError, KeyError, TypeError, WbcidError) as exc:  # an export damaged or edited by hand
             log.warning("%s: its verified cells cannot be read (%s); they are asked again", export, exc)
-            continue
-        for cell in cells:
-            label = kept.get(str(cell["id"]), None if cell["label"] in CLASSES else cell["label"])
-            if cell["reviewed"] and label is not None:
-                box = tuple(cell["box"]) if cell["box"] else None
-                verdicts.append(
-                    Verdict(os.path.realpath(cell["image"]), box, label, cell["reviewer"], cell["reviewed_at"])
-                )
     return verdicts, exports
+
+
+def _export_verdicts(export: Path) -> list[Verdict]:
+    """The verified cells of one export, as :func:`earlier_verdicts` reads them."""
+    kept = {cell.path.stem: CLASSES[cell.label] for cell in read_cells(export).cells}
+    verdicts = []
+    for cell in json.loads((export / "counts.json").read_text())["cells"]:
+        label = kept.get(str(cell["id"]), None if cell["label"] in CLASSES else cell["label"])
+        if cell["reviewed"] and label is not None:
+            box = tuple(cell["box"]) if cell["box"] else None
+            verdicts.append(Verdict(os.path.realpath(cell["image"]), box, label, cell["reviewer"], cell["reviewed_at"]))
+    return verdicts
 
 
 def matches(cells: Iterable[tuple[object, str, tuple | None]], verdicts: list[Verdict]) -> dict[object, Verdict]:
@@ -104,7 +107,13 @@ def _learned_cells(run: Path) -> list[Path]:
         then = json.loads((run / "config.json").read_text())["model"]["adaptation"]["folder"]
     except (OSError, ValueError, KeyError, TypeError):
         then = None
-    paths = pd.read_csv(run / ADAPTED_CELLS, dtype=str).path
+    try:
+        paths = pd.read_csv(run / ADAPTED_CELLS, dtype=str, usecols=["path"]).path.dropna()
+    except (OSError, ValueError) as exc:  # edited by hand: no earlier round to carry, but the review goes on
+        log.warning(
+            "%s: cannot be read (%s); cells verified in earlier rounds are asked again", run / ADAPTED_CELLS, exc
+        )
+        return []
     return [Path(relocated(p, then, str(run.resolve())) if then and not os.path.exists(p) else p) for p in paths]
 
 

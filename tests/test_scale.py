@@ -151,13 +151,15 @@ def test_fields_without_red_cells_fall_back_to_the_default_with_a_warning(data_r
 
 def test_a_cell_diameter_the_red_cells_contradict_is_warned_about(data_root, tmp_path):
     """--cell-diameter 12 (micrometres, a WBC's size in a textbook) found 15 'WBCs' in two BCCD fields, all
-    flagged, and nothing said the scale was wrong."""
+    flagged, and nothing said the scale was wrong; then the flags' warning sent the lab to adapt the model."""
     from wbcid.smear.counting import count
 
     fields = sorted((data_root / "smears" / "bccd" / "images").glob("*.jpg"))[:3]
     said = {d: count(None, fields, tmp_path / str(d), cell_diameter=d)["warnings"] for d in (12, 170, 260)}
     assert any("--cell-diameter 12 px, but the red cells of these fields put WBCs at about" in w for w in said[12])
     assert not any("--cell-diameter" in w for w in said[170] + said[260])  # within the detector's reach of ~200
+    unlike = [w for w in said[12] if "flagged as unlike the model's training cells" in w]  # not the lab's first
+    assert unlike and "but first count again without --cell-diameter" in unlike[0]
 
 
 def test_fields_of_several_magnifications_in_one_folder_are_named_in_a_warning(data_root, tmp_path):

@@ -268,6 +268,11 @@ def count(
             "warnings": [w for w in (cells_short(totals), unfamiliar_cells(members)) if w],
         }
     if note := unfamiliar_cells(images):  # on the report and the review page: the lab's next step
+        if any("measured" in scale for scale in scales.values()):  # given_scale's warning: cut at a wrong size
+            note += (
+                "; but first count again without --cell-diameter, which the red cells contradict (above): "
+                "cells found at a wrong size look unlike the model's too"
+            )
         log.warning(note)
         notes.append(note)
     result = {

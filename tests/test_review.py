@@ -201,6 +201,28 @@ def test_two_clients_correcting_at_once_lose_nothing(run: Path):
     assert len(ReviewStore.open(run).audit()) == len(ids)
 
 
+def test_two_reviews_started_at_once_import_the_cells_once(run: Path, monkeypatch):
+    """Two technologists starting `wbcid review` on a new count at the same moment: both found no cells
+    yet and both imported them, so the page showed every cell twice (156 of 78 BCCD cells, by hand).
+    Here the first import is held open until the second review has looked (2 s at most)."""
+    imported, real = threading.Event(), store_module._carry_earlier
+
+    def held(*args):
+        if not imported.is_set():
+            imported.set()
+            threading.Event().wait(2)
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "_carry_earlier", held)
+    first = threading.Thread(target=ReviewStore.open, args=(run,))
+    first.start()
+    assert imported.wait(30)
+    second = ReviewStore.open(run)
+    first.join()
+    detections = sum(len(e["detections"]) for e in json.loads((run / "counts.json").read_text())["images"])
+    assert len(second.cells()) == detections
+
+
 def test_a_correction_made_without_seeing_another_is_refused(run: Path):
     ana, ben = TestClient(create_app(run, reviewer="ana")), TestClient(create_app(run, reviewer="ben"))
     cell = ana.get("/api/cells").json()["cells"][0]

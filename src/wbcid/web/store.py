@@ -124,6 +124,7 @@ class ReviewStore:
         try:
             with store._connect() as db:
                 db.executescript(SCHEMA)
+                db.execute("BEGIN IMMEDIATE")  # two reviews started at once on a new run imported its cells twice
                 if "why" not in {column[1] for column in db.execute("PRAGMA table_info(cells)")}:  # begun before it
                     db.execute("ALTER TABLE cells ADD COLUMN why TEXT")
                 if db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 0:

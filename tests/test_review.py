@@ -352,6 +352,30 @@ def test_a_second_count_of_the_same_fields_keeps_the_cells_verified_for_its_mode
         assert f"{damaged.parent}" in caplog.text and "asked again" in caplog.text
 
 
+def test_two_exports_at_once_both_finish(run: Path):
+    """The page's Export button and `wbcid review --export` (or two technologists' buttons) at the same
+    moment deleted each other's half-written folder: FileNotFoundError, in each of 5 tries by hand."""
+    store = ReviewStore.open(run)
+    for cell in store.cells()[:3]:
+        store.set_label(cell["id"], "monocyte")
+    failed = []
+
+    def export() -> None:
+        try:
+            export_review(store, run / "verified", chosen=False)
+        except Exception as exc:  # any failure of either export is the defect
+            failed.append(exc)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=export) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failed and len(read_cells(run / "verified")) == 3
+    assert not (run / "verified.partial").exists()
+
+
 def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):
     """Exporting over the count itself (or any other folder) once deleted it, corrections and all."""
     store = ReviewStore.open(run)

@@ -221,6 +221,22 @@ def restate(log_path: Path, settings: dict) -> None:
         os.replace(partial, log_path)
 
 
+@contextmanager
+def one_at_a_time(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock, waiting for it: two writers replacing one output in it at once (two
+    exports of a review) deleted each other's half-written files. Made where it does not exist yet."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # Windows: not locked
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def _alone(handle: TextIO, log_path: Path) -> None:
     """Lock ``log_path``'s open ``handle`` for this command alone (released when it closes)."""
     if fcntl is None:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..data import CLASSES
 from ..errors import WbcidError
-from ..files import makeable, review_export
+from ..files import makeable, one_at_a_time, review_export
 from .store import AUDIT_COLUMNS, ReviewStore, cell_image
 
 EXPORT_ENTRIES = {"cells", "manifest.csv", "counts.json", "audit.csv", "report.html"}  # all an export writes
@@ -29,6 +29,11 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool =
     earlier export there is replaced; any other folder is refused, never deleted. ``chosen``: the
     user named ``out_dir`` (the page's button exports to a fixed folder, so another is no choice)."""
     out = makeable(out_dir)
+    with one_at_a_time(out.parent):  # the page's button and `wbcid review --export` at once: one failed, or both
+        return _export(store, out, chosen)
+
+
+def _export(store: ReviewStore, out: Path, chosen: bool) -> Path:
     then = " or choose another folder" if chosen else ", then export again"
     if not _replaceable(out):
         raise WbcidError(

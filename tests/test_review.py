@@ -381,8 +381,9 @@ def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):
     store = ReviewStore.open(run)
     store.set_label(store.cells()[0]["id"], "monocyte")
     before = sorted(p.name for p in run.iterdir())
-    with pytest.raises(WbcidError, match="not an earlier export"):
-        export_review(store, run)
+    for named in (run, run / "counts.json", run.parent):  # "move it aside": the count itself, or its file
+        with pytest.raises(WbcidError, match=f"is (a file|the run under review.*): export into .*{run / 'verified'}"):
+            export_review(store, named)
     assert sorted(p.name for p in run.iterdir()) == before and store.cells()  # nothing lost
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep")
@@ -623,6 +624,10 @@ def test_a_port_in_use_or_a_bad_address_is_refused_before_the_address_is_announc
         serve(run, port=99999)
     with pytest.raises(WbcidError, match="cannot serve on no-such-host.invalid: no such address"):
         serve(run, host="no-such-host.invalid")
+    with pytest.raises(WbcidError, match="cannot serve on 192.0.2.1 .*not an address of this machine"):
+        serve(run, host="192.0.2.1")  # another machine's (a documentation address): "pass another --port" misled
+    with pytest.raises(WbcidError, match="--model .*nowhere: no such run directory or model file"):
+        serve(run, model=run / "nowhere")  # the server started, and each Grad-CAM map failed on the page
 
 
 def test_gradcam_view_of_a_cell(run: Path):

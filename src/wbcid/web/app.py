@@ -23,6 +23,7 @@ other name is a 400 (:func:`local_names_only`).
 
 from __future__ import annotations
 
+import errno
 import getpass
 import hashlib
 import ipaddress
@@ -266,6 +267,8 @@ def serve(
     if port is not None and not 0 <= port <= 65535:
         raise WbcidError(f"{port} is not a port: pass --port 0-65535 (0: any free port)")
     address = _resolve(host)  # a host that is not one fails before the thumbnails are cut
+    if model is not None and not Path(model).exists():  # its Grad-CAM maps failed one by one on the page
+        raise WbcidError(f"--model {model}: no such run directory or model file (the model for the Grad-CAM maps)")
     app = create_app(run, model, reviewer, images)
     store = app.state.store
     for warning in _missing_warning(store):
@@ -303,6 +306,11 @@ def _listen(host: str, address: str, port: int | None) -> socket.socket:
             return sock
         except OSError as exc:
             sock.close()
+            if exc.errno == errno.EADDRNOTAVAIL:  # the advice to pass another port sent the user the wrong way
+                raise WbcidError(
+                    f"cannot serve on {host} ({exc.strerror}): not an address of this machine; pass one of its "
+                    "own with --host (0.0.0.0: all of them), or leave --host out to serve on this machine alone"
+                ) from None
             reason = exc.strerror
     ports = f"{PORTS[0]}-{PORTS[-1]}" if port is None else port
     raise WbcidError(f"cannot serve on {host}:{ports} ({reason}): other reviews? pass another --port")

@@ -35,6 +35,9 @@ def export_review(store: ReviewStore, out_dir: str | os.PathLike, chosen: bool =
 
 def _export(store: ReviewStore, out: Path, chosen: bool) -> Path:
     then = " or choose another folder" if chosen else ", then export again"
+    if out.is_file() or out.resolve() in (store.folder.resolve(), *store.folder.resolve().parents):
+        what = "a file" if out.is_file() else "the run under review, or a folder holding it"  # "move it aside"
+        raise WbcidError(f"{out} is {what}: export into a folder of its own, e.g. {store.folder / 'verified'}")
     if not _replaceable(out):
         raise WbcidError(
             f"{out} exists and is not an earlier export of a review; move it aside{then} (a folder that is not an "

@@ -118,7 +118,8 @@ def _learned_cells(run: Path) -> list[Path]:
 
 
 def _iou(a: tuple | None, b: tuple | None) -> float:
-    """Intersection over union of two boxes (x0, y0, x1, y1); two cell images (no box) are one cell."""
+    """Intersection over union of two boxes (x0, y0, x1, y1); two cell images (no box) are one cell.
+    (torchvision's ``box_iou`` would cost the review's start PyTorch's import, about 2 s.)"""
     if a is None or b is None:
         return float(a is None and b is None)
     width = min(a[2], b[2]) - max(a[0], b[0])

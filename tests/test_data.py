@@ -336,6 +336,32 @@ def test_a_folder_of_unsorted_images_is_not_labelled_data_and_the_message_says_w
     (tmp_path / "._a.jpg").write_bytes(b"macOS metadata")
     with pytest.raises(WbcidError, match=r"its 3 image\(s\) lie in the folder itself.*class folders.*wbcid predict"):
         read_cells(tmp_path)
+    (tmp_path / "monocyte").mkdir()  # one type's folder named instead of the folder of type folders
+    for cell in sorted((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))[:2]:
+        (tmp_path / "monocyte" / cell.name).symlink_to(cell)
+    with pytest.raises(
+        WbcidError, match=f"its name says their type \\(monocyte\\): pass the folder that holds it, {tmp_path}$"
+    ):
+        read_cells(tmp_path / "monocyte")
+
+
+def test_a_reviews_files_named_as_data_lead_to_its_export(data_root, tmp_path):
+    """A prediction's review folder or database named as verified cells said "no labelled images found"
+    or "expected a manifest .csv, ..."; an export's audit.csv was read as a manifest without labels."""
+    from wbcid.inference import predict
+    from wbcid.web import ReviewStore, export_review
+
+    cells = sorted((data_root / "cells" / "lisc" / "monocyte").glob("*.jpg"))[:2]
+    predict(None, cells, tmp_path / "p.csv")
+    store = ReviewStore.open(tmp_path / "p.csv")
+    store.set_label(store.cells()[0]["id"], "monocyte")
+    for named in (store.folder, store.path):
+        with pytest.raises(WbcidError, match=f"{store.folder} is a review's folder: .*export them"):
+            read_cells(named)
+    out = export_review(store, store.folder / "verified")
+    with pytest.raises(WbcidError, match=f"is a review's folder: .*pass {out}, its export"):
+        read_cells(store.path)
+    assert read_cells(out / "audit.csv").paths == read_cells(out).paths  # an export's file: the export
 
 
 def test_capitalised_headers_and_all_missing_paths(data_root, tmp_path):

@@ -34,6 +34,7 @@ from .files import (
     FIGURES,
     IMAGE_SUFFIXES,
     PREDICTION_COLUMNS,
+    REVIEW_DATABASE,
     hidden,
     input_paths,
     model_labelled,
@@ -270,10 +271,19 @@ def read_cells(
     path = Path(path)
     if not path.exists():
         raise WbcidError(f"data path does not exist: {path}")
-    named = path.name in ("counts.json", "manifest.csv")  # a count's or an export's file: its folder is meant
-    if named and ((path.parent / COUNT_LOG).is_file() or review_export(path.parent)):
-        path = path.parent  # as for `wbcid review`; an export is read by its type folders (_read_export)
+    if path.is_file() and any((path.parent / name).is_file() for name in (COUNT_LOG, REVIEW_DATABASE)):
+        path = path.parent  # a count's or a review's file (counts.json, review.sqlite): its folder is meant
+    if path.is_file() and review_export(path.parent):
+        path = path.parent  # an export's file (manifest.csv, audit.csv): read by its type folders (_read_export)
     refuse_count_folder(path, labelled=True)
+    if (path / REVIEW_DATABASE).is_file():  # a prediction's review (a count's folder is refused above)
+        exported = path / "verified"  # where the page's Export button writes
+        then = (
+            f"pass {exported}, its export"
+            if review_export(exported)
+            else "export them (`wbcid review RUN --export FOLDER`, or the page's Export button) and pass the export"
+        )
+        raise WbcidError(f"{path} is a review's folder: its verified cells are in its database; {then}")
     export = path.is_dir() and review_export(path) and (path / "cells").is_dir()
     manifests = [path / name for name in MANIFESTS if (path / name).is_file()] if path.is_dir() else []
     if manifests:  # a data folder's manifest, or the one `wbcid review --export` writes beside its cells
@@ -309,6 +319,8 @@ def read_cells(
             f"; its {loose} image(s) lie in the folder itself, with no type: put them in class folders "
             "(neutrophil/, ...), list them in a manifest CSV (path,label), or classify them with `wbcid predict`"
         )
+        if (named := parse_label(path.name)) is not None:  # one type's folder, named itself
+            hint = f"; its name says their type ({CLASSES[named]}): pass the folder that holds it, {path.parent}"
         raise WbcidError(f"{path}: no {wanted} found" + (f" (skipped: {why})" if why else "") + hint * bool(loose))
     cellset.report_skipped()
     return cellset

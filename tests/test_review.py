@@ -376,6 +376,18 @@ def test_two_exports_at_once_both_finish(run: Path):
     assert not (run / "verified.partial").exists()
 
 
+def test_a_count_or_its_export_named_as_the_model_names_the_model_that_made_it(run: Path, tmp_path: Path):
+    """`--model counts/slide1` said only "no model at counts/slide1/model.pt"."""
+    from wbcid.loading import resolve_model
+
+    store = ReviewStore.open(run)
+    store.set_label(store.cells()[0]["id"], "monocyte")
+    out = export_review(store, tmp_path / "verified")
+    for named, what in ((run, "a count's results"), (out, "a review's export")):
+        with pytest.raises(WbcidError, match=f"{named} holds {what}, not a model; .*made them, leave --model out"):
+            resolve_model(named)
+
+
 def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):
     """Exporting over the count itself (or any other folder) once deleted it, corrections and all."""
     store = ReviewStore.open(run)

@@ -16,6 +16,7 @@ and ``timm:<name>`` for any timm architecture.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import pickle
@@ -28,6 +29,7 @@ from torch import nn
 
 from .contract import CLASSES, Freeze, ModelConfig
 from .errors import WbcidError
+from .files import review_export
 from .ood import LayeredScore, MahalanobisScore, pooled, scorer_for
 
 log = logging.getLogger("wbcid")
@@ -307,6 +309,7 @@ def load_checkpoint(path: str | os.PathLike) -> WBCNet:
     :func:`wbcid.loading.resolve_model`, which also reads ONNX exports and the bundled model."""
     path = Path(path)
     if path.is_dir():
+        _refuse_results(path)
         path = path / "model.pt"
     if not path.is_file():
         raise WbcidError(f"no model at {path} (expected a run directory, a model .pt file or an ONNX export)")
@@ -323,6 +326,20 @@ def load_checkpoint(path: str | os.PathLike) -> WBCNet:
         if name in saved:
             setattr(model, name, {k: (m.float(), v.float()) for k, (m, v) in saved[name].items()})
     return model.eval()
+
+
+def _refuse_results(folder: Path) -> None:
+    """A count's folder or a review's export named as the model (its counts.json names the model that
+    made it): said "no model at .../model.pt" without the model to pass instead."""
+    from .loading import describe_model
+
+    try:
+        made_by = json.loads((folder / "counts.json").read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    then = "leave --model out" if made_by == describe_model(None) else f"pass --model {made_by}"
+    what = "a review's export" if review_export(folder) else "a count's results"
+    raise WbcidError(f"{folder} holds {what}, not a model; to use the model that made them, {then}")
 
 
 def _linear_head(num_features: int, dropout: float = 0.2) -> nn.Module:

@@ -146,6 +146,23 @@ def test_training_stops_before_starting_when_a_class_is_missing(pbc_small, tmp_p
     assert not (tmp_path / "run").exists()  # nothing left behind, not even an empty folder
 
 
+def test_too_few_validation_cells_for_the_flag_threshold_are_warned_about(pbc_small, tmp_path, caplog):
+    """Ten verified cells given to `wbcid train`: 9 trained from ImageNet, the best epoch and the flag
+    threshold chosen on 1, and nothing said so."""
+    table = pd.read_csv(pbc_small)
+    few = tmp_path / "few.csv"
+    table[
+        (table.split == "train") | table.index.isin(table[table.split == "val"].groupby("label").head(2).index)
+    ].to_csv(few, index=False)
+    quick = TrainConfig(model="seed-cnn", epochs=1, batch_size=16)
+    with caplog.at_level("WARNING", logger="wbcid"):
+        fit(pbc_small, tmp_path / "enough", quick)  # 30 validation cells
+        assert "validating on" not in caplog.text
+        fit(few, tmp_path / "few", quick)
+    assert "validating on 10 cell(s): the best epoch and the flag threshold (the 95 % quantile" in caplog.text
+    assert "needs at least 20" in caplog.text and "`wbcid adapt`" in caplog.text
+
+
 def test_split_without_split_column_is_stratified(data_root):
     cells = read_cells(data_root / "cells" / "lisc")
     train, val = split_train_val(cells, 0.15, seed=0)

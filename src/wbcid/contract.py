@@ -25,6 +25,7 @@ Freeze = str | int  # "none", "backbone", or the number of leading backbone laye
 
 
 QUANTILE = 0.95  # an OOD threshold is this quantile of the model's validation cells' scores (wbcid.ood)
+FEWEST_CALIBRATION = round(1 / (1 - QUANTILE))  # fewer validation cells: the quantile is their largest score
 
 
 def flagged(ood_score: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import train_augmentation
-from .contract import PRECISIONS, Freeze
+from .contract import FEWEST_CALIBRATION, PRECISIONS, QUANTILE, Freeze
 from .data import CLASSES, CellSet, read_cells, training_record
 from .decoding import load_images, try_decode
 from .errors import WbcidError
@@ -221,6 +221,15 @@ def fit(
         world,
         device,
     )
+    if len(val_set) < FEWEST_CALIBRATION:  # 10 verified cells trained from ImageNet validated on one, unsaid
+        log.warning(
+            "validating on %d cell(s): the best epoch and the flag threshold (the %d %% quantile of their OOD "
+            "scores, which needs at least %d) rest on too few; a lab's few verified cells are what `wbcid adapt` "
+            "learns from, starting from a model that knows WBCs",
+            len(val_set),
+            round(100 * QUANTILE),
+            FEWEST_CALIBRATION,
+        )
 
     model = model.to(device, memory_format=torch.channels_last)
     step_model = FrozenPrefix(model, config.precision)

@@ -35,6 +35,7 @@ from .files import (
     IMAGE_SUFFIXES,
     PREDICTION_COLUMNS,
     REVIEW_DATABASE,
+    first_file,
     hidden,
     input_paths,
     model_labelled,
@@ -519,7 +520,7 @@ def _read_json_layout(json_path: Path) -> CellSet:
         if str(raw).strip() == "-1":
             skipped["marked -1 (skip) in the JSON"] += 1
             continue
-        file = next((d / name for d in folders if (d / name).is_file()), None)
+        file = first_file(d / name for d in folders)
         if file is None:
             skipped["listed in the JSON but missing on disk"] += 1
             continue

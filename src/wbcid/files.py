@@ -12,10 +12,10 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import pandas as pd
 
@@ -27,6 +27,7 @@ except ImportError:  # Windows: logs are not locked
     fcntl = None
 
 log = logging.getLogger("wbcid")
+T = TypeVar("T")
 
 # what Pillow reads without plug-ins (its wheels bring JPEG 2000 and AVIF); .jfif is JPEG as Windows names it
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".jp2", ".j2k", ".avif"}
@@ -102,6 +103,12 @@ def relocated(path: str, then: str, now: str) -> str:
         return os.path.normpath(os.path.join(now, os.path.relpath(path, then)))
     except ValueError:  # Windows: another drive than the one the run was on
         return path
+
+
+def first_file(candidates: Iterable[T], default: T | None = None) -> T | None:
+    """The first of ``candidates`` that is a file, else ``default``: where a recorded path is looked for
+    (as recorded, then where it lies now that its run, or the images alone, moved)."""
+    return next((path for path in candidates if os.path.isfile(path)), default)
 
 
 def makeable(path: str | os.PathLike) -> Path:

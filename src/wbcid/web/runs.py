@@ -16,7 +16,15 @@ from pathlib import Path
 from ..contract import flagged
 from ..data import CLASSES
 from ..errors import WbcidError
-from ..files import COUNT_LOG, IMAGE_SUFFIXES, PREDICTION_COLUMNS, prediction_review, read_table, relocated
+from ..files import (
+    COUNT_LOG,
+    IMAGE_SUFFIXES,
+    PREDICTION_COLUMNS,
+    first_file,
+    prediction_review,
+    read_table,
+    relocated,
+)
 from ..smear.differential import REFERENCE_RANGES
 
 CUT = "cut by the field's edge or the dark beyond it"  # a flagged cell's reasons (``why``), joined by "and"
@@ -92,7 +100,7 @@ def located(
             candidates.append(relocated(os.path.join(made_in["cwd"], image), made_in["folder"], os.path.abspath(run)))
         if images is not None:
             candidates.append(relocated(os.path.abspath(image), root, os.path.abspath(images)))
-        return next((path for path in candidates if os.path.isfile(path)), candidates[0])
+        return first_file(candidates, candidates[0])
 
     found = {image: where(image) for image in {row[0] for row in rows}}
     missing = sorted(image for image, path in found.items() if not os.path.isfile(path))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..data import CLASSES
 from ..decoding import map_ahead
 from ..errors import WbcidError
-from ..files import REVIEW_DATABASE, relocated, unwritable
+from ..files import REVIEW_DATABASE, first_file, relocated, unwritable
 from ..loading import describe_model
 from ..smear.counting import CONTEXT, open_field
 from ..smear.differential import REFERENCE_RANGES, differential
@@ -256,7 +256,7 @@ class ReviewStore:
             candidates.append(relocated(image, self.began_in, self.here))
         if self.images_from is not None:
             candidates.append(relocated(image, *self.images_from))
-        return next((path for path in candidates if os.path.isfile(path)), image)
+        return first_file(candidates, image)
 
     def _images_moved_to(self, folder: str | os.PathLike) -> None:
         """Look for the run's images under ``folder`` (``wbcid review --images``), laid out below it as

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..data import CLASSES, read_cells
 from ..errors import WbcidError
-from ..files import relocated, review_export
+from ..files import first_file, relocated, review_export
 from ..loading import ADAPTED_CELLS
 
 log = logging.getLogger("wbcid")
@@ -93,11 +93,8 @@ def _adapted_run(model: str | None, counted_in: str | None) -> Path | None:
     if not model:
         return None
     candidates = [Path(model)] + ([Path(counted_in) / model] if counted_in and not os.path.isabs(model) else [])
-    for path in candidates:
-        run = path if path.is_dir() else path.parent
-        if (run / ADAPTED_CELLS).is_file():
-            return run
-    return None
+    found = first_file((path if path.is_dir() else path.parent) / ADAPTED_CELLS for path in candidates)
+    return None if found is None else found.parent
 
 
 def _learned_cells(run: Path) -> list[Path]:

@@ -388,6 +388,24 @@ def test_a_count_or_its_export_named_as_the_model_names_the_model_that_made_it(r
             resolve_model(named)
 
 
+def test_an_export_kept_beside_a_slides_fields_is_not_read_as_fields(
+    run: Path, data_root: Path, tmp_path: Path, caplog
+):
+    """A lab keeping its export in the slide's folder: the next count of that folder counted its verified
+    cells as a specimen of fields (40 of them, by hand), and predict classified them with the fields."""
+    slide = tmp_path / "slide"
+    slide.mkdir()
+    for name in FIELDS[:2]:
+        (slide / name).symlink_to(data_root / "smears/bccd/images" / name)
+    store = ReviewStore.open(run)
+    for cell in store.cells()[:3]:
+        store.set_label(cell["id"], "neutrophil")
+    export_review(store, slide / "verified")
+    assert list_images(slide) == sorted(slide / name for name in FIELDS[:2])
+    assert "slide/verified (a review's export)" in caplog.text
+    assert len(list_images(slide / "verified")) == 3  # named itself: its cells are meant
+
+
 def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):
     """Exporting over the count itself (or any other folder) once deleted it, corrections and all."""
     store = ReviewStore.open(run)

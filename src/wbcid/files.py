@@ -37,6 +37,7 @@ UNREAD_ADVICE = "save them as JPEG, PNG or TIFF (a whole-slide scan: cut it into
 COUNT_LOG = "fields.jsonl"  # a count's log of finished fields (for --resume): it marks a `wbcid count` folder
 REVIEW_DATABASE = "review.sqlite"  # a review's corrections: marks its folder (and a count folder under review)
 OUTPUT_MARKERS = {COUNT_LOG: "a count", REVIEW_DATABASE: "a review", "model.pt": "a model's run"}
+EXPORT_FILES = {"manifest.csv", "counts.json"}  # only a review's export holds both (review_export)
 FIGURES = re.compile(r"(^confusion_matrix|^history|_gradcam_[a-z]+)\.png$")  # what evaluate, train, explain draw
 PREDICTION_COLUMNS = {"path", "label", "probability", "ood_score", "flagged"}  # of every `wbcid predict` CSV
 
@@ -273,7 +274,7 @@ def refuse_count_folder(path: Path, labelled: bool = False) -> None:
 def review_export(folder: Path) -> bool:
     """Whether ``folder`` is an export of a review (`wbcid review --export`, the page's Export button):
     only an export holds a manifest.csv beside a counts.json."""
-    return (folder / "manifest.csv").is_file() and (folder / "counts.json").is_file()
+    return all((folder / name).is_file() for name in EXPORT_FILES)
 
 
 def model_labelled(output: Path, command: str, review: Path) -> WbcidError:
@@ -330,8 +331,9 @@ def list_images(paths: Inputs) -> list[Path]:
 
 def _images_in(folder: Path, outputs: dict[Path, str], unread: Counter[str]) -> list[Path]:
     """Image files under ``folder``, sorted, without the folders wbcid wrote (added to ``outputs``): a
-    count's annotated fields and cut cells, a review's thumbnails or a run's plots, searched as input,
-    were classified as cells (a count resumed into a folder inside its input counted its own output);
+    count's annotated fields and cut cells, a review's thumbnails, a review's export (its verified cells)
+    or a run's plots, searched as input, were classified as cells (an export beside a slide's fields was
+    counted as a specimen of 40 fields) (a count resumed into a folder inside its input counted its own output);
     so were an evaluation's confusion matrix and explain's Grad-CAM images (``FIGURES``), which no
     marker file stands beside. Images in formats it cannot read are counted in ``unread`` by suffix
     (they were left out unsaid). Linked folders are searched (a slide's folder linked into a lab's
@@ -342,7 +344,10 @@ def _images_in(folder: Path, outputs: dict[Path, str], unread: Counter[str]) -> 
             folders.clear()
             continue
         seen.add(real)
-        if what := next((what for marker, what in OUTPUT_MARKERS.items() if marker in files), None):
+        what = next((what for marker, what in OUTPUT_MARKERS.items() if marker in files), None)
+        if what is None and Path(root) != folder and EXPORT_FILES <= set(files):  # named itself, its cells are meant
+            what = "a review's export"
+        if what:
             outputs[Path(root)] = what
             folders.clear()
             continue

@@ -373,6 +373,9 @@ def test_a_count_resumed_after_a_specimen_folder_arrived_counts_it_at_its_own_sc
     assert again["totals"] == resumed["totals"] and len(counted) == 2
     began = json.loads((tmp_path / "c" / "fields.jsonl").read_text().splitlines()[0])["scales"]
     assert began == {name: s["scale"] for name, s in resumed["specimens"].items()}
+    (tmp_path / "slides" / "slide1").rename(tmp_path / "slide1")  # moved out: said "other settings", all scales
+    with pytest.raises(WbcidError, match=r"began with specimen\(s\) slide1, which these inputs do not hold"):
+        counting.count(None, tmp_path / "slides", tmp_path / "c", resume=True)
 
 
 def test_a_count_written_inside_its_input_folder_does_not_count_itself(data_root, tmp_path, caplog):

@@ -215,6 +215,12 @@ def count(
     measured = {specimen: estimate_scale(members, refine=refine) for specimen, members in groups.items()}
     scales = {s: m if cell_diameter is None else given_scale(cell_diameter, m) for s, m in measured.items()}
     began = logged_settings(out_dir / COUNT_LOG).get("scales", {}) if resume else {}
+    if gone := sorted(began.keys() - scales.keys()):  # was "made with other settings", every scale listed
+        raise WbcidError(
+            f"{out_dir} began with specimen(s) {', '.join(gone)}, which these inputs do not hold (a folder moved or "
+            "renamed, or the inputs given otherwise): give the same inputs to resume it, or count these into "
+            "another --out"
+        )
     if resume and cell_diameter is None:
         scales = kept_scales(began, scales)
     for specimen, scale in scales.items():
@@ -229,7 +235,7 @@ def count(
     tta = resolve_tta(model, tta)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
     settings = {"model": name, "scales": scales, "detector": detector, "tta": tta}
-    added = sorted(scales.keys() - began.keys()) if began and began.keys() < scales.keys() else []
+    added = sorted(scales.keys() - began.keys()) if began else []
     compared = settings | {"scales": {s: scales[s] for s in began}} if added else settings  # the new ones: unlogged
     done = _finished_fields(out_dir / COUNT_LOG, compared)
     if added:  # specimen folders saved while the count was stopped: it was refused as "other settings"

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from wbcid.data import CLASSES
 from wbcid.errors import WbcidError
+from wbcid.files import list_images
 from wbcid.smear.differential import REFERENCE_RANGES, differential, proportion_interval, read_reference
 from wbcid.smear.specimens import cells_short
 
@@ -376,6 +377,23 @@ def test_a_count_resumed_after_a_specimen_folder_arrived_counts_it_at_its_own_sc
     (tmp_path / "slides" / "slide1").rename(tmp_path / "slide1")  # moved out: said "other settings", all scales
     with pytest.raises(WbcidError, match=r"began with specimen\(s\) slide1, which these inputs do not hold"):
         counting.count(None, tmp_path / "slides", tmp_path / "c", resume=True)
+
+
+def test_a_field_given_twice_is_counted_once(data_root, tmp_path, caplog):
+    """A field named and also in a folder given (or named twice) was counted each time: its cells two or
+    three times in the differential (6 'fields' for 4, by hand)."""
+    from wbcid.smear.counting import count
+
+    (tmp_path / "slide").mkdir()
+    for i in (0, 10):
+        name = f"BloodImage_{i:05d}.jpg"
+        (tmp_path / "slide" / name).symlink_to(data_root / "smears" / "bccd" / "images" / name)
+    field = tmp_path / "slide" / "BloodImage_00010.jpg"
+    assert list_images([field, tmp_path / "slide", field]) == [field, tmp_path / "slide" / "BloodImage_00000.jpg"]
+    assert "2 image(s) given more than once" in caplog.text
+    once = count(None, tmp_path / "slide", tmp_path / "once")
+    twice = count(None, [field, tmp_path / "slide"], tmp_path / "twice")
+    assert len(twice["images"]) == 2 and twice["totals"]["detected"] == once["totals"]["detected"]
 
 
 def test_a_count_written_inside_its_input_folder_does_not_count_itself(data_root, tmp_path, caplog):

@@ -326,7 +326,13 @@ def list_images(paths: Inputs) -> list[Path]:
         raise WbcidError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}{also}")
     if unread:
         log.warning("left out images in formats wbcid does not read (%s): %s", formats, UNREAD_ADVICE)
-    return found
+    first: dict[str, Path] = {}
+    for path in found:
+        first.setdefault(os.path.realpath(path), path)
+    once = list(first.values())
+    if again := len(found) - len(once):  # a field named and in its folder too was counted twice in a differential
+        log.warning("%d image(s) given more than once (named, and in a folder given too?): each is read once", again)
+    return once
 
 
 def _images_in(folder: Path, outputs: dict[Path, str], unread: Counter[str]) -> list[Path]:

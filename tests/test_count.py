@@ -544,6 +544,30 @@ def test_a_folder_of_folders_is_counted_per_specimen(data_root, tmp_path):
     assert "specimen slide A: scale" in cli.stdout
 
 
+def test_several_folders_given_are_a_specimen_each(tmp_path):
+    """`wbcid count slide_A slide_B`, each folder holding its fields: one specimen, "all fields", one
+    differential of two patients' cells. Each is its own now; named by its path where two share a name."""
+    from wbcid.smear.specimens import RUN, group_fields
+
+    def fields(*folders: str) -> list[Path]:
+        made = []
+        for folder in folders:
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+            made.append(tmp_path / folder / "field.jpg")
+            made[-1].write_bytes(b"")
+        return made
+
+    a, b, c, d = fields("slide A", "slide B", "x/slide C", "y/slide C")
+    assert group_fields([a.parent, b.parent], [a, b]) == ({"slide A": [a], "slide B": [b]}, [])
+    assert group_fields([a.parent], [a]) == ({RUN: [a]}, [])  # one folder: one specimen, as before
+    assert group_fields([a, b], [a, b]) == ({RUN: [a, b]}, [])  # fields named one by one
+    assert group_fields([c.parent, d.parent], [c, d])[0] == {str(c.parent): [c], str(d.parent): [d]}
+    (nested,) = fields("lab/patient 1")
+    (tmp_path / "slide A" / "verified").mkdir()  # not a specimen folder without images: a flat folder's
+    groups, warnings = group_fields([tmp_path / "lab", a.parent], [nested, a])
+    assert groups == {"patient 1": [nested], "slide A": [a]} and not warnings
+
+
 def test_a_cell_cut_by_the_field_edge_is_flagged_not_counted(data_root, tmp_path):
     """Issue 12 (field edges): a WBC whose box touches the border is partly outside the image; so is
     one that the dark ring of a photo through the eyepiece cuts."""

@@ -2,7 +2,8 @@
 
 ``wbcid count`` on a folder of folders treats every subfolder as one specimen: its fields, at any
 depth below it, are counted together, its scale is measured from its own red cells, and it gets
-its own differential and a line in ``specimens.csv``. Without subfolders the whole run is one
+its own differential and a line in ``specimens.csv``; so does each of several folders given that
+holds its fields itself. One folder without subfolders (or fields named one by one) is one
 specimen. Images lying beside specimen folders are counted as one more specimen, with a warning.
 """
 
@@ -22,19 +23,24 @@ DIFFERENTIAL_CELLS = 100  # the usual manual differential
 
 
 def group_fields(paths: Sequence[str | os.PathLike], fields: Sequence[Path]) -> tuple[dict[str, list[Path]], list[str]]:
-    """``{specimen: fields}`` in input order, and warnings about how the inputs were grouped."""
+    """``{specimen: fields}`` in input order, and warnings about how the inputs were grouped. Several
+    folders given, each holding its fields itself, are a specimen each (two slides' folders were
+    counted as one specimen, "all fields": one differential of two patients' cells)."""
     folders = [Path(p) for p in paths if Path(p).is_dir()]
+    home = {field: next((f for f in folders if field.is_relative_to(f)), None) for field in fields}
+    parts = {field: field.relative_to(folder).parts if folder is not None else () for field, folder in home.items()}
+    nested = {home[field] for field in fields if len(parts[field]) > 1}  # folders of specimen folders
+    flat = [folder for folder in folders if folder not in nested] if len(folders) > 1 else []
+    named = {folder: folder.name if [f.name for f in flat].count(folder.name) == 1 else str(folder) for folder in flat}
     groups: dict[str | None, list[Path]] = {}
     for field in fields:
-        folder = next((f for f in folders if field.is_relative_to(f)), None)
-        parts = field.relative_to(folder).parts if folder is not None else ()
-        groups.setdefault(parts[0] if len(parts) > 1 else None, []).append(field)
+        groups.setdefault(parts[field][0] if len(parts[field]) > 1 else named.get(home[field]), []).append(field)
     loose = groups.pop(None, [])
     if not groups:
         return {RUN: loose}, []
     warnings = []
     empty = sorted(
-        {sub.name for folder in folders for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith(".")}
+        {sub.name for folder in nested for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith(".")}
         - groups.keys()
     )
     if empty:  # a slide whose images were not copied in yet, or not in a format read here

@@ -145,6 +145,9 @@ def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
     fields = [smears / f"BloodImage_{i:05d}.jpg" for i in (0, 10, 34, 100)]  # 6 WBCs
     fields[0] = Path(shutil.copy(fields[0], tmp_path / "field #1 50%?.jpg"))  # a name a URL must escape
     fields[1] = Path(shutil.copy(fields[1], tmp_path / f"{'é' * 125}.jpg"))  # 254 bytes: over 255 with a prefix
+    for i in (2, 3):  # all in one folder: one specimen (fields of several folders are a specimen each)
+        (tmp_path / fields[i].name).symlink_to(fields[i])
+        fields[i] = tmp_path / fields[i].name
     grey = tmp_path / "grey.png"
     Image.open(fields[0]).convert("L").save(grey)
     corrupt = tmp_path / "corrupt.jpg"
@@ -171,7 +174,7 @@ def test_count_command_on_real_smears_with_bad_inputs(data_root, tmp_path):
         assert d["label"] in CLASSES and 0 < d["confidence"] <= 1 and d["flagged"] == (d["ood_score"] > 1)
     for f in fields:
         assert (out / images[str(f)]["annotated"]).is_file()
-    assert list(counts["specimens"]) == ["all fields"]  # files given one by one: the run is one specimen
+    assert list(counts["specimens"]) == ["all fields"]  # files of one folder given one by one: one specimen
     scale = counts["specimens"]["all fields"]["scale"]
     assert scale["how"] == "from the red cells, boxed by the detector" and 100 < scale["cell_diameter"] < 320
     assert scale["fields_without_red_cells"] == 1  # the corrupt file; the grey copy still shows cells
@@ -546,7 +549,8 @@ def test_a_folder_of_folders_is_counted_per_specimen(data_root, tmp_path):
 
 def test_several_folders_given_are_a_specimen_each(tmp_path):
     """`wbcid count slide_A slide_B`, each folder holding its fields: one specimen, "all fields", one
-    differential of two patients' cells. Each is its own now; named by its path where two share a name."""
+    differential of two patients' cells; so were their fields named one by one. Each folder is its own
+    specimen now; named by its path where two share a name."""
     from wbcid.smear.specimens import RUN, group_fields
 
     def fields(*folders: str) -> list[Path]:
@@ -560,7 +564,8 @@ def test_several_folders_given_are_a_specimen_each(tmp_path):
     a, b, c, d = fields("slide A", "slide B", "x/slide C", "y/slide C")
     assert group_fields([a.parent, b.parent], [a, b]) == ({"slide A": [a], "slide B": [b]}, [])
     assert group_fields([a.parent], [a]) == ({RUN: [a]}, [])  # one folder: one specimen, as before
-    assert group_fields([a, b], [a, b]) == ({RUN: [a, b]}, [])  # fields named one by one
+    assert group_fields([a, b], [a, b]) == ({"slide A": [a], "slide B": [b]}, [])  # `slide*/*.jpg` in a shell
+    assert group_fields([a], [a]) == ({RUN: [a]}, [])  # fields of one folder named one by one
     assert group_fields([c.parent, d.parent], [c, d])[0] == {str(c.parent): [c], str(d.parent): [d]}
     (nested,) = fields("lab/patient 1")
     (tmp_path / "slide A" / "verified").mkdir()  # not a specimen folder without images: a flat folder's

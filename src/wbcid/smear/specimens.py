@@ -3,8 +3,9 @@
 ``wbcid count`` on a folder of folders treats every subfolder as one specimen: its fields, at any
 depth below it, are counted together, its scale is measured from its own red cells, and it gets
 its own differential and a line in ``specimens.csv``; so does each of several folders given that
-holds its fields itself. One folder without subfolders (or fields named one by one) is one
-specimen. Images lying beside specimen folders are counted as one more specimen, with a warning.
+holds its fields itself, and each folder of fields named one by one from several. One folder
+without subfolders (or fields of one folder) is one specimen. Images lying beside specimen folders
+are counted as one more specimen, with a warning.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ DIFFERENTIAL_CELLS = 100  # the usual manual differential
 
 def group_fields(paths: Sequence[str | os.PathLike], fields: Sequence[Path]) -> tuple[dict[str, list[Path]], list[str]]:
     """``{specimen: fields}`` in input order, and warnings about how the inputs were grouped. Several
-    folders given, each holding its fields itself, are a specimen each (two slides' folders were
-    counted as one specimen, "all fields": one differential of two patients' cells)."""
+    folders given, each holding its fields itself, are a specimen each, as are the folders of fields
+    named one by one from several (two slides' fields were counted as one specimen, "all fields": one
+    differential of two patients' cells)."""
     folders = [Path(p) for p in paths if Path(p).is_dir()]
+    if not folders:  # fields named one by one (a shell's `slide_A/*.jpg slide_B/*.jpg`): their folders
+        folders = list(dict.fromkeys(field.parent for field in fields))
     home = {field: next((f for f in folders if field.is_relative_to(f)), None) for field in fields}
     parts = {field: field.relative_to(folder).parts if folder is not None else () for field, folder in home.items()}
     nested = {home[field] for field in fields if len(parts[field]) > 1}  # folders of specimen folders

@@ -292,7 +292,8 @@ def count(
     tta: Tta = None,
     precision: ServePrecision = "auto",
 ) -> None:
-    """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals."""
+    """Find, classify and count the WBCs in smear fields: a differential with 95 % intervals, one per
+    specimen (each subfolder of a folder of slides, or each of several folders given)."""
     from .files import COUNT_LOG
     from .smear.counting import count as run_count
     from .smear.differential import read_reference

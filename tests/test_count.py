@@ -571,6 +571,11 @@ def test_several_folders_given_are_a_specimen_each(tmp_path):
     (tmp_path / "slide A" / "verified").mkdir()  # not a specimen folder without images: a flat folder's
     groups, warnings = group_fields([tmp_path / "lab", a.parent], [nested, a])
     assert groups == {"patient 1": [nested], "slide A": [a]} and not warnings
+    (same,) = fields("elsewhere/patient 1")  # a folder given named as a specimen folder of another: by its path
+    assert group_fields([tmp_path / "lab", same.parent], [nested, same])[0] == {
+        "patient 1": [nested],
+        str(same.parent): [same],
+    }
 
 
 def test_a_cell_cut_by_the_field_edge_is_flagged_not_counted(data_root, tmp_path):

@@ -35,7 +35,8 @@ def group_fields(paths: Sequence[str | os.PathLike], fields: Sequence[Path]) -> 
     parts = {field: field.relative_to(folder).parts if folder is not None else () for field, folder in home.items()}
     nested = {home[field] for field in fields if len(parts[field]) > 1}  # folders of specimen folders
     flat = [folder for folder in folders if folder not in nested] if len(folders) > 1 else []
-    named = {folder: folder.name if [f.name for f in flat].count(folder.name) == 1 else str(folder) for folder in flat}
+    taken = [f.name for f in flat] + list({parts[field][0] for field in fields if len(parts[field]) > 1})
+    named = {folder: folder.name if taken.count(folder.name) == 1 else str(folder) for folder in flat}  # else: path
     groups: dict[str | None, list[Path]] = {}
     for field in fields:
         groups.setdefault(parts[field][0] if len(parts[field]) > 1 else named.get(home[field]), []).append(field)

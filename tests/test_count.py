@@ -571,9 +571,14 @@ def test_several_folders_given_are_a_specimen_each(tmp_path):
     (tmp_path / "slide A" / "verified").mkdir()  # not a specimen folder without images: a flat folder's
     groups, warnings = group_fields([tmp_path / "lab", a.parent], [nested, a])
     assert groups == {"patient 1": [nested], "slide A": [a]} and not warnings
-    (same,) = fields("elsewhere/patient 1")  # a folder given named as a specimen folder of another: by its path
+    (twin,) = fields("lab 2/patient 1/day 1")  # two slide folders' specimens of one name: each by its path
+    assert group_fields([tmp_path / "lab", tmp_path / "lab 2"], [nested, twin])[0] == {
+        str(nested.parent): [nested],
+        str(tmp_path / "lab 2" / "patient 1"): [twin],
+    }
+    (same,) = fields("elsewhere/patient 1")  # a folder given named as a specimen folder of another: both by path
     assert group_fields([tmp_path / "lab", same.parent], [nested, same])[0] == {
-        "patient 1": [nested],
+        str(nested.parent): [nested],
         str(same.parent): [same],
     }
 

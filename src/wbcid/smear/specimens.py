@@ -35,18 +35,24 @@ def group_fields(paths: Sequence[str | os.PathLike], fields: Sequence[Path]) -> 
     parts = {field: field.relative_to(folder).parts if folder is not None else () for field, folder in home.items()}
     nested = {home[field] for field in fields if len(parts[field]) > 1}  # folders of specimen folders
     flat = [folder for folder in folders if folder not in nested] if len(folders) > 1 else []
-    taken = [f.name for f in flat] + list({parts[field][0] for field in fields if len(parts[field]) > 1})
-    named = {folder: folder.name if taken.count(folder.name) == 1 else str(folder) for folder in flat}  # else: path
+    specimen = {  # each field's specimen folder; None: the run's only folder, or beside specimen folders
+        field: home[field] / parts[field][0] if len(parts[field]) > 1 else home[field] if home[field] in flat else None
+        for field in fields
+    }
+    found = [folder for folder in dict.fromkeys(specimen.values()) if folder is not None]
+    named = {f: f.name if [g.name for g in found].count(f.name) == 1 else str(f) for f in found}  # else: its path
     groups: dict[str | None, list[Path]] = {}
     for field in fields:
-        groups.setdefault(parts[field][0] if len(parts[field]) > 1 else named.get(home[field]), []).append(field)
+        groups.setdefault(named.get(specimen[field]), []).append(field)
     loose = groups.pop(None, [])
     if not groups:
         return {RUN: loose}, []
     warnings = []
     empty = sorted(
-        {sub.name for folder in nested for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith(".")}
-        - groups.keys()
+        sub.name
+        for folder in nested
+        for sub in folder.iterdir()
+        if sub.is_dir() and not sub.name.startswith(".") and sub not in named
     )
     if empty:  # a slide whose images were not copied in yet, or not in a format read here
         warnings.append(f"{len(empty)} specimen folder(s) hold no images and are not counted: {', '.join(empty)}")

@@ -17,6 +17,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime
@@ -402,7 +403,12 @@ def _carry_earlier(db: sqlite3.Connection, model: str | None, made_in: dict | No
 
 
 def _save_atomic(image: Image.Image, path: Path) -> None:
+    """Write ``path`` whole or not at all. The half-written file is this thread's own: two reviews of a
+    run started at once cut the same thumbnails, and one's rename took the other's file (FileNotFoundError)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.jpg")
-    image.convert("RGB").save(partial, quality=90)
-    os.replace(partial, path)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.partial.jpg")
+    try:
+        image.convert("RGB").save(partial, quality=90)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

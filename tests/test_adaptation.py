@@ -338,12 +338,25 @@ def test_an_interrupted_adaptation_leaves_nothing_to_load(pbc_model: Path, bccd,
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
+    real_save = adaptation.command.save_model
     monkeypatch.setattr(adaptation.command, "save_model", interrupt)
     with pytest.raises(KeyboardInterrupt):
         adapt(bccd[0], tmp_path / "run", pbc_model, TINY)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("run.partial*"))
     with pytest.raises(WbcidError):
         load_checkpoint(tmp_path / "run")
+
+    def another_adapt_finishes_first(model, path):  # two `wbcid adapt --out run` at once shared run.partial
+        real_save(model, path)
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "model.pt").write_bytes(b"the other adaptation's model")
+
+    monkeypatch.setattr(adaptation.command, "save_model", another_adapt_finishes_first)
+    with pytest.raises(WbcidError, match=r"run was filled while this adaptation ran .* kept in .*run\.partial-"):
+        adapt(bccd[0], tmp_path / "run", pbc_model, TINY)
+    (kept,) = tmp_path.glob("run.partial-*")
+    assert load_checkpoint(kept).config.adaptation and (kept / "config.json").is_file()  # whole, not lost
+    assert (tmp_path / "run" / "model.pt").read_bytes() == b"the other adaptation's model"
 
 
 @pytest.mark.slow

@@ -94,28 +94,37 @@ def adapt(
     adapted.config = replace(adapted.config, adaptation=adaptation)
     if warning := adapted.config.unverified_warning():
         log.warning(warning)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")  # its own: two adapts into one --out at once
     partial.mkdir(parents=True)
-    save_model(adapted, partial / "model.pt")
-    export_run(adapted, partial)  # what predict and count serve: 4x faster than PyTorch
-    pd.DataFrame(verified, columns=["path", "label"]).to_csv(partial / ADAPTED_CELLS, index=False)
-    record = {
-        "adapt": asdict(config),
-        "model": adapted.config.to_dict(),
-        "base_model": origin["base"],
-        "continued_from": None if start is model else str(model),
-        "earlier_cells": earlier,  # verified for the model's earlier rounds (earlier_rounds)
-        "verified_cells": cells.class_counts(),
-        "skipped": dict(cells.skipped),
-        "replay": replay_origin,
-        "unlabelled_cells": 0 if unlabelled_images is None else len(unlabelled_images),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    (partial / "config.json").write_text(json.dumps(record, indent=2, default=str))
-    if out.exists():
-        out.rmdir()
-    os.replace(partial, out)
+    try:
+        save_model(adapted, partial / "model.pt")
+        export_run(adapted, partial)  # what predict and count serve: 4x faster than PyTorch
+        pd.DataFrame(verified, columns=["path", "label"]).to_csv(partial / ADAPTED_CELLS, index=False)
+        record = {
+            "adapt": asdict(config),
+            "model": adapted.config.to_dict(),
+            "base_model": origin["base"],
+            "continued_from": None if start is model else str(model),
+            "earlier_cells": earlier,  # verified for the model's earlier rounds (earlier_rounds)
+            "verified_cells": cells.class_counts(),
+            "skipped": dict(cells.skipped),
+            "replay": replay_origin,
+            "unlabelled_cells": 0 if unlabelled_images is None else len(unlabelled_images),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (partial / "config.json").write_text(json.dumps(record, indent=2, default=str))
+    except BaseException:  # interrupted or failed: a half-written model is never left to load
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    try:
+        if out.exists():
+            out.rmdir()
+        os.replace(partial, out)
+    except OSError as exc:  # filled meanwhile: the model is whole, and kept
+        raise WbcidError(
+            f"{out} was filled while this adaptation ran (another `wbcid adapt` into it?); this adapted model is "
+            f"kept in {partial}: move it where you want it"
+        ) from exc
     return out
 
 

@@ -488,7 +488,7 @@ def test_merged_cell_sets_keep_one_entry_per_image_with_its_latest_label(tmp_pat
     again = CellSet([Cell(tmp_path / "x" / ".." / "b.png", 3), Cell(tmp_path / "c.png", 4)], Counter(), "two")
     merged = CellSet.merged([first, again])
     assert [(c.path.name, c.label) for c in merged.cells] == [("a.png", 0), ("b.png", 3), ("c.png", 4)]
-    assert merged.skipped == Counter({"unreadable": 1, "listed again (its last label kept)": 1})
+    assert merged.skipped == Counter({"unreadable": 1, "listed again (its latest label kept)": 1})
     assert merged.origin == "one + two"
     twin = tmp_path / "export2" / "12.png"  # the same cell in a second export of the review
     twin.parent.mkdir()

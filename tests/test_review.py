@@ -429,6 +429,28 @@ def test_an_export_kept_beside_a_slides_fields_is_not_read_as_fields(
     assert len(list_images(slide / "verified")) == 3  # named itself: its cells are meant
 
 
+def test_two_exports_of_a_cell_relabelled_in_the_second_round_keep_its_new_label_in_either_order(
+    run: Path, tmp_path: Path
+):
+    """A second round's review shows the first round's cells verified (their pictures the same bytes in
+    both exports); a cell relabelled there kept its first-round label when the exports were named with
+    the second first (`adapt --data round2 round1`): the merge kept the last listed."""
+    from wbcid.data import read_all
+
+    store = ReviewStore.open(run)
+    cells = store.cells()[:2]
+    store.set_label(cells[0]["id"], "neutrophil")
+    store.set_label(cells[1]["id"], "eosinophil")
+    first = export_review(store, tmp_path / "round1")
+    manifest = pd.read_csv(first / "manifest.csv")
+    manifest.assign(reviewed_at="2026-01-05T09:00:00+00:00").to_csv(first / "manifest.csv", index=False)  # a day before
+    store.set_label(cells[0]["id"], "monocyte")  # the second round's correction
+    second = export_review(store, tmp_path / "round2")
+    for order in ([first, second], [second, first]):
+        merged = read_all(order)
+        assert sorted(CLASSES[c.label] for c in merged.cells) == ["eosinophil", "monocyte"], order
+
+
 def test_an_export_replaces_only_an_earlier_export(run: Path, tmp_path: Path):
     """Exporting over the count itself (or any other folder) once deleted it, corrections and all."""
     store = ReviewStore.open(run)

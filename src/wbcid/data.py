@@ -157,6 +157,7 @@ class Cell:
     split: str = ""
     group: str = ""
     raw_label: str = ""
+    verified_at: str = ""  # when a person verified it (a review's export says; ISO 8601, UTC), else ""
 
 
 @dataclass
@@ -193,14 +194,21 @@ class CellSet:
 
     @classmethod
     def merged(cls, sets: Sequence[CellSet]) -> CellSet:
-        """One set of the cells of ``sets``, in order; an image listed twice keeps its last label (a
-        later verification of the same cell) and is counted in ``skipped``, whose counts add up. An
-        image is the same by its bytes, whatever its path: two exports of one review name each cell
-        twice, and a twin would weigh double and sit on both sides of adapt's cross-fitting."""
-        latest = {file_identity(c.path): c for s in sets for c in s.cells}
+        """One set of the cells of ``sets``, in order; an image listed twice keeps its latest label: the
+        one verified last where both say when (a review's exports: a second round's correction of a
+        cell the first verified, whichever export is named first), else the last listed; it is counted
+        in ``skipped``, whose counts add up. An image is the same by its bytes, whatever its path: two
+        exports of one review name each cell twice, and a twin would weigh double and sit on both
+        sides of adapt's cross-fitting."""
+        latest: dict[object, Cell] = {}
+        for cell in (c for s in sets for c in s.cells):
+            key = file_identity(cell.path)
+            before = latest.get(key)
+            if before is None or not (cell.verified_at and before.verified_at > cell.verified_at):
+                latest[key] = cell
         skipped = sum((s.skipped for s in sets), Counter())
         if repeated := sum(len(s) for s in sets) - len(latest):
-            skipped["listed again (its last label kept)"] += repeated
+            skipped["listed again (its latest label kept)"] += repeated
         return cls(list(latest.values()), skipped, " + ".join(s.origin for s in sets))
 
     def select(self, sources: str | Sequence[str] | None = None, splits: str | Sequence[str] | None = None) -> CellSet:
@@ -434,7 +442,15 @@ def _read_export(folder: Path) -> CellSet:
     cells = []
     for cell in sorted(found.cells, key=lambda c: position.get(c.path.name, len(position))):
         row = rows.get(cell.path.name)  # None: added by hand, of the review's lab, its field unknown
-        cells.append(replace(cell, source=row.source if row else "review", group=row.group if row else ""))
+        known = row is not None and isinstance(getattr(row, "reviewed_at", None), str)
+        cells.append(
+            replace(
+                cell,
+                source=row.source if row else "review",
+                group=row.group if row else "",
+                verified_at=row.reviewed_at if known else "",
+            )
+        )
     if moved := sum(c.label != parse_label(row.label) for c in cells if (row := rows.get(c.path.name))):
         log.info("%s: %d cell(s) moved into another type's folder since the export, read as that type", folder, moved)
     return CellSet(cells, found.skipped, str(folder))

@@ -219,15 +219,7 @@ class ReviewStore:
                     "look at it again"
                 )
             new_label, reviewed = (row["model_label"], 0) if label is None else (label, 1)
-            db.execute(
-                "UPDATE cells SET label = ?, reviewed = ?, reviewer = ?, reviewed_at = ? WHERE id = ?",
-                (new_label, reviewed, reviewer if reviewed else None, now if reviewed else None, cell_id),
-            )
-            db.execute(
-                "INSERT INTO audit (cell_id, old_label, old_reviewed, new_label, new_reviewed, reviewer, at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (cell_id, row["label"], row["reviewed"], new_label, reviewed, reviewer, now),
-            )
+            _change(db, cell_id, (row["label"], row["reviewed"]), new_label, reviewed, reviewer, now)
             return self._cell(db.execute(f"{SELECT_CELLS} WHERE id = ?", (cell_id,)).fetchone())
 
     def audit(self) -> list[dict]:
@@ -370,6 +362,28 @@ def _field(cell: dict) -> Image.Image:
         raise WbcidError(f"cannot read {cell['image']} ({exc}): moved or deleted? put it back to see the cell") from exc
 
 
+def _change(
+    db: sqlite3.Connection,
+    cell_id: int,
+    before: tuple[str, int],
+    label: str,
+    reviewed: int,
+    reviewer: str | None,
+    at: str,
+) -> None:
+    """Set a cell's label (``reviewed``: a person's, else back to the model's) and add its audit row
+    (``before``: the label and reviewed flag it had), in the caller's transaction."""
+    db.execute(
+        "UPDATE cells SET label = ?, reviewed = ?, reviewer = ?, reviewed_at = ? WHERE id = ?",
+        (label, reviewed, reviewer if reviewed else None, at if reviewed else None, cell_id),
+    )
+    db.execute(
+        "INSERT INTO audit (cell_id, old_label, old_reviewed, new_label, new_reviewed, reviewer, at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (cell_id, *before, label, reviewed, reviewer, at),
+    )
+
+
 def _carry_earlier(db: sqlite3.Connection, model: str | None, made_in: dict | None) -> str | None:
     """Import as verified the cells of a new run that were verified in the reviews whose exports taught
     its model (:mod:`wbcid.web.earlier`), each with its reviewer and time in the audit trail; returns
@@ -383,15 +397,8 @@ def _carry_earlier(db: sqlite3.Connection, model: str | None, made_in: dict | No
     )
     now = datetime.now(UTC).isoformat(timespec="seconds")
     for cell_id, verdict in found.items():
-        db.execute(
-            "UPDATE cells SET label = ?, reviewed = 1, reviewer = ?, reviewed_at = ? WHERE id = ?",
-            (verdict.label, verdict.reviewer, verdict.reviewed_at or now, cell_id),
-        )
-        db.execute(
-            "INSERT INTO audit (cell_id, old_label, old_reviewed, new_label, new_reviewed, reviewer, at) "
-            "VALUES (?, ?, 0, ?, 1, ?, ?)",
-            (cell_id, rows[cell_id]["model_label"], verdict.label, verdict.reviewer, verdict.reviewed_at or now),
-        )
+        before = (rows[cell_id]["model_label"], 0)
+        _change(db, cell_id, before, verdict.label, 1, verdict.reviewer, verdict.reviewed_at or now)
     if not found:
         return None
     note = (

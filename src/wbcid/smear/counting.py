@@ -211,16 +211,16 @@ def count(
     groups, notes = group_fields(paths, fields)
     for note in notes:
         log.warning(note)
-    refine = RED_CELL_BOXES.get(detector)
-    measured = {specimen: estimate_scale(members, refine=refine) for specimen, members in groups.items()}
-    scales = {s: m if cell_diameter is None else given_scale(cell_diameter, m) for s, m in measured.items()}
     began = logged_settings(out_dir / COUNT_LOG).get("scales", {}) if resume else {}
-    if gone := sorted(began.keys() - scales.keys()):  # was "made with other settings", every scale listed
+    if gone := sorted(began.keys() - groups.keys()):  # was "made with other settings", every scale listed
         raise WbcidError(
             f"{out_dir} began with specimen(s) {', '.join(gone)}, which these inputs do not hold (a folder moved or "
             "renamed, or the inputs given otherwise): give the same inputs to resume it, or count these into "
             "another --out"
         )
+    refine = RED_CELL_BOXES.get(detector)  # measured after the checks above: seconds to minutes
+    measured = {specimen: estimate_scale(members, refine=refine) for specimen, members in groups.items()}
+    scales = {s: m if cell_diameter is None else given_scale(cell_diameter, m) for s, m in measured.items()}
     if resume and cell_diameter is None:
         scales = kept_scales(began, scales)
     for specimen, scale in scales.items():

@@ -337,13 +337,14 @@ def list_images(paths: Inputs) -> list[Path]:
 
 def _images_in(folder: Path, outputs: dict[Path, str], unread: Counter[str]) -> list[Path]:
     """Image files under ``folder``, sorted, without the folders wbcid wrote (added to ``outputs``): a
-    count's annotated fields and cut cells, a review's thumbnails, a review's export (its verified cells)
-    or a run's plots, searched as input, were classified as cells (an export beside a slide's fields was
-    counted as a specimen of 40 fields) (a count resumed into a folder inside its input counted its own output);
-    so were an evaluation's confusion matrix and explain's Grad-CAM images (``FIGURES``), which no
-    marker file stands beside. Images in formats it cannot read are counted in ``unread`` by suffix
-    (they were left out unsaid). Linked folders are searched (a slide's folder linked into a lab's
-    tree was skipped without a word), each real folder once (a link back up the tree, or two links)."""
+    count's annotated fields and cut cells, a review's thumbnails or a run's plots, searched as input,
+    were classified as cells (a count resumed into a folder inside its input counted its own output);
+    so were a review's export found below ``folder`` (its cells counted as a specimen of 40 fields; named
+    itself, its cells are meant), an evaluation's confusion matrix and explain's Grad-CAM images
+    (``FIGURES``), which no marker file stands beside. Images in formats it cannot read are counted
+    in ``unread`` by suffix (they were left out unsaid). Linked folders are searched (a slide's folder
+    linked into a lab's tree was skipped without a word), each real folder once (a link back up the
+    tree, or two links)."""
     found, seen = [], set()
     for root, folders, files in os.walk(folder, followlinks=True):
         if (real := os.path.realpath(root)) in seen:

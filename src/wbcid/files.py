@@ -106,6 +106,13 @@ def relocated(path: str, then: str, now: str) -> str:
         return path
 
 
+def moved_with(path: str, then: str | None, now: str | None) -> str:
+    """``path`` as recorded or, where it is gone and was recorded by a run made in ``then`` and now in
+    ``now`` (a lab's folder moved to another disk or workstation with what the run records), where it
+    lay relative to the run: a path to check, not one known to exist."""
+    return relocated(path, then, now) if then and now and not os.path.exists(path) else path
+
+
 def first_file(candidates: Iterable[T], default: T | None = None) -> T | None:
     """The first of ``candidates`` that is a file, else ``default``: where a recorded path is looked for
     (as recorded, then where it lies now that its run, or the images alone, moved)."""

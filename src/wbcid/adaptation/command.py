@@ -17,7 +17,7 @@ import torch
 from ..data import CLASSES, Cell, CellSet, read_all, read_cells
 from ..decoding import load_images
 from ..errors import WbcidError
-from ..files import list_images, output_folder, relocated
+from ..files import list_images, moved_with, output_folder
 from ..loading import ADAPTED_CELLS, describe_model, resolve_model
 from ..models import WBCNet, save_model
 from ..preprocess import Preprocess
@@ -178,20 +178,17 @@ def earlier_rounds(
     if isinstance(model, (str, os.PathLike)):
         now = str(Path(model).resolve() if Path(model).is_dir() else Path(model).resolve().parent)
 
-    def found(path: str) -> Path:
-        """``path`` as recorded or, for a run moved together with the cells it records (the lab's
-        project folder moved, or another workstation), where it lay relative to the run."""
-        moved = then is not None and now is not None and not os.path.exists(path)
-        return Path(relocated(path, then, now) if moved else path)
-
-    kept = [Cell(found(path), CLASSES.index(label), source="verified earlier") for path, label in record["verified"]]
+    kept = [
+        Cell(Path(moved_with(path, then, now)), CLASSES.index(label), source="verified earlier")
+        for path, label in record["verified"]
+    ]
     earlier = CellSet([c for c in kept if c.path.is_file()], origin=f"cells verified for {model}")
     if missing := len(kept) - len(earlier):
         earlier.skipped["verified for an earlier round, no longer on disk"] = missing
         log.warning("%s: %d of the cells verified for its earlier rounds are no longer on disk", model, missing)
     log.info("adding the %d cells verified for %s's earlier rounds", len(earlier), model)
     start = record.get("base_path", model)
-    start = start if start is None or start == model else str(found(start))
+    start = start if start is None or start == model else moved_with(start, then, now)
     if start is not None and not Path(start).exists():
         log.warning(
             "%s's base model %s is not here: the adapted model itself is tuned to all its verified cells",

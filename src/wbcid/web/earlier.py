@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..data import CLASSES, read_cells
 from ..errors import WbcidError
-from ..files import first_file, relocated, review_export
+from ..files import first_file, moved_with, review_export
 from ..loading import ADAPTED_CELLS
 
 log = logging.getLogger("wbcid")
@@ -111,7 +111,7 @@ def _learned_cells(run: Path) -> list[Path]:
             "%s: cannot be read (%s); cells verified in earlier rounds are asked again", run / ADAPTED_CELLS, exc
         )
         return []
-    return [Path(relocated(p, then, str(run.resolve())) if then and not os.path.exists(p) else p) for p in paths]
+    return [Path(moved_with(path, then, str(run.resolve()))) for path in paths]
 
 
 def _iou(a: tuple | None, b: tuple | None) -> float:

@@ -280,10 +280,9 @@ def read_cells(
     path = Path(path)
     if not path.exists():
         raise WbcidError(f"data path does not exist: {path}")
-    if path.is_file() and any((path.parent / name).is_file() for name in (COUNT_LOG, REVIEW_DATABASE)):
-        path = path.parent  # a count's or a review's file (counts.json, review.sqlite): its folder is meant
-    if path.is_file() and review_export(path.parent):
-        path = path.parent  # an export's file (manifest.csv, audit.csv): read by its type folders (_read_export)
+    marked = any((path.parent / name).is_file() for name in (COUNT_LOG, REVIEW_DATABASE))
+    if path.is_file() and (marked or review_export(path.parent)):
+        path = path.parent  # a count's, review's or export's file (counts.json, review.sqlite, audit.csv): its folder
     refuse_count_folder(path, labelled=True)
     if (path / REVIEW_DATABASE).is_file():  # a prediction's review (a count's folder is refused above)
         exported = path / "verified"  # where the page's Export button writes
@@ -293,12 +292,12 @@ def read_cells(
             else "export them (`wbcid review RUN --export FOLDER`, or the page's Export button) and pass the export"
         )
         raise WbcidError(f"{path} is a review's folder: its verified cells are in its database; {then}")
-    export = path.is_dir() and review_export(path) and (path / "cells").is_dir()
+    export = path if path.is_dir() and review_export(path) and (path / "cells").is_dir() else None
     manifests = [path / name for name in MANIFESTS if (path / name).is_file()] if path.is_dir() else []
     if manifests:  # a data folder's manifest, or the one `wbcid review --export` writes beside its cells
         path = manifests[0]
-    if export:
-        cellset = _read_export(path.parent)
+    if export is not None:  # read by its type folders
+        cellset = _read_export(export)
     elif path.suffix.lower() in (".csv", ".tsv"):
         cellset = _read_manifest(path)
     elif path.suffix.lower() == ".json":
